@@ -1,0 +1,41 @@
+"""Command line: ``hpctrain train|eval|convert|export|info ...``.
+
+Each sub-command lives in the module that owns it; this file only dispatches,
+so ``hpctrain info`` does not import the trainer. Run distributed commands as
+``mpiexec -n N python -m mpi4py -m hpctrain train run.toml`` so that an
+uncaught exception on any rank aborts the whole job.
+"""
+import importlib
+import sys
+
+# sub-command -> (module, function, one-line help)
+COMMANDS = {
+    "info": ("hpctrain.info", "main", "versions, MPI/OpenMP/GPU environment, world layout"),
+    "train": ("hpctrain.train.cli", "train_main", "train a model from a TOML config"),
+    "eval": ("hpctrain.train.cli", "eval_main", "evaluate a checkpoint on the eval data"),
+    "export": ("hpctrain.train.cli", "export_main", "write a single HDF5 model file from a checkpoint"),
+    "convert": ("hpctrain.data.convert", "main", "convert TSV/CSV data into hpctrain HDF5"),
+}
+
+
+def _usage():
+    lines = ["usage: hpctrain COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    """Dispatch ``argv[0]`` to its sub-command; returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from hpctrain import __version__
+        print(f"hpctrain {__version__}")
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"hpctrain: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module, func, _ = COMMANDS[argv[0]]
+    return getattr(importlib.import_module(module), func)(argv[1:]) or 0

@@ -1,0 +1,103 @@
+"""Metrics: one live line on rank 0's terminal and a JSON-lines file per run.
+
+Per-phase times are accumulated on every rank; ``report()`` reduces them (max
+over ranks: the slowest rank sets the step time) and only rank 0 writes.
+"""
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+
+
+class PhaseTimer:
+    """Accumulates wall seconds per named phase: ``with timer("dense"): ...``."""
+
+    def __init__(self):
+        self.totals = defaultdict(float)
+        self._name = None
+        self._t0 = 0.0
+
+    def __call__(self, name):
+        self._name = name
+        return self
+
+    def __enter__(self):
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.totals[self._name] += time.perf_counter() - self._t0
+        return False
+
+    def add(self, name, seconds):
+        self.totals[name] += seconds
+
+    def take(self):
+        """Return the totals and start over."""
+        out, self.totals = dict(self.totals), defaultdict(float)
+        return out
+
+
+def _fmt_eta(seconds):
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:d}:{s:02d}"
+
+
+class MetricsLogger:
+    """Writes one JSON object per report to ``path`` and a live line to stdout (rank 0).
+
+    Args:
+        path: JSON-lines file (appended; directories created), or None for none.
+        comm: hpctrain Communicator (for rank and reductions).
+        total_steps: for the ETA and the progress bar.
+        stream: where the live line goes (default stdout); a progress bar when it is a TTY.
+    """
+
+    def __init__(self, path, comm, total_steps, stream=None):
+        self.comm = comm
+        self.path = path
+        self.total_steps = max(1, int(total_steps))
+        self.stream = stream or sys.stdout
+        self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._t_start = time.perf_counter()
+        self._file = None
+        if comm.rank == 0 and path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self._file = open(path, "a", buffering=1)
+
+    def write(self, record):
+        """Append ``record`` (JSON-able dict) on rank 0."""
+        if self._file is not None:
+            self._file.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def live(self, step, loss, samples_per_s):
+        """Print the live line (or redraw the bar) on rank 0."""
+        if self.comm.rank != 0:
+            return
+        elapsed = time.perf_counter() - self._t_start
+        eta = elapsed / max(step, 1) * (self.total_steps - step)
+        text = (f"step {step}/{self.total_steps}  loss {loss:.5f}  "
+                f"{samples_per_s:,.0f} samples/s  ETA {_fmt_eta(eta)}")
+        if self.interactive:
+            width = 24
+            done = int(width * step / self.total_steps)
+            self.stream.write(f"\r[{'#' * done}{'.' * (width - done)}] {text}")
+            if step >= self.total_steps:
+                self.stream.write("\n")
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def message(self, text):
+        """A plain line on rank 0 (ends any progress bar line first)."""
+        if self.comm.rank == 0:
+            self.stream.write(("\n" if self.interactive else "") + text + "\n")
+            self.stream.flush()
+
+    def close(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None

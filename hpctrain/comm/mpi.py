@@ -1,0 +1,266 @@
+"""MPI communicator on NumPy buffers (mpi4py).
+
+Every ``Alltoallv`` uses one buffer form, ``[buf, (counts, displs), MPI.TYPE]``,
+with element counts from ``element_counts`` and displacements from
+``displacements``. MPI's classic interfaces take ``int`` counts and
+displacements, so any message (or buffer offset) beyond ``CHUNK_LIMIT``
+elements is split transparently:
+
+* allreduce/bcast: the flat buffer is reduced in consecutive slices;
+* alltoallv: all ranks agree (one small ``Allreduce``) whether any rank
+  exceeds the limit; if so each peer's rows travel as consecutive point-to-point
+  pieces of at most ``CHUNK_LIMIT`` elements on a private duplicate of the
+  communicator, so per-peer order is kept and no displacement overflows.
+"""
+import numpy as np
+from mpi4py import MPI
+from mpi4py.util.dtlib import from_numpy_dtype
+
+from hpctrain.comm.base import Communicator, Handle
+from hpctrain.comm.topology import node_local
+
+#: Largest element count (and displacement) passed to one MPI call: C ``int`` max.
+CHUNK_LIMIT = 2**31 - 1
+
+_TAG = 7
+_OPS = ("sum", "mean")
+_TYPES = {}
+
+
+def mpi_type(dtype):
+    """The MPI datatype of a NumPy dtype: a predefined one (so reductions work) when
+    there is one, else a derived type from ``mpi4py.util.dtlib`` (moves only). Cached."""
+    dtype = np.dtype(dtype)
+    t = _TYPES.get(dtype)
+    if t is None:
+        t = _PREDEFINED.get(dtype.newbyteorder("=")) if dtype.isnative else None
+        if t is None:
+            t = from_numpy_dtype(dtype).Commit()
+        _TYPES[dtype] = t
+    return t
+
+
+_PREDEFINED = {np.dtype(k): v for k, v in [
+    ("f4", MPI.FLOAT), ("f8", MPI.DOUBLE), ("i8", MPI.INT64_T), ("i4", MPI.INT32_T),
+    ("i2", MPI.INT16_T), ("i1", MPI.INT8_T), ("u8", MPI.UINT64_T), ("u4", MPI.UINT32_T),
+    ("u2", MPI.UINT16_T), ("u1", MPI.UINT8_T), ("?", MPI.C_BOOL),
+    ("c8", MPI.C_FLOAT_COMPLEX), ("c16", MPI.C_DOUBLE_COMPLEX)]}
+
+
+def displacements(counts):
+    """Exclusive prefix sum of ``counts`` (int64): where each peer's block starts."""
+    counts = np.asarray(counts, dtype=np.int64)
+    displs = np.zeros(counts.shape, dtype=np.int64)
+    np.cumsum(counts[:-1], out=displs[1:])
+    return displs
+
+
+def element_counts(row_counts, row_elems):
+    """Counts in rows -> ``(counts, displs)`` in elements, the ``Alltoallv`` form."""
+    counts = np.asarray(row_counts, dtype=np.int64) * row_elems
+    return counts, displacements(counts)
+
+
+def split_ranges(start, stop, limit):
+    """Consecutive ``(a, b)`` ranges covering ``[start, stop)``, each at most ``limit`` long."""
+    if limit < 1:
+        raise ValueError(f"chunk limit must be >= 1, got {limit}")
+    return [(a, min(a + limit, stop)) for a in range(start, stop, limit)]
+
+
+class MpiHandle(Handle):
+    """Pending MPI requests plus what to do when they are done."""
+
+    def __init__(self, requests, result, finish=None):
+        self._requests = list(requests)
+        self._result = result
+        self._finish = finish
+        self._done = False
+
+    def wait(self):
+        """Complete every request (once); return the output buffer."""
+        if not self._done:
+            MPI.Request.Waitall(self._requests)
+            if self._finish is not None:
+                self._finish()
+            self._done = True
+        return self._result
+
+    def test(self):
+        """True when every request has completed (``wait()`` would not block)."""
+        return self._done or MPI.Request.Testall(self._requests)
+
+
+def _contiguous(buf, name):
+    if not isinstance(buf, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(buf).__name__}")
+    if not buf.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (use numpy.ascontiguousarray)")
+    return buf.reshape(-1)
+
+
+class MpiCommunicator(Communicator):
+    """Collectives over an ``mpi4py`` communicator on NumPy buffers.
+
+    Args:
+        mpi_comm: the ``mpi4py`` communicator (default ``MPI.COMM_WORLD``).
+        chunk_limit: largest element count per MPI call (default: module ``CHUNK_LIMIT``,
+            read at each call so tests can lower it).
+
+    Construction is collective (it gathers host names for ``local_rank``).
+    """
+
+    def __init__(self, mpi_comm=None, chunk_limit=None):
+        self.mpi_comm = MPI.COMM_WORLD if mpi_comm is None else mpi_comm
+        self.rank, self.size = self.mpi_comm.rank, self.mpi_comm.size
+        self.local_rank, self.local_size, self.hosts = node_local(self.mpi_comm)
+        self._chunk_limit = chunk_limit
+        # Chunked alltoallv uses point-to-point; a private communicator keeps those
+        # messages apart from anything the caller sends on mpi_comm.
+        self._p2p = self.mpi_comm.Dup()
+        self._flag = np.zeros(1, dtype=np.int64)
+
+    @property
+    def chunk_limit(self):
+        """Largest element count per MPI call."""
+        return CHUNK_LIMIT if self._chunk_limit is None else self._chunk_limit
+
+    def __repr__(self):
+        return (f"MpiCommunicator(rank={self.rank}, size={self.size}, "
+                f"local_rank={self.local_rank}, local_size={self.local_size})")
+
+    # -- allreduce -----------------------------------------------------------------------
+    def allreduce(self, buf, op="sum"):
+        """In-place sum or mean over ranks of ``buf`` (float32/float64/int64; int mean floors)."""
+        flat, t, finish = self._reduce_args(buf, op)
+        # Blocking MPI_Allreduce, not Iallreduce+Wait: MPI libraries tune the
+        # blocking algorithms far more than the non-blocking schedules.
+        for a, b in split_ranges(0, flat.size, self.chunk_limit):
+            self.mpi_comm.Allreduce(MPI.IN_PLACE, [flat[a:b], t], MPI.SUM)
+        if finish is not None:
+            finish()
+        return buf
+
+    def iallreduce(self, buf, op="sum"):
+        """Start an in-place allreduce; the handle's ``wait()`` returns ``buf``."""
+        flat, t, finish = self._reduce_args(buf, op)
+        reqs = [self.mpi_comm.Iallreduce(MPI.IN_PLACE, [flat[a:b], t], MPI.SUM)
+                for a, b in split_ranges(0, flat.size, self.chunk_limit)]
+        return MpiHandle(reqs, buf, finish)
+
+    def _reduce_args(self, buf, op):
+        if op not in _OPS:
+            raise ValueError(f"op must be one of {_OPS}, got {op!r}")
+        flat = _contiguous(buf, "buf")
+        finish = None
+        if op == "mean" and self.size > 1:
+            divide = np.floor_divide if flat.dtype.kind in "iu" else np.divide
+            finish = lambda: divide(flat, self.size, out=flat)  # noqa: E731
+        return flat, mpi_type(flat.dtype), finish
+
+    # -- alltoall / alltoallv ------------------------------------------------------------
+    def alltoall(self, send_counts):
+        """Exchange one int64 per peer; ``recv_counts[p]`` is what peer ``p`` sends here."""
+        send = np.ascontiguousarray(send_counts, dtype=np.int64)
+        if send.shape != (self.size,):
+            raise ValueError(f"send_counts must have shape ({self.size},), got {send.shape}")
+        recv = np.empty(self.size, dtype=np.int64)
+        self.mpi_comm.Alltoall([send, MPI.INT64_T], [recv, MPI.INT64_T])
+        return recv
+
+    def alltoallv(self, sendbuf, send_counts, recv_counts, recvbuf=None):
+        """Send ``send_counts[p]`` rows to peer ``p``; receive ``recv_counts[p]`` rows from ``p``."""
+        return self._alltoallv(sendbuf, send_counts, recv_counts, recvbuf, False).wait()
+
+    def ialltoallv(self, sendbuf, send_counts, recv_counts, recvbuf=None):
+        """Start an ``alltoallv``; the handle's ``wait()`` returns ``recvbuf``."""
+        return self._alltoallv(sendbuf, send_counts, recv_counts, recvbuf, True)
+
+    def _alltoallv(self, sendbuf, send_counts, recv_counts, recvbuf, nonblocking):
+        sc, rc, recvbuf, row = self._prepare(sendbuf, send_counts, recv_counts, recvbuf)
+        sflat, rflat = sendbuf.reshape(-1), recvbuf.reshape(-1)
+        scount, sdispl = element_counts(sc, row)
+        rcount, rdispl = element_counts(rc, row)
+        limit = self.chunk_limit
+        # Local totals bound every count and displacement; the decision must be
+        # global because every rank has to take the same path.
+        self._flag[0] = max(int(scount.sum()), int(rcount.sum())) > limit
+        if self.size > 1:
+            self.mpi_comm.Allreduce(MPI.IN_PLACE, self._flag, MPI.MAX)
+        if not self._flag[0]:
+            t = mpi_type(sendbuf.dtype)
+            args = ([sflat, (scount, sdispl), t], [rflat, (rcount, rdispl), t])
+            if nonblocking:
+                return MpiHandle([self.mpi_comm.Ialltoallv(*args)], recvbuf)
+            self.mpi_comm.Alltoallv(*args)
+            return MpiHandle([], recvbuf)
+        return MpiHandle(self._chunked(sflat, scount, sdispl, rflat, rcount, rdispl, limit),
+                         recvbuf)
+
+    def _chunked(self, sflat, scount, sdispl, rflat, rcount, rdispl, limit):
+        """Point-to-point pieces of at most ``limit`` elements, posted in per-peer order."""
+        reqs = []
+        for p in range(self.size):
+            a, n = int(rdispl[p]), int(rcount[p])
+            if p == self.rank:
+                s = int(sdispl[p])
+                rflat[a:a + n] = sflat[s:s + n]
+                continue
+            reqs += [self._p2p.Irecv(rflat[x:y], p, _TAG) for x, y in split_ranges(a, a + n, limit)]
+        for p in range(self.size):
+            a, n = int(sdispl[p]), int(scount[p])
+            if p != self.rank:
+                reqs += [self._p2p.Isend(sflat[x:y], p, _TAG)
+                         for x, y in split_ranges(a, a + n, limit)]
+        return reqs
+
+    def _prepare(self, sendbuf, send_counts, recv_counts, recvbuf):
+        _contiguous(sendbuf, "sendbuf")
+        if sendbuf.ndim < 1:
+            raise ValueError("sendbuf must have at least one dimension (rows)")
+        sc = np.asarray(send_counts, dtype=np.int64)
+        rc = np.asarray(recv_counts, dtype=np.int64)
+        for name, c in (("send_counts", sc), ("recv_counts", rc)):
+            if c.shape != (self.size,):
+                raise ValueError(f"{name} must have shape ({self.size},), got {c.shape}")
+            if (c < 0).any():
+                raise ValueError(f"{name} has negative entries: {c.tolist()}")
+        if sc.sum() > sendbuf.shape[0]:
+            raise ValueError(f"send_counts sum to {int(sc.sum())} rows but sendbuf has "
+                             f"{sendbuf.shape[0]}")
+        tail = sendbuf.shape[1:]
+        total = int(rc.sum())
+        if recvbuf is None:
+            recvbuf = np.empty((total, *tail), dtype=sendbuf.dtype)
+        else:
+            _contiguous(recvbuf, "recvbuf")
+            if recvbuf.dtype != sendbuf.dtype or recvbuf.shape[1:] != tail:
+                raise ValueError(f"recvbuf is {recvbuf.dtype}{list(recvbuf.shape)}, expected "
+                                 f"{sendbuf.dtype}[>={total}, {', '.join(map(str, tail))}]")
+            if recvbuf.shape[0] < total:
+                raise ValueError(f"recv_counts sum to {total} rows but recvbuf has "
+                                 f"{recvbuf.shape[0]}")
+        return sc, rc, recvbuf, int(np.prod(tail, dtype=np.int64))
+
+    # -- the rest ------------------------------------------------------------------------
+    def bcast(self, obj, root=0):
+        """Broadcast a NumPy array in place (every rank passes one of the same shape/dtype)
+        or any picklable object (returned)."""
+        if not isinstance(obj, np.ndarray):
+            return self.mpi_comm.bcast(obj, root=root)
+        flat = _contiguous(obj, "array")
+        t = mpi_type(flat.dtype)
+        for a, b in split_ranges(0, flat.size, self.chunk_limit):
+            self.mpi_comm.Bcast([flat[a:b], t], root=root)
+        return obj
+
+    def barrier(self):
+        """Block until every rank of the group has entered."""
+        self.mpi_comm.Barrier()
+
+    def split(self, color, key=0):
+        """Communicator over the ranks with the same ``color`` (None: this rank joins none)."""
+        sub = self.mpi_comm.Split(MPI.UNDEFINED if color is None else color, key)
+        if sub == MPI.COMM_NULL:
+            return None
+        return type(self)(sub, chunk_limit=self._chunk_limit)

@@ -1,0 +1,446 @@
+# cython: language_level=3
+"""Batched kernels of the sparse lookup path: dedup, routing, pooling, segment sums.
+
+Every kernel takes whole batches as typed memoryviews and runs without the GIL.
+Row data travels as a *flat* float32 buffer plus one int64 element offset per
+row (``src_off[i]`` is where row ``i``'s ``dim`` floats start), so the same
+kernel reads a 2-D ``[n, dim]`` array (``off = row * dim``) and a packed
+exchange buffer that mixes tables of different widths.
+
+Determinism: every kernel gives bit-identical results for any thread count.
+Reductions are partitioned by *output* (one thread owns a bag or a segment) and
+add their inputs in increasing input index, the order ``np.add.at`` uses; the
+order-dependent passes (unique, bucketing) run serially in O(n).
+"""
+from cython.parallel cimport prange
+from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy, memset
+
+import numpy as np
+
+from hpctrain._kernels._openmp import get_num_threads
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    /* splitmix64's finaliser (Steele, Lea, Flood 2014): a bijection of 2^64. */
+    static inline uint64_t hp_mix64(uint64_t z) {
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+        return z ^ (z >> 31);
+    }
+    /* Per-table salt of the routing hash: mix64((table_id + 1) * golden gamma). */
+    static inline uint64_t hp_route_salt(int64_t table_id) {
+        return hp_mix64(((uint64_t)table_id + 1ULL) * 0x9E3779B97F4A7C15ULL);
+    }
+    /* Salt of the dedup hash, so its probe order is unrelated to routing. */
+    static inline uint64_t hp_dedup_hash(int64_t key) {
+        return hp_mix64((uint64_t)key ^ 0xD6E8FEB86659FD93ULL);
+    }
+    """
+    uint64_t hp_mix64(uint64_t z) noexcept nogil
+    uint64_t hp_route_salt(int64_t table_id) noexcept nogil
+    uint64_t hp_dedup_hash(int64_t key) noexcept nogil
+
+
+def mix64(uint64_t z):
+    """splitmix64's finaliser of one unsigned 64-bit integer (for tests and docs)."""
+    return hp_mix64(z)
+
+
+def route_salt(int64_t table_id):
+    """The routing salt of ``table_id``: ``mix64((table_id + 1) * 0x9E3779B97F4A7C15)``."""
+    return hp_route_salt(table_id)
+
+
+# ----------------------------------------------------------------------------- dedup
+
+cdef int _unique(const int64_t[::1] keys, int64_t* tkeys, int64_t* tidx, uint64_t mask,
+                 int64_t[::1] uniq, int64_t[::1] inverse, int64_t* n_unique) noexcept nogil:
+    cdef Py_ssize_t i, n = keys.shape[0]
+    cdef uint64_t h
+    cdef int64_t k, s, nu = 0
+    for i in range(n):
+        k = keys[i]
+        h = hp_dedup_hash(k) & mask
+        while True:
+            s = tidx[h]
+            if s < 0:
+                tidx[h] = nu
+                tkeys[h] = k
+                uniq[nu] = k
+                inverse[i] = nu
+                nu += 1
+                break
+            if tkeys[h] == k:
+                inverse[i] = s
+                break
+            h = (h + 1) & mask
+    n_unique[0] = nu
+    return 0
+
+
+def unique_inverse(const int64_t[::1] keys):
+    """Unique keys in order of first occurrence, and the inverse index.
+
+    Args:
+        keys: int64[n].
+
+    Returns:
+        ``(uniq int64[u], inverse int64[n])`` with ``uniq[inverse] == keys`` and
+        ``uniq`` ordered by first occurrence in ``keys`` (deterministic).
+    """
+    cdef Py_ssize_t n = keys.shape[0]
+    cdef uint64_t cap = 16
+    while cap < <uint64_t>(2 * n):
+        cap <<= 1
+    uniq_arr = np.empty(n, dtype=np.int64)
+    inverse_arr = np.empty(n, dtype=np.int64)
+    cdef int64_t[::1] uniq = uniq_arr
+    cdef int64_t[::1] inverse = inverse_arr
+    cdef int64_t nu = 0
+    cdef int64_t* tkeys = <int64_t*>malloc(cap * sizeof(int64_t))
+    cdef int64_t* tidx = <int64_t*>malloc(cap * sizeof(int64_t))
+    if tkeys == NULL or tidx == NULL:
+        free(tkeys)
+        free(tidx)
+        raise MemoryError(f"unique_inverse: cannot allocate a {cap}-slot hash table")
+    try:
+        with nogil:
+            memset(tidx, 0xFF, cap * sizeof(int64_t))  # every slot -1 (empty)
+            _unique(keys, tkeys, tidx, cap - 1, uniq, inverse, &nu)
+    finally:
+        free(tkeys)
+        free(tidx)
+    return uniq_arr[:nu].copy(), inverse_arr
+
+
+# ----------------------------------------------------------------------------- routing
+
+def route(const int64_t[::1] keys, int64_t table_id, int64_t world_size):
+    """Owner rank of every key: ``mix64(key ^ route_salt(table_id)) % world_size`` (int32[n])."""
+    if world_size < 1 or world_size > 2147483647:
+        raise ValueError(f"route: world_size must be in [1, 2^31-1], got {world_size}")
+    cdef Py_ssize_t i, n = keys.shape[0]
+    out_arr = np.empty(n, dtype=np.int32)
+    cdef int32_t[::1] out = out_arr
+    cdef uint64_t salt = hp_route_salt(table_id)
+    cdef uint64_t ws = <uint64_t>world_size
+    cdef int nt = get_num_threads()
+    with nogil:
+        for i in prange(n, num_threads=nt, schedule='static'):
+            out[i] = <int32_t>(hp_mix64(<uint64_t>keys[i] ^ salt) % ws)
+    return out_arr
+
+
+cdef Py_ssize_t _bucket(const int32_t[::1] owners, int64_t size, int64_t[::1] counts,
+                        int64_t* start, int64_t[::1] perm) noexcept nogil:
+    """Stable counting sort by owner; returns -1 or the index of the first bad owner."""
+    cdef Py_ssize_t i, n = owners.shape[0]
+    cdef int32_t o
+    cdef int64_t p, acc = 0
+    for i in range(n):
+        o = owners[i]
+        if o < 0 or o >= size:
+            return i
+        counts[o] += 1
+    for p in range(size):
+        start[p] = acc
+        acc += counts[p]
+    for i in range(n):
+        o = owners[i]
+        perm[start[o]] = i
+        start[o] += 1
+    return -1
+
+
+def bucket_by_owner(const int32_t[::1] owners, int64_t world_size):
+    """Counts per peer and the stable permutation that puts items in peer order.
+
+    Args:
+        owners: int32[n] owner rank of every item, each in ``[0, world_size)``.
+        world_size: number of peers.
+
+    Returns:
+        ``(counts int64[world_size], perm int64[n])``: ``items[perm]`` lists peer
+        0's items, then peer 1's, ..., each peer's in their original order.
+    """
+    if world_size < 1:
+        raise ValueError(f"bucket_by_owner: world_size must be >= 1, got {world_size}")
+    counts_arr = np.zeros(world_size, dtype=np.int64)
+    perm_arr = np.empty(owners.shape[0], dtype=np.int64)
+    cdef int64_t[::1] counts = counts_arr
+    cdef int64_t[::1] perm = perm_arr
+    cdef Py_ssize_t bad
+    cdef int64_t* start = <int64_t*>malloc(world_size * sizeof(int64_t))
+    if start == NULL:
+        raise MemoryError("bucket_by_owner: out of memory")
+    try:
+        with nogil:
+            bad = _bucket(owners, world_size, counts, start, perm)
+    finally:
+        free(start)
+    if bad >= 0:
+        raise ValueError(f"bucket_by_owner: owners[{bad}] = {owners[bad]} is outside "
+                         f"[0, {world_size})")
+    return counts_arr, perm_arr
+
+
+# ----------------------------------------------------------------------------- checks
+
+cdef Py_ssize_t _check_offsets(const int64_t[::1] off, int64_t dim, int64_t size) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(off.shape[0]):
+        if off[i] < 0 or off[i] + dim > size:
+            return i
+    return -1
+
+
+cdef _require_rows(const int64_t[::1] off, int64_t dim, int64_t size, str what):
+    cdef Py_ssize_t bad
+    if dim < 0:
+        raise ValueError(f"{what}: dim must be >= 0, got {dim}")
+    with nogil:
+        bad = _check_offsets(off, dim, size)
+    if bad >= 0:
+        raise ValueError(f"{what}: row offset [{bad}] = {off[bad]} with dim {dim} is outside "
+                         f"a buffer of {size} floats")
+
+
+cdef Py_ssize_t _check_bags(const int64_t[::1] bag_offsets, int64_t n) noexcept nogil:
+    cdef Py_ssize_t b
+    if bag_offsets[0] != 0 or bag_offsets[bag_offsets.shape[0] - 1] != n:
+        return 0
+    for b in range(bag_offsets.shape[0] - 1):
+        if bag_offsets[b + 1] < bag_offsets[b]:
+            return b + 1
+    return -1
+
+
+cdef _require_bags(const int64_t[::1] bag_offsets, int64_t n, str what):
+    cdef Py_ssize_t bad
+    if bag_offsets.shape[0] < 1:
+        raise ValueError(f"{what}: bag_offsets needs at least one entry (0)")
+    with nogil:
+        bad = _check_bags(bag_offsets, n)
+    if bad >= 0:
+        raise ValueError(f"{what}: bag_offsets must rise from 0 to {n} (the number of rows); "
+                         f"bad at [{bad}]")
+
+
+cdef _out2d(out, Py_ssize_t rows, int64_t dim, str what):
+    if out is None:
+        return np.empty((rows, dim), dtype=np.float32)
+    if out.shape != (rows, dim) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"{what}: out must be C-contiguous float32[{rows}, {dim}], got "
+                         f"{out.dtype}{list(out.shape)}")
+    return out
+
+
+# ----------------------------------------------------------------------------- rows
+
+def gather_rows(const float[::1] src, const int64_t[::1] src_off, int64_t dim, out=None):
+    """``out[i] = src[src_off[i] : src_off[i] + dim]`` for every i (float32[n, dim])."""
+    cdef Py_ssize_t i, n = src_off.shape[0]
+    _require_rows(src_off, dim, src.shape[0], "gather_rows")
+    out_arr = _out2d(out, n, dim, "gather_rows")
+    cdef float[:, ::1] o = out_arr
+    cdef int nt = get_num_threads()
+    if n == 0 or dim == 0:
+        return out_arr
+    with nogil:
+        for i in prange(n, num_threads=nt, schedule='static'):
+            memcpy(&o[i, 0], &src[src_off[i]], dim * sizeof(float))
+    return out_arr
+
+
+def scatter_rows(const float[:, ::1] src, const int64_t[::1] src_row, float[::1] dst,
+                 const int64_t[::1] dst_off):
+    """``dst[dst_off[i] : dst_off[i] + dim] = src[src_row[i]]`` for every i.
+
+    ``src_row`` may be None (row i of ``src``). Destinations must not overlap.
+    """
+    cdef Py_ssize_t i, n = dst_off.shape[0]
+    cdef int64_t dim = src.shape[1], m = src.shape[0]
+    cdef Py_ssize_t bad = -1
+    cdef bint has_row = src_row is not None
+    if has_row and src_row.shape[0] != n:
+        raise ValueError(f"scatter_rows: src_row has {src_row.shape[0]} entries, dst_off {n}")
+    if not has_row and m < n:
+        raise ValueError(f"scatter_rows: {n} destinations but src has only {m} rows")
+    if has_row:
+        with nogil:
+            for i in range(n):
+                if src_row[i] < 0 or src_row[i] >= m:
+                    bad = i
+                    break
+        if bad >= 0:
+            raise ValueError(f"scatter_rows: src_row[{bad}] = {src_row[bad]} outside [0, {m})")
+    _require_rows(dst_off, dim, dst.shape[0], "scatter_rows")
+    cdef int nt = get_num_threads()
+    if n == 0 or dim == 0:
+        return
+    with nogil:
+        for i in prange(n, num_threads=nt, schedule='static'):
+            memcpy(&dst[dst_off[i]], &src[src_row[i] if has_row else i, 0], dim * sizeof(float))
+
+
+# ----------------------------------------------------------------------------- pooling
+
+def pool(const float[::1] src, const int64_t[::1] src_off, int64_t dim,
+         const int64_t[::1] bag_offsets, bint mean, out=None):
+    """Sum (or mean) of the rows of each bag: float32[B, dim].
+
+    Bag ``b`` holds rows ``j`` in ``[bag_offsets[b], bag_offsets[b+1])``, row ``j``
+    being ``src[src_off[j] : src_off[j] + dim]``; rows are added in increasing
+    ``j``. Mean divides the sum by the bag length; an empty bag gives zeros.
+    """
+    cdef Py_ssize_t n = src_off.shape[0]
+    cdef Py_ssize_t nb = bag_offsets.shape[0] - 1
+    _require_bags(bag_offsets, n, "pool")
+    _require_rows(src_off, dim, src.shape[0], "pool")
+    out_arr = _out2d(out, nb, dim, "pool")
+    cdef float[:, ::1] o = out_arr
+    cdef Py_ssize_t b, j, c
+    cdef const float* row
+    cdef float inv_len
+    cdef int nt = get_num_threads()
+    if nb == 0 or dim == 0:
+        return out_arr
+    with nogil:
+        for b in prange(nb, num_threads=nt, schedule='static'):
+            for c in range(dim):
+                o[b, c] = 0
+            for j in range(bag_offsets[b], bag_offsets[b + 1]):
+                row = &src[src_off[j]]
+                for c in range(dim):
+                    o[b, c] += row[c]
+            if mean and bag_offsets[b + 1] > bag_offsets[b]:
+                inv_len = <float>(bag_offsets[b + 1] - bag_offsets[b])
+                for c in range(dim):
+                    o[b, c] = o[b, c] / inv_len
+    return out_arr
+
+
+def bag_of_rows(const int64_t[::1] bag_offsets):
+    """Bag index of every row: int64[bag_offsets[-1]] (``np.repeat(arange(B), lengths)``)."""
+    if bag_offsets.shape[0] < 1:
+        raise ValueError("bag_of_rows: bag_offsets needs at least one entry (0)")
+    cdef Py_ssize_t nb = bag_offsets.shape[0] - 1, b, j
+    cdef int64_t n = bag_offsets[nb]
+    _require_bags(bag_offsets, n, "bag_of_rows")
+    out_arr = np.empty(n, dtype=np.int64)
+    cdef int64_t[::1] o = out_arr
+    cdef int nt = get_num_threads()
+    with nogil:
+        for b in prange(nb, num_threads=nt, schedule='static'):
+            for j in range(bag_offsets[b], bag_offsets[b + 1]):
+                o[j] = b
+    return out_arr
+
+
+def bag_scales(const int64_t[::1] bag_offsets):
+    """Per-row backward scale of mean pooling: ``1 / len(bag of row)`` (float32[n])."""
+    if bag_offsets.shape[0] < 1:
+        raise ValueError("bag_scales: bag_offsets needs at least one entry (0)")
+    cdef Py_ssize_t nb = bag_offsets.shape[0] - 1, b, j
+    cdef int64_t n = bag_offsets[nb]
+    _require_bags(bag_offsets, n, "bag_scales")
+    out_arr = np.empty(n, dtype=np.float32)
+    cdef float[::1] o = out_arr
+    cdef float s
+    cdef int nt = get_num_threads()
+    with nogil:
+        for b in prange(nb, num_threads=nt, schedule='static'):
+            if bag_offsets[b + 1] > bag_offsets[b]:
+                s = 1.0 / <float>(bag_offsets[b + 1] - bag_offsets[b])
+                for j in range(bag_offsets[b], bag_offsets[b + 1]):
+                    o[j] = s
+    return out_arr
+
+
+# ----------------------------------------------------------------------------- segment sum
+
+cdef Py_ssize_t _group(const int64_t[::1] seg, int64_t nseg, int64_t* start,
+                       int64_t* order) noexcept nogil:
+    """CSR of items by segment (stable); returns -1 or the index of the first bad segment."""
+    cdef Py_ssize_t i, n = seg.shape[0]
+    cdef int64_t s, acc = 0, c
+    memset(start, 0, (nseg + 1) * sizeof(int64_t))
+    for i in range(n):
+        s = seg[i]
+        if s < 0 or s >= nseg:
+            return i
+        start[s + 1] += 1
+    for s in range(nseg):
+        acc += start[s + 1]
+        start[s + 1] = acc
+    # start[s] is now segment s's first slot; fill using a running cursor per segment
+    for i in range(n):
+        s = seg[i]
+        c = start[s]
+        order[c] = i
+        start[s] = c + 1
+    for s in range(nseg, 0, -1):
+        start[s] = start[s - 1]
+    start[0] = 0
+    return -1
+
+
+def segment_sum(const float[::1] src, const int64_t[::1] src_off, int64_t dim,
+                const int64_t[::1] segments, int64_t num_segments, const float[::1] scale=None,
+                out=None):
+    """Deterministic ``out[segments[j]] += scale[j] * row_j``: float32[num_segments, dim].
+
+    Row ``j`` is ``src[src_off[j] : src_off[j] + dim]``. Each segment's rows are
+    added in increasing ``j`` (the order of ``np.add.at``), whatever the number
+    of threads. ``scale`` (float32[n]) is optional; pass the bag offsets of each
+    row (``src_off = bag_of_rows * dim``) to scatter pooled gradients to ids.
+    """
+    cdef Py_ssize_t n = segments.shape[0]
+    if src_off.shape[0] != n:
+        raise ValueError(f"segment_sum: src_off has {src_off.shape[0]} entries, segments {n}")
+    cdef bint has_scale = scale is not None
+    if has_scale and scale.shape[0] != n:
+        raise ValueError(f"segment_sum: scale has {scale.shape[0]} entries, segments {n}")
+    if num_segments < 0:
+        raise ValueError(f"segment_sum: num_segments must be >= 0, got {num_segments}")
+    _require_rows(src_off, dim, src.shape[0], "segment_sum")
+    out_arr = _out2d(out, num_segments, dim, "segment_sum")
+    cdef float[:, ::1] o = out_arr
+    cdef int64_t* start = <int64_t*>malloc((num_segments + 1) * sizeof(int64_t))
+    cdef int64_t* order = <int64_t*>malloc((n + 1) * sizeof(int64_t))
+    cdef Py_ssize_t bad = -1, s, k, c
+    cdef int64_t j
+    cdef const float* row
+    cdef float w
+    cdef int nt = get_num_threads()
+    if start == NULL or order == NULL:
+        free(start)
+        free(order)
+        raise MemoryError("segment_sum: out of memory")
+    try:
+        with nogil:
+            bad = _group(segments, num_segments, start, order)
+            if bad < 0 and dim > 0:
+                for s in prange(num_segments, num_threads=nt, schedule='static'):
+                    for c in range(dim):
+                        o[s, c] = 0
+                    for k in range(start[s], start[s + 1]):
+                        j = order[k]
+                        row = &src[src_off[j]]
+                        if has_scale:
+                            w = scale[j]
+                            for c in range(dim):
+                                o[s, c] += w * row[c]
+                        else:
+                            for c in range(dim):
+                                o[s, c] += row[c]
+    finally:
+        free(start)
+        free(order)
+    if bad >= 0:
+        raise ValueError(f"segment_sum: segments[{bad}] = {segments[bad]} is outside "
+                         f"[0, {num_segments})")
+    return out_arr

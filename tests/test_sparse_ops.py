@@ -1,0 +1,177 @@
+"""Cython sparse kernels against plain NumPy references, for any thread count."""
+import numpy as np
+import pytest
+
+from hpctrain._kernels import _openmp
+from hpctrain._kernels import sparse_ops as so
+from hpctrain.sparse.routing import owner_of, owner_of_reference
+
+
+@pytest.fixture(params=[1, 2, 3])
+def threads(request):
+    old = _openmp.get_num_threads()
+    _openmp.set_num_threads(request.param)
+    yield request.param
+    _openmp.set_num_threads(old)
+
+
+def _zipf_keys(rng, n, vocab=1000):
+    return (rng.zipf(1.2, size=n) % vocab * 7919 - 3000).astype(np.int64)
+
+
+def _unique_first_occurrence(keys):
+    uniq, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return uniq[order], rank[inverse.ravel()]
+
+
+def _bags(rng, nbags, maxlen=5):
+    lengths = rng.integers(0, maxlen, size=nbags)
+    lengths[rng.random(nbags) < 0.2] = 0      # plenty of empty bags
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+
+@pytest.mark.parametrize("n", [0, 1, 17, 5000])
+def test_unique_inverse_matches_numpy(n, threads):
+    rng = np.random.default_rng(n)
+    keys = _zipf_keys(rng, n)
+    keys[: n // 3] = rng.integers(-2**63, 2**63 - 1, size=n // 3, dtype=np.int64)
+    uniq, inv = so.unique_inverse(keys)
+    ref_u, ref_inv = _unique_first_occurrence(keys)
+    assert uniq.tolist() == ref_u.tolist()
+    assert inv.tolist() == ref_inv.tolist()
+    assert (uniq[inv] == keys).all()
+
+
+def test_route_matches_reference_and_spreads(threads):
+    rng = np.random.default_rng(1)
+    keys = rng.integers(-2**63, 2**63 - 1, size=20000, dtype=np.int64)
+    for table_id in (0, 1, 26, 12345):
+        for ws in (1, 2, 3, 4, 8):
+            got = owner_of(table_id, keys, ws)
+            assert got.dtype == np.int32
+            assert (got == owner_of_reference(table_id, keys, ws)).all()
+    counts = np.bincount(owner_of(0, np.arange(40000), 4), minlength=4)
+    assert counts.min() > 9000, counts            # sequential ids spread evenly
+    a, b = owner_of(0, np.arange(1000), 8), owner_of(1, np.arange(1000), 8)
+    assert (a != b).mean() > 0.7                   # tables route independently
+
+
+def test_route_reference_known_value():
+    # splitmix64's first output from state 0 is 0xE220A8397B1DCDAF: mix64(gamma).
+    assert so.mix64(0x9E3779B97F4A7C15) == 0xE220A8397B1DCDAF
+    assert so.route_salt(0) == 0xE220A8397B1DCDAF
+
+
+def test_bucket_by_owner_is_stable_counting_sort():
+    rng = np.random.default_rng(2)
+    owners = rng.integers(0, 5, size=1000).astype(np.int32)
+    counts, perm = so.bucket_by_owner(owners, 5)
+    assert counts.tolist() == np.bincount(owners, minlength=5).tolist()
+    assert perm.tolist() == np.argsort(owners, kind="stable").tolist()
+    with pytest.raises(ValueError, match=r"owners\[3\] = 7"):
+        so.bucket_by_owner(np.array([0, 1, 2, 7], dtype=np.int32), 5)
+
+
+@pytest.mark.parametrize("mean", [False, True])
+def test_pool_matches_numpy_with_empty_bags(mean, threads):
+    rng = np.random.default_rng(4)
+    dim, nrows = 6, 40
+    table = rng.standard_normal((nrows, dim)).astype(np.float32)
+    offsets = _bags(rng, 300)
+    idx = rng.integers(0, nrows, size=offsets[-1])
+    out = so.pool(table.ravel(), idx * dim, dim, offsets, mean)
+    ref = np.zeros((300, dim), np.float32)
+    for b in range(300):
+        rows = table[idx[offsets[b]:offsets[b + 1]]]
+        if rows.shape[0]:
+            ref[b] = rows.mean(0) if mean else rows.sum(0)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    assert (out[np.diff(offsets) == 0] == 0).all()
+
+
+def test_segment_sum_matches_add_at_exactly(threads):
+    rng = np.random.default_rng(5)
+    dim, n, nseg = 5, 3000, 97
+    src = rng.standard_normal((n, dim)).astype(np.float32)
+    seg = rng.integers(0, nseg, size=n)
+    scale = rng.random(n).astype(np.float32)
+    ref = np.zeros((nseg, dim), np.float32)
+    np.add.at(ref, seg, src * scale[:, None])
+    got = so.segment_sum(src.ravel(), np.arange(n) * dim, dim, seg, nseg, scale)
+    # the compiler may fuse scale * row + acc into one FMA (one rounding fewer)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    ref2 = np.zeros((nseg, dim), np.float32)
+    np.add.at(ref2, seg, src)
+    # unscaled: the same additions in the same order give the same bits
+    assert np.array_equal(so.segment_sum(src.ravel(), np.arange(n) * dim, dim, seg, nseg), ref2)
+
+
+@pytest.mark.parametrize("mean", [False, True])
+def test_pool_backward_via_bag_scatter_and_segment_sum(mean):
+    rng = np.random.default_rng(6)
+    dim, nb = 4, 50
+    offsets = _bags(rng, nb)
+    n = offsets[-1]
+    inverse = rng.integers(0, 9, size=n)
+    grad_out = rng.standard_normal((nb, dim)).astype(np.float32)
+    bag = so.bag_of_rows(offsets)
+    assert bag.tolist() == np.repeat(np.arange(nb), np.diff(offsets)).tolist()
+    scale = so.bag_scales(offsets) if mean else None
+    got = so.segment_sum(grad_out.ravel(), bag * dim, dim, inverse, 9, scale)
+    per_row = grad_out[bag]
+    if mean:
+        per_row = per_row * (1 / np.diff(offsets)[bag]).astype(np.float32)[:, None]
+    ref = np.zeros((9, dim), np.float32)
+    np.add.at(ref, inverse, per_row)
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_thread_count_invariance_bitwise():
+    rng = np.random.default_rng(7)
+    dim, n = 16, 20000
+    src = rng.standard_normal((n, dim)).astype(np.float32)
+    seg = (rng.zipf(1.1, size=n) % 500).astype(np.int64)
+    offsets = _bags(rng, 5000, 8)
+    idx = rng.integers(0, n, size=offsets[-1]) * dim
+    results = []
+    old = _openmp.get_num_threads()
+    try:
+        for nt in (1, 2, 4):
+            _openmp.set_num_threads(nt)
+            results.append((so.segment_sum(src.ravel(), np.arange(n) * dim, dim, seg, 500),
+                            so.pool(src.ravel(), idx, dim, offsets, True),
+                            so.route(seg, 3, 4), so.unique_inverse(seg)[1]))
+    finally:
+        _openmp.set_num_threads(old)
+    for r in results[1:]:
+        for a, b in zip(results[0], r):
+            assert np.array_equal(a, b)
+
+
+def test_gather_and_scatter_rows_with_mixed_widths(threads):
+    rng = np.random.default_rng(8)
+    a = rng.standard_normal((5, 3)).astype(np.float32)
+    b = rng.standard_normal((4, 2)).astype(np.float32)
+    flat = np.zeros(5 * 3 + 4 * 2, np.float32)
+    # interleave rows of both tables in a packed buffer
+    off_a = np.array([0, 3, 8, 11, 14])
+    off_b = np.array([6, 17, 19, 21])
+    so.scatter_rows(a, None, flat, off_a)
+    so.scatter_rows(b, np.array([0, 1, 2, 3]), flat, off_b)
+    assert np.array_equal(so.gather_rows(flat, off_a, 3), a)
+    assert np.array_equal(so.gather_rows(flat, off_b[::-1].copy(), 2), b[::-1])
+
+
+def test_errors_name_the_culprit():
+    f = np.zeros(10, np.float32)
+    with pytest.raises(ValueError, match=r"row offset \[1\] = 9"):
+        so.gather_rows(f, np.array([0, 9]), 2)
+    with pytest.raises(ValueError, match=r"segments\[1\] = 5"):
+        so.segment_sum(f, np.array([0, 2]), 2, np.array([0, 5]), 3)
+    with pytest.raises(ValueError, match="bag_offsets must rise"):
+        so.pool(f, np.array([0, 2]), 2, np.array([0, 2, 1]), False)
+    with pytest.raises(ValueError, match=r"src_row\[0\] = 9"):
+        so.scatter_rows(np.zeros((2, 2), np.float32), np.array([9]), f, np.array([0]))

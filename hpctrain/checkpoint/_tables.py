@@ -1,0 +1,179 @@
+"""Table shards in HDF5: row-alignment checks on save, owner-filtered chunked reads on load.
+
+A table's export dict is a value tree (see ``_h5tree``). Every dict level that
+holds ``"keys"`` is a *keyed level*: ``keys`` is a 1-D integer array and every
+array with at least one dimension below that level (through nested dicts and
+lists, but not into another keyed level) is row-aligned with it, i.e. has
+``len(keys)`` rows. Scalars, strings and 0-d arrays are metadata. Resharding
+keeps the rows of each keyed level whose owner is this rank; metadata comes from
+the shard of old rank 0.
+"""
+import numpy as np
+
+from hpctrain.checkpoint import _h5tree
+from hpctrain.errors import CheckpointError
+
+
+def describe(tables):
+    """Check this rank's table exports; return {name: {"dim", "rows", "schema"}}.
+
+    ``schema`` lists (path, kind, dtype, row shape) of every member, so ranks can
+    compare structures before anything is written.
+
+    Raises:
+        TypeError, ValueError: a table export that is not a valid row-aligned tree.
+    """
+    if not isinstance(tables, dict):
+        raise TypeError(f"tables must be a dict of table name -> export dict, "
+                        f"got {type(tables).__name__}")
+    out = {}
+    for name, export in tables.items():
+        _h5tree.escape(name)
+        where = f"table {name!r}"
+        if not isinstance(export, dict) or "keys" not in export or "values" not in export:
+            raise ValueError(f"{where}: export must be a dict with 'keys' and 'values'")
+        values = export["values"]
+        if not isinstance(values, np.ndarray) or values.ndim != 2:
+            raise ValueError(f"{where}: 'values' must be a 2-D array [rows, dim], got "
+                             f"{getattr(values, 'shape', type(values).__name__)}")
+        schema = []
+        _walk(export, None, "", where, schema)
+        out[name] = {"dim": int(values.shape[1]), "rows": int(len(export["keys"])),
+                     "schema": schema}
+    return out
+
+
+def _walk(node, rows, path, where, schema):
+    if isinstance(node, dict) and "keys" in node:
+        keys = node["keys"]
+        if not (isinstance(keys, np.ndarray) and keys.ndim == 1 and keys.dtype.kind in "iu"):
+            raise ValueError(f"{where}: {path or '/'}keys must be a 1-D integer array, got "
+                             f"{getattr(keys, 'dtype', type(keys).__name__)} "
+                             f"{getattr(keys, 'shape', '')}")
+        rows = len(keys)
+        schema.append((path, "keyed", "", ()))
+    if isinstance(node, (dict, list, tuple)):
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, item in items:
+            _walk(item, rows, f"{path}{key}/", where, schema)
+        return
+    if isinstance(node, np.ndarray) and node.ndim >= 1:
+        _h5tree.check_array(node, f"{where}: {path[:-1]}")
+        if rows is None:
+            raise ValueError(f"{where}: array {path[:-1]} is not under a level with 'keys'")
+        if node.shape[0] != rows:
+            raise ValueError(f"{where}: {path[:-1]} has {node.shape[0]} rows, its keys have "
+                             f"{rows} (arrays beside 'keys' must be row-aligned)")
+        schema.append((path[:-1], "rows", node.dtype.str, tuple(node.shape[1:])))
+    else:
+        schema.append((path[:-1], "meta", type(node).__name__, ()))
+
+
+def write(h5file, tables, table_ids):
+    """Write this rank's shards under ``/tables/<name>``."""
+    root = h5file.create_group("tables", track_order=True)
+    for name, export in tables.items():
+        grp = _h5tree.write(root, _h5tree.escape(name), export, f"table {name!r}")
+        grp.attrs["dim"] = int(export["values"].shape[1])
+        grp.attrs["num_rows"] = int(len(export["keys"]))
+        grp.attrs["table_id"] = int(table_ids[name])
+
+
+class _Rows:
+    """Pieces of one row-aligned dataset gathered across shard files."""
+
+    def __init__(self, dataset):
+        self.dtype = dataset.dtype
+        self.tail = dataset.shape[1:]
+        self.pieces = []
+
+    def result(self):
+        if not self.pieces:
+            return np.empty((0, *self.tail), dtype=self.dtype)
+        return self.pieces[0] if len(self.pieces) == 1 else np.concatenate(self.pieces)
+
+
+def _template(obj, levels, level):
+    """Value tree of ``obj`` with row datasets replaced by ``_Rows``; fills ``levels``.
+
+    ``levels`` maps the HDF5 path (relative to the table group) of each keyed
+    level to {relative dataset path: _Rows}.
+    """
+    import h5py
+
+    if isinstance(obj, h5py.Group):
+        kind = _h5tree.kind_of(obj)
+        if not kind and "keys" in obj and isinstance(obj["keys"], h5py.Dataset):
+            level = levels.setdefault(obj.name, {})
+        if kind in ("list", "tuple"):
+            items = [_template(obj[str(i)], levels, level) for i in range(len(obj))]
+            return tuple(items) if kind == "tuple" else items
+        return {_h5tree.unescape(link): _template(obj[link], levels, level) for link in obj}
+    if _h5tree.is_row_array(obj):
+        rows = level[obj.name] = _Rows(obj)
+        return rows
+    return _h5tree.read(obj)
+
+
+def _fill(tree):
+    if isinstance(tree, _Rows):
+        return tree.result()
+    if isinstance(tree, dict):
+        return {k: _fill(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_fill(v) for v in tree)
+    return tree
+
+
+class TableReader:
+    """Gathers one table's rows from shard files read one after the other.
+
+    Args:
+        h5: the first shard file to read (its metadata and structure are used).
+        name: table name.
+    """
+
+    def __init__(self, h5, name):
+        self.name = name
+        self.levels = {}
+        self.tree = _template(h5["/tables/" + _h5tree.escape(name)], self.levels, None)
+
+    def add(self, h5, select, chunk_bytes):
+        """Append the rows of ``h5`` that ``select(keys) -> bool mask`` keeps (None: all).
+
+        Reads at most about ``chunk_bytes`` of rows at a time; rows keep file order.
+        """
+        for level_path, datasets in self.levels.items():
+            _read_level(h5, level_path, datasets, select, chunk_bytes, self.name)
+
+    def result(self):
+        """The table's export dict: rows in the order they were added."""
+        return _fill(self.tree)
+
+
+def _read_level(h5, level_path, datasets, select, chunk_bytes, name):
+    where = f"{h5.filename}: table {name!r} at {level_path}"
+    try:
+        sources = {path: h5[path] for path in datasets}
+    except KeyError as exc:
+        raise CheckpointError(f"{where}: structure differs from old rank 0's shard "
+                              f"({exc})") from None
+    keys_path = level_path + "/keys"
+    n = sources[keys_path].shape[0]
+    for path, rows in datasets.items():
+        ds = sources[path]
+        if ds.shape[1:] != rows.tail or ds.dtype != rows.dtype or ds.shape[0] != n:
+            raise CheckpointError(f"{where}: {path} is {ds.dtype}{ds.shape}, expected "
+                                  f"{rows.dtype}[{n}, {rows.tail}] like old rank 0's shard")
+    row_bytes = sum(r.dtype.itemsize * int(np.prod(r.tail, dtype=np.int64))
+                    for r in datasets.values())
+    step = max(1, chunk_bytes // max(1, row_bytes))
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        keys = sources[keys_path][start:stop]
+        mask = None if select is None else select(keys)
+        if mask is not None and not mask.any():
+            continue
+        for path, rows in datasets.items():
+            chunk = keys if path == keys_path else sources[path][start:stop]
+            rows.pieces.append(chunk if mask is None or mask.all() else chunk[mask])

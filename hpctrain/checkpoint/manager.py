@@ -1,0 +1,508 @@
+"""CheckpointManager: collective, atomic HDF5 checkpoints that restore onto any world size.
+
+Layout, manifest and protocol are documented in docs/checkpoint.md::
+
+    <directory>/
+      step-00000100/
+        MANIFEST.json                 written last: sizes and sha256 of every file
+        dense.h5                      rank 0: /dense (parameters, optimizer state), /state
+        tables-00000-of-00004.h5      rank r's table shards: /tables/<name>/{keys, values, ...}
+        ...
+      step-00000200/
+      .step-00000300.tmp-1a2b3c4d/    a save in progress (or one that crashed): ignored
+"""
+import json
+import operator
+import os
+import re
+import secrets
+import shutil
+import time
+import warnings
+
+import numpy as np
+
+from hpctrain.checkpoint import _files, _h5tree, _tables
+from hpctrain.errors import CheckpointError
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+_SCRATCH = re.compile(r"^\.step-\d+\.(tmp|old|trash)-[0-9a-f]+$")
+_CHUNK_BYTES = 64 << 20
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped (partial or corrupt) or could not be cleaned up."""
+
+
+class LocalComm:
+    """The one-rank world used when no communicator is given (tools, tests, export)."""
+
+    rank, size = 0, 1
+
+    def bcast(self, obj, root=0):
+        return obj
+
+    def barrier(self):
+        pass
+
+    def allgather_object(self, obj):
+        return [obj]
+
+
+def step_dir(step):
+    """Directory name of the checkpoint of ``step``."""
+    return f"step-{step:08d}"
+
+
+def _fail(errors, prefix="", cause=None):
+    """Raise CheckpointError when any of the per-rank ``errors`` (str or None) is set."""
+    bad = [(r, e) for r, e in enumerate(errors) if e]
+    if bad:
+        text = "; ".join(e if len(errors) == 1 else f"rank {r}: {e}" for r, e in bad)
+        raise CheckpointError(prefix + text) from cause
+
+
+def _raise_together(comm, error, prefix="", cause=None):
+    """Gather one error (str or None) per rank; raise CheckpointError on every rank if any."""
+    _fail(comm.allgather_object(error), prefix, cause)
+
+
+def _consistency(gathered):
+    """Problem text when ranks disagree on step or tables at save, else None."""
+    errors = [(r, g[0]) for r, g in enumerate(gathered) if g[0]]
+    if errors:
+        return "; ".join(e if len(gathered) == 1 else f"rank {r}: {e}" for r, e in errors)
+    step0, tables0 = gathered[0][1], gathered[0][2]
+    for rank, (_, step, tables, _) in enumerate(gathered):
+        if step != step0:
+            return f"rank {rank} saves step {step}, rank 0 saves step {step0}"
+        if set(tables) != set(tables0):
+            diff = sorted(set(tables) ^ set(tables0))
+            return (f"ranks pass different tables: {', '.join(map(repr, diff))} "
+                    f"on rank {rank} or rank 0 but not both")
+        for name, (dim, _, schema) in tables.items():
+            if dim != tables0[name][0]:
+                return f"table {name!r}: dim {dim} on rank {rank}, {tables0[name][0]} on rank 0"
+            if schema != tables0[name][2]:
+                diff = sorted(set(map(str, schema)) ^ set(map(str, tables0[name][2])))
+                return (f"table {name!r}: export structure differs between rank {rank} and "
+                        f"rank 0 ({'; '.join(diff[:4])})")
+    return None
+
+
+def _table_ids(tables, table_ids):
+    ids = {}
+    for pos, name in enumerate(sorted(tables)):
+        if table_ids is not None and name in table_ids:
+            ids[name] = int(table_ids[name])
+        elif isinstance(tables[name].get("table_id"), (int, np.integer)):
+            ids[name] = int(tables[name]["table_id"])
+        else:
+            ids[name] = pos
+    return {name: ids[name] for name in tables}
+
+
+def _describe_exc(exc):
+    return str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON-able")
+
+
+def verify(path, comm=None):
+    """Check a checkpoint directory against its manifest (collective when ``comm`` is given).
+
+    Files are hashed in parallel: rank ``r`` checks every ``size``-th file.
+
+    Returns:
+        (manifest dict, None) when every file verifies, else (None, problem text).
+    """
+    comm = comm or LocalComm()
+    text, problem = None, None
+    if comm.rank == 0:
+        try:
+            with open(os.path.join(path, _files.MANIFEST), encoding="utf-8") as fh:
+                text = fh.read()
+        except FileNotFoundError:
+            problem = f"no {_files.MANIFEST} (incomplete checkpoint)"
+        except (OSError, UnicodeDecodeError) as exc:
+            problem = f"{_files.MANIFEST}: unreadable ({exc})"
+    text, problem = comm.bcast((text, problem), root=0)
+    if problem:
+        return None, problem
+    try:
+        manifest = _files.parse_manifest(text)
+    except ValueError as exc:
+        return None, str(exc)
+    names = sorted(manifest["files"])
+    local = [_files.check_file(os.path.join(path, name), manifest["files"][name])
+             for name in names[comm.rank::comm.size]]
+    problems = sorted(p for ps in comm.allgather_object([p for p in local if p]) for p in ps)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        return None, problems[0] + more
+    return manifest, None
+
+
+def read_dense(path):
+    """(dense tree, state dict) from a checkpoint's dense.h5."""
+    name = os.path.join(path, _files.DENSE_FILE)
+    with _files.open_h5(name, "r") as h5:
+        dense = _h5tree.read(h5["dense"])
+        state = {_h5tree.unescape(k): json.loads(ds.asstr()[()]) for k, ds in h5["state"].items()}
+    return dense, state
+
+
+class CheckpointManager:
+    """Saves and restores training checkpoints under one directory.
+
+    Every method except ``checkpoints`` is collective: all ranks of ``comm`` call it
+    together, rank 0 takes the decisions (which checkpoint, whether it is valid) and
+    broadcasts them, and an error on any rank is raised as ``CheckpointError`` on all.
+
+    Args:
+        directory: where ``step-XXXXXXXX/`` checkpoint directories live (shared by all ranks).
+        comm: a ``hpctrain.comm.base.Communicator`` (only ``rank``, ``size``, ``bcast``,
+            ``barrier`` and ``allgather_object`` are used); None for a single process.
+        keep_last: number of complete checkpoints kept; older ones are deleted after a
+            new one is complete. None keeps all.
+        chunk_bytes: bound on the bytes of table rows read at once when loading.
+    """
+
+    def __init__(self, directory, comm=None, keep_last=3, *, chunk_bytes=_CHUNK_BYTES):
+        if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
+            raise ValueError(f"keep_last must be a positive int or None, got {keep_last!r}")
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.comm = comm if comm is not None else LocalComm()
+        self.keep_last = keep_last
+        self.chunk_bytes = int(chunk_bytes)
+
+    # ---------------------------------------------------------------- listing
+    def checkpoints(self):
+        """Paths of the ``step-*`` directories present (not verified), oldest step first."""
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:
+            return []
+        found = sorted((int(m.group(1)), n) for n in names if (m := _STEP_DIR.match(n)))
+        return [os.path.join(self.directory, n) for _, n in found]
+
+    def latest(self):
+        """Path of the newest complete checkpoint whose files verify, or None.
+
+        Newer partial or corrupt checkpoints are skipped with a ``CheckpointWarning``
+        (on rank 0) naming the directory and the problem.
+        """
+        return self._find_latest()[0]
+
+    def _find_latest(self):
+        candidates = self.comm.bcast(self.checkpoints() if self.comm.rank == 0 else None, root=0)
+        for path in reversed(candidates):
+            manifest, problem = verify(path, self.comm)
+            if manifest is not None:
+                return path, manifest
+            if self.comm.rank == 0:
+                warnings.warn(f"skipping checkpoint {path}: {problem}; trying an older one",
+                              CheckpointWarning, stacklevel=3)
+        return None, None
+
+    # ------------------------------------------------------------------- save
+    def save(self, step, dense, tables, state=None, *, table_ids=None):
+        """Write the checkpoint of ``step`` atomically; return its directory.
+
+        Args:
+            step: the training step (int >= 0); names the directory ``step-XXXXXXXX``.
+            dense: value tree of dense parameters and dense optimizer state (rank 0's is
+                written). By convention the optimizer state sits under ``dense["optimizer"]``,
+                which ``export_model`` leaves out.
+            tables: table name -> this rank's shard as ``EmbeddingTable.export()`` returns it.
+                Every rank passes the same table names with the same structure.
+            state: JSON-able dict (reader positions, RNG state, config text, versions); rank 0's
+                is written.
+            table_ids: table name -> table id recorded with the shards; default: the export's
+                ``table_id`` entry when present, else the position in sorted table names.
+
+        Raises:
+            CheckpointError: on every rank, when arguments are invalid or disagree across
+                ranks, or any rank fails to write; nothing is published then.
+        """
+        comm = self.comm
+        error, cause, summary, tmp = None, None, None, None
+        try:
+            step = operator.index(step)
+            if step < 0:
+                raise ValueError(f"step must be >= 0, got {step}")
+            summary = {n: (d["dim"], d["rows"], d["schema"]) for n, d in _tables.describe(tables).items()}
+            if comm.rank == 0:
+                os.makedirs(self.directory, exist_ok=True)
+                tmp = os.path.join(self.directory,
+                                   f".{step_dir(step)}.tmp-{secrets.token_hex(4)}")
+                os.mkdir(tmp)
+        except (TypeError, ValueError, OSError) as exc:
+            error, cause = _describe_exc(exc), exc
+        gathered = comm.allgather_object((error, step, summary, tmp))
+        tmp = gathered[0][3]
+        problem = _consistency(gathered)
+        if problem:
+            if comm.rank == 0 and tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"cannot save checkpoint of step {step}: {problem}") from cause
+        rows = [{name: desc[1] for name, desc in g[2].items()} for g in gathered]
+
+        ids = _table_ids(tables, table_ids)
+        written = {}
+        try:
+            name = _files.shard_file(comm.rank, comm.size)
+            self._write_shards(os.path.join(tmp, name), step, tables, ids)
+            written[name] = _files.fsync_and_digest(os.path.join(tmp, name))
+            if comm.rank == 0:
+                name = _files.DENSE_FILE
+                self._write_dense(os.path.join(tmp, name), step, dense, state)
+                written[name] = _files.fsync_and_digest(os.path.join(tmp, name))
+        except Exception as exc:  # noqa: BLE001 - reported on every rank below
+            error, cause = f"writing {name}: {_describe_exc(exc)}", exc
+        gathered = comm.allgather_object((error, written))
+        errors = [e for e, _ in gathered]
+        if any(errors) and comm.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _fail(errors, f"cannot save checkpoint of step {step}: ", cause)
+
+        final = None
+        if comm.rank == 0:
+            files = {}
+            for _, part in gathered:
+                files.update(part)
+            try:
+                final = self._publish(tmp, step, files, summary, rows, ids)
+            except Exception as exc:  # noqa: BLE001
+                error, cause = f"publishing {tmp}: {_describe_exc(exc)}", exc
+        _raise_together(comm, error, f"cannot save checkpoint of step {step}: ", cause)
+        final = comm.bcast(final, root=0)
+        if comm.rank == 0:
+            self._prune(final)
+        return final
+
+    def _write_shards(self, path, step, tables, ids):
+        with _files.open_h5(path, "w") as h5:
+            self._stamp(h5, "tables", step)
+            h5.attrs["rank"] = self.comm.rank
+            h5.attrs["tables"] = json.dumps(list(tables))
+            h5.attrs["table_ids"] = json.dumps(ids)
+            _tables.write(h5, tables, ids)
+
+    def _write_dense(self, path, step, dense, state):
+        state = {} if state is None else state
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a JSON-able dict, got {type(state).__name__}")
+        if dense is not None and not isinstance(dense, dict):
+            raise TypeError(f"dense must be a dict of name -> array (or nested dict), "
+                            f"got {type(dense).__name__}")
+        with _files.open_h5(path, "w") as h5:
+            self._stamp(h5, "dense", step)
+            _h5tree.write(h5, "dense", {} if dense is None else dense, "dense")
+            grp = h5.create_group("state", track_order=True)
+            for key, value in state.items():
+                try:
+                    text = json.dumps(value, default=_json_default)
+                except (TypeError, ValueError) as exc:
+                    raise TypeError(f"state[{key!r}] is not JSON-able: {exc}") from None
+                grp.create_dataset(_h5tree.escape(key), data=text, dtype=_h5tree._STR)
+
+    def _stamp(self, h5, kind, step):
+        h5.attrs["format"] = _files.FORMAT
+        h5.attrs["format_version"] = _files.FORMAT_VERSION
+        h5.attrs["kind"] = kind
+        h5.attrs["step"] = step
+        h5.attrs["world_size"] = self.comm.size
+        h5.attrs["versions"] = json.dumps(_files.versions())
+
+    def _publish(self, tmp, step, files, summary, rows, ids):
+        """Manifest, fsync, rename: after this returns the checkpoint is complete."""
+        manifest = {
+            "format": _files.FORMAT, "format_version": _files.FORMAT_VERSION,
+            "step": step, "world_size": self.comm.size,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "dense_file": _files.DENSE_FILE,
+            "tables": {name: {"table_id": ids[name], "dim": dim,
+                              "rows": [r[name] for r in rows]}
+                       for name, (dim, _, _) in summary.items()},
+            "files": files, "versions": _files.versions(),
+        }
+        _files.write_manifest(tmp, manifest)
+        _files.fsync_dir(tmp)
+        final = os.path.join(self.directory, step_dir(step))
+        old = None
+        if os.path.exists(final):  # re-saving a step: move the old one aside first
+            old = os.path.join(self.directory, f".{step_dir(step)}.old-{secrets.token_hex(4)}")
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _files.fsync_dir(self.directory)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _prune(self, final):
+        """Delete checkpoints beyond ``keep_last`` (never ``final``) and stale scratch dirs."""
+        problems = []
+        step = int(_STEP_DIR.match(os.path.basename(final)).group(1))
+        others = [p for p in self.checkpoints() if p != final]
+        newer = [p for p in others if int(_STEP_DIR.match(os.path.basename(p)).group(1)) > step]
+        if newer:
+            warnings.warn(f"{self.directory} holds checkpoints newer than step {step} "
+                          f"({', '.join(os.path.basename(p) for p in newer)}); latest() prefers "
+                          f"them", CheckpointWarning, stacklevel=3)
+        doomed = [] if self.keep_last is None else others[:max(0, len(others) - self.keep_last + 1)]
+        for name in os.listdir(self.directory):
+            if _SCRATCH.match(name):
+                doomed.append(os.path.join(self.directory, name))
+        for path in doomed:
+            # Rename first so a half-deleted directory never looks like a checkpoint.
+            trash = os.path.join(self.directory, f".{os.path.basename(path).lstrip('.')}"
+                                 f".trash-{secrets.token_hex(4)}")
+            try:
+                if _STEP_DIR.match(os.path.basename(path)):
+                    os.rename(path, trash)
+                    path = trash
+                shutil.rmtree(path)
+            except OSError as exc:
+                problems.append(f"{path}: {exc.strerror}")
+        if problems:
+            warnings.warn(f"could not delete old checkpoints: {'; '.join(problems)}",
+                          CheckpointWarning, stacklevel=3)
+
+    # ------------------------------------------------------------------- load
+    def load(self, path=None, owner=None, *, table_dims=None, verify_files=True):
+        """Restore a checkpoint onto the current world (collective).
+
+        Args:
+            path: checkpoint directory (absolute, relative, or a name under ``directory``);
+                None loads ``latest()``. Rank 0's value is used.
+            owner: function ``(table_name, keys int64[n]) -> int[n]`` giving each key's rank in
+                the *current* world. Every rank then reads the shard files of all old ranks
+                in row chunks and keeps the rows it owns, ordered by old rank, then row. None
+                requires the world size of the writer and gives each rank its old shard.
+            table_dims: table name -> embedding dim the caller expects; checked against the
+                checkpoint (missing, extra or different tables are errors). None: no check.
+            verify_files: check sizes and sha256 of every file first (default True; the check
+                is skipped for ``path=None``, where ``latest()`` has just done it).
+
+        Returns:
+            ``(step, dense, tables, state)``: the step, the dense value tree, table name ->
+            export dict of the rows this rank owns now, and the state dict.
+
+        Raises:
+            CheckpointError: on every rank, naming the checkpoint, file or table at fault.
+        """
+        comm = self.comm
+        if path is None:
+            path, manifest = self._find_latest()
+            if path is None:
+                raise CheckpointError(f"no complete checkpoint in {self.directory}")
+        else:
+            path = comm.bcast(self._resolve(path) if comm.rank == 0 else None, root=0)
+            if verify_files:
+                manifest, problem = verify(path, comm)
+            else:
+                manifest, problem = verify_manifest_only(path, comm)
+            if problem:
+                raise CheckpointError(f"checkpoint {path}: {problem}")
+        _check_tables(path, manifest, table_dims)
+        old_world = manifest["world_size"]
+        if owner is None and old_world != comm.size:
+            raise CheckpointError(f"checkpoint {path} was written by {old_world} ranks; loading it "
+                                  f"on {comm.size} needs owner= to route rows to their new ranks")
+        error, cause, dense, state, tables = None, None, None, None, {}
+        try:
+            dense, state = read_dense(path)
+            tables = self._read_tables(path, manifest, owner)
+        except Exception as exc:  # noqa: BLE001 - raised on every rank below
+            error, cause = _describe_exc(exc), exc
+        counts = {name: len(t["keys"]) for name, t in tables.items()}
+        gathered = comm.allgather_object((error, counts))
+        _fail([e for e, _ in gathered], f"cannot load checkpoint {path}: ", cause)
+        for name, info in manifest["tables"].items():
+            got, want = sum(c[name] for _, c in gathered), sum(info["rows"])
+            if got != want:
+                raise CheckpointError(
+                    f"cannot load checkpoint {path}: table {name!r}: the ranks kept {got} rows "
+                    f"in all, the checkpoint holds {want}; owner() must give every key exactly "
+                    f"one rank in [0, {comm.size}) and agree across ranks")
+        return manifest["step"], dense, tables, state
+
+    def _resolve(self, path):
+        path = os.fspath(path)
+        if not os.path.isabs(path) and not os.path.exists(path):
+            path = os.path.join(self.directory, path)
+        return os.path.abspath(path)
+
+    def _read_tables(self, path, manifest, owner):
+        comm = self.comm
+        names = list(manifest["tables"])
+        world = manifest["world_size"]
+        ranks = [comm.rank] if owner is None else range(world)
+        readers = {}
+        for old_rank in ranks:
+            fname = os.path.join(path, _files.shard_file(old_rank, world))
+            with _files.open_h5(fname, "r") as h5:
+                for name in names:
+                    if name not in readers:
+                        readers[name] = _tables.TableReader(h5, name)
+                    select = None if owner is None else _selector(owner, name, comm)
+                    readers[name].add(h5, select, self.chunk_bytes)
+        return {name: readers[name].result() for name in names}
+
+
+def verify_manifest_only(path, comm=None):
+    """Like ``verify`` but checks only the manifest and file sizes (no hashing)."""
+    comm = comm or LocalComm()
+    text, problem = None, None
+    if comm.rank == 0:
+        try:
+            with open(os.path.join(path, _files.MANIFEST), encoding="utf-8") as fh:
+                text = fh.read()
+            manifest = _files.parse_manifest(text)
+            for name, entry in sorted(manifest["files"].items()):
+                size = os.path.getsize(os.path.join(path, name))
+                if size != entry["size"]:
+                    raise ValueError(f"{name}: size {size} bytes, manifest says {entry['size']}")
+        except (OSError, ValueError) as exc:
+            problem = str(exc)
+    text, problem = comm.bcast((text, problem), root=0)
+    return (None, problem) if problem else (_files.parse_manifest(text), None)
+
+
+def _selector(owner, name, comm):
+    def select(keys):
+        ranks = np.asarray(owner(name, keys))
+        if ranks.shape != keys.shape or ranks.dtype.kind not in "iu":
+            raise ValueError(f"owner({name!r}, keys) returned {ranks.dtype}{list(ranks.shape)}, "
+                             f"expected integer ranks of shape {list(keys.shape)}")
+        if len(ranks) and (ranks.min() < 0 or ranks.max() >= comm.size):
+            bad = ranks[(ranks < 0) | (ranks >= comm.size)][0]
+            raise ValueError(f"owner({name!r}, keys) returned rank {bad}, outside "
+                             f"[0, {comm.size})")
+        return ranks == comm.rank
+    return select
+
+
+def _check_tables(path, manifest, table_dims):
+    if table_dims is None:
+        return
+    have = manifest["tables"]
+    missing = [n for n in table_dims if n not in have]
+    extra = [n for n in have if n not in table_dims]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} has no table {missing[0]!r} "
+                              f"(it holds: {', '.join(map(repr, have)) or 'none'})")
+    if extra:
+        raise CheckpointError(f"checkpoint {path} holds table {extra[0]!r}, which the caller "
+                              f"does not have (expected: {', '.join(map(repr, table_dims))})")
+    for name, dim in table_dims.items():
+        if dim is not None and int(dim) != have[name]["dim"]:
+            raise CheckpointError(f"checkpoint {path}: table {name!r} has dim "
+                                  f"{have[name]['dim']}, expected {dim}")

@@ -223,3 +223,18 @@ def test_debug_mode_names_rank_with_nan_and_passes_good_calls():
     counts = np.ones(comm.size, dtype=np.int64)
     out = comm.ialltoallv(np.full(comm.size, float(comm.rank)), counts, comm.alltoall(counts))
     np.testing.assert_array_equal(out.wait(), np.arange(comm.size, dtype=np.float64))
+
+
+def test_nccl_bootstrap_broadcasts_id_or_error_marker(comm):
+    """The id bootstrap of the NCCL backend, with stand-in id makers (no GPU needed)."""
+    from hpctrain.comm.nccl import bootstrap_unique_id
+
+    made = []
+    uid = bootstrap_unique_id(comm.mpi_comm, lambda: made.append(1) or tuple(range(8)))
+    assert uid == tuple(range(8)) and len(made) == (comm.rank == 0)
+
+    def broken():
+        raise RuntimeError("ncclGetUniqueId failed: no network interface")
+    with pytest.raises(CommError, match=rf"rank 0 could not create.*no network.*rank {comm.rank}"):
+        bootstrap_unique_id(comm.mpi_comm, broken)
+    comm.barrier()  # nobody hangs in the broadcast

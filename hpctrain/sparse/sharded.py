@@ -1,0 +1,263 @@
+"""ShardedEmbedding: embedding rows sharded over ranks, exchanged with Alltoallv.
+
+Every row lives on exactly one rank, its owner (``routing.owner_of``); a step
+moves only the rows its batch touches. All tables share each exchange: one
+counts exchange, one ids ``Alltoallv`` and one rows ``Alltoallv`` per lookup,
+one gradient ``Alltoallv`` per backward (see docs/sharded-embedding.md)::
+
+    requester (every rank, its slice of the batch)          owner (every rank)
+    dedup per table ─> route ─> bucket by owner
+    counts [P, T] ── Alltoall ──────────────────────────>  counts [P, T]
+    ids (peer, table, id) ── Alltoallv ─────────────────>  ids; dedup per table across
+                                                           sources; find_or_insert; gather
+    rows (same layout) <──────────── Alltoallv (async) ──  rows
+    pool per bag ─> outputs
+    backward: grads per unique id ── Alltoallv ─────────>  segment sum per id in source-rank
+                                                           order; optimizer once per id
+
+The packed row buffers are flat float32 with each row at its own element
+offset, so tables of different widths travel in the same message.
+"""
+import numpy as np
+
+from hpctrain._kernels import sparse_ops
+from hpctrain.sparse.collection import PhaseTimer, check_grads, make_table, split_batch
+from hpctrain.sparse.spec import resolve_specs
+
+
+class _Buffers:
+    """Named exchange buffers, reused across steps and grown geometrically when too small."""
+
+    def __init__(self):
+        self._bufs = {}
+
+    def get(self, name, n, dtype):
+        buf = self._bufs.get(name)
+        if buf is None or buf.shape[0] < n:
+            old = 0 if buf is None else buf.shape[0]
+            buf = np.empty(max(n, old + old // 2, 1024), dtype=dtype)
+            self._bufs[name] = buf
+        return buf[:n]
+
+    def nbytes(self):
+        return sum(b.nbytes for b in self._bufs.values())
+
+
+def _exclusive_cumsum(a):
+    out = np.zeros(a.shape[0], dtype=np.int64)
+    if a.shape[0] > 1:
+        np.cumsum(a[:-1], out=out[1:])
+    return out
+
+
+class _OwnerPart:
+    """What an owner keeps of one table between lookup and backward."""
+
+    __slots__ = ("table", "elem_off", "inverse", "indices", "num_unique", "dim")
+
+    def __init__(self, table, elem_off, inverse, indices, dim):
+        self.table, self.elem_off, self.inverse, self.indices = table, elem_off, inverse, indices
+        self.num_unique, self.dim = indices.shape[0], dim
+
+
+class ShardedLookup:
+    """A started lookup (``start_lookup``); pass it to ``wait_lookup``."""
+
+    def __init__(self, step):
+        self.step = step
+        self.plans = None          # TableBatch per table (requester side)
+        self.unique_off = None     # per table: int64[u] element offset of each unique row
+        self.ask_elems = None      # floats this rank receives from / sends grads to each peer
+        self.serve_elems = None    # floats this rank sends rows to / receives grads from each peer
+        self.owner = None          # _OwnerPart per table (owner side)
+        self.handle = None         # the in-flight rows Alltoallv
+        self.outputs = None
+
+
+class ShardedEmbedding:
+    """Embedding tables whose rows are sharded over the ranks of ``comm``.
+
+    Same API and semantics as ``EmbeddingCollection`` applied to the global batch
+    (the concatenation of every rank's slice). Every method is collective: all
+    ranks call it in the same order.
+
+    Args:
+        specs: list of ``TableSpec`` (``table_id`` defaults to the list index).
+        comm: a ``hpctrain.comm`` communicator (NumPy buffers).
+        seed: initialisation seed shared by every table.
+
+    Attributes:
+        tables: dict table name -> ``EmbeddingTable`` holding this rank's shard.
+        timers: dict phase -> accumulated seconds (dedup, route, counts, ids_a2a,
+            lookup, rows_a2a, pool, grad_a2a, update); ``reset_timers()`` zeroes them.
+    """
+
+    def __init__(self, specs, comm, seed=0):
+        self.specs, self.feature_to_table = resolve_specs(specs)
+        self.comm = comm
+        self.rank, self.size = comm.rank, comm.size
+        self.seed = seed
+        self.tables = {s.name: make_table(s, seed) for s in self.specs}
+        self._dims = np.array([s.dim for s in self.specs], dtype=np.int64)
+        self._buf = _Buffers()
+        self._timer = PhaseTimer()
+        self._pending = None
+        self._last = None
+        self._ones = np.ones(self.size, dtype=np.int64)
+
+    @property
+    def timers(self):
+        return dict(self._timer.seconds)
+
+    def reset_timers(self):
+        self._timer.reset()
+
+    def buffer_bytes(self):
+        """Bytes held by the reusable exchange buffers of this rank."""
+        return self._buf.nbytes()
+
+    # -- forward -------------------------------------------------------------------------
+    def start_lookup(self, batch, step):
+        """Send this rank's ids to their owners and start the rows exchange.
+
+        Rows are read from the tables during this call; ``wait_lookup`` finishes
+        the rows ``Alltoallv`` and pools. At most one lookup may be in flight.
+
+        Args:
+            batch: this rank's ``JaggedBatch`` (every rank the same features).
+            step: the training step (admission / eviction bookkeeping).
+
+        Returns:
+            A ``ShardedLookup`` handle.
+        """
+        if self._pending is not None:
+            raise RuntimeError("start_lookup: the previous lookup was not waited for "
+                               "(call wait_lookup first; one lookup may be in flight)")
+        t, P, T = self._timer, self.size, len(self.specs)
+        look = ShardedLookup(step)
+        t.start()
+        plans = split_batch(batch, self.specs, self.feature_to_table)
+        look.plans = plans
+        t.lap("dedup")
+
+        # Route: global unique list is table-major; a stable bucket sort puts it in
+        # (peer, table, first occurrence) order, the layout of every message.
+        n_unique = np.array([p.uniq.shape[0] for p in plans], dtype=np.int64)
+        per_table = np.empty((P, T), dtype=np.int64)
+        owners = []
+        for i, p in enumerate(plans):
+            o = sparse_ops.route(p.uniq, p.spec.table_id, P)
+            per_table[:, i] = np.bincount(o, minlength=P)
+            owners.append(o)
+        owners = np.concatenate(owners) if T > 1 else owners[0]
+        to_peer, perm = sparse_ops.bucket_by_owner(owners, P)
+        keys = np.concatenate([p.uniq for p in plans]) if T > 1 else plans[0].uniq
+        total = keys.shape[0]
+        send_ids = self._buf.get("send_ids", total, np.int64)
+        np.take(keys, perm, out=send_ids)
+        widths = np.repeat(self._dims, n_unique)[perm]
+        unique_off = np.empty(total, dtype=np.int64)
+        unique_off[perm] = _exclusive_cumsum(widths)
+        bounds = np.concatenate([[0], np.cumsum(n_unique)])
+        look.unique_off = [unique_off[bounds[i]:bounds[i + 1]] for i in range(T)]
+        look.ask_elems = per_table @ self._dims
+        t.lap("route")
+
+        from_peer_table = self.comm.alltoallv(per_table, self._ones, self._ones)
+        from_peer = from_peer_table.sum(axis=1)
+        t.lap("counts")
+
+        recv_ids = self._buf.get("recv_ids", int(from_peer.sum()), np.int64)
+        self.comm.alltoallv(send_ids, to_peer, from_peer, recvbuf=recv_ids)
+        t.lap("ids_a2a")
+
+        look.serve_elems, reply, look.owner = self._serve(recv_ids, from_peer_table, step)
+        t.lap("lookup")
+
+        rows = self._buf.get("rows", int(look.ask_elems.sum()), np.float32)
+        look.handle = self.comm.ialltoallv(reply, look.serve_elems, look.ask_elems, recvbuf=rows)
+        t.lap("rows_a2a")
+        self._pending = look
+        return look
+
+    def _serve(self, recv_ids, from_peer_table, step):
+        """Owner side: dedup received ids per table, find_or_insert, gather into the reply."""
+        P, T = from_peer_table.shape
+        # Received ids are (source, table) blocks; group positions by table keeping
+        # source order, so the dedup and later gradient sums go in source-rank order.
+        table_of = np.repeat(np.tile(np.arange(T, dtype=np.int32), P), from_peer_table.ravel())
+        per_table, order = sparse_ops.bucket_by_owner(table_of, T)
+        elem_off = _exclusive_cumsum(self._dims[table_of])
+        serve_elems = from_peer_table @ self._dims
+        reply = self._buf.get("reply", int(serve_elems.sum()), np.float32)
+        parts, lo = [], 0
+        for i, spec in enumerate(self.specs):
+            pos = order[lo:lo + per_table[i]]
+            lo += per_table[i]
+            uniq, inverse = sparse_ops.unique_inverse(recv_ids[pos])
+            table = self.tables[spec.name]
+            idx = table.find_or_insert(uniq, step)
+            rows = np.ascontiguousarray(table.gather(idx), dtype=np.float32)
+            off = elem_off[pos]
+            sparse_ops.scatter_rows(rows, inverse, reply, off)
+            parts.append(_OwnerPart(table, off, inverse, idx, spec.dim))
+        return serve_elems, reply, parts
+
+    def wait_lookup(self, handle):
+        """Finish a started lookup and pool: dict feature -> float32 ``[B, dim]`` (or jagged rows).
+
+        The lookup becomes the one the next ``backward`` differentiates.
+        """
+        if handle is not self._pending:
+            raise RuntimeError("wait_lookup: this handle is not the lookup in flight")
+        t = self._timer
+        t.start()
+        rows = handle.handle.wait()
+        t.lap("rows_a2a")
+        outputs = {}
+        for p, off in zip(handle.plans, handle.unique_off):
+            outputs.update(p.pool(rows, off))
+        t.lap("pool")
+        handle.handle = None
+        self._pending = None
+        self._last = handle
+        return outputs
+
+    def forward(self, batch, step):
+        """``wait_lookup(start_lookup(batch, step))``."""
+        return self.wait_lookup(self.start_lookup(batch, step))
+
+    # -- backward ------------------------------------------------------------------------
+    def backward(self, grads, step):
+        """Send per-id gradients of the last lookup to their owners and apply them.
+
+        Owners add the gradients of an id from all ranks in source-rank order and
+        run the table's optimizer once per id (ids not admitted are skipped).
+
+        Args:
+            grads: dict feature -> float32 array shaped like that feature's output.
+            step: the training step.
+        """
+        look = self._last
+        if look is None:
+            raise RuntimeError("backward called before any forward/wait_lookup")
+        check_grads(grads, look.plans)
+        t = self._timer
+        t.start()
+        send = self._buf.get("grad_send", int(look.ask_elems.sum()), np.float32)
+        for p, off in zip(look.plans, look.unique_off):
+            sparse_ops.scatter_rows(p.unique_grads(grads), None, send, off)
+        t.lap("pool")
+        recv = self._buf.get("grad_recv", int(look.serve_elems.sum()), np.float32)
+        self.comm.alltoallv(send, look.ask_elems, look.serve_elems, recvbuf=recv)
+        t.lap("grad_a2a")
+        for part in look.owner:
+            g = sparse_ops.segment_sum(recv, part.elem_off, part.dim, part.inverse,
+                                       part.num_unique)
+            part.table.apply_gradients(part.indices, g, step)
+        t.lap("update")
+        self._last = None
+
+    def evict(self, step):
+        """Evict stale/rare rows of this rank's shards; dict table -> rows evicted here."""
+        return {name: int(t.evict(step)) for name, t in self.tables.items()}

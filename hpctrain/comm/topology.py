@@ -59,16 +59,19 @@ def check_launch(mpi_comm, environ=None):
     initialises MPI as a singleton and silently trains alone.
 
     Raises:
-        CommError: ``SLURM_NTASKS`` > 1 while the MPI world has size 1.
+        CommError: ``SLURM_STEP_NUM_TASKS`` (else ``SLURM_NTASKS``) > 1 while the MPI
+            world has size 1.
     """
     env = os.environ if environ is None else environ
+    # The step's task count when srun set it, else the allocation's.
+    var = "SLURM_STEP_NUM_TASKS" if env.get("SLURM_STEP_NUM_TASKS") else "SLURM_NTASKS"
     try:
-        ntasks = int(env.get("SLURM_NTASKS", "1") or 1)
+        ntasks = int(env.get(var, "1") or 1)
     except ValueError:
         ntasks = 1
     if ntasks > 1 and mpi_comm.size == 1:
         raise CommError(
-            f"Slurm started SLURM_NTASKS={ntasks} tasks but this MPI world has size 1 "
+            f"Slurm started {var}={ntasks} tasks but this MPI world has size 1 "
             f"(SLURM_PROCID={env.get('SLURM_PROCID', '?')}): each task initialised MPI on its own. "
             "srun must launch with the PMI plugin your MPI library was built for, e.g. "
             "`srun --mpi=pmix ...` (Open MPI, recent MPICH) or `srun --mpi=pmi2 ...` "

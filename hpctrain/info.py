@@ -1,0 +1,138 @@
+"""``hpctrain info``: versions, MPI/OpenMP/GPU environment and the layout of the world.
+
+Run it the way a job runs (``mpiexec -n N python -m mpi4py -m hpctrain info`` or
+``srun ... python -m hpctrain info``): rank 0 prints one summary with a line per
+rank. It fails when Slurm started several tasks that each became a 1-rank MPI
+world (``srun`` without the right ``--mpi=`` plugin).
+"""
+import argparse
+import json
+import os
+import pkgutil
+import platform
+import sys
+
+_THREAD_LEVELS = ("MPI_THREAD_SINGLE", "MPI_THREAD_FUNNELED", "MPI_THREAD_SERIALIZED",
+                  "MPI_THREAD_MULTIPLE")
+
+
+def _mpi_facts():
+    import mpi4py
+    from mpi4py import MPI
+    provided = MPI.Query_thread()
+    return {"mpi4py": mpi4py.__version__,
+            "mpi_library": " ".join(MPI.Get_library_version().split()[:3]).rstrip(","),
+            "mpi_standard": "%d.%d" % MPI.Get_version(),
+            "thread_level": _THREAD_LEVELS[provided] if 0 <= provided < 4 else str(provided),
+            "thread_level_requested": str(mpi4py.rc.thread_level)}
+
+
+def _h5py_facts():
+    try:
+        import h5py
+    except ImportError as exc:
+        return {"h5py": f"not importable ({exc})"}
+    return {"h5py": h5py.version.version, "hdf5": h5py.version.hdf5_version}
+
+
+def _kernel_facts():
+    import hpctrain._kernels as kernels
+    names = sorted(m.name for m in pkgutil.iter_modules(kernels.__path__))
+    try:
+        from hpctrain._kernels import _openmp
+    except ImportError as exc:
+        return {"kernels": names, "openmp": None,
+                "kernels_error": f"{exc} (build with: python setup.py build_ext --inplace)"}
+    return {"kernels": names, "openmp": _openmp.openmp_enabled(),
+            "openmp_version": _openmp.openmp_version(), "threads": _openmp.get_num_threads()}
+
+
+def _gpu_facts():
+    try:
+        import cupy
+    except ImportError:
+        return {"cupy": None, "gpus": [], "nccl": None,
+                "gpu_note": "CuPy not installed (pip install 'hpctrain[gpu]')"}
+    out = {"cupy": cupy.__version__, "gpus": [], "nccl": None}
+    try:
+        for i in range(cupy.cuda.runtime.getDeviceCount()):
+            name = cupy.cuda.runtime.getDeviceProperties(i)["name"]
+            out["gpus"].append(name.decode() if isinstance(name, bytes) else str(name))
+    except Exception as exc:  # noqa: BLE001 - no driver, no device: report, do not fail
+        out["gpu_note"] = f"no usable GPU ({type(exc).__name__}: {exc})"
+    try:
+        from cupy.cuda import nccl
+        out["nccl"] = nccl.get_version()
+    except Exception as exc:  # noqa: BLE001
+        out["nccl_note"] = f"NCCL not usable ({type(exc).__name__}: {exc})"
+    return out
+
+
+def collect(mpi_comm):
+    """Everything ``info`` reports, as a dict (collective over ``mpi_comm``)."""
+    import numpy
+
+    import hpctrain
+    from hpctrain.comm.topology import device_for_local_rank, node_local, ranks_per_host
+    local_rank, local_size, hosts = node_local(mpi_comm)
+    facts = {"hpctrain": hpctrain.__version__, "python": platform.python_version(),
+             "python_executable": sys.executable, "numpy": numpy.__version__,
+             **_mpi_facts(), **_h5py_facts(), **_kernel_facts(), **_gpu_facts()}
+    gpu = device_for_local_rank(local_rank, len(facts["gpus"])) if facts["gpus"] else None
+    me = {"rank": mpi_comm.rank, "host": hosts[mpi_comm.rank], "pid": os.getpid(),
+          "local_rank": local_rank, "local_size": local_size,
+          "threads": facts.get("threads"), "gpu": gpu}
+    facts["world_size"] = mpi_comm.size
+    facts["hosts"] = {h: len(r) for h, r in ranks_per_host(hosts).items()}
+    facts["ranks"] = mpi_comm.gather(me, root=0)
+    return facts
+
+
+def format_summary(f):
+    """The human-readable summary of ``collect``'s dict."""
+    omp = ("not built" if f["openmp"] is None else
+           f"OpenMP {f['openmp_version']}, {f['threads']} threads" if f["openmp"]
+           else "without OpenMP, 1 thread")
+    gpus = ", ".join(f"{i}: {n}" for i, n in enumerate(f["gpus"])) or f.get("gpu_note", "none")
+    lines = [
+        f"hpctrain      {f['hpctrain']}",
+        f"Python        {f['python']} ({f['python_executable']})",
+        f"NumPy         {f['numpy']}",
+        f"mpi4py        {f['mpi4py']}",
+        f"MPI           {f['mpi_library']} (MPI {f['mpi_standard']}), thread level "
+        f"{f['thread_level']} (requested {f['thread_level_requested']})",
+        f"h5py          {f['h5py']}" + (f" (HDF5 {f['hdf5']})" if "hdf5" in f else ""),
+        f"kernels       {', '.join(f['kernels']) or 'none'} ({omp})"
+        + (f" -- {f['kernels_error']}" if "kernels_error" in f else ""),
+        f"CuPy          {f['cupy'] or 'not installed'}",
+        f"GPUs          {gpus}",
+        f"NCCL          {f['nccl'] or f.get('nccl_note', 'not usable (needs CuPy)')}",
+        f"world size    {f['world_size']} on {len(f['hosts'])} host(s): "
+        + ", ".join(f"{h} ({n} ranks)" for h, n in f["hosts"].items()),
+    ]
+    for r in f["ranks"]:
+        gpu = "-" if r["gpu"] is None else r["gpu"]
+        lines.append(f"  rank {r['rank']:<4} host {r['host']}  local {r['local_rank']}/"
+                     f"{r['local_size']}  pid {r['pid']}  threads {r['threads']}  gpu {gpu}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    """Print the summary on rank 0; returns the exit code (1 on a broken launch)."""
+    p = argparse.ArgumentParser(prog="hpctrain info", description=__doc__.splitlines()[0])
+    p.add_argument("--json", action="store_true", help="print the facts as JSON")
+    args = p.parse_args(argv)
+    from mpi4py import MPI
+
+    from hpctrain.comm.topology import check_launch
+    from hpctrain.errors import CommError
+    comm = MPI.COMM_WORLD
+    try:
+        check_launch(comm)
+    except CommError as exc:
+        print(f"hpctrain info: error: {exc}", file=sys.stderr)
+        return 1
+    facts = collect(comm)
+    if comm.rank == 0:
+        print(json.dumps(facts, indent=1) if args.json else format_summary(facts), flush=True)
+    return 0

@@ -37,7 +37,14 @@ PKGS=(slurmctld slurmd slurm-client munge libpmix-dev)
 log() { echo "single_node: $*"; }
 die() { echo "single_node: ERROR: $*" >&2; exit "${2:-1}"; }
 unavailable() { die "$1" 3; }
-alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# a process that has exited but is not reaped yet (zombie) counts as gone
+running() { kill -0 "$1" 2>/dev/null && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
+# the daemon named by pidfile $1 runs (and the pid was not reused by another program)
+alive() {
+  [ -s "$1" ] || return 1
+  local pid; pid=$(cat "$1")
+  running "$pid" && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$(basename "$1" .pid)" ]
+}
 dump_logs() {
   local f
   for f in "$DIR/log/slurmctld.log" "$DIR/log/slurmd.log" "$DIR/log/munged.log"; do
@@ -191,10 +198,10 @@ stop_pidfile() {
   alive "$pf" || return 0
   pid=$(cat "$pf")
   kill -TERM "$pid" 2>/dev/null || true
-  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  if kill -0 "$pid" 2>/dev/null; then log "pid $pid alive after 10 s, sending KILL"; kill -KILL "$pid" 2>/dev/null || true; fi
-  sleep 0.1
-  ! kill -0 "$pid" 2>/dev/null
+  for _ in $(seq 200); do running "$pid" || return 0; sleep 0.05; done
+  log "pid $pid alive after 10 s, sending KILL"; kill -KILL "$pid" 2>/dev/null || true
+  for _ in $(seq 20); do running "$pid" || return 0; sleep 0.05; done
+  return 1
 }
 
 cmd_stop() {

@@ -109,7 +109,7 @@ def write_manifest(directory, doc):
     doc["checksum"] = "sha256:" + hashlib.sha256(_canonical(doc)).hexdigest()
     path = os.path.join(directory, MANIFEST)
     with open(path, "w", encoding="utf-8") as fh:
-        json.dump(doc, fh, indent=1, sort_keys=True)
+        json.dump(doc, fh, indent=1)
         fh.write("\n")
         fh.flush()
         os.fsync(fh.fileno())

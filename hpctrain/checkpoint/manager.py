@@ -349,14 +349,21 @@ class CheckpointManager:
     def _prune(self, final):
         """Delete checkpoints beyond ``keep_last`` (never ``final``) and stale scratch dirs."""
         problems = []
-        step = int(_STEP_DIR.match(os.path.basename(final)).group(1))
+        def step_of(path):
+            return int(_STEP_DIR.match(os.path.basename(path)).group(1))
+
+        step = step_of(final)
         others = [p for p in self.checkpoints() if p != final]
-        newer = [p for p in others if int(_STEP_DIR.match(os.path.basename(p)).group(1)) > step]
+        complete = [p for p in others if os.path.exists(os.path.join(p, _files.MANIFEST))]
+        newer = [p for p in complete if step_of(p) > step]
         if newer:
             warnings.warn(f"{self.directory} holds checkpoints newer than step {step} "
                           f"({', '.join(os.path.basename(p) for p in newer)}); latest() prefers "
                           f"them", CheckpointWarning, stacklevel=3)
-        doomed = [] if self.keep_last is None else others[:max(0, len(others) - self.keep_last + 1)]
+        # Incomplete step directories older than the new checkpoint are debris.
+        doomed = [p for p in others if p not in complete and step_of(p) < step]
+        if self.keep_last is not None:
+            doomed += complete[:max(0, len(complete) - self.keep_last + 1)]
         for name in os.listdir(self.directory):
             if _SCRATCH.match(name):
                 doomed.append(os.path.join(self.directory, name))

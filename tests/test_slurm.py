@@ -145,3 +145,31 @@ def test_srun_mpi_plugin_gives_one_world(slurm, tmp_path):
     bad = sorted(line for line in text.splitlines() if line.startswith("BAD:"))
     assert good == ["GOOD:WORLD rank=0 size=2", "GOOD:WORLD rank=1 size=2"], text
     assert bad == ["BAD:WORLD rank=0 size=1"] * 2, text
+
+
+@pytest.mark.skipif(importlib.util.find_spec("hpctrain.info") is None,
+                    reason="hpctrain info not available")
+def test_hpctrain_info_under_srun_and_mpiexec(slurm, tmp_path):
+    """`hpctrain info` sees a 2-rank world via srun and mpiexec; a wrong --mpi is an error."""
+    py = f"{sys.executable} -m mpi4py -m hpctrain info"
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    script = tmp_path / "info.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        f"srun --mpi={mpi_plugin()} {py} > good.txt 2>&1; echo \"good rc=$?\"\n"
+        f"srun --mpi=none {py} > bad.txt 2>&1; echo \"bad rc=$?\"\n"
+        + (f"{mpiexec} -n $SLURM_NTASKS {py} > mpiexec.txt 2>&1; echo \"mpiexec rc=$?\"\n"
+           if os.access(mpiexec, os.X_OK) else ""))
+    out = tmp_path / "info.out"
+    job = slurm.sbatch("-n", "2", "-t", "2", "-o", str(out), str(script), cwd=tmp_path)
+    info = slurm.wait(job, output=str(out))
+    text = out.read_text()
+    assert info["JobState"] == "COMPLETED", text
+    good = (tmp_path / "good.txt").read_text()
+    assert "good rc=0" in text and re.search(r"world size\s+2 on 1 host", good), good
+    bad = (tmp_path / "bad.txt").read_text()
+    assert "bad rc=0" not in text, text
+    assert "SLURM_STEP_NUM_TASKS=2" in bad and "world has size 1" in bad, bad
+    if os.access(mpiexec, os.X_OK):
+        assert "mpiexec rc=0" in text, (tmp_path / "mpiexec.txt").read_text()
+        assert re.search(r"world size\s+2 on 1 host", (tmp_path / "mpiexec.txt").read_text())

@@ -1,0 +1,200 @@
+"""Feature-interaction layers: DLRM dot products, factorization machine, DCN-v2 cross.
+
+Embedding gradients are returned as contiguous ``[B, d]`` arrays that are views
+of one feature-major workspace ``[F, B, d]`` (valid until the next backward), so
+the sparse side can take them without a copy and a GPU can send them to the host
+in a single transfer.
+"""
+import numpy as np
+
+from hpctrain.dense.layers import Layer
+
+
+def _check_embs(who, embs, num, dim, batch):
+    if len(embs) != num:
+        raise ValueError(f"{who}: expected {num} embeddings, got {len(embs)}")
+    for i, e in enumerate(embs):
+        if e.ndim != 2 or e.shape[0] != batch or (dim is not None and e.shape[1] != dim):
+            raise ValueError(f"{who}: embedding {i} has shape {tuple(e.shape)}, "
+                             f"expected ({batch}, {dim if dim is not None else 'd'})")
+
+
+class DotInteraction(Layer):
+    """DLRM's interaction: pairwise dot products of the bottom-MLP output and the embeddings.
+
+    With ``T = [x, e_1, ..., e_F]`` (``n = F + 1`` vectors of width ``d`` per sample),
+    the output is ``[x, <T_i, T_j> for i > j]`` (``i >= j`` with ``self_interaction``),
+    of width ``d + n(n-1)/2``, in row-major lower-triangle order (as in the DLRM paper).
+
+    Args:
+        xp, dtype: array module and dtype.
+        num_features: F, the number of embeddings.
+        dim: d, width of x and of every embedding.
+        self_interaction: include ``<T_i, T_i>``.
+    """
+
+    def __init__(self, xp, dtype, num_features, dim, self_interaction=False):
+        super().__init__(xp, dtype)
+        n = num_features + 1
+        self.num_features, self.dim, self.n = num_features, dim, n
+        li, lj = np.tril_indices(n, k=0 if self_interaction else -1)
+        self.num_pairs = len(li)
+        self.out_dim = dim + self.num_pairs
+        self._idx = xp.asarray(li * n + lj)
+        self._idx_t = xp.asarray(lj * n + li)
+        diag = np.nonzero(li == lj)[0]
+        self._diag_cols = xp.asarray(diag) if len(diag) else None
+        self._diag_flat = xp.asarray(li[diag] * n + lj[diag]) if len(diag) else None
+        self._t = None
+
+    def forward(self, x, embs, training=True):
+        b, d, n = x.shape[0], self.dim, self.n
+        if x.ndim != 2 or x.shape[1] != d:
+            raise ValueError(f"DotInteraction: x has shape {tuple(x.shape)}, expected (B, {d})")
+        _check_embs("DotInteraction", embs, self.num_features, d, b)
+        xp, ws = self.xp, self.ws
+        t = ws.get("T", (b, n, d))
+        t[:, 0, :] = x
+        for i, e in enumerate(embs):
+            t[:, i + 1, :] = e
+        z = ws.get("Z", (b, n, n))
+        xp.matmul(t, t.transpose(0, 2, 1), out=z)
+        y = ws.get("y", (b, self.out_dim))
+        y[:, :d] = x
+        y[:, d:] = xp.take(z.reshape(b, n * n), self._idx, axis=1)
+        self._t = t
+        return y
+
+    def backward(self, dy):
+        """Returns ``(dx [B, d], [d_emb_i [B, d] for i in range(F)])``."""
+        xp, ws, t = self.xp, self.ws, self._t
+        b, d, n = t.shape[0], self.dim, self.n
+        g = dy[:, d:]
+        # Symmetric dZ so that dT = dZ @ T covers both d<Ti,Tj>/dTi and d/dTj. Entries
+        # outside the pair positions stay zero from the buffer's first allocation.
+        dz = ws.zeros("dZ", (b, n * n))
+        dz[:, self._idx] = g
+        dz[:, self._idx_t] = g
+        if self._diag_cols is not None:
+            dz[:, self._diag_flat] = 2 * g[:, self._diag_cols]
+        dt = ws.get("dT", (b, n, d))
+        xp.matmul(dz.reshape(b, n, n), t, out=dt)
+        dx = xp.add(dy[:, :d], dt[:, 0, :], out=ws.get("dx", (b, d)))
+        demb = ws.get("demb", (self.num_features, b, d))
+        demb[...] = dt[:, 1:, :].transpose(1, 0, 2)
+        return dx, [demb[i] for i in range(self.num_features)]
+
+
+class FMInteraction(Layer):
+    """Second-order factorization-machine term: ``sum_{i<j} <e_i, e_j>`` per sample.
+
+    Computed as ``0.5 * sum_k ((sum_i e_ik)^2 - sum_i e_ik^2)`` in O(F k).
+
+    Args:
+        xp, dtype: array module and dtype.
+        num_features: F.
+        dim: k, width of every embedding.
+    """
+
+    def __init__(self, xp, dtype, num_features, dim):
+        super().__init__(xp, dtype)
+        self.num_features, self.dim = num_features, dim
+        self._e = self._s = None
+
+    def forward(self, embs, training=True):
+        """Returns ``[B]``."""
+        b = embs[0].shape[0] if embs else 0
+        _check_embs("FMInteraction", embs, self.num_features, self.dim, b)
+        xp, ws = self.xp, self.ws
+        e = ws.get("E", (self.num_features, b, self.dim))
+        for i, v in enumerate(embs):
+            e[i] = v
+        s = xp.sum(e, axis=0, out=ws.get("S", (b, self.dim)))
+        # (sum_i e_i)^2 - sum_i e_i^2 per column, then over columns; plain ufuncs with
+        # out= behave the same on NumPy and CuPy (einsum's out= does not).
+        sq = xp.multiply(e, e, out=ws.get("E2", e.shape))
+        q = xp.sum(sq, axis=0, out=ws.get("Q", s.shape))
+        ss = xp.multiply(s, s, out=ws.get("SS", s.shape))
+        ss -= q
+        y = xp.sum(ss, axis=1, out=ws.get("y", (b,)))
+        y *= 0.5
+        self._e, self._s = e, s
+        return y
+
+    def backward(self, dy):
+        """Returns ``[d_emb_i [B, k] for i in range(F)]``."""
+        xp, e, s = self.xp, self._e, self._s
+        de = self.ws.get("dE", e.shape)
+        xp.subtract(s[None, :, :], e, out=de)
+        de *= dy[None, :, None]
+        return [de[i] for i in range(self.num_features)]
+
+
+class CrossLayer(Layer):
+    """One DCN-v2 cross layer: ``x_{l+1} = x0 * (x_l @ W + b) + x_l``, W ``[D, D]``.
+
+    Args:
+        params, name: where to declare ``NAME.weight``/``NAME.bias``.
+        dim: D, the width of x0 and x_l.
+    """
+
+    def __init__(self, params, name, dim):
+        super().__init__(params.xp, params.dtype)
+        self.name, self.dim, self.pset = name, dim, params
+        self.weight = params.add(f"{name}.weight", (dim, dim), "xavier")
+        self.bias = params.add(f"{name}.bias", (dim,), "zeros")
+        self.params = (self.weight, self.bias)
+        self._x0 = self._xl = self._u = None
+
+    def forward(self, x0, xl, training=True):
+        if x0.shape != xl.shape or x0.ndim != 2 or x0.shape[1] != self.dim:
+            raise ValueError(f"{self.name}: x0 {tuple(x0.shape)} and xl {tuple(xl.shape)} must "
+                             f"both be (B, {self.dim})")
+        xp, ws = self.xp, self.ws
+        u = xp.matmul(xl, self.weight.data, out=ws.get("u", xl.shape))
+        u += self.bias.data
+        y = xp.multiply(x0, u, out=ws.get("y", xl.shape))
+        y += xl
+        self._x0, self._xl, self._u = x0, xl, u
+        return y
+
+    def backward(self, dy):
+        """Returns ``(dx0, dxl)``."""
+        xp, ws = self.xp, self.ws
+        du = xp.multiply(dy, self._x0, out=ws.get("du", dy.shape))
+        dx0 = xp.multiply(dy, self._u, out=ws.get("dx0", dy.shape))
+        xp.matmul(self._xl.T, du, out=self.weight.grad)
+        xp.sum(du, axis=0, out=self.bias.grad)
+        self.pset.grad_ready(*self.params)
+        dxl = xp.matmul(du, self.weight.data.T, out=ws.get("dxl", dy.shape))
+        dxl += dy
+        return dx0, dxl
+
+
+class CrossNet(Layer):
+    """A stack of ``num_layers`` DCN-v2 cross layers sharing the input x0."""
+
+    def __init__(self, params, name, dim, num_layers):
+        super().__init__(params.xp, params.dtype)
+        self.layers = [CrossLayer(params, f"{name}.{i}", dim) for i in range(num_layers)]
+        self.params = tuple(p for layer in self.layers for p in layer.params)
+
+    def forward(self, x0, training=True):
+        x = x0
+        for layer in self.layers:
+            x = layer.forward(x0, x, training)
+        return x
+
+    def backward(self, dy):
+        acc = None
+        for layer in reversed(self.layers):
+            dx0, dy = layer.backward(dy)
+            if acc is None:
+                acc = self.ws.get("acc", dx0.shape)
+                acc[...] = dx0
+            else:
+                acc += dx0
+        if acc is None:
+            return dy
+        acc += dy
+        return acc

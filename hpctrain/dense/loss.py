@@ -1,0 +1,76 @@
+"""Losses that return their value and the gradient with respect to their input.
+
+Data-parallel ranks each hold a slice of the global batch; passing
+``denom=global_batch`` makes every rank's loss and gradient its share of the
+global mean, so that summing over ranks (one allreduce with op "sum") gives
+exactly the single-process result on the whole batch.
+"""
+from hpctrain.dense.backend import array_module_of
+
+
+def _denom(n, denom):
+    d = n if denom is None else denom
+    if d <= 0:
+        raise ValueError(f"loss denominator must be positive, got {d}")
+    return float(d)
+
+
+def _check(name, a, b):
+    if a.shape != b.shape:
+        raise ValueError(f"{name}: predictions have shape {tuple(a.shape)} but targets have "
+                         f"shape {tuple(b.shape)}")
+
+
+def sigmoid(x):
+    """Numerically stable logistic function (a new array)."""
+    xp = array_module_of(x)
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1.0, e) / (1.0 + e)
+
+
+def bce_with_logits(logits, labels, denom=None):
+    """Binary cross-entropy on logits, summed and divided by ``denom``.
+
+    Per sample, ``max(z, 0) - z * y + log(1 + exp(-|z|))``: no overflow for any
+    finite logit, and exact for large ``|z|``.
+
+    Args:
+        logits: ``[B]`` raw scores.
+        labels: ``[B]`` targets in [0, 1] (same dtype or castable).
+        denom: the number of samples in the global batch (default ``B``).
+
+    Returns:
+        ``(loss, d_logits)``: the loss as a Python float (this rank's share of the global
+        mean) and ``d loss / d logits`` as a ``[B]`` array of the logits' dtype.
+    """
+    _check("bce_with_logits", logits, labels)
+    xp = array_module_of(logits)
+    d = _denom(logits.shape[0], denom)
+    z = logits
+    y = xp.asarray(labels, dtype=z.dtype)
+    e = xp.exp(-xp.abs(z))
+    per = xp.log1p(e)
+    per += xp.maximum(z, 0)
+    per -= z * y
+    loss = float(per.sum()) / d
+    # sigmoid(z) = 1/(1+e) for z >= 0 and e/(1+e) for z < 0, with e = exp(-|z|) <= 1.
+    grad = xp.where(z >= 0, 1.0, e).astype(z.dtype, copy=False)
+    grad /= 1.0 + e
+    grad -= y
+    grad *= 1.0 / d
+    return loss, grad
+
+
+def mse(pred, target, denom=None):
+    """Mean squared error ``sum((pred - target)^2) / denom``.
+
+    Returns:
+        ``(loss, d_pred)`` as in ``bce_with_logits``.
+    """
+    _check("mse", pred, target)
+    xp = array_module_of(pred)
+    d = _denom(pred.shape[0], denom)
+    diff = pred - xp.asarray(target, dtype=pred.dtype)
+    loss = float((diff * diff).sum()) / d
+    diff *= 2.0 / d
+    return loss, diff

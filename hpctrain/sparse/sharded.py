@@ -67,6 +67,8 @@ class ShardedLookup:
         self.step = step
         self.plans = None          # TableBatch per table (requester side)
         self.unique_off = None     # per table: int64[u] element offset of each unique row
+        self.ask_ids = None        # ids this rank sends to each peer
+        self.serve_ids = None      # ids this rank receives from each peer
         self.ask_elems = None      # floats this rank receives from / sends grads to each peer
         self.serve_elems = None    # floats this rank sends rows to / receives grads from each peer
         self.owner = None          # _OwnerPart per table (owner side)
@@ -165,6 +167,7 @@ class ShardedEmbedding:
 
         from_peer_table = self.comm.alltoallv(per_table, self._ones, self._ones)
         from_peer = from_peer_table.sum(axis=1)
+        look.ask_ids, look.serve_ids = to_peer, from_peer
         t.lap("counts")
 
         recv_ids = self._buf.get("recv_ids", int(from_peer.sum()), np.int64)

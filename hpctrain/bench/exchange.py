@@ -1,0 +1,210 @@
+"""Sharded embedding step (lookup + backward + update) and its exchanges vs raw Alltoallv.
+
+Run under MPI: ``mpiexec -n 2 python -m mpi4py -m hpctrain.bench exchange``.
+
+Workload (the table benchmark's): per rank ``--batch`` samples (4096) x ``--features``
+(26) one-hot ids drawn Zipf(``--zipf`` 1.05) over ``--vocab`` (10^6) per feature, one
+table per feature, for each width in ``--dims`` (16, 64). Measured in one run:
+
+* ``step``: full ``ShardedEmbedding`` forward + backward + update over all ranks, with
+  the per-phase breakdown (``ShardedEmbedding.timers``, mean seconds per step, max over
+  ranks);
+* ``weak``: the same step by every rank alone (a world of one, all ranks at once so the
+  machine is as loaded as in the sharded run): per-rank throughput ratio sharded/alone;
+* ``exchange``: the four exchanges of a step (counts, ids, rows, grads) through
+  ``ShardedEmbedding``'s communicator, each started after a barrier, vs raw mpi4py
+  ``Alltoall``/``Alltoallv`` of the same byte counts: ratio raw/ours.
+"""
+import time
+
+import numpy as np
+
+from hpctrain.bench.common import parser, print_table, stats, time_fn, world, write_json
+
+GOAL_EXCHANGE = 0.9
+GOAL_WEAK = 0.85
+
+
+def make_batches(rank, n, batch, features, vocab, zipf, seed):
+    """``n`` one-hot JaggedBatches of this rank (ids Zipf over ``[0, vocab)``)."""
+    from hpctrain.sparse import JaggedBatch
+    rng = np.random.default_rng([seed, rank])
+    names = [f"f{i}" for i in range(features)]
+    out = []
+    for _ in range(n):
+        ids = (rng.zipf(zipf, size=(batch, features)) - 1) % vocab
+        out.append(JaggedBatch.one_hot(names, ids))
+    return out
+
+
+class _Stepper:
+    """forward + backward of one batch after another (gradients: a fixed random tensor)."""
+
+    def __init__(self, emb, batches, dim):
+        self.emb, self.batches, self.step = emb, batches, 0
+        b = batches[0].batch_size
+        g = np.random.default_rng(7).standard_normal((b, dim)).astype(np.float32) * 1e-3
+        self.grads = {f: g for f in batches[0].features}
+
+    def __call__(self):
+        batch = self.batches[self.step % len(self.batches)]
+        self.emb.forward(batch, self.step)
+        self.emb.backward(self.grads, self.step)
+        self.step += 1
+
+
+class _TimedComm:
+    """Delegates to a communicator; times each alltoall(v) from a barrier to completion."""
+
+    def __init__(self, comm):
+        self._c = comm
+        self.rank, self.size, self.mpi_comm = comm.rank, comm.size, comm.mpi_comm
+        self.record = []       # (kind, dtype, tail elements, send_counts, recv_counts, seconds)
+
+    def _note(self, sendbuf, sc, rc, t0):
+        tail = int(np.prod(sendbuf.shape[1:], dtype=np.int64))
+        self.record.append((sendbuf.dtype, tail, np.array(sc), np.array(rc),
+                            time.perf_counter() - t0))
+
+    def alltoallv(self, sendbuf, send_counts, recv_counts, recvbuf=None):
+        self._c.barrier()
+        t0 = time.perf_counter()
+        out = self._c.alltoallv(sendbuf, send_counts, recv_counts, recvbuf)
+        self._note(sendbuf, send_counts, recv_counts, t0)
+        return out
+
+    def ialltoallv(self, sendbuf, send_counts, recv_counts, recvbuf=None):
+        self._c.barrier()
+        t0 = time.perf_counter()
+        handle = self._c.ialltoallv(sendbuf, send_counts, recv_counts, recvbuf)
+        outer = self
+
+        class _H:
+            def wait(self):
+                out = handle.wait()
+                outer._note(sendbuf, send_counts, recv_counts, t0)
+                return out
+        return _H()
+
+    def barrier(self):
+        self._c.barrier()
+
+
+def _raw_exchange(mpi_comm, record, warmup, repeat):
+    """Seconds per step of raw mpi4py collectives moving the bytes ``record`` moved."""
+    from mpi4py import MPI
+    calls = []
+    for dtype, tail, sc, rc, _ in record:
+        sc, rc = sc * tail, rc * tail
+        sd = np.concatenate([[0], np.cumsum(sc)[:-1]])
+        rd = np.concatenate([[0], np.cumsum(rc)[:-1]])
+        sbuf = np.zeros(max(int(sc.sum()), 1), dtype=dtype)
+        rbuf = np.empty(max(int(rc.sum()), 1), dtype=dtype)
+        mt = MPI.INT64_T if dtype == np.int64 else MPI.FLOAT
+        calls.append(([sbuf, (sc, sd), mt], [rbuf, (rc, rd), mt]))
+    per_call = []
+    for s, r in calls:
+        def one(s=s, r=r):
+            mpi_comm.Alltoallv(s, r)
+        per_call.append(float(np.median(time_fn(one, warmup, repeat, comm=mpi_comm))))
+    return per_call
+
+
+def _run_dim(args, comm, dim, batches):
+    from hpctrain.comm import create_communicator
+    from hpctrain.sparse import PHASES, ShardedEmbedding, TableSpec
+    mpi = comm.mpi_comm
+    specs = [TableSpec(f"t{i}", dim, [f"f{i}"], optimizer=args.optimizer)
+             for i in range(args.features)]
+    samples = args.batch * comm.size
+
+    # 1. the sharded step, with its phase breakdown
+    emb = ShardedEmbedding(specs, comm, seed=0)
+    stepper = _Stepper(emb, batches, dim)
+    for _ in range(args.warmup):
+        stepper()
+    emb.reset_timers()
+    times = time_fn(stepper, 0, args.repeat, comm=mpi)
+    phases = {k: max(mpi.allgather(v / args.repeat)) for k, v in emb.timers.items()}
+    rows_here = sum(len(t) for t in emb.tables.values())
+    table_rows = mpi.allreduce(rows_here)
+    del emb, stepper
+
+    # 2. every rank alone (world of one), all at once
+    alone = create_communicator("mpi", mpi_comm=mpi.Split(comm.rank, 0))
+    solo = _Stepper(ShardedEmbedding(specs, alone, seed=0), batches, dim)
+    for _ in range(args.warmup):
+        solo()
+    solo_times = []
+    for _ in range(args.repeat):
+        mpi.Barrier()
+        t0 = time.perf_counter()
+        solo()
+        solo_times.append(time.perf_counter() - t0)
+    solo_p50 = max(mpi.allgather(float(np.median(solo_times))))
+    del solo
+
+    # 3. exchanges through our communicator vs raw Alltoallv of the same bytes
+    timed = _TimedComm(comm)
+    emb = ShardedEmbedding(specs, timed, seed=0)
+    stepper = _Stepper(emb, batches, dim)
+    for _ in range(args.warmup):
+        stepper()
+    per_step = []
+    for _ in range(args.repeat):
+        timed.record = []
+        stepper()
+        per_step.append(max(mpi.allgather(sum(r[-1] for r in timed.record))))
+    ours = float(np.median(per_step))
+    raw = sum(_raw_exchange(mpi, timed.record, args.warmup, args.repeat))
+    moved = sum(int(sc.sum()) * tail * np.dtype(dt).itemsize
+                for dt, tail, sc, _, _ in timed.record)
+
+    step = stats(times)
+    return {
+        "dim": dim, "ranks": comm.size, "step": step, "step_solo_p50": solo_p50,
+        "samples_per_s_per_rank": args.batch / step["p50"],
+        "solo_samples_per_s": args.batch / solo_p50,
+        "weak_ratio": solo_p50 / step["p50"],
+        "phases": {k: phases[k] for k in PHASES},
+        "exchange_ours_s": ours, "exchange_raw_s": raw, "exchange_ratio": raw / ours,
+        "exchange_bytes_sent_rank0": moved, "table_rows_total": table_rows,
+    }
+
+
+def main(argv=None):
+    p = parser("exchange", __doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=4096, help="samples per rank")
+    p.add_argument("--features", type=int, default=26)
+    p.add_argument("--vocab", type=int, default=10**6)
+    p.add_argument("--zipf", type=float, default=1.05)
+    p.add_argument("--dims", default="16,64")
+    p.add_argument("--optimizer", default="adagrad")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    from hpctrain._kernels import _openmp
+    from hpctrain.comm import create_communicator
+    if args.threads:
+        _openmp.set_num_threads(args.threads)
+    comm = create_communicator("mpi", mpi_comm=world())
+    batches = make_batches(comm.rank, 8, args.batch, args.features, args.vocab, args.zipf,
+                           args.seed)
+    results = [_run_dim(args, comm, int(d), batches) for d in args.dims.split(",")]
+    if comm.rank == 0:
+        print(f"# exchange: {comm.size} rank(s), {args.batch} samples x {args.features} "
+              f"features per rank, Zipf({args.zipf}) over {args.vocab}, "
+              f"{_openmp.get_num_threads()} thread(s), {args.optimizer}")
+        print_table(["dim", "step p50 ms", "samples/s/rank", "alone ms", "weak ratio",
+                     "a2a ours ms", "a2a raw ms", "raw/ours"],
+                    [[r["dim"], r["step"]["p50"] * 1e3, r["samples_per_s_per_rank"],
+                      r["step_solo_p50"] * 1e3, r["weak_ratio"], r["exchange_ours_s"] * 1e3,
+                      r["exchange_raw_s"] * 1e3, r["exchange_ratio"]] for r in results])
+        print("# phases, ms per step (max over ranks)")
+        names = list(results[0]["phases"])
+        print_table(["dim", *names],
+                    [[r["dim"], *(r["phases"][k] * 1e3 for k in names)] for r in results])
+        print(f"# goals: raw/ours >= {GOAL_EXCHANGE}, weak ratio >= {GOAL_WEAK} (ranks > 1)")
+    write_json("exchange", {"config": vars(args), "results": results,
+                            "goals": {"exchange_ratio": GOAL_EXCHANGE, "weak_ratio": GOAL_WEAK}},
+               path=args.json, comm=world())
+    return 0

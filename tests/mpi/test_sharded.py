@@ -1,0 +1,237 @@
+"""ShardedEmbedding against its single-process twin, at any world size.
+
+Every rank builds the same random global batches; the twin trains on the whole
+batch, ``ShardedEmbedding`` on each rank's slice. Pooled outputs and the union
+of all shards must equal the twin's.
+"""
+import numpy as np
+import pytest
+
+from hpctrain.comm import create_communicator
+from hpctrain.sparse import EmbeddingCollection, JaggedBatch, ShardedEmbedding, TableSpec
+from hpctrain.sparse.optimizers import SparseOptimizer
+from hpctrain.sparse.policies import Admission
+
+pytestmark = pytest.mark.mpi
+
+OPTIMIZERS = ["sgd", "momentum", "nesterov", "adagrad", "rowwise_adagrad", "adam", "ftrl"]
+FEATURES = ["u", "i", "s"]
+PER_RANK = 5
+
+
+@pytest.fixture(scope="module")
+def comm():
+    return create_communicator("mpi")
+
+
+def _specs(opt, pooling, admission=None):
+    o = SparseOptimizer(kind=opt, lr=0.05, l1=0.001, l2=0.01)
+    return [TableSpec("ui", 4, ["u", "i"], optimizer=o, pooling=pooling, admission=admission),
+            TableSpec("seq", 3, ["s"], optimizer=o, pooling=pooling, admission=admission)]
+
+
+def _global_batch(rng, size, vocab=30, maxlen=4):
+    lengths = rng.integers(0, maxlen, size=len(FEATURES) * PER_RANK * size)
+    values = rng.integers(0, vocab, size=int(lengths.sum())) * 1000003 - 7
+    return JaggedBatch(FEATURES, values, lengths)
+
+
+def _rank_slice(gbatch, comm):
+    return gbatch.slice_samples(comm.rank * PER_RANK, (comm.rank + 1) * PER_RANK)
+
+
+def _local_part(gbatch, outputs, comm, pooling):
+    """This rank's part of the twin's outputs (or of gradients shaped like them)."""
+    lo, hi = comm.rank * PER_RANK, (comm.rank + 1) * PER_RANK
+    if pooling != "none":
+        return {f: outputs[f][lo:hi] for f in outputs}
+    out = {}
+    for f in outputs:
+        off = gbatch[f].offsets
+        out[f] = outputs[f][off[lo]:off[hi]]
+    return out
+
+
+def _grads(rng, outputs):
+    return {f: rng.standard_normal(o.shape).astype(np.float32) for f, o in outputs.items()}
+
+
+def _union(comm, table):
+    parts = comm.allgather_object(table.export())
+    keys = np.concatenate([p["keys"] for p in parts])
+    return keys, parts
+
+
+def _assert_tables_equal(comm, twin, sharded, rtol=1e-6):
+    for name, t in twin.tables.items():
+        ref = t.export()
+        keys, parts = _union(comm, sharded.tables[name])
+        assert len(np.unique(keys)) == keys.size, f"{name}: a key lives on two ranks"
+        o_ref, o_got = np.argsort(ref["keys"]), np.argsort(keys)
+        assert np.array_equal(ref["keys"][o_ref], keys[o_got]), name
+        values = np.concatenate([p["values"] for p in parts])
+        np.testing.assert_allclose(values[o_got], ref["values"][o_ref], rtol=rtol, atol=1e-7,
+                                   err_msg=name)
+        for slot, arr in ref["slots"].items():
+            got = np.concatenate([p["slots"][slot] for p in parts])
+            np.testing.assert_allclose(got[o_got], arr[o_ref], rtol=rtol, atol=1e-7,
+                                       err_msg=f"{name}.{slot}")
+        for field in ("access_count", "last_step"):
+            if field in ref:
+                got = np.concatenate([p[field] for p in parts])
+                assert np.array_equal(got[o_got], ref[field][o_ref]), f"{name}.{field}"
+
+
+def _assert_outputs_equal(got, ref):
+    assert sorted(got) == sorted(ref)
+    for f in ref:
+        assert got[f].shape == ref[f].shape, f
+        # same rows pooled in the same order: identical bits
+        assert np.array_equal(got[f], ref[f]), f
+
+
+def _train(comm, specs, steps=3, seed=0, overlap=False):
+    rng = np.random.default_rng(seed)
+    twin = EmbeddingCollection(specs, seed=11)
+    sharded = ShardedEmbedding(specs, comm, seed=11)
+    pooling = specs[0].pooling
+    batches = [_global_batch(rng, comm.size) for _ in range(steps)]
+    if overlap:
+        # start the next lookup before this step's backward, on both sides
+        t_next, s_next = twin.start_lookup(batches[0], 0), sharded.start_lookup(
+            _rank_slice(batches[0], comm), 0)
+    for step, gb in enumerate(batches):
+        if overlap:
+            ref, out = twin.wait_lookup(t_next), sharded.wait_lookup(s_next)
+            if step + 1 < steps:
+                t_next = twin.start_lookup(batches[step + 1], step + 1)
+                s_next = sharded.start_lookup(_rank_slice(batches[step + 1], comm), step + 1)
+        else:
+            ref = twin.forward(gb, step)
+            out = sharded.forward(_rank_slice(gb, comm), step)
+        _assert_outputs_equal(out, _local_part(gb, ref, comm, pooling))
+        grads = _grads(rng, ref)
+        twin.backward(grads, step)
+        sharded.backward(_local_part(gb, grads, comm, pooling), step)
+    return twin, sharded
+
+
+@pytest.mark.parametrize("pooling", ["sum", "mean", "none"])
+@pytest.mark.parametrize("opt", OPTIMIZERS)
+def test_matches_twin(comm, opt, pooling):
+    twin, sharded = _train(comm, _specs(opt, pooling))
+    _assert_tables_equal(comm, twin, sharded)
+    # a final lookup sees the trained rows identically
+    gb = _global_batch(np.random.default_rng(99), comm.size)
+    _assert_outputs_equal(sharded.forward(_rank_slice(gb, comm), 9),
+                          _local_part(gb, twin.forward(gb, 9), comm, pooling))
+
+
+def test_dyadic_gradients_give_identical_bits(comm):
+    """Gradients that add exactly in any order: tables equal bit for bit."""
+    specs = _specs("adagrad", "mean")
+    rng = np.random.default_rng(5)
+    twin, sharded = EmbeddingCollection(specs, seed=3), ShardedEmbedding(specs, comm, seed=3)
+    for step in range(3):
+        lengths = rng.choice([0, 1, 2, 4], size=len(FEATURES) * PER_RANK * comm.size)
+        values = rng.integers(0, 20, size=int(lengths.sum()))
+        gb = JaggedBatch(FEATURES, values, lengths)
+        ref = twin.forward(gb, step)
+        sharded.forward(_rank_slice(gb, comm), step)
+        grads = {f: (rng.integers(-64, 64, size=o.shape) / 1024).astype(np.float32)
+                 for f, o in ref.items()}
+        twin.backward(grads, step)
+        sharded.backward(_local_part(gb, grads, comm, "mean"), step)
+    _assert_tables_equal(comm, twin, sharded, rtol=0)
+
+
+def test_overlap_path_equals_forward(comm):
+    twin, sharded = _train(comm, _specs("adam", "sum"), steps=4, seed=1, overlap=True)
+    _assert_tables_equal(comm, twin, sharded)
+    twin2, sharded2 = _train(comm, _specs("adam", "sum"), steps=4, seed=1, overlap=True)
+    _assert_tables_equal(comm, twin2, sharded)
+
+
+def test_shards_partition_rows_and_memory(comm):
+    specs = _specs("adagrad", "sum")
+    rng = np.random.default_rng(2)
+    twin, sharded = EmbeddingCollection(specs), ShardedEmbedding(specs, comm)
+    for step in range(2):
+        lengths = np.full(len(FEATURES) * 200 * comm.size, 3)
+        gb = JaggedBatch(FEATURES, rng.integers(0, 5000, size=lengths.sum()), lengths)
+        lb = gb.slice_samples(comm.rank * 200, (comm.rank + 1) * 200)
+        ref, out = twin.forward(gb, step), sharded.forward(lb, step)
+        g = _grads(rng, ref)
+        twin.backward(g, step)
+        sharded.backward({f: g[f][comm.rank * 200:(comm.rank + 1) * 200] for f in g}, step)
+    for name, t in twin.tables.items():
+        rows = comm.mpi_comm.allreduce(len(sharded.tables[name]))
+        assert rows == len(t)
+        got = comm.mpi_comm.allreduce(_table_bytes(sharded.tables[name]))
+        want = _table_bytes(t)
+        assert abs(got - want) <= 0.05 * want, (name, got, want)
+
+
+def _table_bytes(table):
+    stats = table.memory_stats()
+    for key in ("row_bytes", "bytes_used", "used_bytes", "data_bytes"):
+        if key in stats:
+            return int(stats[key])
+    return int(stats["bytes"])
+
+
+def test_mean_pooling_of_empty_bags_is_zero(comm):
+    specs = _specs("sgd", "mean")
+    sharded = ShardedEmbedding(specs, comm)
+    lengths = np.zeros(len(FEATURES) * PER_RANK, dtype=np.int64)
+    lengths[1] = 2                                   # feature "u", sample 1
+    batch = JaggedBatch(FEATURES, [4, 5], lengths)
+    out = sharded.forward(batch, 0)
+    assert out["u"].shape == (PER_RANK, 4) and out["s"].shape == (PER_RANK, 3)
+    empty = [0, 2, 3, 4]
+    assert (out["u"][empty] == 0).all() and (out["i"] == 0).all() and (out["s"] == 0).all()
+    assert np.abs(out["u"][1]).sum() > 0
+    sharded.backward({f: np.ones_like(o) for f, o in out.items()}, 0)
+
+
+def test_not_admitted_ids_give_default_and_no_update(comm):
+    specs = _specs("sgd", "sum", admission=Admission(min_count=2))
+    twin, sharded = EmbeddingCollection(specs), ShardedEmbedding(specs, comm)
+    lengths = np.ones(len(FEATURES) * PER_RANK * comm.size, dtype=np.int64)
+    # every rank sends id 7 in feature "u" at step 0: one global sighting per step
+    values = np.full(lengths.size, 7, dtype=np.int64)
+    gb = JaggedBatch(FEATURES, values, lengths)
+    for step in range(2):
+        ref = twin.forward(gb, step)
+        out = sharded.forward(_rank_slice(gb, comm), step)
+        _assert_outputs_equal(out, _local_part(gb, ref, comm, "sum"))
+        if step == 0:       # first sighting: not admitted, default (zero) rows
+            assert all((o == 0).all() for o in out.values())
+        else:               # second sighting: admitted, initialised rows
+            assert all(np.abs(o).sum() > 0 for o in out.values())
+        g = {f: np.ones_like(o) for f, o in ref.items()}
+        twin.backward(g, step)
+        sharded.backward(_local_part(gb, g, comm, "sum"), step)
+        if step == 0:
+            assert comm.mpi_comm.allreduce(sum(len(t) for t in sharded.tables.values())) == 0
+    _assert_tables_equal(comm, twin, sharded)
+
+
+def test_evict_runs_on_every_shard(comm):
+    specs = _specs("sgd", "sum")
+    sharded = ShardedEmbedding(specs, comm)
+    res = sharded.evict(0)
+    assert set(res) == {"ui", "seq"} and all(v == 0 for v in res.values())
+
+
+def test_errors_name_features(comm):
+    sharded = ShardedEmbedding(_specs("sgd", "sum"), comm)
+    bad = JaggedBatch(["u", "i"], [1, 2], [1, 1])
+    with pytest.raises(ValueError, match=r"unknown feature names \['s'\]"):
+        sharded.forward(bad, 0)
+    out = sharded.forward(_rank_slice(_global_batch(np.random.default_rng(0), comm.size),
+                                      comm), 0)
+    with pytest.raises(ValueError, match=r"missing for features \['s'\]"):
+        sharded.backward({"u": out["u"], "i": out["i"]}, 0)
+    with pytest.raises(ValueError, match="must be float32"):
+        sharded.backward({**out, "u": out["u"][:1]}, 0)

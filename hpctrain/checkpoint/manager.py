@@ -281,11 +281,10 @@ class CheckpointManager:
                 final = self._publish(tmp, step, files, summary, rows, ids)
             except Exception as exc:  # noqa: BLE001
                 error, cause = f"publishing {tmp}: {_describe_exc(exc)}", exc
+            if final is not None:
+                self._prune(final)
         _raise_together(comm, error, f"cannot save checkpoint of step {step}: ", cause)
-        final = comm.bcast(final, root=0)
-        if comm.rank == 0:
-            self._prune(final)
-        return final
+        return comm.bcast(final, root=0)
 
     def _write_shards(self, path, step, tables, ids):
         with _files.open_h5(path, "w") as h5:
@@ -347,7 +346,17 @@ class CheckpointManager:
         return final
 
     def _prune(self, final):
-        """Delete checkpoints beyond ``keep_last`` (never ``final``) and stale scratch dirs."""
+        """Delete checkpoints beyond ``keep_last`` (never ``final``) and stale scratch dirs.
+
+        Failures here only warn: the new checkpoint is already complete.
+        """
+        try:
+            self._prune_unsafe(final)
+        except OSError as exc:
+            warnings.warn(f"could not clean up {self.directory}: {exc}", CheckpointWarning,
+                          stacklevel=4)
+
+    def _prune_unsafe(self, final):
         problems = []
         def step_of(path):
             return int(_STEP_DIR.match(os.path.basename(path)).group(1))
@@ -359,7 +368,7 @@ class CheckpointManager:
         if newer:
             warnings.warn(f"{self.directory} holds checkpoints newer than step {step} "
                           f"({', '.join(os.path.basename(p) for p in newer)}); latest() prefers "
-                          f"them", CheckpointWarning, stacklevel=3)
+                          f"them", CheckpointWarning, stacklevel=5)
         # Incomplete step directories older than the new checkpoint are debris.
         doomed = [p for p in others if p not in complete and step_of(p) < step]
         if self.keep_last is not None:
@@ -380,7 +389,7 @@ class CheckpointManager:
                 problems.append(f"{path}: {exc.strerror}")
         if problems:
             warnings.warn(f"could not delete old checkpoints: {'; '.join(problems)}",
-                          CheckpointWarning, stacklevel=3)
+                          CheckpointWarning, stacklevel=5)
 
     # ------------------------------------------------------------------- load
     def load(self, path=None, owner=None, *, table_dims=None, verify_files=True):

@@ -1,0 +1,320 @@
+"""Alpha-beta cost model of a collective training step, fitted from the micro-benchmarks.
+
+    python -m hpctrain.bench costmodel --results bench-results/scaling --interconnect ib_hdr
+
+One step on ``p`` ranks (``r`` per node, ``N = p / r`` nodes), local batch ``b``:
+
+    T(p) = T_compute(b) * max(1, r * threads / cores)         (oversubscription)
+         + T_allreduce(4 * dense_params, p)                    (one fused allreduce)
+         + sum over the exchanges of T_alltoallv(bytes, p)      (counts, ids, rows, grads)
+
+with the hierarchical (SMP-aware) alpha-beta costs, ``a`` = latency, ``B`` = seconds per byte:
+
+    T_allreduce(n) = [r > 1] (2 ceil(log2 r) a_node + 2 (r-1)/r n B_node)
+                   + [N > 1] (2 ceil(log2 N) a_net  + 2 (N-1)/N n B_net)
+    T_alltoallv(m) = (r-1) a_node + (r-1)/p m B_node              (m bytes sent per rank,
+                   + [N > 1] ((p-r) a_net + r (p-r)/p m B_net)      spread evenly over peers)
+
+Allreduce is modelled as a reduce-scatter + allgather (Rabenseifner; recursive halving for
+the latency), done inside the node, then between nodes: its bandwidth term is the lower
+bound any allreduce meets, 2 (N-1)/N n bytes through each node's link. In an alltoallv each
+rank sends one message to every peer (pairwise exchange) and the r ranks of a node share
+its link. ``a_node``/``B_node`` are fitted from the allreduce and alltoallv micro-benchmarks
+of this machine (separately, so the allreduce's reduction arithmetic is inside its B);
+``a_net``/``B_net`` come from :data:`INTERCONNECTS` or the command line. Compute rates
+(seconds per dense FLOP, per sparse id, and a fixed per-step cost) are measured by the
+train benchmark on one rank. Assumptions and limits are in docs/scaling.md.
+"""
+import dataclasses
+import glob
+import json
+import math
+import os
+import sys
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    """One level of the network: latency per message and bandwidth per node (one direction)."""
+    latency_s: float
+    bandwidth_Bps: float
+    description: str = ""
+
+    @property
+    def beta(self):
+        """Seconds per byte."""
+        return 1.0 / self.bandwidth_Bps
+
+
+#: Defaults for common interconnects: MPI small-message latency and achievable per-node
+#: unidirectional bandwidth (one NIC per node), as OSU benchmarks typically report them.
+INTERCONNECTS = {
+    "shm": Link(0.5e-6, 10e9, "shared memory inside one node (MPI shm transport)"),
+    "eth25": Link(25e-6, 2.8e9, "25 Gb/s Ethernet, TCP"),
+    "eth100": Link(20e-6, 10e9, "100 Gb/s Ethernet, TCP"),
+    "roce100": Link(3e-6, 11.5e9, "100 Gb/s RoCE v2 (RDMA over Ethernet)"),
+    "ib_hdr": Link(1.3e-6, 23e9, "HDR InfiniBand, 200 Gb/s"),
+    "ib_ndr": Link(1.1e-6, 46e9, "NDR InfiniBand, 400 Gb/s"),
+    "slingshot": Link(2.0e-6, 22e9, "HPE Slingshot-11, 200 Gb/s"),
+}
+
+
+# --------------------------------------------------------------------------- collectives
+
+def _log2ceil(n):
+    return math.ceil(math.log2(n)) if n > 1 else 0
+
+
+def allreduce_terms(nbytes, p):
+    """(latency coefficient, byte coefficient) of one level: T = c_a * a + c_b * B."""
+    if p <= 1:
+        return 0.0, 0.0
+    return 2.0 * _log2ceil(p), 2.0 * (p - 1) / p * nbytes
+
+
+def alltoallv_terms(nbytes, p):
+    """(latency coefficient, byte coefficient) of one level for ``nbytes`` sent per rank."""
+    if p <= 1:
+        return 0.0, 0.0
+    return float(p - 1), (p - 1) / p * nbytes
+
+
+@dataclasses.dataclass
+class Network:
+    """Intra-node links fitted per collective, and the inter-node link.
+
+    Attributes:
+        allreduce_node, alltoallv_node: fitted Links inside one node.
+        net: the inter-node Link.
+    """
+    allreduce_node: Link
+    alltoallv_node: Link
+    net: Link
+
+    def allreduce(self, nbytes, p, ranks_per_node):
+        """Seconds of one allreduce of ``nbytes`` over ``p`` ranks."""
+        r = min(p, ranks_per_node)
+        nodes = math.ceil(p / r)
+        ca, cb = allreduce_terms(nbytes, r)
+        t = ca * self.allreduce_node.latency_s + cb * self.allreduce_node.beta
+        ca, cb = allreduce_terms(nbytes, nodes)
+        return t + ca * self.net.latency_s + cb * self.net.beta
+
+    def alltoallv(self, nbytes, p, ranks_per_node):
+        """Seconds of one alltoallv where each rank sends ``nbytes`` spread over all ranks."""
+        if p <= 1:
+            return 0.0
+        r = min(p, ranks_per_node)
+        link = self.alltoallv_node
+        t = (r - 1) * link.latency_s + (r - 1) / p * nbytes * link.beta
+        if p > r:
+            t += (p - r) * self.net.latency_s + r * (p - r) / p * nbytes * self.net.beta
+        return t
+
+
+# --------------------------------------------------------------------------- fitting
+
+def fit_alpha_beta(coef_a, coef_b, seconds):
+    """Least-squares alpha, beta of ``t = coef_a * alpha + coef_b * beta`` in relative error.
+
+    Relative error (each equation divided by its measured time) keeps small messages,
+    whose times are orders of magnitude shorter, from being ignored. Both parameters
+    are kept >= 0 (a negative one is fixed at 0 and the other refitted).
+
+    Returns:
+        (alpha seconds, beta seconds per byte).
+    """
+    ca, cb, t = (np.asarray(x, dtype=np.float64) for x in (coef_a, coef_b, seconds))
+    if not (ca.shape == cb.shape == t.shape) or t.size < 2:
+        raise ValueError(f"fit_alpha_beta needs >= 2 points of equal length, got {ca.size}, "
+                         f"{cb.size}, {t.size}")
+    if (t <= 0).any():
+        raise ValueError("fit_alpha_beta: measured times must be > 0")
+    a = np.stack([ca / t, cb / t], axis=1)
+    alpha, beta = np.linalg.lstsq(a, np.ones_like(t), rcond=None)[0]
+    if alpha < 0 or beta < 0:
+        candidates = []
+        for col in (0, 1):
+            x = a[:, col]
+            v = float(x @ np.ones_like(t) / (x @ x)) if (x @ x) > 0 else 0.0
+            v = max(v, 0.0)
+            resid = np.sum((x * v - 1.0) ** 2)
+            candidates.append((resid, (v, 0.0) if col == 0 else (0.0, v)))
+        alpha, beta = min(candidates)[1]
+    return float(alpha), float(beta)
+
+
+def relative_errors(predicted, measured):
+    """(predicted - measured) / measured, elementwise."""
+    p, m = np.asarray(predicted, dtype=np.float64), np.asarray(measured, dtype=np.float64)
+    return (p - m) / m
+
+
+def _load(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def collective_points(docs, kind):
+    """(p, nbytes, seconds) of every measured size in allreduce/alltoallv benchmark JSONs.
+
+    ``nbytes`` is the buffer size for allreduce and the bytes one rank sends for
+    alltoallv. One-rank runs carry no communication and are left out.
+    """
+    pts = []
+    for doc in docs:
+        if doc.get("benchmark") != kind or doc.get("world_size", 1) < 2:
+            continue
+        for row in doc.get("rows", []):
+            stat = row.get("hpctrain") or row.get("ours") or row.get("time")
+            nbytes = row.get("bytes_per_rank", row.get("bytes"))
+            if stat is None or nbytes is None:
+                continue
+            pts.append((int(doc["world_size"]), float(nbytes), float(stat["p50"]),
+                        int(doc.get("ranks_per_node", doc["world_size"]))))
+    return pts
+
+
+def fit_node_links(docs):
+    """Fit the intra-node Links from allreduce and alltoallv benchmark JSONs.
+
+    Returns:
+        dict "allreduce"/"alltoallv" -> (Link or None, list of point dicts with
+        predicted, measured and relative error).
+    """
+    out = {}
+    for kind, terms in (("allreduce", allreduce_terms), ("alltoallv", alltoallv_terms)):
+        pts = collective_points(docs, kind)
+        if len(pts) < 2:
+            out[kind] = (None, [])
+            continue
+        coefs = np.array([terms(n, min(p, r)) for p, n, _, r in pts])
+        t = np.array([s for _, _, s, _ in pts])
+        alpha, beta = fit_alpha_beta(coefs[:, 0], coefs[:, 1], t)
+        link = Link(alpha, 1.0 / beta if beta > 0 else float("inf"), f"fitted from {kind}")
+        pred = coefs[:, 0] * alpha + coefs[:, 1] * beta
+        rows = [{"benchmark": kind, "ranks": p, "bytes": n, "measured_s": s,
+                 "predicted_s": float(q), "rel_error": float((q - s) / s)}
+                for (p, n, s, _), q in zip(pts, pred)]
+        out[kind] = (link, rows)
+    return out
+
+
+# --------------------------------------------------------------------------- workload
+
+@dataclasses.dataclass
+class Workload:
+    """A DLRM step: sizes that set FLOPs and bytes moved.
+
+    Attributes:
+        num_dense: dense input features.
+        features: sparse features (one table each), ``ids_per_feature`` ids per sample each.
+        dim: embedding width.
+        bottom, top: DLRM MLP widths (``top`` ends in 1).
+        unique_fraction: unique ids / ids in a rank's batch (deduplication before routing).
+
+    A step has four alltoallv: per-table counts (``features`` int64 per peer), unique
+    ids (int64) to their owners, rows back (``dim`` float32 each) and their gradients
+    to the owners (``dim`` float32 each; the owner keeps the ids' order).
+    """
+    num_dense: int = 13
+    features: int = 26
+    ids_per_feature: float = 1.0
+    dim: int = 16
+    bottom: tuple = (512, 256, 64)
+    top: tuple = (512, 256, 1)
+    unique_fraction: float = 1.0
+
+    def mlp_sizes(self):
+        """Layer widths of the bottom and top MLPs (as hpctrain.dense.DLRM builds them)."""
+        bottom = [self.num_dense, *self.bottom]
+        if bottom[-1] != self.dim:
+            bottom.append(self.dim)
+        n = self.features + 1
+        top = [self.dim + n * (n - 1) // 2, *self.top]
+        return bottom, top
+
+    @property
+    def dense_params(self):
+        """Number of dense parameters (weights and biases)."""
+        return sum(a * b + b for sizes in self.mlp_sizes() for a, b in zip(sizes, sizes[1:]))
+
+    @property
+    def flops_per_sample(self):
+        """Forward + backward FLOPs of the dense part per sample (3x the forward)."""
+        n = self.features + 1
+        mlp = sum(2 * a * b for sizes in self.mlp_sizes() for a, b in zip(sizes, sizes[1:]))
+        return 3.0 * (mlp + n * (n - 1) * self.dim)
+
+    @property
+    def ids_per_sample(self):
+        return self.features * self.ids_per_feature
+
+    def exchange_bytes(self, batch_per_rank):
+        """Bytes one rank sends in each alltoallv of a step."""
+        u = batch_per_rank * self.ids_per_sample * self.unique_fraction
+        return {"ids": 8.0 * u, "rows": 4.0 * self.dim * u, "grads": 4.0 * self.dim * u}
+
+
+@dataclasses.dataclass
+class ComputeRates:
+    """Measured compute costs of one rank (at ``threads`` threads, machine not oversubscribed).
+
+    Attributes:
+        s_per_flop: seconds per dense FLOP.
+        s_per_id: seconds per sparse id (dedup, route, lookup, pool, update).
+        s_fixed: per-step cost independent of the batch (Python, small kernels).
+    """
+    s_per_flop: float = 1.0 / 20e9
+    s_per_id: float = 100e-9
+    s_fixed: float = 1e-3
+    threads: int = 1
+
+    def step(self, workload, batch):
+        """Compute seconds of one step with local batch ``batch``."""
+        return (self.s_fixed + batch * workload.flops_per_sample * self.s_per_flop
+                + batch * workload.ids_per_sample * self.s_per_id)
+
+
+@dataclasses.dataclass
+class CostModel:
+    """Predicts step time, throughput and efficiency of a workload at any rank count."""
+    network: Network
+    compute: ComputeRates
+    ranks_per_node: int = 1
+    cores_per_node: int = 1
+
+    def step(self, workload, p, batch_per_rank):
+        """Phase times (seconds) of one step on ``p`` ranks."""
+        r = min(p, self.ranks_per_node)
+        oversub = max(1.0, r * self.compute.threads / self.cores_per_node)
+        ex = workload.exchange_bytes(batch_per_rank)
+        t = {"compute": self.compute.step(workload, batch_per_rank) * oversub,
+             "allreduce": self.network.allreduce(4.0 * workload.dense_params, p, r),
+             "alltoallv": self.network.alltoallv(8.0 * workload.features * p, p, r)
+             + sum(self.network.alltoallv(b, p, r) for b in ex.values())}
+        t["step"] = sum(t.values())
+        return t
+
+    def sweep(self, workload, ranks, batch, mode="weak"):
+        """Rows (ranks, nodes, batch per rank, phase times, samples/s, efficiency).
+
+        Args:
+            batch: samples per rank (weak) or global batch (strong).
+            mode: "weak" (fixed batch per rank) or "strong" (fixed global batch).
+        """
+        if mode not in ("weak", "strong"):
+            raise ValueError(f"mode must be 'weak' or 'strong', got {mode!r}")
+        rows, base = [], None
+        for p in ranks:
+            b = batch if mode == "weak" else batch / p
+            t = self.step(workload, p, b)
+            sps = p * b / t["step"]
+            if base is None:
+                base = sps / p
+            rows.append({"ranks": p, "nodes": math.ceil(p / self.ranks_per_node),
+                         "batch_per_rank": b, **{f"{k}_s": v for k, v in t.items()},
+                         "samples_per_s": sps, "efficiency": sps / (p * base)})
+        return rows

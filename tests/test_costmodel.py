@@ -1,0 +1,146 @@
+"""The alpha-beta cost model: fitting recovers known parameters; costs have their closed forms."""
+import math
+
+import numpy as np
+import pytest
+
+from hpctrain.bench import costmodel as cm
+
+
+def _synthetic(kind, alpha, beta, ranks, sizes, noise, seed=0):
+    terms = cm.allreduce_terms if kind == "allreduce" else cm.alltoallv_terms
+    rng = np.random.default_rng(seed)
+    rows = []
+    for p in ranks:
+        for n in sizes:
+            ca, cb = terms(n, p)
+            t = (ca * alpha + cb * beta) * (1 + noise * rng.standard_normal())
+            rows.append((p, n, ca, cb, t))
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["allreduce", "alltoallv"])
+@pytest.mark.parametrize("alpha,beta", [(2e-6, 1 / 10e9), (30e-6, 1 / 1e9), (0.4e-6, 1 / 40e9)])
+def test_fit_recovers_alpha_beta(kind, alpha, beta):
+    rows = _synthetic(kind, alpha, beta, [2, 3, 4, 8], [2 ** k for k in range(3, 25, 2)], 0.0)
+    a, b = cm.fit_alpha_beta([r[2] for r in rows], [r[3] for r in rows], [r[4] for r in rows])
+    assert a == pytest.approx(alpha, rel=1e-9) and b == pytest.approx(beta, rel=1e-9)
+
+
+def test_fit_with_noise_is_close():
+    rows = _synthetic("allreduce", 5e-6, 1 / 8e9, [2, 4], [2 ** k for k in range(3, 25)], 0.05)
+    a, b = cm.fit_alpha_beta([r[2] for r in rows], [r[3] for r in rows], [r[4] for r in rows])
+    assert a == pytest.approx(5e-6, rel=0.1) and b == pytest.approx(1 / 8e9, rel=0.1)
+
+
+def test_fit_keeps_parameters_non_negative():
+    # pure bandwidth data with a latency the model cannot explain as negative
+    ca, cb = [2.0, 2.0, 2.0], [1e3, 1e6, 1e9]
+    t = [0.9e-7, 1e-4, 1e-1]
+    a, b = cm.fit_alpha_beta(ca, cb, t)
+    assert a >= 0 and b > 0
+    assert b == pytest.approx(1e-10, rel=0.2)
+
+
+def test_fit_rejects_bad_input():
+    with pytest.raises(ValueError, match=">= 2 points"):
+        cm.fit_alpha_beta([1.0], [1.0], [1.0])
+    with pytest.raises(ValueError, match="> 0"):
+        cm.fit_alpha_beta([1.0, 1.0], [1.0, 2.0], [1.0, 0.0])
+
+
+def test_collective_closed_forms():
+    assert cm.allreduce_terms(1000, 1) == (0.0, 0.0)
+    assert cm.allreduce_terms(1000, 4) == (4.0, 1500.0)      # 2 log2 4, 2 * 3/4 * n
+    assert cm.allreduce_terms(1000, 5) == (6.0, 1600.0)      # ceil(log2 5) = 3
+    assert cm.alltoallv_terms(800, 4) == (3.0, 600.0)
+
+
+def _network(a_node=1e-6, b_node=10e9, a_net=2e-6, b_net=20e9):
+    node = cm.Link(a_node, b_node)
+    return cm.Network(node, node, cm.Link(a_net, b_net))
+
+
+def test_hierarchical_allreduce_and_alltoallv():
+    net = _network()
+    n = 1 << 20
+    # one node of 8: intra level only
+    assert net.allreduce(n, 8, 8) == pytest.approx(6 * 1e-6 + 2 * 7 / 8 * n / 10e9)
+    # 4 nodes x 8: plus the inter-node level over 4 node leaders
+    expect = 6e-6 + 2 * 7 / 8 * n / 10e9 + 4 * 2e-6 + 2 * 3 / 4 * n / 20e9
+    assert net.allreduce(n, 32, 8) == pytest.approx(expect)
+    # alltoallv: 7 local peers, 24 remote ones sharing the node's link
+    m = 32e6
+    expect = 7e-6 + 7 / 32 * m / 10e9 + 24 * 2e-6 + 8 * 24 / 32 * m / 20e9
+    assert net.alltoallv(m, 32, 8) == pytest.approx(expect)
+    assert net.alltoallv(m, 1, 8) == 0.0 and net.allreduce(n, 1, 8) == 0.0
+
+
+def test_workload_counts_match_dlrm():
+    w = cm.Workload(num_dense=13, features=26, dim=16, bottom=(512, 256, 64), top=(512, 256, 1))
+    bottom, top = w.mlp_sizes()
+    assert bottom == [13, 512, 256, 64, 16] and top[0] == 16 + 27 * 26 // 2
+    expect = sum(a * b + b for s in (bottom, top) for a, b in zip(s, s[1:]))
+    assert w.dense_params == expect
+    try:
+        from hpctrain.dense.models import DLRM
+    except ImportError:
+        return
+    model = DLRM(13, [16] * 26, bottom=[512, 256, 64], top=[512, 256, 1])
+    assert model.params.num_parameters == w.dense_params
+
+
+def test_sweep_weak_and_strong():
+    w = cm.Workload()
+    model = cm.CostModel(_network(), cm.ComputeRates(threads=1), ranks_per_node=8,
+                         cores_per_node=8)
+    ranks = [1, 2, 4, 8, 16, 64, 1024]
+    weak = model.sweep(w, ranks, 4096, "weak")
+    assert weak[0]["efficiency"] == pytest.approx(1.0)
+    assert weak[0]["allreduce_s"] == 0 and weak[0]["alltoallv_s"] == 0
+    eff = [r["efficiency"] for r in weak]
+    assert all(a >= b for a, b in zip(eff, eff[1:])) and eff[-1] < 1
+    assert [r["nodes"] for r in weak] == [1, 1, 1, 1, 2, 8, 128]
+    strong = model.sweep(w, ranks, 65536, "strong")
+    assert strong[3]["batch_per_rank"] == 65536 / 8
+    # strong scaling loses efficiency faster than weak scaling at the same rank count
+    assert strong[-1]["efficiency"] < weak[-1]["efficiency"]
+    for r in weak + strong:
+        assert r["step_s"] == pytest.approx(r["compute_s"] + r["allreduce_s"] + r["alltoallv_s"])
+        assert r["samples_per_s"] == pytest.approx(r["ranks"] * r["batch_per_rank"] / r["step_s"])
+    with pytest.raises(ValueError, match="weak"):
+        model.sweep(w, ranks, 1, "both")
+
+
+def test_oversubscription_slows_compute():
+    w = cm.Workload()
+    model = cm.CostModel(_network(), cm.ComputeRates(threads=1), ranks_per_node=4,
+                         cores_per_node=2)
+    one = model.step(w, 1, 1024)["compute"]
+    four = model.step(w, 4, 1024)["compute"]
+    assert four == pytest.approx(2 * one)
+
+
+def test_fit_node_links_from_benchmark_json():
+    alpha, beta = 3e-6, 1 / 5e9
+    docs = []
+    for p in (1, 2, 4):
+        rows = []
+        for n in (8, 1024, 1 << 16, 1 << 22):
+            ca, cb = cm.allreduce_terms(n, p)
+            t = ca * alpha + cb * beta if p > 1 else 1e-7
+            rows.append({"bytes": n, "hpctrain": {"p50": t}})
+        docs.append({"benchmark": "allreduce", "world_size": p, "ranks_per_node": p,
+                     "rows": rows})
+    fitted = cm.fit_node_links(docs)
+    link, points = fitted["allreduce"]
+    assert link.latency_s == pytest.approx(alpha) and link.beta == pytest.approx(beta)
+    assert len(points) == 8 and max(abs(pt["rel_error"]) for pt in points) < 1e-9
+    assert fitted["alltoallv"] == (None, [])
+
+
+def test_interconnect_presets_are_sane():
+    for name, link in cm.INTERCONNECTS.items():
+        assert 0 < link.latency_s < 1e-4 and 1e9 <= link.bandwidth_Bps <= 1e11, name
+        assert link.description
+    assert math.isclose(cm.INTERCONNECTS["ib_hdr"].beta, 1 / 23e9)

@@ -71,8 +71,12 @@ def test_mpi_one_rank_argument_errors():
         comm.allreduce(np.ones(3), op="max")
     with pytest.raises(ValueError, match="C-contiguous"):
         comm.allreduce(np.ones((4, 4))[:, 1])
-    with pytest.raises(ValueError, match=r"send_counts must have shape \(1,\)"):
+    with pytest.raises(ValueError, match=r"must have shape \(1,\), got \(2,\) and \(2,\)"):
+        comm.alltoallv(np.ones(3), [1, 2], [3, 0])
+    with pytest.raises(ValueError, match="must be 1 integers each"):
         comm.alltoallv(np.ones(3), [1, 2], [3])
+    with pytest.raises(ValueError, match="negative counts"):
+        comm.alltoallv(np.ones(3), [-1], [3])
     with pytest.raises(ValueError, match="sendbuf has 3"):
         comm.alltoallv(np.ones(3), [4], [4])
     with pytest.raises(ValueError, match="recvbuf has 2"):

@@ -12,6 +12,8 @@ elements is split transparently:
   pieces of at most ``CHUNK_LIMIT`` elements on a private duplicate of the
   communicator, so per-peer order is kept and no displacement overflows.
 """
+import math
+
 import numpy as np
 from mpi4py import MPI
 from mpi4py.util.dtlib import from_numpy_dtype
@@ -48,10 +50,11 @@ _PREDEFINED = {np.dtype(k): v for k, v in [
 
 
 def displacements(counts):
-    """Exclusive prefix sum of ``counts`` (int64): where each peer's block starts."""
+    """Exclusive prefix sum of ``counts`` along the last axis (int64): where each
+    peer's block starts. The one place ``Alltoallv`` displacements come from."""
     counts = np.asarray(counts, dtype=np.int64)
-    displs = np.zeros(counts.shape, dtype=np.int64)
-    np.cumsum(counts[:-1], out=displs[1:])
+    displs = np.add.accumulate(counts, axis=-1)
+    displs -= counts
     return displs
 
 
@@ -135,8 +138,11 @@ class MpiCommunicator(Communicator):
         flat, t, finish = self._reduce_args(buf, op)
         # Blocking MPI_Allreduce, not Iallreduce+Wait: MPI libraries tune the
         # blocking algorithms far more than the non-blocking schedules.
-        for a, b in split_ranges(0, flat.size, self.chunk_limit):
-            self.mpi_comm.Allreduce(MPI.IN_PLACE, [flat[a:b], t], MPI.SUM)
+        if flat.size <= self.chunk_limit:  # the common case, kept to one call
+            self.mpi_comm.Allreduce(MPI.IN_PLACE, [flat, t], MPI.SUM)
+        else:
+            for a, b in split_ranges(0, flat.size, self.chunk_limit):
+                self.mpi_comm.Allreduce(MPI.IN_PLACE, [flat[a:b], t], MPI.SUM)
         if finish is not None:
             finish()
         return buf
@@ -170,32 +176,42 @@ class MpiCommunicator(Communicator):
 
     def alltoallv(self, sendbuf, send_counts, recv_counts, recvbuf=None):
         """Send ``send_counts[p]`` rows to peer ``p``; receive ``recv_counts[p]`` rows from ``p``."""
-        return self._alltoallv(sendbuf, send_counts, recv_counts, recvbuf, False).wait()
+        recvbuf, args = self._alltoallv_args(sendbuf, send_counts, recv_counts, recvbuf)
+        if isinstance(args, list):  # chunked: point-to-point requests already posted
+            MPI.Request.Waitall(args)
+        else:
+            self.mpi_comm.Alltoallv(*args)
+        return recvbuf
 
     def ialltoallv(self, sendbuf, send_counts, recv_counts, recvbuf=None):
         """Start an ``alltoallv``; the handle's ``wait()`` returns ``recvbuf``."""
-        return self._alltoallv(sendbuf, send_counts, recv_counts, recvbuf, True)
+        recvbuf, args = self._alltoallv_args(sendbuf, send_counts, recv_counts, recvbuf)
+        reqs = args if isinstance(args, list) else [self.mpi_comm.Ialltoallv(*args)]
+        return MpiHandle(reqs, recvbuf)
 
-    def _alltoallv(self, sendbuf, send_counts, recv_counts, recvbuf, nonblocking):
-        sc, rc, recvbuf, row = self._prepare(sendbuf, send_counts, recv_counts, recvbuf)
+    def _alltoallv_args(self, sendbuf, send_counts, recv_counts, recvbuf):
+        """``(recvbuf, Alltoallv arguments)``, or ``(recvbuf, posted requests)`` when chunked."""
+        counts, recvbuf, row = self._prepare(sendbuf, send_counts, recv_counts, recvbuf)
+        ec = counts * row if row != 1 else counts  # rows -> elements, [send, recv] x peers
+        displs = displacements(ec)
         sflat, rflat = sendbuf.reshape(-1), recvbuf.reshape(-1)
-        scount, sdispl = element_counts(sc, row)
-        rcount, rdispl = element_counts(rc, row)
+        stotal, rtotal = (displs[:, -1] + ec[:, -1]).tolist() if self.size else (0, 0)
+        if stotal > sflat.size:
+            raise ValueError(f"send_counts sum to {stotal // max(row, 1)} rows but sendbuf has "
+                             f"{sendbuf.shape[0]}")
+        if rtotal > rflat.size:
+            raise ValueError(f"recv_counts sum to {rtotal // max(row, 1)} rows but recvbuf has "
+                             f"{recvbuf.shape[0]}")
         limit = self.chunk_limit
-        # Local totals bound every count and displacement; the decision must be
-        # global because every rank has to take the same path.
-        self._flag[0] = max(int(scount.sum()), int(rcount.sum())) > limit
+        # Totals bound every count and displacement of this rank. The decision
+        # must be global (every rank takes the same path), hence one tiny Allreduce.
+        self._flag[0] = max(stotal, rtotal) > limit
         if self.size > 1:
             self.mpi_comm.Allreduce(MPI.IN_PLACE, self._flag, MPI.MAX)
-        if not self._flag[0]:
-            t = mpi_type(sendbuf.dtype)
-            args = ([sflat, (scount, sdispl), t], [rflat, (rcount, rdispl), t])
-            if nonblocking:
-                return MpiHandle([self.mpi_comm.Ialltoallv(*args)], recvbuf)
-            self.mpi_comm.Alltoallv(*args)
-            return MpiHandle([], recvbuf)
-        return MpiHandle(self._chunked(sflat, scount, sdispl, rflat, rcount, rdispl, limit),
-                         recvbuf)
+        if self._flag[0]:
+            return recvbuf, self._chunked(sflat, ec[0], displs[0], rflat, ec[1], displs[1], limit)
+        t = mpi_type(sendbuf.dtype)
+        return recvbuf, ([sflat, (ec[0], displs[0]), t], [rflat, (ec[1], displs[1]), t])
 
     def _chunked(self, sflat, scount, sdispl, rflat, rcount, rdispl, limit):
         """Point-to-point pieces of at most ``limit`` elements, posted in per-peer order."""
@@ -215,32 +231,30 @@ class MpiCommunicator(Communicator):
         return reqs
 
     def _prepare(self, sendbuf, send_counts, recv_counts, recvbuf):
+        """Validate; returns ``(counts int64[2, size] in rows, recvbuf, elements per row)``."""
         _contiguous(sendbuf, "sendbuf")
         if sendbuf.ndim < 1:
             raise ValueError("sendbuf must have at least one dimension (rows)")
-        sc = np.asarray(send_counts, dtype=np.int64)
-        rc = np.asarray(recv_counts, dtype=np.int64)
-        for name, c in (("send_counts", sc), ("recv_counts", rc)):
-            if c.shape != (self.size,):
-                raise ValueError(f"{name} must have shape ({self.size},), got {c.shape}")
-            if (c < 0).any():
-                raise ValueError(f"{name} has negative entries: {c.tolist()}")
-        if sc.sum() > sendbuf.shape[0]:
-            raise ValueError(f"send_counts sum to {int(sc.sum())} rows but sendbuf has "
-                             f"{sendbuf.shape[0]}")
+        try:
+            counts = np.array((send_counts, recv_counts), dtype=np.int64)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"send_counts/recv_counts must be {self.size} integers each: "
+                             f"{exc}") from None
+        if counts.shape != (2, self.size):
+            raise ValueError(f"send_counts and recv_counts must have shape ({self.size},), got "
+                             f"{np.shape(send_counts)} and {np.shape(recv_counts)}")
+        if self.size and counts.min() < 0:
+            raise ValueError(f"negative counts: send_counts={counts[0].tolist()}, "
+                             f"recv_counts={counts[1].tolist()}")
         tail = sendbuf.shape[1:]
-        total = int(rc.sum())
         if recvbuf is None:
-            recvbuf = np.empty((total, *tail), dtype=sendbuf.dtype)
+            recvbuf = np.empty((int(counts[1].sum()), *tail), dtype=sendbuf.dtype)
         else:
             _contiguous(recvbuf, "recvbuf")
             if recvbuf.dtype != sendbuf.dtype or recvbuf.shape[1:] != tail:
                 raise ValueError(f"recvbuf is {recvbuf.dtype}{list(recvbuf.shape)}, expected "
-                                 f"{sendbuf.dtype}[>={total}, {', '.join(map(str, tail))}]")
-            if recvbuf.shape[0] < total:
-                raise ValueError(f"recv_counts sum to {total} rows but recvbuf has "
-                                 f"{recvbuf.shape[0]}")
-        return sc, rc, recvbuf, int(np.prod(tail, dtype=np.int64))
+                                 f"{sendbuf.dtype}[rows, {', '.join(map(str, tail))}]")
+        return counts, recvbuf, math.prod(tail)
 
     # -- the rest ------------------------------------------------------------------------
     def bcast(self, obj, root=0):

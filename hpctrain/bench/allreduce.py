@@ -1,0 +1,115 @@
+"""Allreduce: hpctrain's communicator against raw mpi4py on the same buffers.
+
+    mpiexec -n 2 python -m mpi4py -m hpctrain.bench allreduce --max-bytes 16M
+
+For every message size (bytes of the buffer) it times ``comm.allreduce(buf)``
+and ``MPI.COMM_WORLD.Allreduce(MPI.IN_PLACE, buf)`` in alternating rounds, and
+prints an OSU-style table: p50 latency and bus bandwidth, where (nccl-tests /
+OSU convention) ``busbw = size / t * 2 (n - 1) / n`` for a ring allreduce of n
+ranks, and the ratio hpctrain/raw of bus bandwidth (= raw time / hpctrain time).
+"""
+import numpy as np
+
+from hpctrain.bench import common
+
+GOAL = 0.95          # hpctrain busbw / raw mpi4py busbw, for sizes >= GOAL_FROM bytes
+GOAL_FROM = 1 << 20
+
+
+def parse_size(text):
+    """'4096', '64K', '16M', '1G' -> bytes."""
+    text = text.strip().upper()
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(float(text[:-1] if mult > 1 else text) * mult)
+
+
+def sizes(lo, hi):
+    """Powers of two from ``lo`` to ``hi`` bytes."""
+    out, s = [], max(1, lo)
+    while s <= hi:
+        out.append(s)
+        s *= 2
+    return out
+
+
+def compare(raw, ours, args, comm):
+    """Alternate rounds of raw and hpctrain timings; returns (raw stats, ours stats)."""
+    t_raw, t_ours = [], []
+    for r in range(args.rounds):
+        warm = args.warmup if r == 0 else 1
+        t_raw += common.time_fn(raw, warmup=warm, repeat=args.repeat, comm=comm)
+        t_ours += common.time_fn(ours, warmup=warm, repeat=args.repeat, comm=comm)
+    return common.stats(t_raw), common.stats(t_ours)
+
+
+def summarize(rows, goal, nranks):
+    """Worst and median ratio over sizes >= GOAL_FROM, and whether the goal is met
+    (median ratio >= goal; None when there is nothing to judge, e.g. one rank)."""
+    big = [r["ratio"] for r in rows if r["bytes"] >= GOAL_FROM]
+    if not big or nranks < 2:
+        return {"goal": goal, "goal_from_bytes": GOAL_FROM, "met": None}
+    return {"goal": goal, "goal_from_bytes": GOAL_FROM, "min_ratio": min(big),
+            "median_ratio": float(np.median(big)), "met": bool(np.median(big) >= goal)}
+
+
+def add_size_args(p, default_max):
+    p.add_argument("--min-bytes", type=parse_size, default=8)
+    p.add_argument("--max-bytes", type=parse_size, default=parse_size(default_max))
+    p.add_argument("--rounds", type=int, default=3,
+                   help="alternating raw/hpctrain rounds of --repeat timings each")
+
+
+def main(argv=None):
+    p = common.parser("allreduce", __doc__.splitlines()[0])
+    add_size_args(p, "16M")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "int64"])
+    p.add_argument("--op", default="sum", choices=["sum", "mean"])
+    p.add_argument("--nonblocking", action="store_true", help="time iallreduce().wait()")
+    args = p.parse_args(argv)
+    from mpi4py import MPI
+
+    from hpctrain.comm import create_communicator
+    comm = common.world()
+    hc = create_communicator("mpi", debug=False)
+    n, dtype = comm.size, np.dtype(args.dtype)
+    factor = 2 * (n - 1) / n
+    rows = []
+    for nbytes in sizes(args.min_bytes, args.max_bytes):
+        if nbytes < dtype.itemsize:
+            continue
+        buf = np.zeros(nbytes // dtype.itemsize, dtype=dtype)  # zeros: sums stay finite
+        if args.nonblocking:
+            def raw():
+                comm.Iallreduce(MPI.IN_PLACE, buf, MPI.SUM).Wait()
+
+            def ours():
+                hc.iallreduce(buf, args.op).wait()
+        else:
+            def raw():
+                comm.Allreduce(MPI.IN_PLACE, buf, MPI.SUM)
+
+            def ours():
+                hc.allreduce(buf, args.op)
+        s_raw, s_ours = compare(raw, ours, args, comm)
+        rows.append({"bytes": buf.nbytes, "raw": s_raw, "hpctrain": s_ours,
+                     "raw_busbw_GBps": buf.nbytes / s_raw["p50"] * factor / 1e9,
+                     "busbw_GBps": buf.nbytes / s_ours["p50"] * factor / 1e9,
+                     "ratio": s_raw["p50"] / s_ours["p50"]})
+    summary = summarize(rows, GOAL, n)
+    if comm.rank == 0:
+        mode = "non-blocking" if args.nonblocking else "blocking"
+        print(f"# hpctrain allreduce ({args.op}, {dtype}, {mode}) vs raw mpi4py, {n} ranks; "
+              "busbw = size/t * 2(n-1)/n")
+        common.print_table(
+            ["size(B)", "lat_us", "raw_lat_us", "busbw_GB/s", "raw_busbw_GB/s", "ratio"],
+            [[r["bytes"], r["hpctrain"]["p50"] * 1e6, r["raw"]["p50"] * 1e6, r["busbw_GBps"],
+              r["raw_busbw_GBps"], r["ratio"]] for r in rows])
+        if summary["met"] is not None:
+            print(f"# goal: ratio >= {GOAL} at >= 1 MiB: min {summary['min_ratio']:.3f}, "
+                  f"median {summary['median_ratio']:.3f} -> {'met' if summary['met'] else 'NOT met'}")
+    common.write_json("allreduce", {"dtype": str(dtype), "op": args.op,
+                                    "nonblocking": args.nonblocking, "busbw_factor": factor,
+                                    "rows": rows, "summary": summary,
+                                    "peak_rss_bytes": common.peak_rss_bytes()},
+                      path=args.json, comm=comm)
+    return 0

@@ -117,12 +117,8 @@ def shard(tables, owner, size, rank):
             for name, t in tables.items()}
 
 
-def by_key(export):
-    """Export dict with every keyed level's rows sorted by key (for order-free comparison)."""
-    return take_sorted(export)
-
-
 def take_sorted(export):
+    """Export dict with every keyed level's rows sorted by key (order-free comparison)."""
     order = np.argsort(export["keys"], kind="stable")
     out = {}
     for k, v in export.items():

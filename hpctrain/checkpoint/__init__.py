@@ -7,9 +7,9 @@ checkpoint that verifies, and loads it onto any number of ranks by re-routing ta
 rows through an ``owner(table, keys)`` function. ``export_model`` writes a single
 HDF5 model file for inference. Nothing is ever unpickled. Layout: docs/checkpoint.md.
 """
+from hpctrain.checkpoint._restore import read_dense, verify
 from hpctrain.checkpoint.export import export_model
-from hpctrain.checkpoint.manager import (CheckpointManager, CheckpointWarning, read_dense,
-                                         verify)
+from hpctrain.checkpoint.manager import CheckpointManager, CheckpointWarning
 from hpctrain.errors import CheckpointError
 
 __all__ = ["CheckpointManager", "CheckpointWarning", "CheckpointError", "export_model",

@@ -13,7 +13,7 @@ import os
 import secrets
 
 from hpctrain.checkpoint import _files, _h5tree
-from hpctrain.checkpoint.manager import verify
+from hpctrain.checkpoint._restore import verify
 from hpctrain.errors import CheckpointError
 
 MODEL_FORMAT = "hpctrain-model"

@@ -22,7 +22,9 @@ import warnings
 
 import numpy as np
 
-from hpctrain.checkpoint import _files, _h5tree, _tables
+from hpctrain.checkpoint import _files, _h5tree, _restore, _tables
+from hpctrain.checkpoint._collective import (LocalComm, describe, fail, on_root,
+                                             raise_together)
 from hpctrain.errors import CheckpointError
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -34,37 +36,9 @@ class CheckpointWarning(UserWarning):
     """A checkpoint was skipped (partial or corrupt) or could not be cleaned up."""
 
 
-class LocalComm:
-    """The one-rank world used when no communicator is given (tools, tests, export)."""
-
-    rank, size = 0, 1
-
-    def bcast(self, obj, root=0):
-        return obj
-
-    def barrier(self):
-        pass
-
-    def allgather_object(self, obj):
-        return [obj]
-
-
 def step_dir(step):
     """Directory name of the checkpoint of ``step``."""
     return f"step-{step:08d}"
-
-
-def _fail(errors, prefix="", cause=None):
-    """Raise CheckpointError when any of the per-rank ``errors`` (str or None) is set."""
-    bad = [(r, e) for r, e in enumerate(errors) if e]
-    if bad:
-        text = "; ".join(e if len(errors) == 1 else f"rank {r}: {e}" for r, e in bad)
-        raise CheckpointError(prefix + text) from cause
-
-
-def _raise_together(comm, error, prefix="", cause=None):
-    """Gather one error (str or None) per rank; raise CheckpointError on every rank if any."""
-    _fail(comm.allgather_object(error), prefix, cause)
 
 
 def _consistency(gathered):
@@ -73,7 +47,7 @@ def _consistency(gathered):
     if errors:
         return "; ".join(e if len(gathered) == 1 else f"rank {r}: {e}" for r, e in errors)
     step0, tables0 = gathered[0][1], gathered[0][2]
-    for rank, (_, step, tables, _) in enumerate(gathered):
+    for rank, (_, step, tables, _, _) in enumerate(gathered):
         if step != step0:
             return f"rank {rank} saves step {step}, rank 0 saves step {step0}"
         if set(tables) != set(tables0):
@@ -102,60 +76,12 @@ def _table_ids(tables, table_ids):
     return {name: ids[name] for name in tables}
 
 
-def _describe_exc(exc):
-    return str(exc) if isinstance(exc, CheckpointError) else f"{type(exc).__name__}: {exc}"
-
-
 def _json_default(obj):
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
         return obj.tolist()
     raise TypeError(f"{type(obj).__name__} is not JSON-able")
-
-
-def verify(path, comm=None):
-    """Check a checkpoint directory against its manifest (collective when ``comm`` is given).
-
-    Files are hashed in parallel: rank ``r`` checks every ``size``-th file.
-
-    Returns:
-        (manifest dict, None) when every file verifies, else (None, problem text).
-    """
-    comm = comm or LocalComm()
-    text, problem = None, None
-    if comm.rank == 0:
-        try:
-            with open(os.path.join(path, _files.MANIFEST), encoding="utf-8") as fh:
-                text = fh.read()
-        except FileNotFoundError:
-            problem = f"no {_files.MANIFEST} (incomplete checkpoint)"
-        except (OSError, UnicodeDecodeError) as exc:
-            problem = f"{_files.MANIFEST}: unreadable ({exc})"
-    text, problem = comm.bcast((text, problem), root=0)
-    if problem:
-        return None, problem
-    try:
-        manifest = _files.parse_manifest(text)
-    except ValueError as exc:
-        return None, str(exc)
-    names = sorted(manifest["files"])
-    local = [_files.check_file(os.path.join(path, name), manifest["files"][name])
-             for name in names[comm.rank::comm.size]]
-    problems = sorted(p for ps in comm.allgather_object([p for p in local if p]) for p in ps)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        return None, problems[0] + more
-    return manifest, None
-
-
-def read_dense(path):
-    """(dense tree, state dict) from a checkpoint's dense.h5."""
-    name = os.path.join(path, _files.DENSE_FILE)
-    with _files.open_h5(name, "r") as h5:
-        dense = _h5tree.read(h5["dense"])
-        state = {_h5tree.unescape(k): json.loads(ds.asstr()[()]) for k, ds in h5["state"].items()}
-    return dense, state
 
 
 class CheckpointManager:
@@ -201,9 +127,9 @@ class CheckpointManager:
         return self._find_latest()[0]
 
     def _find_latest(self):
-        candidates = self.comm.bcast(self.checkpoints() if self.comm.rank == 0 else None, root=0)
+        candidates = on_root(self.comm, self.checkpoints, f"listing {self.directory}: ")
         for path in reversed(candidates):
-            manifest, problem = verify(path, self.comm)
+            manifest, problem = _restore.verify(path, self.comm)
             if manifest is not None:
                 return path, manifest
             if self.comm.rank == 0:
@@ -232,21 +158,23 @@ class CheckpointManager:
                 ranks, or any rank fails to write; nothing is published then.
         """
         comm = self.comm
-        error, cause, summary, tmp = None, None, None, None
+        error, cause, summary, tmp, ids = None, None, None, None, None
         try:
             step = operator.index(step)
             if step < 0:
                 raise ValueError(f"step must be >= 0, got {step}")
-            summary = {n: (d["dim"], d["rows"], d["schema"]) for n, d in _tables.describe(tables).items()}
+            described = _tables.describe(tables)
+            summary = {n: (d["dim"], d["rows"], d["schema"]) for n, d in described.items()}
+            ids = _table_ids(tables, table_ids)
             if comm.rank == 0:
                 os.makedirs(self.directory, exist_ok=True)
                 tmp = os.path.join(self.directory,
                                    f".{step_dir(step)}.tmp-{secrets.token_hex(4)}")
                 os.mkdir(tmp)
-        except (TypeError, ValueError, OSError) as exc:
-            error, cause = _describe_exc(exc), exc
-        gathered = comm.allgather_object((error, step, summary, tmp))
-        tmp = gathered[0][3]
+        except Exception as exc:  # noqa: BLE001 - raised on every rank below
+            error, cause = describe(exc), exc
+        gathered = comm.allgather_object((error, step, summary, tmp, ids))
+        tmp, ids = gathered[0][3], gathered[0][4]  # rank 0 decides
         problem = _consistency(gathered)
         if problem:
             if comm.rank == 0 and tmp:
@@ -254,7 +182,6 @@ class CheckpointManager:
             raise CheckpointError(f"cannot save checkpoint of step {step}: {problem}") from cause
         rows = [{name: desc[1] for name, desc in g[2].items()} for g in gathered]
 
-        ids = _table_ids(tables, table_ids)
         written = {}
         try:
             name = _files.shard_file(comm.rank, comm.size)
@@ -265,12 +192,12 @@ class CheckpointManager:
                 self._write_dense(os.path.join(tmp, name), step, dense, state)
                 written[name] = _files.fsync_and_digest(os.path.join(tmp, name))
         except Exception as exc:  # noqa: BLE001 - reported on every rank below
-            error, cause = f"writing {name}: {_describe_exc(exc)}", exc
+            error, cause = f"writing {name}: {describe(exc)}", exc
         gathered = comm.allgather_object((error, written))
         errors = [e for e, _ in gathered]
         if any(errors) and comm.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        _fail(errors, f"cannot save checkpoint of step {step}: ", cause)
+        fail(errors, f"cannot save checkpoint of step {step}: ", cause)
 
         final = None
         if comm.rank == 0:
@@ -280,10 +207,10 @@ class CheckpointManager:
             try:
                 final = self._publish(tmp, step, files, summary, rows, ids)
             except Exception as exc:  # noqa: BLE001
-                error, cause = f"publishing {tmp}: {_describe_exc(exc)}", exc
+                error, cause = f"publishing {tmp}: {describe(exc)}", exc
             if final is not None:
                 self._prune(final)
-        _raise_together(comm, error, f"cannot save checkpoint of step {step}: ", cause)
+        raise_together(comm, error, f"cannot save checkpoint of step {step}: ", cause)
         return comm.bcast(final, root=0)
 
     def _write_shards(self, path, step, tables, ids):
@@ -352,7 +279,7 @@ class CheckpointManager:
         """
         try:
             self._prune_unsafe(final)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - only rank 0 prunes; never raise alone
             warnings.warn(f"could not clean up {self.directory}: {exc}", CheckpointWarning,
                           stacklevel=4)
 
@@ -420,34 +347,25 @@ class CheckpointManager:
             if path is None:
                 raise CheckpointError(f"no complete checkpoint in {self.directory}")
         else:
-            path = comm.bcast(self._resolve(path) if comm.rank == 0 else None, root=0)
-            if verify_files:
-                manifest, problem = verify(path, comm)
-            else:
-                manifest, problem = verify_manifest_only(path, comm)
+            path = on_root(comm, lambda: self._resolve(path), "checkpoint path: ")
+            manifest, problem = _restore.verify(path, comm, hash_files=verify_files)
             if problem:
                 raise CheckpointError(f"checkpoint {path}: {problem}")
-        _check_tables(path, manifest, table_dims)
-        old_world = manifest["world_size"]
-        if owner is None and old_world != comm.size:
-            raise CheckpointError(f"checkpoint {path} was written by {old_world} ranks; loading it "
-                                  f"on {comm.size} needs owner= to route rows to their new ranks")
+        _restore.check_tables(path, manifest, table_dims)
+        if owner is None and manifest["world_size"] != comm.size:
+            raise CheckpointError(f"checkpoint {path} was written by {manifest['world_size']} "
+                                  f"ranks; loading it on {comm.size} needs owner= to route rows "
+                                  f"to their new ranks")
         error, cause, dense, state, tables = None, None, None, None, {}
         try:
-            dense, state = read_dense(path)
-            tables = self._read_tables(path, manifest, owner)
+            dense, state = _restore.read_dense(path)
+            tables = _restore.read_tables(path, manifest, owner, comm, self.chunk_bytes)
         except Exception as exc:  # noqa: BLE001 - raised on every rank below
-            error, cause = _describe_exc(exc), exc
+            error, cause = describe(exc), exc
         counts = {name: len(t["keys"]) for name, t in tables.items()}
         gathered = comm.allgather_object((error, counts))
-        _fail([e for e, _ in gathered], f"cannot load checkpoint {path}: ", cause)
-        for name, info in manifest["tables"].items():
-            got, want = sum(c[name] for _, c in gathered), sum(info["rows"])
-            if got != want:
-                raise CheckpointError(
-                    f"cannot load checkpoint {path}: table {name!r}: the ranks kept {got} rows "
-                    f"in all, the checkpoint holds {want}; owner() must give every key exactly "
-                    f"one rank in [0, {comm.size}) and agree across ranks")
+        fail([e for e, _ in gathered], f"cannot load checkpoint {path}: ", cause)
+        _restore.check_counts(path, manifest, [c for _, c in gathered], comm.size)
         return manifest["step"], dense, tables, state
 
     def _resolve(self, path):
@@ -455,70 +373,3 @@ class CheckpointManager:
         if not os.path.isabs(path) and not os.path.exists(path):
             path = os.path.join(self.directory, path)
         return os.path.abspath(path)
-
-    def _read_tables(self, path, manifest, owner):
-        comm = self.comm
-        names = list(manifest["tables"])
-        world = manifest["world_size"]
-        ranks = [comm.rank] if owner is None else range(world)
-        readers = {}
-        for old_rank in ranks:
-            fname = os.path.join(path, _files.shard_file(old_rank, world))
-            with _files.open_h5(fname, "r") as h5:
-                for name in names:
-                    if name not in readers:
-                        readers[name] = _tables.TableReader(h5, name)
-                    select = None if owner is None else _selector(owner, name, comm)
-                    readers[name].add(h5, select, self.chunk_bytes)
-        return {name: readers[name].result() for name in names}
-
-
-def verify_manifest_only(path, comm=None):
-    """Like ``verify`` but checks only the manifest and file sizes (no hashing)."""
-    comm = comm or LocalComm()
-    text, problem = None, None
-    if comm.rank == 0:
-        try:
-            with open(os.path.join(path, _files.MANIFEST), encoding="utf-8") as fh:
-                text = fh.read()
-            manifest = _files.parse_manifest(text)
-            for name, entry in sorted(manifest["files"].items()):
-                size = os.path.getsize(os.path.join(path, name))
-                if size != entry["size"]:
-                    raise ValueError(f"{name}: size {size} bytes, manifest says {entry['size']}")
-        except (OSError, ValueError) as exc:
-            problem = str(exc)
-    text, problem = comm.bcast((text, problem), root=0)
-    return (None, problem) if problem else (_files.parse_manifest(text), None)
-
-
-def _selector(owner, name, comm):
-    def select(keys):
-        ranks = np.asarray(owner(name, keys))
-        if ranks.shape != keys.shape or ranks.dtype.kind not in "iu":
-            raise ValueError(f"owner({name!r}, keys) returned {ranks.dtype}{list(ranks.shape)}, "
-                             f"expected integer ranks of shape {list(keys.shape)}")
-        if len(ranks) and (ranks.min() < 0 or ranks.max() >= comm.size):
-            bad = ranks[(ranks < 0) | (ranks >= comm.size)][0]
-            raise ValueError(f"owner({name!r}, keys) returned rank {bad}, outside "
-                             f"[0, {comm.size})")
-        return ranks == comm.rank
-    return select
-
-
-def _check_tables(path, manifest, table_dims):
-    if table_dims is None:
-        return
-    have = manifest["tables"]
-    missing = [n for n in table_dims if n not in have]
-    extra = [n for n in have if n not in table_dims]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} has no table {missing[0]!r} "
-                              f"(it holds: {', '.join(map(repr, have)) or 'none'})")
-    if extra:
-        raise CheckpointError(f"checkpoint {path} holds table {extra[0]!r}, which the caller "
-                              f"does not have (expected: {', '.join(map(repr, table_dims))})")
-    for name, dim in table_dims.items():
-        if dim is not None and int(dim) != have[name]["dim"]:
-            raise CheckpointError(f"checkpoint {path}: table {name!r} has dim "
-                                  f"{have[name]['dim']}, expected {dim}")

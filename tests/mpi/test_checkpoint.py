@@ -4,7 +4,6 @@ import warnings
 
 import numpy as np
 import pytest
-from mpi4py import MPI
 
 from checkpoint_worlds import (assert_tree_equal, concat, global_tables, owner_fn, run_world,
                                shard, take_sorted)
@@ -53,7 +52,7 @@ def test_save_and_load_this_world(comm, shared_dir):
     full = global_tables(11)
     mgr = CheckpointManager(shared_dir, comm, keep_last=2)
     mine = shard(full, owner_fn(comm.size), comm.size, comm.rank)
-    for step in (1, 2, 3):  # twice more than once: catches lazy set-up bugs; prunes to 2
+    for step in (1, 2, 3):  # repeated collectives catch lazy set-up bugs; keep_last prunes
         path = mgr.save(step, dense(step), mine, {"reader": {"pos": step * 10}, "rank0": True})
     assert path == os.path.join(shared_dir, "step-00000003")
     assert sorted(os.listdir(shared_dir)) == ["step-00000002", "step-00000003"]

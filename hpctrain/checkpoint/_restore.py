@@ -1,0 +1,115 @@
+"""Reading checkpoints: verification against the manifest, dense state, resharded tables."""
+import json
+import os
+
+import numpy as np
+
+from hpctrain.checkpoint import _files, _h5tree, _tables
+from hpctrain.checkpoint._collective import LocalComm
+from hpctrain.errors import CheckpointError
+
+
+def _read_manifest_text(path):
+    try:
+        with open(os.path.join(path, _files.MANIFEST), encoding="utf-8") as fh:
+            return fh.read(), None
+    except FileNotFoundError:
+        return None, f"no {_files.MANIFEST} (incomplete checkpoint)"
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, f"{_files.MANIFEST}: unreadable ({exc})"
+
+
+def verify(path, comm=None, hash_files=True):
+    """Check a checkpoint directory against its manifest (collective when ``comm`` is given).
+
+    Rank 0 reads the manifest and broadcasts it; files are then checked in parallel
+    (rank ``r`` checks every ``size``-th file): size, and sha256 when ``hash_files``.
+
+    Returns:
+        (manifest dict, None) when every file verifies, else (None, problem text).
+    """
+    comm = comm or LocalComm()
+    text, problem = _read_manifest_text(path) if comm.rank == 0 else (None, None)
+    text, problem = comm.bcast((text, problem), root=0)
+    if problem:
+        return None, problem
+    try:
+        manifest = _files.parse_manifest(text)
+    except ValueError as exc:
+        return None, str(exc)
+    names = sorted(manifest["files"])
+    local = [_files.check_file(os.path.join(path, name), manifest["files"][name], hash_files)
+             for name in names[comm.rank::comm.size]]
+    problems = sorted(p for ps in comm.allgather_object([p for p in local if p]) for p in ps)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        return None, problems[0] + more
+    return manifest, None
+
+
+def read_dense(path):
+    """(dense tree, state dict) from a checkpoint's dense.h5."""
+    with _files.open_h5(os.path.join(path, _files.DENSE_FILE), "r") as h5:
+        dense = _h5tree.read(h5["dense"])
+        state = {_h5tree.unescape(k): json.loads(ds.asstr()[()]) for k, ds in h5["state"].items()}
+    return dense, state
+
+
+def read_tables(path, manifest, owner, comm, chunk_bytes):
+    """This rank's rows of every table: its own old shard (``owner`` None) or, from every
+    old shard, the rows ``owner`` assigns to it, ordered by old rank then row."""
+    names = list(manifest["tables"])
+    world = manifest["world_size"]
+    readers = {}
+    for old_rank in [comm.rank] if owner is None else range(world):
+        with _files.open_h5(os.path.join(path, _files.shard_file(old_rank, world)), "r") as h5:
+            for name in names:
+                if name not in readers:
+                    readers[name] = _tables.TableReader(h5, name)
+                select = None if owner is None else _selector(owner, name, comm)
+                readers[name].add(h5, select, chunk_bytes)
+    return {name: readers[name].result() for name in names}
+
+
+def _selector(owner, name, comm):
+    def select(keys):
+        ranks = np.asarray(owner(name, keys))
+        if ranks.shape != keys.shape or ranks.dtype.kind not in "iu":
+            raise ValueError(f"owner({name!r}, keys) returned {ranks.dtype}{list(ranks.shape)}, "
+                             f"expected integer ranks of shape {list(keys.shape)}")
+        if len(ranks) and (ranks.min() < 0 or ranks.max() >= comm.size):
+            bad = ranks[(ranks < 0) | (ranks >= comm.size)][0]
+            raise ValueError(f"owner({name!r}, keys) returned rank {bad}, outside "
+                             f"[0, {comm.size})")
+        return ranks == comm.rank
+    return select
+
+
+def check_tables(path, manifest, table_dims):
+    """Raise CheckpointError naming the table when ``table_dims`` and the checkpoint differ."""
+    if table_dims is None:
+        return
+    have = manifest["tables"]
+    missing = [n for n in table_dims if n not in have]
+    extra = [n for n in have if n not in table_dims]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} has no table {missing[0]!r} "
+                              f"(it holds: {', '.join(map(repr, have)) or 'none'})")
+    if extra:
+        raise CheckpointError(f"checkpoint {path} holds table {extra[0]!r}, which the caller "
+                              f"does not have (expected: {', '.join(map(repr, table_dims))})")
+    for name, dim in table_dims.items():
+        if dim is not None and int(dim) != have[name]["dim"]:
+            raise CheckpointError(f"checkpoint {path}: table {name!r} has dim "
+                                  f"{have[name]['dim']}, expected {dim}")
+
+
+def check_counts(path, manifest, gathered_counts, size):
+    """Raise CheckpointError when the ranks together did not keep every row exactly once."""
+    for name, info in manifest["tables"].items():
+        got, want = sum(c[name] for c in gathered_counts), sum(info["rows"])
+        if got != want:
+            raise CheckpointError(
+                f"cannot load checkpoint {path}: table {name!r}: the ranks kept {got} rows "
+                f"in all, the checkpoint holds {want}; owner() must give every key exactly "
+                f"one rank in [0, {size}) and agree across ranks")

@@ -1,4 +1,5 @@
 """Checkpoints over a real MPI world of any size: collective save, reshard onto other sizes."""
+import json
 import os
 import warnings
 
@@ -164,4 +165,31 @@ def test_disagreeing_ranks_raise_together(comm, shared_dir):
     with pytest.raises(CheckpointError, match=r"slots/accumulator: arrays of dtype <U8 cannot"):
         CheckpointManager(shared_dir, comm).save(3, {}, mine, {})
     assert CheckpointManager(shared_dir, comm).checkpoints() == []
+    comm.barrier()
+
+
+def test_reshard_with_the_sparse_routing(comm, shared_dir):
+    """The trainer's pattern: shards routed by ``owner_of(table_id, ...)``, ids in the checkpoint."""
+    routing = pytest.importorskip("hpctrain.sparse.routing")
+    full = global_tables(16)
+    ids = {name: i + 3 for i, name in enumerate(full)}
+
+    def owner(size):
+        return lambda name, keys: routing.owner_of(ids[name], keys, size)
+
+    mine = shard(full, owner(comm.size), comm.size, comm.rank)
+    path = CheckpointManager(shared_dir, comm).save(1, {}, mine, {}, table_ids=ids)
+    new_size = comm.size + 1
+    if comm.rank == 0:
+        def reader(sim):
+            mgr = CheckpointManager(shared_dir, sim)
+            return mgr.load(path, owner=owner(new_size), table_dims=DIMS)
+
+        results, errors = run_world(new_size, reader)
+        assert errors == [None] * new_size, errors
+        for rank, (_, _, tables, _) in enumerate(results):
+            for name, want in shard(full, owner(new_size), new_size, rank).items():
+                assert_tree_equal(take_sorted(tables[name]), take_sorted(want), name)
+        manifest = json.load(open(os.path.join(path, "MANIFEST.json")))
+        assert {n: t["table_id"] for n, t in manifest["tables"].items()} == ids
     comm.barrier()

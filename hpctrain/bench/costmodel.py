@@ -168,10 +168,11 @@ def collective_points(docs, kind):
         if doc.get("benchmark") != kind or doc.get("world_size", 1) < 2:
             continue
         for row in doc.get("rows", []):
-            stat = row.get("hpctrain") or row.get("ours") or row.get("time")
-            nbytes = row.get("bytes_per_rank", row.get("bytes"))
-            if stat is None or nbytes is None:
+            stat = row.get("hpctrain")
+            if stat is None or "bytes" not in row:
                 continue
+            # allreduce rows give the buffer size, alltoallv rows the bytes sent to each peer
+            nbytes = row["bytes"] * (doc["world_size"] if kind == "alltoallv" else 1)
             pts.append((int(doc["world_size"]), float(nbytes), float(stat["p50"]),
                         int(doc.get("ranks_per_node", doc["world_size"]))))
     return pts

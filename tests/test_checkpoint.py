@@ -325,3 +325,24 @@ def test_export_model(tmp_path):
             assert np.array_equal(keys[order], want["keys"])
             assert np.array_equal(values[order], want["values"])
     assert verify(path)[1] is None
+
+
+def test_same_world_same_routing_reads_one_file_per_rank(tmp_path, monkeypatch):
+    from hpctrain.checkpoint import _tables
+
+    tables = global_tables(4)
+    save_world(tmp_path, 2, 1, tables)
+    reads = []
+    add = _tables.TableReader.add
+    monkeypatch.setattr(_tables.TableReader, "add",
+                        lambda self, h5, *a: reads.append(h5.filename) or add(self, h5, *a))
+    moved = owner_fn(2)
+    for owner, files_per_rank in [(owner_fn(2), 1), (lambda n, k: 1 - moved(n, k), 2)]:
+        reads.clear()
+        results, errors = run_world(2, lambda comm: CheckpointManager(tmp_path, comm).load(
+            owner=owner))
+        assert errors == [None, None]
+        assert len(reads) == 2 * files_per_rank * len(tables)
+        for rank, res in enumerate(results):
+            for name, want in shard(tables, owner, 2, rank).items():
+                assert_tree_equal(take_sorted(res[2][name]), take_sorted(want), name)

@@ -71,6 +71,20 @@ def read_tables(path, manifest, owner, comm, chunk_bytes):
     return {name: readers[name].result() for name in names}
 
 
+def shard_stays(path, manifest, owner, comm, chunk_bytes):
+    """True when ``owner`` keeps every row of this rank's old shard on this rank.
+
+    When that holds on every rank of a world of the writer's size, each rank's rows
+    are exactly its old shard, so each can read one file instead of all of them.
+    """
+    world = manifest["world_size"]
+    if owner is None or world != comm.size:
+        return False
+    with _files.open_h5(os.path.join(path, _files.shard_file(comm.rank, world)), "r") as h5:
+        return all(_tables.all_owned(h5, name, _selector(owner, name, comm), chunk_bytes)
+                   for name in manifest["tables"])
+
+
 def _selector(owner, name, comm):
     def select(keys):
         ranks = np.asarray(owner(name, keys))

@@ -125,6 +125,33 @@ def _fill(tree):
     return tree
 
 
+def keys_datasets(h5, name):
+    """The ``keys`` dataset of every keyed level of table ``name`` in shard file ``h5``."""
+    import h5py
+
+    found = []
+
+    def visit(_, obj):
+        if (isinstance(obj, h5py.Group) and not _h5tree.kind_of(obj) and "keys" in obj
+                and isinstance(obj["keys"], h5py.Dataset)):
+            found.append(obj["keys"])
+
+    root = h5["/tables/" + _h5tree.escape(name)]
+    visit(None, root)
+    root.visititems(visit)
+    return found
+
+
+def all_owned(h5, name, select, chunk_bytes):
+    """True when ``select`` keeps every key of every keyed level of table ``name`` in ``h5``."""
+    for keys in keys_datasets(h5, name):
+        step = max(1, chunk_bytes // max(1, keys.dtype.itemsize))
+        for start in range(0, keys.shape[0], step):
+            if not select(keys[start:start + step]).all():
+                return False
+    return True
+
+
 class TableReader:
     """Gathers one table's rows from shard files read one after the other.
 

@@ -327,8 +327,10 @@ class CheckpointManager:
                 None loads ``latest()``. Rank 0's value is used.
             owner: function ``(table_name, keys int64[n]) -> int[n]`` giving each key's rank in
                 the *current* world. Every rank then reads the shard files of all old ranks
-                in row chunks and keeps the rows it owns, ordered by old rank, then row. None
-                requires the world size of the writer and gives each rank its old shard.
+                in row chunks and keeps the rows it owns, ordered by old rank, then row (when
+                the world size is the writer's and ``owner`` keeps every old shard where it
+                was, each rank reads only its own file). None requires the world size of the
+                writer and gives each rank its old shard.
             table_dims: table name -> embedding dim the caller expects; checked against the
                 checkpoint (missing, extra or different tables are errors). None: no check.
             verify_files: check sizes and sha256 of every file first (default True; the check
@@ -356,6 +358,12 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {path} was written by {manifest['world_size']} "
                                   f"ranks; loading it on {comm.size} needs owner= to route rows "
                                   f"to their new ranks")
+        try:
+            stays = _restore.shard_stays(path, manifest, owner, comm, self.chunk_bytes)
+        except Exception:  # noqa: BLE001 - the full read below reports the problem
+            stays = False
+        if all(comm.allgather_object(stays)):
+            owner = None  # same world, same routing: every rank's rows are its old shard
         error, cause, dense, state, tables = None, None, None, None, {}
         try:
             dense, state = _restore.read_dense(path)

@@ -325,6 +325,10 @@ def test_export_model(tmp_path):
             assert np.array_equal(keys[order], want["keys"])
             assert np.array_equal(values[order], want["values"])
     assert verify(path)[1] is None
+    # A directory of checkpoints exports its newest valid one.
+    save_world(tmp_path, 1, 43, tables, dense_tree(3), {})
+    with h5py.File(export_model(tmp_path, tmp_path / "latest.h5"), "r") as f:
+        assert f.attrs["step"] == 43 and list(f["state"]) == []
 
 
 def test_same_world_same_routing_reads_one_file_per_rank(tmp_path, monkeypatch):

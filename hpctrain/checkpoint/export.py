@@ -14,6 +14,7 @@ import secrets
 
 from hpctrain.checkpoint import _files, _h5tree
 from hpctrain.checkpoint._restore import verify
+from hpctrain.checkpoint.manager import CheckpointManager
 from hpctrain.errors import CheckpointError
 
 MODEL_FORMAT = "hpctrain-model"
@@ -27,7 +28,8 @@ def export_model(checkpoint_path, out_path, *, exclude=("optimizer",), chunk_byt
     written under a temporary name, fsynced and renamed, so a reader never sees half of it.
 
     Args:
-        checkpoint_path: a checkpoint directory (``.../step-XXXXXXXX``).
+        checkpoint_path: a checkpoint (``.../step-XXXXXXXX``), or a directory of checkpoints
+            (its newest one that verifies is exported).
         out_path: the model file to write (replaced if it exists).
         exclude: top-level members of the dense tree left out (the dense optimizer state).
         chunk_bytes: bound on the bytes of table rows copied at once.
@@ -39,6 +41,11 @@ def export_model(checkpoint_path, out_path, *, exclude=("optimizer",), chunk_byt
         CheckpointError: the checkpoint is missing, partial or corrupt (naming file and problem).
     """
     checkpoint_path = os.path.abspath(os.fspath(checkpoint_path))
+    manager = CheckpointManager(checkpoint_path)
+    if not os.path.exists(os.path.join(checkpoint_path, _files.MANIFEST)) and manager.checkpoints():
+        checkpoint_path = manager.latest()  # a checkpoint directory root: its newest valid one
+        if checkpoint_path is None:
+            raise CheckpointError(f"no complete checkpoint in {manager.directory}")
     manifest, problem = verify(checkpoint_path)
     if problem:
         raise CheckpointError(f"checkpoint {checkpoint_path}: {problem}")

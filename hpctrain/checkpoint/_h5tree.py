@@ -27,7 +27,7 @@ from hpctrain.errors import CheckpointError
 TYPE_ATTR = "hpctrain_type"
 # dtype kinds HDF5 stores natively: bool, signed/unsigned int, float, complex, bytes
 ARRAY_KINDS = "biufcS"
-_STR = h5py.string_dtype("utf-8")
+STRING_DTYPE = h5py.string_dtype("utf-8")
 _INT64 = np.iinfo(np.int64)
 
 
@@ -81,11 +81,11 @@ def write(parent, link, value, where):
     if isinstance(value, int):
         if _INT64.min <= value <= _INT64.max:
             return _typed(parent, link, np.int64(value), "int")
-        return _typed(parent, link, str(value), "bigint", dtype=_STR)
+        return _typed(parent, link, str(value), "bigint", dtype=STRING_DTYPE)
     if isinstance(value, float):
         return _typed(parent, link, np.float64(value), "float")
     if isinstance(value, str):
-        return _typed(parent, link, value, "str", dtype=_STR)
+        return _typed(parent, link, value, "str", dtype=STRING_DTYPE)
     if isinstance(value, bytes):
         return _typed(parent, link, np.frombuffer(value, dtype=np.uint8), "bytes")
     if value is None:

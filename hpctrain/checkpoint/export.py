@@ -77,7 +77,7 @@ def _copy_dense(path, out, exclude):
                 _h5tree.write(dense, link, _h5tree.read(src["dense"][link]), f"dense/{link}")
         state = out.create_group("state", track_order=True)
         for link, ds in src["state"].items():
-            state.create_dataset(link, data=ds.asstr()[()], dtype=_h5tree._STR)
+            state.create_dataset(link, data=ds.asstr()[()], dtype=_h5tree.STRING_DTYPE)
 
 
 def _copy_tables(path, manifest, out, chunk_bytes):

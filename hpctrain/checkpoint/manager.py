@@ -237,7 +237,7 @@ class CheckpointManager:
                     text = json.dumps(value, default=_json_default)
                 except (TypeError, ValueError) as exc:
                     raise TypeError(f"state[{key!r}] is not JSON-able: {exc}") from None
-                grp.create_dataset(_h5tree.escape(key), data=text, dtype=_h5tree._STR)
+                grp.create_dataset(_h5tree.escape(key), data=text, dtype=_h5tree.STRING_DTYPE)
 
     def _stamp(self, h5, kind, step):
         h5.attrs["format"] = _files.FORMAT

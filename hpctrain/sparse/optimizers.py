@@ -1,0 +1,195 @@
+"""Sparse optimizers of embedding tables: configuration and NumPy reference updates.
+
+The table applies these updates fused, one pass per row, in Cython
+(kernels/table_optim.pxi). The functions here are the plain NumPy definitions the
+kernels are tested against. Both compute in float64 from the float32 state and round
+once to float32 on store. In every update ``g`` is the row's gradient plus weight decay,
+``g = grad + weight_decay * w`` (coupled L2, as in ``torch.optim`` with ``weight_decay``).
+
+==================  =========================  ==================================================
+kind                state (slots)              update of one row (element-wise unless noted)
+==================  =========================  ==================================================
+``sgd``             none                       w -= lr * g
+``momentum``        momentum[dim]              m = momentum * m + g;  w -= lr * m
+``nesterov``        momentum[dim]              m = momentum * m + g;  w -= lr * (g + momentum * m)
+``adagrad``         accumulator[dim]           a += g^2;  w -= lr * g / (sqrt(a) + eps)
+``rowwise_adagrad`` accumulator[1]             a += mean(g^2) (one per row);  w -= lr * g / (sqrt(a) + eps)
+``adam``            exp_avg[dim],              t = row's own update count (lazy Adam);
+                    exp_avg_sq[dim]            m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
+                                               w -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)
+``ftrl``            linear[dim] (z),           p = -lr_power;  n' = n + g^2;
+                    accumulator[dim] (n)       z += g - (n'^p - n^p) / lr * w;  n = n';
+                                               w = 0 if |z| <= l1 else -(z - sign(z) l1) / (n'^p / lr + l2)
+==================  =========================  ==================================================
+
+Accumulators (``adagrad``, ``rowwise_adagrad``, FTRL's ``n``) start at
+``initial_accumulator``; every other slot starts at zero.
+"""
+import dataclasses
+import math
+
+import numpy as np
+
+from hpctrain.errors import ConfigError
+
+KINDS = ("sgd", "momentum", "nesterov", "adagrad", "rowwise_adagrad", "adam", "ftrl")
+
+# slot names per kind, in storage order (slot0, slot1); "row" marks a one-float-per-row slot
+_SLOTS = {
+    "sgd": (),
+    "momentum": (("momentum", "dim"),),
+    "nesterov": (("momentum", "dim"),),
+    "adagrad": (("accumulator", "dim"),),
+    "rowwise_adagrad": (("accumulator", "row"),),
+    "adam": (("exp_avg", "dim"), ("exp_avg_sq", "dim")),
+    "ftrl": (("linear", "dim"), ("accumulator", "dim")),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseOptimizer:
+    """Hyper-parameters of a table's sparse optimizer (see the module docstring for equations).
+
+    Args:
+        kind: one of ``KINDS``.
+        lr: learning rate (> 0).
+        momentum: momentum factor of ``momentum``/``nesterov`` in [0, 1).
+        beta1, beta2: Adam's moment decay rates in [0, 1).
+        eps: denominator guard of Adagrad and Adam (> 0).
+        initial_accumulator: start value of Adagrad/FTRL accumulators (>= 0).
+        l1, l2: FTRL's L1 and L2 regularisation strengths (>= 0).
+        lr_power: FTRL's learning-rate power (<= 0; -0.5 is the classic FTRL-Proximal).
+        weight_decay: coupled L2 weight decay added to every gradient (>= 0).
+
+    Raises:
+        ConfigError: naming the field when a value is out of range.
+    """
+
+    kind: str = "adagrad"
+    lr: float = 0.01
+    momentum: float = 0.9
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    initial_accumulator: float = 0.0
+    l1: float = 0.0
+    l2: float = 0.0
+    lr_power: float = -0.5
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ConfigError(f"optimizer kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
+        for name in ("lr", "momentum", "beta1", "beta2", "eps", "initial_accumulator", "l1",
+                     "l2", "lr_power", "weight_decay"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
+                raise ConfigError(f"optimizer {name} must be a number; got {v!r}")
+            if not math.isfinite(float(v)):
+                raise ConfigError(f"optimizer {name} must be finite; got {v!r}")
+            object.__setattr__(self, name, float(v))
+        _check(self.lr > 0, "lr", self.lr, "> 0")
+        _check(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
+        _check(0 <= self.beta1 < 1, "beta1", self.beta1, "in [0, 1)")
+        _check(0 <= self.beta2 < 1, "beta2", self.beta2, "in [0, 1)")
+        _check(self.eps > 0, "eps", self.eps, "> 0")
+        _check(self.initial_accumulator >= 0, "initial_accumulator", self.initial_accumulator, ">= 0")
+        _check(self.l1 >= 0, "l1", self.l1, ">= 0")
+        _check(self.l2 >= 0, "l2", self.l2, ">= 0")
+        _check(self.lr_power <= 0, "lr_power", self.lr_power, "<= 0")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+
+    @classmethod
+    def from_any(cls, spec):
+        """A SparseOptimizer from an instance, a kind name, or a dict of fields.
+
+        Raises:
+            ConfigError: on an unknown kind or field, or a bad value.
+        """
+        if isinstance(spec, cls):
+            return spec
+        if isinstance(spec, str):
+            return cls(kind=spec)
+        if isinstance(spec, dict):
+            fields = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(spec) - fields)
+            if unknown:
+                raise ConfigError(f"unknown optimizer field(s) {', '.join(map(str, unknown))}; "
+                                  f"valid fields: {', '.join(sorted(fields))}")
+            return cls(**spec)
+        raise ConfigError(f"optimizer must be a SparseOptimizer, a kind name or a dict; "
+                          f"got {type(spec).__name__}")
+
+    def slot_specs(self, dim):
+        """``[(name, width, initial value)]`` of this optimizer's per-row state."""
+        out = []
+        for name, width in _SLOTS[self.kind]:
+            init = self.initial_accumulator if name == "accumulator" else 0.0
+            out.append((name, dim if width == "dim" else 1, init))
+        return out
+
+    def slot_floats(self, dim):
+        """Optimizer state floats per row (the ``slots * dim`` term of the memory bound)."""
+        return sum(w for _, w, _ in self.slot_specs(dim))
+
+
+def _check(ok, name, value, want):
+    if not ok:
+        raise ConfigError(f"optimizer {name} must be {want}; got {value!r}")
+
+
+# ----------------------------------------------------------------------------- references
+
+def reference_update(opt, values, slots, grads, opt_step=None):
+    """Textbook update of rows ``values`` (float32[n, dim]) by ``grads``; NumPy reference.
+
+    Args:
+        opt: a SparseOptimizer.
+        values: float32[n, dim] current weights of the updated rows.
+        slots: dict slot name -> float32[n, width] state of those rows.
+        grads: float32[n, dim] one gradient per row (rows are distinct).
+        opt_step: int64[n] per-row update counts before this update (Adam only).
+
+    Returns:
+        ``(new_values, new_slots, new_opt_step)``, float32 like the table stores them.
+    """
+    w = np.asarray(values, np.float64)
+    g = np.asarray(grads, np.float64) + opt.weight_decay * w
+    s = {k: np.asarray(v, np.float64) for k, v in slots.items()}
+    t = None if opt_step is None else np.asarray(opt_step, np.int64).copy()
+    lr, kind = opt.lr, opt.kind
+    if kind == "sgd":
+        w = w - lr * g
+    elif kind in ("momentum", "nesterov"):
+        m = opt.momentum * s["momentum"] + g
+        s["momentum"] = m
+        w = w - lr * (g + opt.momentum * m if kind == "nesterov" else m)
+    elif kind == "adagrad":
+        a = s["accumulator"] + g * g
+        s["accumulator"] = a
+        w = w - lr * g / (np.sqrt(a) + opt.eps)
+    elif kind == "rowwise_adagrad":
+        a = s["accumulator"] + np.mean(g * g, axis=1, keepdims=True)
+        s["accumulator"] = a
+        w = w - lr * g / (np.sqrt(a) + opt.eps)
+    elif kind == "adam":
+        t = t + 1
+        b1, b2 = opt.beta1, opt.beta2
+        m = b1 * s["exp_avg"] + (1 - b1) * g
+        v = b2 * s["exp_avg_sq"] + (1 - b2) * g * g
+        s["exp_avg"], s["exp_avg_sq"] = m, v
+        tt = t.astype(np.float64)[:, None]
+        m_hat = m / (1 - b1 ** tt)
+        v_hat = v / (1 - b2 ** tt)
+        w = w - lr * m_hat / (np.sqrt(v_hat) + opt.eps)
+    elif kind == "ftrl":
+        p = -opt.lr_power
+        n_old = s["accumulator"]
+        n_new = n_old + g * g
+        z = s["linear"] + g - (n_new ** p - n_old ** p) / lr * w
+        s["linear"], s["accumulator"] = z, n_new
+        w = np.where(np.abs(z) <= opt.l1, 0.0,
+                     -(z - np.sign(z) * opt.l1) / (n_new ** p / lr + opt.l2))
+    else:  # pragma: no cover - SparseOptimizer validates kind
+        raise ConfigError(f"unknown optimizer kind {kind!r}")
+    return (w.astype(np.float32), {k: v.astype(np.float32) for k, v in s.items()}, t)

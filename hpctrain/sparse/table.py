@@ -1,0 +1,401 @@
+"""One shard of an embedding table: a dynamic hash table of float32 rows with a fused optimizer.
+
+``EmbeddingTable`` validates its inputs and drives the Cython core
+(``hpctrain._kernels.table.TableCore``)::
+
+    keys int64[n] --find/find_or_insert--> row indices int64[n] (-1: absent / not admitted)
+    row indices   --gather-------------->  float32[n, dim] (zeros for -1)
+    row indices + float32[n, dim] grads --apply_gradients--> fused optimizer update
+
+Storage (details in docs/embedding-table.md)::
+
+    hash index   {int64 key, int32 row} x slots   open addressing, linear probing, load <= 0.75
+    values       float32[rows, dim]                densely packed, freed rows reused
+    slots        float32[rows, width] per slot     optimizer state, parallel to values
+    meta         {int64 access count, int64 last update step} per row
+
+Every batched operation uses ``hpctrain._kernels._openmp.get_num_threads()`` threads and
+gives bit-identical results for any thread count.
+"""
+import math
+import os
+
+import numpy as np
+
+from hpctrain._kernels import table as _kernel
+from hpctrain._kernels._openmp import get_num_threads
+from hpctrain.errors import NonFiniteError
+from hpctrain.sparse.init import INITS, default_scale
+from hpctrain.sparse.optimizers import KINDS, SparseOptimizer
+from hpctrain.sparse.policies import Admission, Eviction
+
+_OPT_CODE = {kind: code for code, kind in enumerate(KINDS)}  # order of table_optim.pxi's enum
+_ADM_CODE = {"exact": 1, "bloom": 2}
+_META = ("access_count", "last_step", "opt_step")
+_MAX_STEP = (1 << 63) - 1
+
+
+def as_int64(x, argname, *, uint64_bits=False):
+    """``x`` as a contiguous int64[n] array, converting only losslessly.
+
+    Args:
+        x: array-like of integers.
+        argname: argument name for error messages.
+        uint64_bits: accept uint64 input as the same 64 bits (keys are bit patterns).
+
+    Raises:
+        TypeError: naming ``argname`` when the dtype cannot be converted without loss.
+        ValueError: naming ``argname`` and its shape when it is not 1-D.
+    """
+    try:
+        a = np.asarray(x)
+    except (OverflowError, ValueError) as e:
+        raise TypeError(f"{argname} must be integers that fit int64: {e}") from None
+    if a.ndim != 1:
+        raise ValueError(f"{argname} must be 1-D int64[n]; got shape {a.shape}")
+    if a.dtype == np.int64:
+        return np.ascontiguousarray(a)
+    if a.size == 0 and a.dtype.kind in "iuf":  # [] arrives as float64
+        return np.empty(0, dtype=np.int64)
+    if a.dtype == np.uint64 and uint64_bits:
+        return np.ascontiguousarray(a).view(np.int64)
+    if a.dtype.kind in "iu" and np.can_cast(a.dtype, np.int64, "safe"):
+        return np.ascontiguousarray(a, dtype=np.int64)
+    raise TypeError(f"{argname} must be an integer array convertible to int64 without loss; "
+                    f"got dtype {a.dtype}")
+
+
+def as_float32_2d(x, argname, shape):
+    """``x`` as a contiguous float32 array of ``shape``, converting only losslessly.
+
+    Raises:
+        TypeError: naming ``argname`` when the dtype cannot be converted without loss.
+        ValueError: naming ``argname`` with the expected and actual shapes.
+    """
+    a = np.asarray(x)
+    if a.dtype != np.float32:
+        if not (a.dtype.kind in "iuf" and np.can_cast(a.dtype, np.float32, "safe")) and a.size:
+            raise TypeError(f"{argname} must be float32 (or convertible without loss, e.g. "
+                            f"float16); got dtype {a.dtype}")
+    if a.shape != tuple(shape):
+        raise ValueError(f"{argname} has shape {a.shape}; expected {tuple(shape)}")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def as_step(step):
+    """A training step as a Python int in [0, 2^63 - 1]."""
+    if isinstance(step, (bool, np.bool_)) or not hasattr(step, "__index__"):
+        raise TypeError(f"step must be an integer; got {type(step).__name__} {step!r}")
+    s = int(step)
+    if not 0 <= s <= _MAX_STEP:
+        raise ValueError(f"step must be in [0, 2^63 - 1]; got {s}")
+    return s
+
+
+def _as_u64(v, argname):
+    if isinstance(v, (bool, np.bool_)) or not hasattr(v, "__index__"):
+        raise TypeError(f"{argname} must be an integer; got {type(v).__name__} {v!r}")
+    v = int(v)
+    if not -(1 << 63) <= v < (1 << 64):
+        raise ValueError(f"{argname} must fit in 64 bits; got {v}")
+    return v & ((1 << 64) - 1)
+
+
+class EmbeddingTable:
+    """A dynamic-vocabulary embedding table shard with a fused sparse optimizer.
+
+    Args:
+        name: table name (used in error messages).
+        dim: row width.
+        optimizer: a SparseOptimizer, an optimizer kind name, or a dict of its fields.
+        table_id: table id, part of every row's initial value.
+        seed: model seed, part of every row's initial value.
+        init: ``"uniform"`` (in [-a, a)) or ``"normal"`` (std s).
+        init_scale: a or s; default ``1 / sqrt(dim)``.
+        capacity: rows to allocate up front (the table grows past it).
+        admission: Admission, dict or None (admit every key at once).
+        eviction: Eviction, dict or None (``evict`` removes nothing).
+        debug: extra checks: duplicate indices in ``apply_gradients``, freed rows in
+            ``gather``. Also on when the environment has ``HPCTRAIN_DEBUG=1``.
+
+    Raises:
+        ConfigError: on invalid optimizer, admission or eviction settings.
+        TypeError, ValueError: on other invalid arguments.
+    """
+
+    def __init__(self, name, dim, optimizer="adagrad", *, table_id=0, seed=0, init="uniform",
+                 init_scale=None, capacity=1024, admission=None, eviction=None, debug=False):
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"table name must be a non-empty str; got {name!r}")
+        if isinstance(dim, bool) or not hasattr(dim, "__index__") or int(dim) < 1:
+            raise ValueError(f"table {name!r}: dim must be an integer >= 1; got {dim!r}")
+        if init not in INITS:
+            raise ValueError(f"table {name!r}: init must be one of {', '.join(INITS)}; got {init!r}")
+        if init_scale is not None:
+            if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float, np.number)) \
+                    or not math.isfinite(init_scale) or init_scale <= 0:
+                raise ValueError(f"table {name!r}: init_scale must be a finite number > 0; "
+                                 f"got {init_scale!r}")
+        if isinstance(capacity, bool) or not hasattr(capacity, "__index__") \
+                or not 1 <= int(capacity) <= (1 << 31) - 1:
+            raise ValueError(f"table {name!r}: capacity must be an integer in [1, 2^31 - 1]; "
+                             f"got {capacity!r}")
+        self._name = name
+        self._dim = int(dim)
+        self._table_id = int(table_id) if hasattr(table_id, "__index__") else table_id
+        self._seed = seed
+        self._opt = SparseOptimizer.from_any(optimizer)
+        self._admission = Admission.from_any(admission)
+        self._eviction = Eviction.from_any(eviction)
+        self._init = init
+        self._init_scale = default_scale(self._dim) if init_scale is None else float(init_scale)
+        self._debug = bool(debug) or os.environ.get("HPCTRAIN_DEBUG") == "1"
+        self._slots = self._opt.slot_specs(self._dim)
+        widths = [w for _, w, _ in self._slots] + [0, 0]
+        inits = [v for _, _, v in self._slots] + [0.0, 0.0]
+        o, a = self._opt, self._admission
+        self._core = _kernel.TableCore(
+            self._dim, _OPT_CODE[o.kind], o.lr, o.momentum, o.beta1, o.beta2, o.eps, o.l1, o.l2,
+            o.lr_power, o.weight_decay, widths[0], widths[1], inits[0], inits[1],
+            o.kind == "adam", _as_u64(seed, "seed"), _as_u64(table_id, "table_id"),
+            init == "normal", self._init_scale, int(capacity), a.min_count,
+            _ADM_CODE[a.counter], a.bloom_size, a.bloom_hashes)
+
+    # ------------------------------------------------------------------ properties
+
+    name = property(lambda self: self._name, doc="Table name.")
+    dim = property(lambda self: self._dim, doc="Row width.")
+    table_id = property(lambda self: self._table_id, doc="Table id (part of the init formula).")
+    seed = property(lambda self: self._seed, doc="Seed (part of the init formula).")
+    optimizer = property(lambda self: self._opt, doc="The SparseOptimizer.")
+    admission = property(lambda self: self._admission, doc="The Admission policy.")
+    eviction = property(lambda self: self._eviction, doc="The Eviction policy.")
+    init = property(lambda self: self._init, doc='"uniform" or "normal".')
+    init_scale = property(lambda self: self._init_scale, doc="Init half-width / std.")
+    debug = property(lambda self: self._debug, doc="Whether debug checks run.")
+    slot_names = property(lambda self: [s for s, _, _ in self._slots],
+                          doc="Names of the optimizer state slots, in export order.")
+
+    def __len__(self):
+        return self._core.n_live
+
+    def __repr__(self):
+        return (f"EmbeddingTable({self._name!r}, dim={self._dim}, optimizer={self._opt.kind!r}, "
+                f"rows={len(self)}, table_id={self._table_id})")
+
+    # ------------------------------------------------------------------ batched operations
+
+    def find(self, keys):
+        """Row indices of ``keys`` (int64[n]), -1 where absent; read-only.
+
+        Raises:
+            TypeError, ValueError: for keys that are not a 1-D integer array.
+        """
+        k = as_int64(keys, "keys", uint64_bits=True)
+        out = np.empty(k.shape[0], dtype=np.int64)
+        self._core.find(k, out, get_num_threads())
+        return out
+
+    def find_or_insert(self, keys, step):
+        """Row indices of ``keys``, inserting (freshly initialised) keys that are admitted.
+
+        Each occurrence counts once toward a key's admission count and access count.
+        Keys not (yet) admitted get -1.
+
+        Args:
+            keys: int64[n] feature ids (callers normally pass unique keys).
+            step: training step, recorded as the last update step of new rows.
+
+        Returns:
+            int64[n] row indices.
+        """
+        k = as_int64(keys, "keys", uint64_bits=True)
+        s = as_step(step)
+        out = np.empty(k.shape[0], dtype=np.int64)
+        self._core.find_or_insert(k, out, s, get_num_threads())
+        return out
+
+    def gather(self, indices, out=None):
+        """Rows at ``indices`` as float32[n, dim]; zeros where the index is -1.
+
+        Args:
+            indices: int64[n] row indices from find/find_or_insert.
+            out: optional float32[n, dim] C-contiguous array to fill.
+
+        Raises:
+            IndexError: naming the first index that is not a row of this table.
+        """
+        idx = as_int64(indices, "indices")
+        shape = (idx.shape[0], self._dim)
+        if out is None:
+            out = np.empty(shape, dtype=np.float32)
+        else:
+            if not isinstance(out, np.ndarray) or out.dtype != np.float32:
+                raise TypeError(f"out must be a float32 ndarray; got "
+                                f"{getattr(out, 'dtype', type(out).__name__)}")
+            if out.shape != shape:
+                raise ValueError(f"out has shape {out.shape}; expected {shape}")
+            if not out.flags.c_contiguous or not out.flags.writeable:
+                raise ValueError("out must be C-contiguous and writeable")
+        if self._core.gather(idx, out, get_num_threads(), self._debug):
+            self._raise_bad_index(idx, "indices", self._debug)
+        return out
+
+    def apply_gradients(self, indices, grads, step):
+        """Apply the optimizer to the rows at ``indices`` (unique; -1 entries skipped).
+
+        Nothing is updated when any input is rejected.
+
+        Args:
+            indices: int64[n] unique row indices.
+            grads: float32[n, dim] one gradient per index.
+            step: training step, recorded as the rows' last update step.
+
+        Raises:
+            NonFiniteError: if grads hold NaN or Inf (names the table and row).
+            IndexError: naming the first index that is not a row of this table.
+            ValueError: on duplicate indices (debug mode) or mismatched shapes.
+        """
+        idx = as_int64(indices, "indices")
+        g = as_float32_2d(grads, "grads", (idx.shape[0], self._dim))
+        s = as_step(step)
+        if self._debug:
+            self._check_unique(idx)
+        nbad, nnf = self._core.apply(idx, g, s, get_num_threads())
+        if nbad:
+            self._raise_bad_index(idx, "indices", True)
+        if nnf:
+            i = self._core.first_nonfinite(g)
+            raise NonFiniteError(f"table {self._name!r}: gradient row {i} (index {idx[i]}) holds "
+                                 f"NaN or Inf ({nnf} such rows); no row was updated")
+
+    def evict(self, step):
+        """Evict rows by the table's Eviction policy; returns how many rows were evicted.
+
+        First rows whose last update is more than ``ttl`` steps before ``step``, then the
+        least frequently used rows (ties: older last update, then smaller key) until at
+        most ``max_rows`` remain. Freed rows are reused by later inserts.
+        """
+        s = as_step(step)
+        ev = self._eviction
+        n = 0
+        if ev.ttl is not None:
+            n += self._core.remove_rows(self._core.ttl_rows(s, ev.ttl))
+        if ev.max_rows is not None and len(self) > ev.max_rows:
+            rows = self._core.live_rows()
+            access, last, _ = self._core.meta_of(rows)
+            keys = self._core.keys_by_row()[rows]
+            order = np.lexsort((keys, last, access))
+            n += self._core.remove_rows(np.sort(rows[order[:len(rows) - ev.max_rows]]))
+        return n
+
+    # ------------------------------------------------------------------ state
+
+    def export(self):
+        """Every stored row, in increasing row order, as row-aligned arrays.
+
+        Returns:
+            ``{"keys": int64[n], "values": float32[n, dim], "slots": {name: float32[n, w]},
+            "access_count": int64[n], "last_step": int64[n], "opt_step": int64[n]}``;
+            ``opt_step`` is Adam's per-row update count (zeros for other optimizers).
+            Pending admission counts are not part of the state.
+        """
+        rows = self._core.live_rows()
+        access, last, ost = self._core.meta_of(rows)
+        return {
+            "keys": self._core.keys_by_row()[rows],
+            "values": self._core.copy_rows(rows, 0),
+            "slots": {name: self._core.copy_rows(rows, i + 1)
+                      for i, (name, _, _) in enumerate(self._slots)},
+            "access_count": access, "last_step": last, "opt_step": ost,
+        }
+
+    def import_(self, state):
+        """Store the rows of ``state`` (as ``export`` returns it, possibly filtered or
+        concatenated row-wise), overwriting keys already present. Admission is bypassed.
+
+        Raises:
+            TypeError, ValueError: naming the entry that is missing, mistyped or misshapen,
+                a slot this optimizer does not have, or a repeated key.
+        """
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict as export() returns; got {type(state).__name__}")
+        for req in ("keys", "values"):
+            if req not in state:
+                raise ValueError(f"table {self._name!r}: state lacks {req!r}")
+        keys = as_int64(state["keys"], "state['keys']", uint64_bits=True)
+        n = keys.shape[0]
+        values = as_float32_2d(state["values"], "state['values']", (n, self._dim))
+        slots = state.get("slots") or {}
+        if not isinstance(slots, dict):
+            raise TypeError(f"state['slots'] must be a dict; got {type(slots).__name__}")
+        extra = sorted(set(slots) - set(self.slot_names))
+        if extra:
+            raise ValueError(f"table {self._name!r}: state has slot(s) {extra} that optimizer "
+                             f"{self._opt.kind!r} does not have (it has {self.slot_names})")
+        arrs = []
+        for name, width, _ in self._slots:
+            if name not in slots:
+                raise ValueError(f"table {self._name!r}: state['slots'] lacks {name!r} "
+                                 f"(optimizer {self._opt.kind!r})")
+            arrs.append(as_float32_2d(slots[name], f"state['slots'][{name!r}]", (n, width)))
+        arrs += [None] * (2 - len(arrs))
+        meta = []
+        for name in _META:
+            if name in state:
+                a = as_int64(state[name], f"state[{name!r}]")
+                if a.shape != (n,):
+                    raise ValueError(f"state[{name!r}] has shape {a.shape}; expected {(n,)}")
+                if n and a.min() < 0:
+                    raise ValueError(f"table {self._name!r}: state[{name!r}] holds negative "
+                                     f"value {a.min()}")
+            else:
+                a = np.zeros(n, dtype=np.int64)
+            meta.append(a)
+        if n > 1:
+            sk = np.sort(keys)
+            dup = sk[1:][sk[1:] == sk[:-1]]
+            if dup.size:
+                raise ValueError(f"table {self._name!r}: state['keys'] repeats key {dup[0]}")
+        rows = self._core.import_keys(keys)
+        self._core.write_rows(rows, values, arrs[0], arrs[1], *meta)
+
+    def memory_stats(self):
+        """Storage figures: row/slot counts, bytes per part, bytes per row and its bound.
+
+        ``bytes_per_row`` counts the index, rows, optimizer state and metadata (not the
+        admission counters); ``bound_bytes_per_row`` is 1.25 x (8 + 4 * (dim + state floats)).
+        """
+        c = self._core
+        nb = c.nbytes()
+        table_bytes = nb["index"] + nb["rows"] + nb["meta"] + nb["free_list"]
+        n = len(self)
+        return {
+            "rows": n, "row_capacity": c.row_cap, "rows_ever": c.row_high, "free_rows": c.n_free,
+            "index_slots": c.index_cap, "index_load": c.index_used / c.index_cap,
+            "bytes_index": nb["index"], "bytes_rows": nb["rows"], "bytes_meta": nb["meta"],
+            "bytes_free_list": nb["free_list"], "bytes_admission": nb["admission"],
+            "pending_admission": c.pending_admission(),
+            "bytes_total": table_bytes + nb["admission"],
+            "bytes_per_row": table_bytes / n if n else float("nan"),
+            "bound_bytes_per_row": 1.25 * (8 + 4 * (self._dim + self._opt.slot_floats(self._dim))),
+        }
+
+    # ------------------------------------------------------------------ helpers
+
+    def _check_unique(self, idx):
+        live = idx[idx >= 0]
+        if live.size > 1:
+            s = np.sort(live)
+            dup = s[1:][s[1:] == s[:-1]]
+            if dup.size:
+                pos = np.flatnonzero(idx == dup[0])
+                raise ValueError(f"table {self._name!r}: indices must be unique; index {dup[0]} "
+                                 f"appears at positions {pos[:4].tolist()}")
+
+    def _raise_bad_index(self, idx, argname, check_alive):
+        i = self._core.first_bad_row(idx, check_alive)
+        r = idx[i]
+        what = "a freed row" if 0 <= r < self._core.row_high else \
+            f"outside [-1, {self._core.row_high})"
+        raise IndexError(f"table {self._name!r}: {argname}[{i}] = {r} is {what}")

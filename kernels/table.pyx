@@ -1,0 +1,787 @@
+# cython: language_level=3
+"""Core of one embedding table shard: a hash index over a densely packed row store.
+
+The layout is drawn in table.pxd. Every batched method takes whole NumPy batches as typed
+memoryviews, releases the GIL and runs ``prange`` loops with the thread count the caller
+passes (``hpctrain._kernels._openmp.get_num_threads()``).
+
+Determinism: ``find``, ``gather`` and ``apply`` touch each row independently. ``find_or_insert``
+probes every key in parallel, then inserts the missing keys serially in batch order (so row
+ids and admission counts do not depend on the thread count), then initialises the new rows
+in parallel. Input validation (dtypes, shapes, steps) is done by the Python wrapper
+``hpctrain.sparse.table.EmbeddingTable``; this core still range-checks every row index so
+that nothing a caller passes can touch memory outside the table.
+"""
+from cython.parallel cimport prange
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy, memset
+
+import numpy as np
+
+from table_core cimport *
+
+include "table_init.pxi"
+include "table_optim.pxi"
+include "table_admit.pxi"
+
+cdef double MAX_LOAD = 0.75          # index load that triggers a 1.5x rehash
+cdef double COUNTER_MAX_LOAD = 0.5   # exact admission counter map
+cdef int64_t MAX_ROWS = 2147483647   # row ids are int32 in the index
+cdef int64_t PF = 8                  # prefetch distance, in batch entries
+cdef int64_t _par_min = 1024         # batches smaller than this run on one thread
+
+
+def set_parallel_threshold(int64_t n):
+    """Batches with fewer than ``n`` entries run single-threaded (default 1024)."""
+    global _par_min
+    if n < 1:
+        raise ValueError(f"parallel threshold must be >= 1, got {n}")
+    _par_min = n
+
+
+def parallel_threshold():
+    """The current single-thread cut-off of batched table kernels."""
+    return _par_min
+
+
+def init_rows_reference(const int64_t[::1] keys, int64_t dim, uint64_t seed, uint64_t table_id,
+                        bint normal, double scale):
+    """Initial rows of ``keys`` as the table computes them (float32[n, dim])."""
+    cdef int64_t n = keys.shape[0], i
+    out = np.empty((n, dim), dtype=np.float32)
+    cdef float[:, ::1] o = out
+    cdef uint64_t tkey = init_table_key(seed, table_id)
+    for i in range(n):
+        init_values(&o[i, 0], dim, tkey, keys[i], normal, scale)
+    return out
+
+
+cdef inline int64_t _lookup(const ht_slot* idx, int64_t cap, int64_t key) noexcept nogil:
+    """Row of key, or -1. The index is never full, so the probe ends at an empty slot."""
+    cdef int64_t p = ht_fastrange(ht_index_hash(key), cap)
+    while True:
+        if idx[p].row < 0:
+            return -1
+        if idx[p].key == key:
+            return idx[p].row
+        p += 1
+        if p == cap:
+            p = 0
+
+
+cdef inline int64_t _probe(const ht_slot* idx, int64_t cap, int64_t key) noexcept nogil:
+    """Slot holding key, or the empty slot where it belongs."""
+    cdef int64_t p = ht_fastrange(ht_index_hash(key), cap)
+    while idx[p].row >= 0 and idx[p].key != key:
+        p += 1
+        if p == cap:
+            p = 0
+    return p
+
+
+cdef inline void _prefetch_bytes(const void* p, int64_t nbytes, bint write) noexcept nogil:
+    cdef const char* c = <const char*>p
+    cdef int64_t off = 0
+    while off < nbytes:
+        if write:
+            ht_prefetch_w(c + off)
+        else:
+            ht_prefetch(c + off)
+        off += 64
+
+
+cdef inline void _copy_row(float* dst, const float* src, int64_t nbytes) noexcept nogil:
+    # constant sizes let the compiler emit straight vector moves for the common widths
+    if nbytes == 64:
+        memcpy(dst, src, 64)
+    elif nbytes == 128:
+        memcpy(dst, src, 128)
+    elif nbytes == 256:
+        memcpy(dst, src, 256)
+    elif nbytes == 512:
+        memcpy(dst, src, 512)
+    else:
+        memcpy(dst, src, nbytes)
+
+
+cdef inline bint _has_nonfinite(const float* g, int64_t d) noexcept nogil:
+    # exponent all ones = Inf or NaN; an integer OR-reduction vectorises
+    cdef const uint32_t* u = <const uint32_t*>g
+    cdef uint32_t bad = 0
+    cdef int64_t j
+    for j in range(d):
+        bad |= <uint32_t>((u[j] & 0x7F800000u) == 0x7F800000u)
+    return bad != 0
+
+
+cdef class TableCore:
+    """C storage and batched kernels of one table shard (layout in table_core.pxd)."""
+    # configuration
+    cdef readonly int64_t dim
+    cdef readonly int opt_kind
+    cdef double lr, momentum, beta1, beta2, eps, l1, l2, lr_power, weight_decay
+    cdef readonly int64_t w0, w1
+    cdef float init0, init1
+    cdef readonly uint64_t init_key
+    cdef readonly bint init_normal
+    cdef readonly double init_scale
+    # hash index
+    cdef ht_slot* index
+    cdef readonly int64_t index_cap
+    cdef readonly int64_t index_used
+    cdef int64_t index_grow_at
+    # row store
+    cdef readonly int64_t row_cap
+    cdef readonly int64_t row_high
+    cdef readonly int64_t n_live
+    cdef float* values
+    cdef float* slot0
+    cdef float* slot1
+    cdef ht_meta* meta
+    cdef int64_t* opt_step
+    cdef readonly bint has_opt_step
+    cdef int32_t* free_rows
+    cdef readonly int64_t n_free
+    cdef int64_t free_cap
+    # admission
+    cdef readonly int64_t min_count
+    cdef readonly int adm_kind
+    cdef uint8_t* bloom
+    cdef readonly int64_t bloom_size
+    cdef readonly int bloom_hashes
+    cdef ht_cslot* counters
+    cdef readonly int64_t counter_cap
+    cdef readonly int64_t counter_used
+
+    def __cinit__(self, int64_t dim, int opt_kind, double lr, double momentum, double beta1,
+                  double beta2, double eps, double l1, double l2, double lr_power,
+                  double weight_decay, int64_t w0, int64_t w1, float init0, float init1,
+                  bint has_opt_step, uint64_t seed, uint64_t table_id, bint init_normal,
+                  double init_scale, int64_t capacity, int64_t min_count, int adm_kind,
+                  int64_t bloom_size, int bloom_hashes):
+        if dim < 1 or w0 < 0 or w1 < 0 or capacity < 1 or capacity > MAX_ROWS:
+            raise ValueError(f"TableCore: bad sizes dim={dim} w0={w0} w1={w1} capacity={capacity}")
+        if opt_kind < OPT_SGD or opt_kind > OPT_FTRL or adm_kind < ADM_NONE or adm_kind > ADM_BLOOM:
+            raise ValueError(f"TableCore: bad optimizer {opt_kind} or admission {adm_kind} code")
+        self.dim = dim
+        self.opt_kind = opt_kind
+        self.lr, self.momentum, self.beta1, self.beta2, self.eps = lr, momentum, beta1, beta2, eps
+        self.l1, self.l2, self.lr_power, self.weight_decay = l1, l2, lr_power, weight_decay
+        self.w0, self.w1, self.init0, self.init1 = w0, w1, init0, init1
+        self.has_opt_step = has_opt_step
+        self.init_key = init_table_key(seed, table_id)
+        self.init_normal = init_normal
+        self.init_scale = init_scale
+        self.min_count = min_count
+        self.adm_kind = adm_kind if min_count > 1 else ADM_NONE
+        self.bloom_size = bloom_size
+        self.bloom_hashes = bloom_hashes
+
+        self.index_cap = max(16, <int64_t>(capacity / MAX_LOAD) + 1)
+        self.index = <ht_slot*>ht_alloc(self.index_cap * sizeof(ht_slot))
+        if self.index == NULL:
+            raise MemoryError(f"cannot allocate a {self.index_cap}-slot hash index")
+        memset(self.index, 0xFF, self.index_cap * sizeof(ht_slot))
+        self.index_grow_at = <int64_t>(self.index_cap * MAX_LOAD)
+        if self._grow_rows(capacity) != 0:
+            raise MemoryError(f"cannot allocate {capacity} rows of dim {dim}")
+        if self.adm_kind == ADM_BLOOM:
+            if bloom_size < 1 or bloom_hashes < 1:
+                raise ValueError(f"bad Bloom filter size {bloom_size} / hashes {bloom_hashes}")
+            self.bloom = <uint8_t*>ht_alloc(bloom_size)
+            if self.bloom == NULL:
+                raise MemoryError(f"cannot allocate a {bloom_size}-counter Bloom filter")
+            memset(self.bloom, 0, bloom_size)
+        elif self.adm_kind == ADM_EXACT:
+            self.counter_cap = 1024
+            self.counters = <ht_cslot*>ht_alloc(self.counter_cap * sizeof(ht_cslot))
+            if self.counters == NULL:
+                raise MemoryError("cannot allocate the admission counter map")
+            memset(self.counters, 0, self.counter_cap * sizeof(ht_cslot))
+
+    def __dealloc__(self):
+        cdef int64_t rc = self.row_cap
+        ht_free(self.index, self.index_cap * sizeof(ht_slot))
+        ht_free(self.values, rc * self.dim * sizeof(float))
+        ht_free(self.slot0, rc * self.w0 * sizeof(float))
+        ht_free(self.slot1, rc * self.w1 * sizeof(float))
+        ht_free(self.meta, rc * sizeof(ht_meta))
+        ht_free(self.opt_step, rc * sizeof(int64_t))
+        ht_free(self.bloom, self.bloom_size)
+        ht_free(self.counters, self.counter_cap * sizeof(ht_cslot))
+        free(self.free_rows)
+
+    # ------------------------------------------------------------------ storage management
+
+    cdef int _rehash(self, int64_t new_cap) noexcept nogil:
+        cdef ht_slot* ni = <ht_slot*>ht_alloc(new_cap * sizeof(ht_slot))
+        cdef int64_t i, p, used = 0
+        if ni == NULL:
+            return -1
+        memset(ni, 0xFF, new_cap * sizeof(ht_slot))
+        for i in range(self.index_cap):
+            # rehash drops the entries of rows freed since the last rebuild (last_step -1)
+            if self.index[i].row >= 0 and self.meta[self.index[i].row].last_step >= 0:
+                p = _probe(ni, new_cap, self.index[i].key)
+                ni[p] = self.index[i]
+                used += 1
+        ht_free(self.index, self.index_cap * sizeof(ht_slot))
+        self.index = ni
+        self.index_cap = new_cap
+        self.index_used = used
+        self.index_grow_at = <int64_t>(new_cap * MAX_LOAD)
+        return 0
+
+    cdef int _reserve_index(self, int64_t n_more) noexcept nogil:
+        cdef int64_t need = self.index_used + n_more
+        if need <= self.index_grow_at:
+            return 0
+        return self._rehash(max(self.index_cap + self.index_cap // 2, <int64_t>(need / MAX_LOAD) + 1))
+
+    cdef int _grow_rows(self, int64_t new_cap) noexcept nogil:
+        cdef int64_t old = self.row_cap
+        cdef void** ptrs[5]
+        cdef size_t width[5]
+        cdef void* p
+        cdef int k, k2
+        ptrs[0] = <void**>&self.values
+        ptrs[1] = <void**>&self.slot0
+        ptrs[2] = <void**>&self.slot1
+        ptrs[3] = <void**>&self.meta
+        ptrs[4] = <void**>&self.opt_step
+        width[0] = self.dim * sizeof(float)
+        width[1] = self.w0 * sizeof(float)
+        width[2] = self.w1 * sizeof(float)
+        width[3] = sizeof(ht_meta)
+        width[4] = sizeof(int64_t) if self.has_opt_step else 0
+        for k in range(5):
+            if width[k] == 0:
+                continue
+            p = ht_realloc(ptrs[k][0], old * width[k], new_cap * width[k])
+            if p == NULL:
+                for k2 in range(k):  # give back what was already grown
+                    if width[k2] != 0 and old > 0:
+                        p = ht_realloc(ptrs[k2][0], new_cap * width[k2], old * width[k2])
+                        if p != NULL:
+                            ptrs[k2][0] = p
+                return -1
+            ptrs[k][0] = p
+        self.row_cap = new_cap
+        return 0
+
+    cdef int _reserve_rows(self, int64_t n_more) noexcept nogil:
+        cdef int64_t need
+        if n_more <= self.n_free + self.row_cap - self.row_high:
+            return 0
+        need = self.row_high + n_more - self.n_free
+        if need > MAX_ROWS:
+            return -1
+        return self._grow_rows(min(MAX_ROWS, max(need, self.row_cap + self.row_cap // 8)))
+
+    cdef int64_t _alloc_row(self) noexcept nogil:
+        cdef int64_t r
+        if self.n_free > 0:
+            self.n_free -= 1
+            return self.free_rows[self.n_free]
+        if self.row_high == self.row_cap:
+            if self.row_cap >= MAX_ROWS:
+                return -1
+            if self._grow_rows(min(MAX_ROWS, self.row_cap + max(self.row_cap // 8, 64))) != 0:
+                return -1
+        r = self.row_high
+        self.row_high += 1
+        return r
+
+    cdef int _push_free(self, int64_t row) noexcept nogil:
+        cdef int64_t nc
+        cdef int32_t* p
+        if self.n_free == self.free_cap:
+            nc = max(64, self.free_cap * 2)
+            p = <int32_t*>realloc(self.free_rows, nc * sizeof(int32_t))
+            if p == NULL:
+                return -1
+            self.free_rows = p
+            self.free_cap = nc
+        self.free_rows[self.n_free] = <int32_t>row
+        self.n_free += 1
+        return 0
+
+    cdef void _init_rows(self, const int64_t* rows, const int64_t* keys, int64_t m,
+                         int nt) noexcept nogil:
+        cdef int64_t j, r, dim = self.dim, w0 = self.w0, w1 = self.w1
+        cdef float* values = self.values
+        cdef float* slot0 = self.slot0
+        cdef float* slot1 = self.slot1
+        cdef int64_t* opt_step = self.opt_step
+        cdef uint64_t tkey = self.init_key
+        cdef bint normal = self.init_normal
+        cdef double scale = self.init_scale
+        cdef float init0 = self.init0, init1 = self.init1
+        for j in prange(m, num_threads=nt, schedule='static'):
+            r = rows[j]
+            init_values(values + r * dim, dim, tkey, keys[j], normal, scale)
+            if w0 > 0:
+                fill_floats(slot0 + r * w0, w0, init0)
+            if w1 > 0:
+                fill_floats(slot1 + r * w1, w1, init1)
+            if opt_step != NULL:
+                opt_step[r] = 0
+
+    # ------------------------------------------------------------------ admission
+
+    cdef int _counter_grow(self) noexcept nogil:
+        cdef int64_t nc = self.counter_cap * 2, i, p
+        cdef ht_cslot* nt = <ht_cslot*>ht_alloc(nc * sizeof(ht_cslot))
+        if nt == NULL:
+            return -1
+        memset(nt, 0, nc * sizeof(ht_cslot))
+        for i in range(self.counter_cap):
+            if self.counters[i].count != 0:
+                p = cmap_probe(nt, nc, self.counters[i].key)
+                nt[p] = self.counters[i]
+        ht_free(self.counters, self.counter_cap * sizeof(ht_cslot))
+        self.counters = nt
+        self.counter_cap = nc
+        return 0
+
+    cdef int _admit(self, int64_t key) noexcept nogil:
+        """Count one occurrence of a key not in the table: 1 admitted, 0 not yet, -1 no memory."""
+        cdef int64_t p
+        if self.adm_kind == ADM_BLOOM:
+            return 1 if bloom_add(self.bloom, self.bloom_size, self.bloom_hashes, key) >= self.min_count else 0
+        if self.counter_used + 1 > self.counter_cap * COUNTER_MAX_LOAD:
+            if self._counter_grow() != 0:
+                return -1
+        p = cmap_probe(self.counters, self.counter_cap, key)
+        if self.counters[p].count == 0:
+            self.counters[p].key = key
+            self.counters[p].count = 1
+            self.counter_used += 1
+        elif self.counters[p].count < 0xFFFFFFFFu:
+            self.counters[p].count += 1
+        if self.counters[p].count >= self.min_count:
+            # admitted keys leave the counter map, so it only holds keys still waiting
+            cmap_delete(self.counters, self.counter_cap, p)
+            self.counter_used -= 1
+            return 1
+        return 0
+
+    # ------------------------------------------------------------------ batched lookups
+
+    def find(self, const int64_t[::1] keys, int64_t[::1] out, int nt):
+        """out[i] = row of keys[i], or -1."""
+        cdef int64_t n = keys.shape[0], i
+        if n == 0:
+            return
+        cdef const int64_t* k = &keys[0]
+        cdef int64_t* o = &out[0]
+        cdef const ht_slot* idx = self.index
+        cdef int64_t cap = self.index_cap
+        if n < _par_min:
+            nt = 1
+        with nogil:
+            for i in prange(n, num_threads=nt, schedule='static'):
+                if i + PF < n:
+                    ht_prefetch(&idx[ht_fastrange(ht_index_hash(k[i + PF]), cap)])
+                o[i] = _lookup(idx, cap, k[i])
+
+    cdef int64_t _insert_missing(self, const int64_t* keys, int64_t* out, int64_t n, int64_t step,
+                                 int64_t* new_rows, int64_t* new_keys, int* status) noexcept nogil:
+        cdef int64_t i, p, r, key, n_new = 0
+        cdef int adm
+        status[0] = 0
+        for i in range(n):
+            if out[i] >= 0:
+                continue
+            key = keys[i]
+            p = _probe(self.index, self.index_cap, key)
+            if self.index[p].row >= 0:  # a repeat of a key inserted earlier in this batch
+                r = self.index[p].row
+                self.meta[r].access += 1
+                out[i] = r
+                continue
+            if self.adm_kind != ADM_NONE:
+                adm = self._admit(key)
+                if adm < 0:
+                    status[0] = -1
+                    break
+                if adm == 0:
+                    continue
+            if self.index_used + 1 > self.index_grow_at:
+                if self._reserve_index(1) != 0:
+                    status[0] = -1
+                    break
+                p = _probe(self.index, self.index_cap, key)
+            r = self._alloc_row()
+            if r < 0:
+                status[0] = -1
+                break
+            self.index[p].key = key
+            self.index[p].row = <int32_t>r
+            self.index_used += 1
+            self.n_live += 1
+            self.meta[r].access = 1
+            self.meta[r].last_step = step
+            new_rows[n_new] = r
+            new_keys[n_new] = key
+            n_new += 1
+            out[i] = r
+        return n_new
+
+    def find_or_insert(self, const int64_t[::1] keys, int64_t[::1] out, int64_t step, int nt):
+        """out[i] = row of keys[i], inserting admitted missing keys; returns rows inserted."""
+        cdef int64_t n = keys.shape[0], i, r, n_found = 0, n_missing, n_new = 0
+        if n == 0:
+            return 0
+        cdef const int64_t* k = &keys[0]
+        cdef int64_t* o = &out[0]
+        cdef const ht_slot* idx = self.index
+        cdef int64_t cap = self.index_cap
+        cdef ht_meta* meta = self.meta
+        cdef int64_t* new_rows = NULL
+        cdef int64_t* new_keys = NULL
+        cdef int status = 0
+        if n < _par_min:
+            nt = 1
+        with nogil:
+            for i in prange(n, num_threads=nt, schedule='static'):
+                if i + PF < n:
+                    ht_prefetch(&idx[ht_fastrange(ht_index_hash(k[i + PF]), cap)])
+                r = _lookup(idx, cap, k[i])
+                o[i] = r
+                if r >= 0:
+                    n_found += 1
+            if n_found > 0:
+                for i in prange(n, num_threads=nt, schedule='static'):
+                    if i + PF < n and o[i + PF] >= 0:
+                        ht_prefetch_w(&meta[o[i + PF]])
+                    r = o[i]
+                    if r >= 0:
+                        ht_atomic_inc(&meta[r].access)
+            n_missing = n - n_found
+            if n_missing > 0:
+                new_rows = <int64_t*>malloc(n_missing * sizeof(int64_t))
+                new_keys = <int64_t*>malloc(n_missing * sizeof(int64_t))
+                if new_rows == NULL or new_keys == NULL:
+                    status = -1
+                elif self.adm_kind == ADM_NONE:
+                    # every missing key is inserted: size both stores once for the batch
+                    if self._reserve_index(n_missing) != 0 or self._reserve_rows(n_missing) != 0:
+                        status = -1
+                if status == 0:
+                    n_new = self._insert_missing(k, o, n, step, new_rows, new_keys, &status)
+                # initialise whatever was inserted, even after an error, so no row holds garbage
+                self._init_rows(new_rows, new_keys, n_new, nt if n_new >= _par_min else 1)
+                free(new_rows)
+                free(new_keys)
+        if status != 0:
+            raise MemoryError(f"out of memory inserting {n_missing} keys "
+                              f"({self.n_live} rows of dim {self.dim} stored)")
+        return n_new
+
+    def gather(self, const int64_t[::1] rows, float[:, ::1] out, int nt, bint check_alive):
+        """out[i] = values[rows[i]] (zeros for -1); returns how many indices were invalid."""
+        cdef int64_t n = rows.shape[0], i, r, r2, nbad = 0
+        if n == 0:
+            return 0
+        cdef const int64_t* rp = &rows[0]
+        cdef float* o = &out[0, 0]
+        cdef const float* values = self.values
+        cdef const ht_meta* meta = self.meta
+        cdef int64_t dim = self.dim, high = self.row_high
+        cdef int64_t rb = dim * sizeof(float)
+        if n < _par_min:
+            nt = 1
+        with nogil:
+            for i in prange(n, num_threads=nt, schedule='static'):
+                if i + PF < n:
+                    r2 = rp[i + PF]
+                    if r2 >= 0 and r2 < high:
+                        _prefetch_bytes(values + r2 * dim, rb, False)
+                r = rp[i]
+                if r >= 0 and r < high and (not check_alive or meta[r].last_step >= 0):
+                    _copy_row(o + i * dim, values + r * dim, rb)
+                else:
+                    memset(o + i * dim, 0, rb)
+                    if r != -1:
+                        nbad += 1
+        return nbad
+
+    def first_bad_row(self, const int64_t[::1] rows, bint check_alive):
+        """Position of the first index that is neither -1 nor a stored row (or -1)."""
+        cdef int64_t i, r
+        for i in range(rows.shape[0]):
+            r = rows[i]
+            if r == -1:
+                continue
+            if r < 0 or r >= self.row_high or (check_alive and self.meta[r].last_step < 0):
+                return i
+        return -1
+
+    def first_nonfinite(self, const float[:, ::1] grads):
+        """Position of the first row of grads holding NaN or Inf (or -1)."""
+        cdef int64_t i
+        for i in range(grads.shape[0]):
+            if _has_nonfinite(&grads[i, 0], grads.shape[1]):
+                return i
+        return -1
+
+    def apply(self, const int64_t[::1] rows, const float[:, ::1] grads, int64_t step, int nt):
+        """Apply the fused optimizer update of grads[i] to rows[i] (skipping -1).
+
+        Returns ``(n_bad_rows, n_nonfinite)``; the update runs only when both are 0.
+        """
+        cdef int64_t n = rows.shape[0], i, r, r2, nbad = 0, nnf = 0, t
+        if n == 0:
+            return 0, 0
+        cdef const int64_t* rp = &rows[0]
+        cdef const float* gp = &grads[0, 0]
+        cdef float* values = self.values
+        cdef float* slot0 = self.slot0
+        cdef float* slot1 = self.slot1
+        cdef ht_meta* meta = self.meta
+        cdef int64_t* opt_step = self.opt_step
+        cdef int64_t dim = self.dim, w0 = self.w0, w1 = self.w1, high = self.row_high
+        cdef int kind = self.opt_kind
+        cdef double lr = self.lr, mu = self.momentum, b1 = self.beta1, b2 = self.beta2
+        cdef double eps = self.eps, l1 = self.l1, l2 = self.l2, lrp = self.lr_power
+        cdef double wd = self.weight_decay
+        if n < _par_min:
+            nt = 1
+        with nogil:
+            # validate everything first so a rejected batch changes nothing
+            for i in prange(n, num_threads=nt, schedule='static'):
+                if i + PF < n:
+                    r2 = rp[i + PF]
+                    if r2 >= 0 and r2 < high:
+                        ht_prefetch_w(&meta[r2])
+                r = rp[i]
+                if r != -1 and (r < 0 or r >= high or meta[r].last_step < 0):
+                    nbad += 1
+                if _has_nonfinite(gp + i * dim, dim):
+                    nnf += 1
+            if nbad == 0 and nnf == 0:
+                for i in prange(n, num_threads=nt, schedule='static'):
+                    if i + PF < n:
+                        r2 = rp[i + PF]
+                        if r2 >= 0:
+                            _prefetch_bytes(values + r2 * dim, dim * 4, True)
+                            if w0 > 0:
+                                _prefetch_bytes(slot0 + r2 * w0, w0 * 4, True)
+                            if w1 > 0:
+                                _prefetch_bytes(slot1 + r2 * w1, w1 * 4, True)
+                    r = rp[i]
+                    if r < 0:
+                        continue
+                    if kind == OPT_SGD:
+                        upd_sgd(values + r * dim, gp + i * dim, dim, lr, wd)
+                    elif kind == OPT_MOMENTUM or kind == OPT_NESTEROV:
+                        upd_momentum(values + r * dim, slot0 + r * dim, gp + i * dim, dim, lr, mu,
+                                     kind == OPT_NESTEROV, wd)
+                    elif kind == OPT_ADAGRAD:
+                        upd_adagrad(values + r * dim, slot0 + r * dim, gp + i * dim, dim, lr, eps, wd)
+                    elif kind == OPT_ROWWISE_ADAGRAD:
+                        upd_rowwise_adagrad(values + r * dim, slot0 + r, gp + i * dim, dim, lr, eps, wd)
+                    elif kind == OPT_ADAM:
+                        t = opt_step[r] + 1
+                        opt_step[r] = t
+                        upd_adam(values + r * dim, slot0 + r * dim, slot1 + r * dim, gp + i * dim,
+                                 dim, lr, b1, b2, eps, wd, t)
+                    else:
+                        upd_ftrl(values + r * dim, slot0 + r * dim, slot1 + r * dim, gp + i * dim,
+                                 dim, lr, l1, l2, lrp, wd)
+                    meta[r].last_step = step
+        return nbad, nnf
+
+    # ------------------------------------------------------------------ whole-table views
+
+    def live_rows(self):
+        """Stored row ids in increasing order (int64)."""
+        out = np.empty(self.n_live, dtype=np.int64)
+        cdef int64_t[::1] o = out
+        cdef int64_t r, m = 0
+        for r in range(self.row_high):
+            if self.meta[r].last_step >= 0:
+                o[m] = r
+                m += 1
+        return out
+
+    def keys_by_row(self):
+        """int64[row_high]: the key of every stored row (0 for free rows), from an index scan."""
+        out = np.zeros(self.row_high, dtype=np.int64)
+        cdef int64_t[::1] o = out
+        cdef int64_t i, r
+        for i in range(self.index_cap):
+            r = self.index[i].row
+            if r >= 0 and self.meta[r].last_step >= 0:
+                o[r] = self.index[i].key
+        return out
+
+    def ttl_rows(self, int64_t step, int64_t ttl):
+        """Stored rows whose last update is more than ttl steps before step (increasing)."""
+        rows = self.live_rows()
+        cdef int64_t[::1] rv = rows
+        keep = np.zeros(rows.shape[0], dtype=np.bool_)
+        cdef uint8_t[::1] kv = keep.view(np.uint8)
+        cdef int64_t i
+        for i in range(rows.shape[0]):
+            kv[i] = step - self.meta[rv[i]].last_step > ttl
+        return rows[keep]
+
+    def meta_of(self, const int64_t[::1] rows):
+        """(access_count, last_step, opt_step) int64 arrays of the given stored rows."""
+        cdef int64_t m = rows.shape[0], i, r
+        acc = np.empty(m, dtype=np.int64)
+        last = np.empty(m, dtype=np.int64)
+        ost = np.zeros(m, dtype=np.int64)
+        cdef int64_t[::1] a = acc, l = last, s = ost
+        for i in range(m):
+            r = rows[i]
+            if r < 0 or r >= self.row_high:
+                raise IndexError(f"row {r} outside [0, {self.row_high})")
+            a[i] = self.meta[r].access
+            l[i] = self.meta[r].last_step
+            if self.opt_step != NULL:
+                s[i] = self.opt_step[r]
+        return acc, last, ost
+
+    def copy_rows(self, const int64_t[::1] rows, int which):
+        """Copy of values (which=0), slot0 (1) or slot1 (2) at the given stored rows."""
+        cdef int64_t m = rows.shape[0], i, r
+        cdef int64_t w = self.dim if which == 0 else (self.w0 if which == 1 else self.w1)
+        cdef const float* src = self.values if which == 0 else (self.slot0 if which == 1 else self.slot1)
+        out = np.empty((m, w), dtype=np.float32)
+        if m == 0 or w == 0:
+            return out
+        cdef float[:, ::1] o = out
+        for i in range(m):
+            r = rows[i]
+            if r < 0 or r >= self.row_high:
+                raise IndexError(f"row {r} outside [0, {self.row_high})")
+            memcpy(&o[i, 0], src + r * w, w * sizeof(float))
+        return out
+
+    def remove_rows(self, const int64_t[::1] rows):
+        """Free the given stored rows (given in increasing order); returns how many were freed.
+
+        Freed rows go on the free list so that the lowest row id is reused first, and the
+        index is rebuilt without them.
+        """
+        cdef int64_t m = rows.shape[0], i, r, freed = 0
+        cdef int32_t* p
+        for i in range(m):
+            r = rows[i]
+            if r < 0 or r >= self.row_high or self.meta[r].last_step < 0:
+                raise ValueError(f"row {r} is not a stored row")
+        if self.free_cap < self.n_free + m:
+            p = <int32_t*>realloc(self.free_rows, (self.n_free + m) * sizeof(int32_t))
+            if p == NULL:
+                raise MemoryError("cannot grow the free-row list")
+            self.free_rows = p
+            self.free_cap = self.n_free + m
+        for i in range(m - 1, -1, -1):
+            r = rows[i]
+            if self.meta[r].last_step < 0:
+                continue  # listed twice
+            self.meta[r].last_step = -1
+            self.meta[r].access = 0
+            self._push_free(r)
+            freed += 1
+        self.n_live -= freed
+        if freed > 0 and self._rehash(self.index_cap) != 0:
+            raise MemoryError("cannot rebuild the hash index after eviction")
+        return freed
+
+    def import_keys(self, const int64_t[::1] keys):
+        """Rows of keys (unique), inserting absent ones without admission; rows to overwrite."""
+        cdef int64_t m = keys.shape[0], i, p, r
+        out = np.empty(m, dtype=np.int64)
+        cdef int64_t[::1] o = out
+        if self._reserve_index(m) != 0 or self._reserve_rows(m) != 0:
+            raise MemoryError(f"cannot make room for {m} imported rows")
+        for i in range(m):
+            p = _probe(self.index, self.index_cap, keys[i])
+            if self.index[p].row >= 0:
+                o[i] = self.index[p].row
+                continue
+            r = self._alloc_row()
+            self.index[p].key = keys[i]
+            self.index[p].row = <int32_t>r
+            self.index_used += 1
+            self.n_live += 1
+            self.meta[r].access = 0
+            self.meta[r].last_step = 0
+            if self.opt_step != NULL:
+                self.opt_step[r] = 0
+            o[i] = r
+        return out
+
+    def write_rows(self, const int64_t[::1] rows, const float[:, ::1] values, slot0, slot1,
+                   const int64_t[::1] access, const int64_t[::1] last_step,
+                   const int64_t[::1] opt_step):
+        """Overwrite stored rows with imported values, optimizer state and metadata."""
+        cdef int64_t m = rows.shape[0], i, r
+        cdef const float[:, ::1] s0
+        cdef const float[:, ::1] s1
+        if self.w0 > 0:
+            s0 = slot0
+        if self.w1 > 0:
+            s1 = slot1
+        for i in range(m):
+            r = rows[i]
+            if r < 0 or r >= self.row_high or self.meta[r].last_step < 0:
+                raise ValueError(f"row {r} is not a stored row")
+            memcpy(self.values + r * self.dim, &values[i, 0], self.dim * sizeof(float))
+            if self.w0 > 0:
+                memcpy(self.slot0 + r * self.w0, &s0[i, 0], self.w0 * sizeof(float))
+            if self.w1 > 0:
+                memcpy(self.slot1 + r * self.w1, &s1[i, 0], self.w1 * sizeof(float))
+            self.meta[r].access = access[i]
+            self.meta[r].last_step = last_step[i]
+            if self.opt_step != NULL:
+                self.opt_step[r] = opt_step[i]
+
+    def nbytes(self):
+        """Bytes held by each part of the table."""
+        cdef int64_t rc = self.row_cap
+        return {
+            "index": self.index_cap * sizeof(ht_slot),
+            "rows": rc * (self.dim + self.w0 + self.w1) * sizeof(float),
+            "meta": rc * (sizeof(ht_meta) + (sizeof(int64_t) if self.has_opt_step else 0)),
+            "free_list": self.free_cap * sizeof(int32_t),
+            "admission": (self.bloom_size if self.adm_kind == ADM_BLOOM else 0)
+                         + self.counter_cap * sizeof(ht_cslot),
+        }
+
+    def pending_admission(self):
+        """Keys counted but not yet admitted (exact counters only; -1 for a Bloom filter)."""
+        return self.counter_used if self.adm_kind == ADM_EXACT else -1
+
+    def check_invariants(self):
+        """Raise AssertionError if the index and the row store disagree (for tests)."""
+        cdef int64_t i, r, used = 0, live = 0
+        seen = np.zeros(self.row_high, dtype=np.uint8)
+        cdef uint8_t[::1] sv = seen
+        for i in range(self.index_cap):
+            r = self.index[i].row
+            if r >= 0:
+                used += 1
+                if r >= self.row_high:
+                    raise AssertionError(f"index slot {i} points at row {r} >= {self.row_high}")
+                if self.meta[r].last_step < 0:
+                    raise AssertionError(f"index slot {i} points at free row {r}")
+                if sv[r]:
+                    raise AssertionError(f"row {r} indexed twice")
+                sv[r] = 1
+                if _lookup(self.index, self.index_cap, self.index[i].key) != r:
+                    raise AssertionError(f"key {self.index[i].key} not reachable from its home")
+        for r in range(self.row_high):
+            if self.meta[r].last_step >= 0:
+                live += 1
+                if not sv[r]:
+                    raise AssertionError(f"stored row {r} missing from the index")
+        if used != self.index_used or live != self.n_live:
+            raise AssertionError(f"counts: index {used} vs {self.index_used}, rows {live} vs {self.n_live}")
+        if self.n_live + self.n_free != self.row_high:
+            raise AssertionError(f"rows: {self.n_live} live + {self.n_free} free != {self.row_high}")

@@ -1,0 +1,120 @@
+# cython: language_level=3
+"""C types and helpers of the embedding table core (cimported by kernels/table.pyx).
+
+Memory layout of one table shard (``R`` = row capacity, ``S`` = index slots)::
+
+    index   ht_slot[S]        packed {int64 key; int32 row}, row == -1 marks an empty slot,
+                              so every one of the 2^64 keys is a valid key (no sentinel key)
+    values  float32[R, dim]   embedding rows, densely packed: row ids are handed out from
+                              0 upwards and freed rows are reused through ``free_rows``
+    slot0   float32[R, w0]    first optimizer state (w0 = dim, or 1 for row-wise Adagrad)
+    slot1   float32[R, w1]    second optimizer state (Adam, FTRL)
+    meta    ht_meta[R]        {int64 access count; int64 last update step}; step -1 = free row
+    opt_step int64[R]         per-row update count (Adam's bias-correction step), Adam only
+
+The index and the row store grow independently: the index by 1.5x when its load passes
+0.75 (rehash, row ids unchanged), the row store by 1.125x (or to what a batch needs).
+"""
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <math.h>
+
+    typedef struct __attribute__((packed)) { int64_t key; int32_t row; } ht_slot;
+    typedef struct __attribute__((packed)) { int64_t key; uint32_t count; } ht_cslot;
+    typedef struct { int64_t access; int64_t last_step; } ht_meta;
+
+    #define HT_GAMMA 0x9E3779B97F4A7C15ULL
+
+    /* splitmix64's output function (Steele, Lea, Flood 2014): a bijection of 2^64. */
+    static inline uint64_t ht_mix64(uint64_t z) {
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+        return z ^ (z >> 31);
+    }
+    /* Index hash: MurmurHash3's fmix64 of a salted key, unrelated to the routing hash
+       (splitmix64), so that the keys one shard owns still spread over its whole index. */
+    static inline uint64_t ht_index_hash(int64_t key) {
+        uint64_t k = (uint64_t)key ^ 0x2545F4914F6CDD1DULL;
+        k ^= k >> 33; k *= 0xFF51AFD7ED558CCDULL;
+        k ^= k >> 33; k *= 0xC4CEB9FE1A85EC53ULL;
+        return k ^ (k >> 33);
+    }
+    /* Bloom filter hashes: a second, independent pair of mixes of the key. */
+    static inline uint64_t ht_bloom_hash(int64_t key) {
+        return ht_mix64((uint64_t)key ^ 0x6A09E667F3BCC909ULL);
+    }
+    /* Lemire's multiply-shift range reduction: maps h to [0, n) with the high bits of h,
+       so capacities need not be powers of two. */
+    static inline int64_t ht_fastrange(uint64_t h, int64_t n) {
+        return (int64_t)(((unsigned __int128)h * (uint64_t)n) >> 64);
+    }
+    static inline void ht_prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
+    static inline void ht_prefetch_w(const void* p) { __builtin_prefetch(p, 1, 3); }
+    static inline void ht_atomic_inc(int64_t* p) { __atomic_fetch_add(p, 1, __ATOMIC_RELAXED); }
+
+    /* Row arrays and the index live in their own anonymous mappings: page-aligned (a row of
+       16 floats is one cache line), growable without copying (mremap), and eligible for
+       transparent huge pages, which matter for random access into big tables. */
+    #if defined(__linux__)
+    #include <sys/mman.h>
+    static inline void ht_advise(void* p, size_t bytes) {
+    #ifdef MADV_HUGEPAGE
+        if (bytes >= ((size_t)2 << 20)) madvise(p, bytes, MADV_HUGEPAGE);
+    #endif
+    }
+    static inline void* ht_alloc(size_t bytes) {
+        void* p = mmap(NULL, bytes ? bytes : 1, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (p == MAP_FAILED) return NULL;
+        ht_advise(p, bytes);
+        return p;
+    }
+    static inline void* ht_realloc(void* p, size_t old_bytes, size_t new_bytes) {
+        if (p == NULL) return ht_alloc(new_bytes);
+        void* q = mremap(p, old_bytes ? old_bytes : 1, new_bytes ? new_bytes : 1, MREMAP_MAYMOVE);
+        if (q == MAP_FAILED) return NULL;
+        ht_advise(q, new_bytes);
+        return q;
+    }
+    static inline void ht_free(void* p, size_t bytes) { if (p) munmap(p, bytes ? bytes : 1); }
+    #else
+    #include <stdlib.h>
+    #include <string.h>
+    static inline void* ht_alloc(size_t bytes) {
+        void* p = NULL;
+        if (posix_memalign(&p, 64, bytes ? bytes : 64) != 0) return NULL;
+        memset(p, 0, bytes);
+        return p;
+    }
+    static inline void* ht_realloc(void* p, size_t old_bytes, size_t new_bytes) {
+        void* q = ht_alloc(new_bytes);
+        if (q == NULL) return NULL;
+        if (p != NULL) { memcpy(q, p, old_bytes < new_bytes ? old_bytes : new_bytes); free(p); }
+        return q;
+    }
+    static inline void ht_free(void* p, size_t bytes) { (void)bytes; free(p); }
+    #endif
+    """
+    ctypedef struct ht_slot:
+        int64_t key
+        int32_t row
+    ctypedef struct ht_cslot:
+        int64_t key
+        uint32_t count
+    ctypedef struct ht_meta:
+        int64_t access
+        int64_t last_step
+    uint64_t HT_GAMMA
+    uint64_t ht_mix64(uint64_t z) noexcept nogil
+    uint64_t ht_index_hash(int64_t key) noexcept nogil
+    uint64_t ht_bloom_hash(int64_t key) noexcept nogil
+    int64_t ht_fastrange(uint64_t h, int64_t n) noexcept nogil
+    void ht_prefetch(const void* p) noexcept nogil
+    void ht_prefetch_w(const void* p) noexcept nogil
+    void ht_atomic_inc(int64_t* p) noexcept nogil
+    void* ht_alloc(size_t bytes) noexcept nogil
+    void* ht_realloc(void* p, size_t old_bytes, size_t new_bytes) noexcept nogil
+    void ht_free(void* p, size_t bytes) noexcept nogil

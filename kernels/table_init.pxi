@@ -1,0 +1,49 @@
+# Counter-based initial values of embedding rows (included by table.pyx).
+#
+# The value of column c of the row of `key` in table `table_id` under `seed` is a pure
+# function of those four numbers (the NumPy twin is hpctrain.sparse.init.reference_init):
+#
+#   mix(z)  = splitmix64's output function
+#   t       = mix(mix(seed + G) ^ (table_id + 2G))         per table  (G = 0x9E3779B97F4A7C15)
+#   r       = mix(t ^ (key + 3G))                           per row
+#   x_i     = mix(r + i*G)                                  the splitmix64 stream seeded at r
+#   uniform : u = (x_{c+1} >> 40) * 2^-24,  value = float32(a * (2u - 1))         in [-a, a)
+#   normal  : u1 = ((x_{2c+1} >> 11) + 1) * 2^-53,  u2 = (x_{2c+2} >> 11) * 2^-53,
+#             value = float32(s * sqrt(-2 ln u1) * cos(2 pi u2))                  (Box-Muller)
+#
+# All arithmetic is modulo 2^64 on the two's-complement bits of seed, table_id and key, and
+# float64 afterwards, rounded once to float32.
+
+from libc.math cimport cos, log, sqrt
+
+cdef double _TWO_M24 = 1.0 / 16777216.0
+cdef double _TWO_M53 = 1.0 / 9007199254740992.0
+cdef double _TWO_PI = 6.283185307179586
+
+
+cdef inline uint64_t init_table_key(uint64_t seed, uint64_t table_id) noexcept nogil:
+    """The per-table constant t of the init formula."""
+    return ht_mix64(ht_mix64(seed + HT_GAMMA) ^ (table_id + 2 * HT_GAMMA))
+
+
+cdef inline void init_values(float* w, int64_t dim, uint64_t tkey, int64_t key,
+                             bint normal, double scale) noexcept nogil:
+    """Write the initial values of `key`'s row into w[0:dim]."""
+    cdef uint64_t r = ht_mix64(tkey ^ (<uint64_t>key + 3 * HT_GAMMA))
+    cdef int64_t c
+    cdef double u, u1, u2
+    if not normal:
+        for c in range(dim):
+            u = <double>(ht_mix64(r + <uint64_t>(c + 1) * HT_GAMMA) >> 40) * _TWO_M24
+            w[c] = <float>(scale * (2.0 * u - 1.0))
+    else:
+        for c in range(dim):
+            u1 = (<double>(ht_mix64(r + <uint64_t>(2 * c + 1) * HT_GAMMA) >> 11) + 1.0) * _TWO_M53
+            u2 = <double>(ht_mix64(r + <uint64_t>(2 * c + 2) * HT_GAMMA) >> 11) * _TWO_M53
+            w[c] = <float>(scale * (sqrt(-2.0 * log(u1)) * cos(_TWO_PI * u2)))
+
+
+cdef inline void fill_floats(float* p, int64_t n, float v) noexcept nogil:
+    cdef int64_t j
+    for j in range(n):
+        p[j] = v

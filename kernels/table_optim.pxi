@@ -1,0 +1,114 @@
+# Fused sparse optimizer updates of one row (included by table.pyx).
+#
+# Every update reads the row's float32 weights, state and gradient once, computes in
+# float64 and stores float32 once. The textbook equations (and their NumPy twins) are in
+# hpctrain.sparse.optimizers; g below already includes weight decay: g = grad + wd * w.
+
+from libc.math cimport fabs, pow, sqrt
+
+cdef enum:
+    OPT_SGD = 0
+    OPT_MOMENTUM = 1
+    OPT_NESTEROV = 2
+    OPT_ADAGRAD = 3
+    OPT_ROWWISE_ADAGRAD = 4
+    OPT_ADAM = 5
+    OPT_FTRL = 6
+
+
+cdef inline void upd_sgd(float* w, const float* g, int64_t d, double lr, double wd) noexcept nogil:
+    cdef int64_t j
+    cdef double gj
+    for j in range(d):
+        gj = <double>g[j] + wd * <double>w[j]
+        w[j] = <float>(<double>w[j] - lr * gj)
+
+
+cdef inline void upd_momentum(float* w, float* m, const float* g, int64_t d, double lr,
+                              double mu, bint nesterov, double wd) noexcept nogil:
+    cdef int64_t j
+    cdef double gj, mj
+    if nesterov:
+        for j in range(d):
+            gj = <double>g[j] + wd * <double>w[j]
+            mj = mu * <double>m[j] + gj
+            m[j] = <float>mj
+            w[j] = <float>(<double>w[j] - lr * (gj + mu * mj))
+    else:
+        for j in range(d):
+            gj = <double>g[j] + wd * <double>w[j]
+            mj = mu * <double>m[j] + gj
+            m[j] = <float>mj
+            w[j] = <float>(<double>w[j] - lr * mj)
+
+
+cdef inline void upd_adagrad(float* w, float* a, const float* g, int64_t d, double lr,
+                             double eps, double wd) noexcept nogil:
+    cdef int64_t j
+    cdef double gj, aj
+    for j in range(d):
+        gj = <double>g[j] + wd * <double>w[j]
+        aj = <double>a[j] + gj * gj
+        a[j] = <float>aj
+        w[j] = <float>(<double>w[j] - lr * gj / (sqrt(aj) + eps))
+
+
+cdef inline void upd_rowwise_adagrad(float* w, float* a, const float* g, int64_t d, double lr,
+                                     double eps, double wd) noexcept nogil:
+    cdef int64_t j
+    cdef double gj, s = 0.0, aj, step
+    for j in range(d):
+        gj = <double>g[j] + wd * <double>w[j]
+        s = s + gj * gj
+    aj = <double>a[0] + s / <double>d
+    a[0] = <float>aj
+    step = lr / (sqrt(aj) + eps)
+    for j in range(d):
+        gj = <double>g[j] + wd * <double>w[j]
+        w[j] = <float>(<double>w[j] - step * gj)
+
+
+cdef inline void upd_adam(float* w, float* m, float* v, const float* g, int64_t d, double lr,
+                          double b1, double b2, double eps, double wd, int64_t t) noexcept nogil:
+    # Lazy Adam: t is this row's own update count (after this update), so bias correction
+    # matches a dense Adam that only ever saw the steps in which this row had a gradient.
+    cdef int64_t j
+    cdef double gj, mj, vj
+    cdef double bc1 = 1.0 - pow(b1, <double>t)
+    cdef double bc2 = 1.0 - pow(b2, <double>t)
+    for j in range(d):
+        gj = <double>g[j] + wd * <double>w[j]
+        mj = b1 * <double>m[j] + (1.0 - b1) * gj
+        vj = b2 * <double>v[j] + (1.0 - b2) * gj * gj
+        m[j] = <float>mj
+        v[j] = <float>vj
+        w[j] = <float>(<double>w[j] - lr * (mj / bc1) / (sqrt(vj / bc2) + eps))
+
+
+cdef inline double _ftrl_pow(double x, double p) noexcept nogil:
+    if p == 0.5:
+        return sqrt(x)
+    return pow(x, p)
+
+
+cdef inline void upd_ftrl(float* w, float* z, float* n, const float* g, int64_t d, double lr,
+                          double l1, double l2, double lr_power, double wd) noexcept nogil:
+    # FTRL-Proximal (McMahan et al. 2013) per coordinate, with p = -lr_power:
+    #   n' = n + g^2;  z += g - (n'^p - n^p) / lr * w;  n = n'
+    #   w = 0 if |z| <= l1 else -(z - sign(z) l1) / (n'^p / lr + l2)
+    cdef int64_t j
+    cdef double gj, nj, nn, zj, pn, p = -lr_power
+    for j in range(d):
+        gj = <double>g[j] + wd * <double>w[j]
+        nj = <double>n[j]
+        nn = nj + gj * gj
+        pn = _ftrl_pow(nn, p)
+        zj = <double>z[j] + gj - (pn - _ftrl_pow(nj, p)) / lr * <double>w[j]
+        z[j] = <float>zj
+        n[j] = <float>nn
+        if fabs(zj) <= l1:
+            w[j] = 0.0
+        elif zj > 0:
+            w[j] = <float>(-(zj - l1) / (pn / lr + l2))
+        else:
+            w[j] = <float>(-(zj + l1) / (pn / lr + l2))

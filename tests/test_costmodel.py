@@ -144,3 +144,22 @@ def test_interconnect_presets_are_sane():
         assert 0 < link.latency_s < 1e-4 and 1e9 <= link.bandwidth_Bps <= 1e11, name
         assert link.description
     assert math.isclose(cm.INTERCONNECTS["ib_hdr"].beta, 1 / 23e9)
+
+
+def test_oversubscribed_runs_are_reported_not_fitted():
+    alpha, beta = 4e-6, 1 / 6e9
+    docs = []
+    for p, cores in ((2, 2), (3, 4), (4, 2)):
+        rows = []
+        for n in (64, 4096, 1 << 18, 1 << 21):
+            ca, cb = cm.alltoallv_terms(n * p, p)
+            t = ca * alpha + cb * beta
+            rows.append({"bytes": n, "hpctrain": {"p50": t * (50 if p == 4 else 1)}})
+        docs.append({"benchmark": "alltoallv", "world_size": p, "ranks_per_node": p,
+                     "versions": {"cpu_count": cores, "threads": 1}, "rows": rows})
+    link, points = cm.fit_node_links(docs)["alltoallv"]
+    assert link.latency_s == pytest.approx(alpha) and link.beta == pytest.approx(beta)
+    over = [pt for pt in points if pt["oversubscribed"]]
+    assert len(over) == 4 and all(pt["ranks"] == 4 for pt in over)
+    assert all(pt["rel_error"] == pytest.approx(1 / 50 - 1) for pt in over)
+    assert all(abs(pt["rel_error"]) < 1e-9 for pt in points if not pt["oversubscribed"])

@@ -157,11 +157,20 @@ def _load(path):
         return json.load(f)
 
 
-def collective_points(docs, kind):
-    """(p, nbytes, seconds) of every measured size in allreduce/alltoallv benchmark JSONs.
+def oversubscribed(doc):
+    """True when a benchmark ran more rank-threads on a node than the node has cores."""
+    v = doc.get("versions") or {}
+    cores, threads = v.get("cpu_count"), v.get("threads") or 1
+    per_node = doc.get("ranks_per_node", doc.get("world_size", 1))
+    return bool(cores) and per_node * threads > cores
 
-    ``nbytes`` is the buffer size for allreduce and the bytes one rank sends for
-    alltoallv. One-rank runs carry no communication and are left out.
+
+def collective_points(docs, kind):
+    """Every measured size in allreduce/alltoallv benchmark JSONs, as dicts.
+
+    Keys: ranks, ranks_per_node, bytes (the buffer for allreduce, the bytes one rank
+    sends in total for alltoallv), seconds (p50), oversubscribed. One-rank runs carry
+    no communication and are left out.
     """
     pts = []
     for doc in docs:
@@ -173,32 +182,42 @@ def collective_points(docs, kind):
                 continue
             # allreduce rows give the buffer size, alltoallv rows the bytes sent to each peer
             nbytes = row["bytes"] * (doc["world_size"] if kind == "alltoallv" else 1)
-            pts.append((int(doc["world_size"]), float(nbytes), float(stat["p50"]),
-                        int(doc.get("ranks_per_node", doc["world_size"]))))
+            pts.append({"ranks": int(doc["world_size"]),
+                        "ranks_per_node": int(doc.get("ranks_per_node", doc["world_size"])),
+                        "bytes": float(nbytes), "seconds": float(stat["p50"]),
+                        "oversubscribed": oversubscribed(doc)})
     return pts
 
 
 def fit_node_links(docs):
     """Fit the intra-node Links from allreduce and alltoallv benchmark JSONs.
 
+    Runs with more ranks than cores on a node are left out of the fit (busy-polling
+    ranks then wait for the scheduler, not the link) but still get a prediction.
+
     Returns:
-        dict "allreduce"/"alltoallv" -> (Link or None, list of point dicts with
-        predicted, measured and relative error).
+        dict "allreduce"/"alltoallv" -> (Link or None, list of point dicts: benchmark,
+        ranks, bytes, measured_s, predicted_s, rel_error, oversubscribed).
     """
     out = {}
     for kind, terms in (("allreduce", allreduce_terms), ("alltoallv", alltoallv_terms)):
         pts = collective_points(docs, kind)
-        if len(pts) < 2:
+        fit = [pt for pt in pts if not pt["oversubscribed"]]
+        if len(fit) < 2:
             out[kind] = (None, [])
             continue
-        coefs = np.array([terms(n, min(p, r)) for p, n, _, r in pts])
-        t = np.array([s for _, _, s, _ in pts])
-        alpha, beta = fit_alpha_beta(coefs[:, 0], coefs[:, 1], t)
+        coef = lambda pt: terms(pt["bytes"], min(pt["ranks"], pt["ranks_per_node"]))  # noqa: E731
+        ca, cb = np.array([coef(pt) for pt in fit]).T
+        alpha, beta = fit_alpha_beta(ca, cb, [pt["seconds"] for pt in fit])
         link = Link(alpha, 1.0 / beta if beta > 0 else float("inf"), f"fitted from {kind}")
-        pred = coefs[:, 0] * alpha + coefs[:, 1] * beta
-        rows = [{"benchmark": kind, "ranks": p, "bytes": n, "measured_s": s,
-                 "predicted_s": float(q), "rel_error": float((q - s) / s)}
-                for (p, n, s, _), q in zip(pts, pred)]
+        rows = []
+        for pt in pts:
+            a, b = coef(pt)
+            q = a * alpha + b * beta
+            rows.append({"benchmark": kind, "ranks": pt["ranks"], "bytes": pt["bytes"],
+                         "measured_s": pt["seconds"], "predicted_s": q,
+                         "rel_error": (q - pt["seconds"]) / pt["seconds"],
+                         "oversubscribed": pt["oversubscribed"]})
         out[kind] = (link, rows)
     return out
 
@@ -319,3 +338,150 @@ class CostModel:
                          "batch_per_rank": b, **{f"{k}_s": v for k, v in t.items()},
                          "samples_per_s": sps, "efficiency": sps / (p * base)})
         return rows
+
+
+# --------------------------------------------------------------------------- command line
+
+def fit_compute(docs, network, args):
+    """Compute rates (command-line values first, else measured, else defaults) and the
+    predicted-vs-measured points of the end-to-end benchmarks in ``docs``."""
+    rates = ComputeRates(threads=args.threads)
+    if args.gflops is not None:
+        rates.s_per_flop = 1e-9 / args.gflops
+    if args.ns_per_id is not None:
+        rates.s_per_id = args.ns_per_id * 1e-9
+    if args.fixed_ms is not None:
+        rates.s_fixed = args.fixed_ms * 1e-3
+    return rates, []
+
+
+
+def load_results(paths):
+    """Benchmark JSON documents from files and folders (scaling records are unwrapped)."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            files += sorted(glob.glob(os.path.join(path, "**", "*.json"), recursive=True))
+        elif os.path.exists(path):
+            files.append(path)
+        else:
+            raise SystemExit(f"costmodel: no such file or folder: {path}")
+    docs = []
+    for f in files:
+        doc = _load(f)
+        if doc.get("benchmark") == "scaling" and isinstance(doc.get("result"), dict):
+            docs.append(dict(doc["result"], scaling_mode=doc.get("mode")))
+        elif "benchmark" in doc and "world_size" in doc:
+            docs.append(doc)
+    return docs
+
+
+def _ints(text):
+    return tuple(int(x) for x in text.split(",") if x)
+
+
+def parse_args(argv):
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m hpctrain.bench costmodel",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("--results", nargs="+", default=[os.path.join("bench-results", "scaling")],
+                   help="benchmark JSON files or folders (the scaling sweep's output)")
+    p.add_argument("--interconnect", default="ib_hdr", choices=sorted(INTERCONNECTS))
+    p.add_argument("--latency-us", type=float, default=None, help="override the link latency")
+    p.add_argument("--bandwidth-GBps", type=float, default=None,
+                   help="override the per-node link bandwidth (GB/s, one direction)")
+    p.add_argument("--ranks-per-node", type=int, default=8)
+    p.add_argument("--cores-per-node", type=int, default=None,
+                   help="default: ranks-per-node x threads (no oversubscription)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--max-ranks", type=int, default=1024)
+    p.add_argument("--mode", choices=["weak", "strong"], default="weak")
+    p.add_argument("--batch", type=int, default=4096,
+                   help="samples per rank (weak) or global batch (strong)")
+    w = Workload()
+    p.add_argument("--num-dense", type=int, default=w.num_dense)
+    p.add_argument("--features", type=int, default=w.features)
+    p.add_argument("--ids-per-feature", type=float, default=w.ids_per_feature)
+    p.add_argument("--dim", type=int, default=w.dim)
+    p.add_argument("--bottom", type=_ints, default=w.bottom)
+    p.add_argument("--top", type=_ints, default=w.top)
+    p.add_argument("--unique-fraction", type=float, default=w.unique_fraction)
+    r = ComputeRates()
+    p.add_argument("--gflops", type=float, default=None,
+                   help=f"dense GFLOP/s per rank (default: measured, else {1e-9 / r.s_per_flop:g})")
+    p.add_argument("--ns-per-id", type=float, default=None,
+                   help=f"sparse ns per id (default: measured, else {r.s_per_id * 1e9:g})")
+    p.add_argument("--fixed-ms", type=float, default=None,
+                   help=f"per-step fixed ms (default: measured, else {r.s_fixed * 1e3:g})")
+    p.add_argument("--json", default=None, help="write fit, comparison and prediction here")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    from hpctrain.bench.common import print_table
+    args = parse_args(argv)
+    docs = load_results(args.results)
+    fitted = fit_node_links(docs)
+    shm = INTERCONNECTS["shm"]
+    print(f"# cost model fitted from {len(docs)} benchmark result(s) in {', '.join(args.results)}")
+    links = {}
+    for kind in ("allreduce", "alltoallv"):
+        link, _ = fitted[kind]
+        links[kind] = link or shm
+        src = "fitted" if link else "no measurements; default 'shm'"
+        print(f"#   intra-node {kind:<9}: alpha {links[kind].latency_s * 1e6:8.3f} us, "
+              f"bandwidth {links[kind].bandwidth_Bps / 1e9:7.3f} GB/s ({src})")
+    net = INTERCONNECTS[args.interconnect]
+    net = Link(args.latency_us * 1e-6 if args.latency_us is not None else net.latency_s,
+               args.bandwidth_GBps * 1e9 if args.bandwidth_GBps is not None else net.bandwidth_Bps,
+               net.description)
+    print(f"#   inter-node {args.interconnect}: alpha {net.latency_s * 1e6:.2f} us, "
+          f"bandwidth {net.bandwidth_Bps / 1e9:.1f} GB/s ({net.description})")
+    network = Network(links["allreduce"], links["alltoallv"], net)
+
+    points = fitted["allreduce"][1] + fitted["alltoallv"][1]
+    compute, train_points = fit_compute(docs, network, args)
+    points += train_points
+    if points:
+        print("# predicted vs measured, every measured point (* = more ranks than cores: "
+              "outside the model, not fitted)")
+        print_table(["benchmark", "ranks", "bytes/mode", "measured ms", "predicted ms", "error %"],
+                    [[pt["benchmark"], f"{pt['ranks']}{'*' if pt.get('oversubscribed') else ''}",
+                      pt.get("bytes", pt.get("mode", "")), pt["measured_s"] * 1e3,
+                      pt["predicted_s"] * 1e3, f"{pt['rel_error'] * 100:+.1f}"] for pt in points])
+        for label, sel in (("cores >= ranks", False), ("oversubscribed", True)):
+            errs = np.abs([pt["rel_error"] for pt in points if bool(pt.get("oversubscribed")) == sel])
+            if errs.size:
+                print(f"# |error| {label}: median {np.median(errs) * 100:.1f}%, max "
+                      f"{errs.max() * 100:.1f}%, {(errs <= 0.25).mean() * 100:.0f}% of "
+                      f"{errs.size} points within 25%")
+    workload = Workload(args.num_dense, args.features, args.ids_per_feature, args.dim,
+                        args.bottom, args.top, args.unique_fraction)
+    model = CostModel(network, compute, args.ranks_per_node,
+                      args.cores_per_node or args.ranks_per_node * args.threads)
+    ranks = [2 ** k for k in range(int(math.log2(args.max_ranks)) + 1)]
+    rows = model.sweep(workload, ranks, args.batch, args.mode)
+    print(f"# prediction: DLRM {args.features} features x dim {args.dim}, "
+          f"{workload.dense_params:,} dense parameters, {args.mode} scaling, batch {args.batch}"
+          f"{' per rank' if args.mode == 'weak' else ' global'}, {args.ranks_per_node} ranks/node, "
+          f"{args.threads} thread(s)/rank, {args.interconnect}")
+    print_table(["ranks", "nodes", "compute ms", "allreduce ms", "alltoallv ms", "step ms",
+                 "samples/s", "efficiency"],
+                [[r["ranks"], r["nodes"], r["compute_s"] * 1e3, r["allreduce_s"] * 1e3,
+                  r["alltoallv_s"] * 1e3, r["step_s"] * 1e3, r["samples_per_s"],
+                  f"{r['efficiency']:.3f}"] for r in rows])
+    if args.json:
+        out = {"links": {k: dataclasses.asdict(v) for k, v in
+                         (("allreduce_node", network.allreduce_node),
+                          ("alltoallv_node", network.alltoallv_node), ("net", network.net))},
+               "compute": dataclasses.asdict(compute), "workload": dataclasses.asdict(workload),
+               "points": points, "prediction": rows, "args": vars(args)}
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

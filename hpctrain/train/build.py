@@ -1,0 +1,76 @@
+"""Turn a validated ``Config`` into the pieces a trainer composes.
+
+Only this module (with ``loop``) knows both the sparse and the dense side: the
+feature order that links a pooled embedding to a model input is decided here.
+"""
+from hpctrain.errors import ConfigError
+
+
+def table_specs(cfg):
+    """``TableSpec`` list for ``cfg.tables`` (table ids are the list positions)."""
+    from hpctrain.sparse.optimizers import SparseOptimizer
+    from hpctrain.sparse.policies import Admission, Eviction
+    from hpctrain.sparse.spec import TableSpec
+    specs = []
+    for i, t in enumerate(cfg.tables):
+        specs.append(TableSpec(
+            name=t.name, dim=t.dim, features=list(t.features),
+            optimizer=SparseOptimizer(**t.optimizer),
+            admission=Admission(**t.admission) if t.admission else None,
+            eviction=Eviction(**t.eviction) if t.eviction else None,
+            pooling=t.pooling, init=t.init, init_scale=t.init_scale, table_id=i))
+    return specs
+
+
+def feature_order(cfg):
+    """``(features, dims)``: the order in which pooled embeddings enter the model.
+
+    DLRM: every feature in table order. Wide&Deep: the wide tables' features, then
+    the deep ones. DeepFM: the FM features, then the first-order (wide) ones.
+    """
+    wide = set(cfg.model.wide_tables or ())
+    unknown = wide - {t.name for t in cfg.tables}
+    if unknown:
+        raise ConfigError(f"{cfg.source}: model.wide_tables: no table named {sorted(unknown)}")
+    for t in cfg.tables:
+        if t.pooling == "none":
+            raise ConfigError(f"{cfg.source}: tables: table {t.name!r} has pooling = \"none\"; "
+                              f"the {cfg.model.kind} model takes one pooled vector per feature "
+                              f"(use \"sum\" or \"mean\")")
+    wide_feats = [(f, t.dim) for t in cfg.tables if t.name in wide for f in t.features]
+    deep_feats = [(f, t.dim) for t in cfg.tables if t.name not in wide for f in t.features]
+    if cfg.model.kind == "wide_deep":
+        order = wide_feats + deep_feats
+    else:
+        order = deep_feats + wide_feats
+    return [f for f, _ in order], [d for _, d in order], len(wide_feats)
+
+
+def build_model(cfg, num_dense, xp="numpy"):
+    """The dense model of ``cfg.model`` for ``num_dense`` dense features."""
+    from hpctrain.dense.models import DLRM, DeepFM, WideAndDeep
+    m = cfg.model
+    _, dims, n_wide = feature_order(cfg)
+    try:
+        if m.kind == "dlrm":
+            return DLRM(num_dense, dims, bottom=m.bottom, top=m.top, xp=xp, seed=cfg.seed,
+                        self_interaction=m.self_interaction)
+        if m.kind == "wide_deep":
+            return WideAndDeep(num_dense, dims[:n_wide], dims[n_wide:], hidden=m.hidden, xp=xp,
+                               seed=cfg.seed, dropout=m.dropout)
+        n_fm = len(dims) - n_wide
+        return DeepFM(num_dense, dims[:n_fm], hidden=m.hidden, wide_dims=dims[n_fm:], xp=xp,
+                      seed=cfg.seed, dropout=m.dropout)
+    except ValueError as e:
+        raise ConfigError(f"{cfg.source}: model: {e}") from None
+
+
+def dense_optimizer(cfg, params):
+    """The dense optimizer of ``cfg.dense_optimizer`` over ``params``."""
+    from hpctrain.dense.optim import make_optimizer
+    hyper = dict(cfg.dense_optimizer)
+    kind = hyper.pop("kind")
+    try:
+        return make_optimizer(kind, params, **hyper)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{cfg.source}: dense_optimizer: {e}") from None

@@ -1,0 +1,327 @@
+"""The collective training loop: sharded embeddings + data-parallel dense model.
+
+One step (DESIGN.md), for this rank's slice of the global batch::
+
+    data ─> sparse lookup (ids/rows Alltoallv) ─> dense forward ─> one small allreduce
+    (sample count, loss sum, stop flags) ─> dense backward ─> one fused gradient
+    allreduce ─> dense update ─> sparse backward (grads Alltoallv, fused optimizer)
+
+With ``overlap = true`` the next batch's id exchange (dedup, route, counts, ids
+Alltoallv) runs before this batch's dense work; its rows are read only after this
+step's sparse update, so results are identical with and without overlap.
+"""
+import math
+import time
+
+import numpy as np
+
+from hpctrain.errors import ConfigError, NonFiniteError
+from hpctrain.train.build import build_model, dense_optimizer, feature_order, table_specs
+from hpctrain.train.evaluation import evaluate_arrays, gather_eval
+from hpctrain.train.metrics import MetricsLogger, PhaseTimer
+
+
+class Trainer:
+    """Trains the model a ``Config`` describes on the ranks of ``comm``.
+
+    Args:
+        cfg: a validated ``hpctrain.config.Config``.
+        comm: a ``hpctrain.comm`` communicator (default: MPI over COMM_WORLD).
+        stream: where rank 0's live line goes (default stdout).
+
+    Attributes:
+        step: the number of completed steps.
+        losses: global mean loss of every step run by this trainer (all ranks).
+        emb: the ``ShardedEmbedding``; model: the dense model; opt: its optimizer.
+    """
+
+    def __init__(self, cfg, comm=None, *, stream=None):
+        from hpctrain._kernels import _openmp
+        from hpctrain.comm import create_communicator
+        from hpctrain.dense.parallel import broadcast_parameters
+        from hpctrain.sparse.sharded import ShardedEmbedding
+
+        if cfg.mode != "collective":
+            raise ConfigError(f"{cfg.source}: mode: only \"collective\" is implemented")
+        self.cfg = cfg
+        self.comm = comm if comm is not None else create_communicator("mpi")
+        if cfg.threads:
+            _openmp.set_num_threads(cfg.threads)
+        self.global_batch, self.local_batch = cfg.batch_sizes(self.comm.size)
+        self.specs = table_specs(cfg)
+        self.table_ids = {s.name: s.table_id for s in self.specs}
+        self.features, _, _ = feature_order(cfg)
+        self.emb = ShardedEmbedding(self.specs, self.comm, seed=cfg.seed)
+        self.reader = self._reader("train", self.global_batch)
+        num_dense = cfg.data.num_dense()
+        if num_dense is None:
+            num_dense = self.reader.num_dense
+        self.model = build_model(cfg, num_dense)
+        broadcast_parameters(self.model.params, self.comm)
+        self.opt = dense_optimizer(cfg, self.model.params)
+        self.step = 0
+        self.losses = []
+        self.timer = PhaseTimer()
+        self.stream = stream
+        self.ckpt = None
+        if cfg.checkpoint is not None:
+            from hpctrain.checkpoint import CheckpointManager
+            self.ckpt = CheckpointManager(cfg.checkpoint.directory, self.comm,
+                                          keep_last=cfg.checkpoint.keep_last)
+        self._reader_state = self.reader.state()
+        self._ckpt_step = None
+
+    # ------------------------------------------------------------------ pieces
+    def _reader(self, split, global_batch):
+        from hpctrain.data import make_reader
+        return make_reader(self.cfg.data, split=split, rank=self.comm.rank,
+                           world_size=self.comm.size, global_batch=global_batch,
+                           seed=self.cfg.seed, epochs=self.cfg.epochs if split == "train" else 1)
+
+    def _next_batch(self, it):
+        with self.timer("data"):
+            batch = next(it, None)
+            state = self.reader.state() if batch is not None else None
+        return batch, state
+
+    def _dense_step(self, batch, pooled, step, flags):
+        """Forward, global loss, backward, gradient allreduce, dense update.
+
+        Returns ``(loss, d_pooled, flags)`` where flags are summed over ranks.
+        """
+        from hpctrain.dense.loss import bce_with_logits
+        from hpctrain.dense.parallel import allreduce_gradients
+        t, comm = self.timer, self.comm
+        with t("dense"):
+            if self.model.dropouts():
+                self.model.reseed_dropout((self.cfg.seed * 1_000_003 + step) * comm.size
+                                          + comm.rank)
+            logits = self.model.forward(batch.dense, [pooled[f] for f in self.features])
+            loss_sum, d_logits = bce_with_logits(logits, batch.labels, denom=1)
+        with t("allreduce"):
+            red = np.array([batch.size, loss_sum, *flags], dtype=np.float64)
+            comm.allreduce(red, op="sum")
+        n, loss = red[0], float(red[1] / max(red[0], 1.0))
+        if not math.isfinite(loss):
+            last = self.ckpt.latest() if self.ckpt is not None else None
+            raise NonFiniteError(
+                f"step {step}: the global loss is {loss} (non-finite); training stopped before "
+                f"applying this step's updates. Last good checkpoint: {last or 'none'}. Lower "
+                f"the learning rates or check the data around this step.")
+        with t("dense"):
+            d_logits *= 1.0 / n
+            d_embs = self.model.backward(d_logits)
+        with t("allreduce"):
+            allreduce_gradients(self.model.params, comm)
+        with t("dense"):
+            self.opt.step()
+        return loss, dict(zip(self.features, d_embs)), red[2:]
+
+    # ------------------------------------------------------------------ training
+    def fit(self, resume=False, max_steps=None, watcher=None):
+        """Train until ``cfg.steps``/``cfg.epochs`` (or a stop signal); return a summary.
+
+        Args:
+            resume: continue from the latest complete checkpoint (True), a given
+                checkpoint path (str), or start fresh (False). With True and no
+                checkpoint yet, training starts from step 0.
+            max_steps: stop after this many steps of this call (tests, preemption drills).
+            watcher: a ``PreemptionWatcher`` (default: one for SIGUSR1/SIGTERM).
+
+        Returns:
+            dict with ``step``, ``loss`` (last step's), ``stopped`` ("done", "preempted",
+            "max_steps"), ``checkpoint`` (last written) and ``eval`` (final metrics or None).
+        """
+        from hpctrain.train.preemption import PreemptionWatcher
+        cfg, comm, t = self.cfg, self.comm, self.timer
+        if resume:
+            self.restore(None if resume is True else resume, missing_ok=resume is True)
+        own_watcher = watcher is None
+        watcher = watcher or PreemptionWatcher()
+        mcfg = cfg.metrics
+        total = cfg.steps or self.step + 1
+        log = MetricsLogger(mcfg.path, comm, total, stream=self.stream)
+        ck = cfg.checkpoint
+        last_ckpt_time, last_ckpt = time.monotonic(), None
+        stopped, loss = "done", float("nan")
+        it = iter(self.reader)
+        window_t0, window_samples, window_loss = time.perf_counter(), 0, []
+        steps_this_call = 0
+        try:
+            batch, state = (None, None) if self._done(0) else self._next_batch(it)
+            handle = None
+            if batch is not None:
+                with t("exchange"):
+                    handle = self.emb.start_lookup(batch.jagged(), self.step + 1)
+            while batch is not None:
+                step = self.step + 1
+                with t("exchange"):
+                    pooled = self.emb.wait_lookup(handle)
+                steps_this_call += 1
+                last_step = self._done(step) or (max_steps is not None
+                                                 and steps_this_call >= max_steps)
+                nxt, nxt_state, handle = None, None, None
+                if not last_step:
+                    nxt, nxt_state = self._next_batch(it)
+                if cfg.overlap and nxt is not None:
+                    with t("exchange"):
+                        handle = self.emb.start_lookup(nxt.jagged(), step + 1)
+                ckpt_due = (comm.rank == 0 and ck is not None and ck.every_minutes is not None
+                            and time.monotonic() - last_ckpt_time >= 60.0 * ck.every_minutes)
+                loss, d_pooled, flags = self._dense_step(
+                    batch, pooled, step, (float(watcher.signalled), float(ckpt_due)))
+                with t("sparse_update"):
+                    self.emb.backward(d_pooled, step)
+                    if any(s.eviction is not None for s in self.specs):
+                        self.emb.evict(step)
+                self.step, self._reader_state = step, state
+                self.losses.append(loss)
+                window_samples += int(batch.global_size or self.global_batch)
+                window_loss.append(loss)
+                preempted = flags[0] > 0
+                if nxt is not None and not cfg.overlap and not preempted:
+                    with t("exchange"):
+                        handle = self.emb.start_lookup(nxt.jagged(), step + 1)
+                if step % mcfg.every_steps == 0 or nxt is None or preempted:
+                    dt = time.perf_counter() - window_t0
+                    self._report(log, step, window_loss, window_samples / max(dt, 1e-9))
+                    window_t0, window_samples, window_loss = time.perf_counter(), 0, []
+                if ck is not None and (preempted or flags[1] > 0 or
+                                       (ck.every_steps and step % ck.every_steps == 0)):
+                    last_ckpt = self.save_checkpoint()
+                    last_ckpt_time = time.monotonic()
+                if preempted:
+                    stopped = "preempted"
+                    log.message(f"stopping at step {step}: {watcher.reason or 'signal'} on some "
+                                f"rank; checkpoint {last_ckpt or '(no checkpoint configured)'}")
+                    break
+                if cfg.eval.interval and step % cfg.eval.interval == 0 and nxt is not None:
+                    self._log_eval(log, self.evaluate())
+                batch, state = nxt, nxt_state
+            else:
+                if steps_this_call == 0 and self.step == 0:
+                    raise ConfigError(f"{cfg.source}: data.train yields no batch")
+            if max_steps is not None and steps_this_call >= max_steps and stopped == "done" \
+                    and not self._done(self.step):
+                stopped = "max_steps"
+            result = {"step": self.step, "loss": loss, "stopped": stopped, "eval": None}
+            if stopped in ("done", "max_steps") and ck is not None \
+                    and self._ckpt_step != self.step:
+                last_ckpt = self.save_checkpoint()
+            if stopped == "done":
+                if cfg.data.eval is not None and cfg.eval.at_end:
+                    result["eval"] = self.evaluate()
+                    self._log_eval(log, result["eval"])
+            result["checkpoint"] = last_ckpt
+            return result
+        finally:
+            log.close()
+            if own_watcher:
+                watcher.close()
+
+    def _done(self, step):
+        return self.cfg.steps is not None and step >= self.cfg.steps
+
+    def _report(self, log, step, window_loss, samples_per_s):
+        """Live line and one JSON-lines record (phase times: max over ranks)."""
+        from hpctrain.bench.common import peak_rss_bytes
+        phases = self.timer.take()
+        phases.update({f"sparse.{k}": v for k, v in self.emb.timers.items()})
+        self.emb.reset_timers()
+        per_rank = self.comm.allgather_object(
+            (phases, {n: len(tb) for n, tb in self.emb.tables.items()}, peak_rss_bytes()))
+        names = sorted({k for p, _, _ in per_rank for k in p})
+        loss = float(np.mean(window_loss))
+        log.live(step, loss, samples_per_s)
+        log.write({
+            "step": step, "loss": loss, "samples_per_s": samples_per_s,
+            "time": time.time(), "world_size": self.comm.size,
+            "phases_s": {k: max(p.get(k, 0.0) for p, _, _ in per_rank) for k in names},
+            "table_rows": [rows for _, rows, _ in per_rank],
+            "peak_rss_bytes": [rss for _, _, rss in per_rank],
+        })
+
+    def _log_eval(self, log, metrics):
+        log.message(f"eval at step {self.step}: " + "  ".join(
+            f"{k} {v:.5f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+        log.write({"step": self.step, "eval": metrics, "time": time.time()})
+
+    # ------------------------------------------------------------------ evaluation
+    def predict(self, split="eval", global_batch=None):
+        """``(labels, logits)`` of a whole split, gathered in sample order on every rank.
+
+        Embedding lookups do not insert ids (unknown ids read as the default row).
+        """
+        gb = global_batch or self.cfg.eval.global_batch or self.global_batch
+        if gb % self.comm.size:
+            gb = (gb // self.comm.size + 1) * self.comm.size
+        reader = self._reader(split, gb)
+        labels, logits = [], []
+        for batch in reader:
+            pooled = self.emb.forward(batch.jagged(), self.step, train=False)
+            z = self.model.forward(batch.dense, [pooled[f] for f in self.features],
+                                   training=False)
+            labels.append(np.asarray(batch.labels, dtype=np.float64))
+            logits.append(np.asarray(z, dtype=np.float64))
+        # Gather per global batch so the order is the data order for any world size.
+        out_y, out_z = [], []
+        for y, z in zip(labels, logits):
+            gy, gz = gather_eval(self.comm, y, z)
+            out_y.append(gy)
+            out_z.append(gz)
+        cat = (lambda a: np.concatenate(a) if a else np.zeros(0))
+        return cat(out_y), cat(out_z)
+
+    def evaluate(self, split="eval"):
+        """Exact AUC, logloss and accuracy over the whole split (same on every rank)."""
+        y, z = self.predict(split)
+        return evaluate_arrays(y, z)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self):
+        """Write a checkpoint of the current step; returns its path (all ranks)."""
+        from hpctrain.bench.common import versions
+        if self.ckpt is None:
+            raise ConfigError(f"{self.cfg.source}: no [checkpoint] section: nowhere to save")
+        with self.timer("checkpoint"):
+            dense = {"params": self.model.state_dict(), "optimizer": self.opt.state_dict()}
+            tables = {name: tb.export() for name, tb in self.emb.tables.items()}
+            state = {"step": self.step, "reader": self._reader_state, "config": self.cfg.text,
+                     "versions": versions(), "world_size": self.comm.size,
+                     "seed": self.cfg.seed, "losses_tail": self.losses[-5:]}
+            path = self.ckpt.save(self.step, dense, tables, state, table_ids=self.table_ids)
+        self._ckpt_step = self.step
+        return path
+
+    def restore(self, path=None, missing_ok=False):
+        """Load a checkpoint (default: the latest complete one) onto this world.
+
+        Rows are re-routed to their owners under the current world size, so a
+        checkpoint written by any number of ranks restores here.
+
+        Returns:
+            The checkpoint's step, or None when ``missing_ok`` and there is none.
+        """
+        from hpctrain.errors import CheckpointError
+        from hpctrain.sparse.routing import owner_of
+        if self.ckpt is None:
+            raise ConfigError(f"{self.cfg.source}: resuming needs a [checkpoint] section")
+        if path is None and missing_ok and self.ckpt.latest() is None:
+            return None
+        size = self.comm.size
+        step, dense, tables, state = self.ckpt.load(
+            path, owner=lambda name, keys: owner_of(self.table_ids[name], keys, size),
+            table_dims={s.name: s.dim for s in self.specs})
+        try:
+            self.model.load_state_dict(dense["params"])
+            self.opt.load_state_dict(dense["optimizer"])
+        except KeyError as e:
+            raise CheckpointError(f"checkpoint of step {step}: missing dense entry {e}") from None
+        for name, rows in tables.items():
+            self.emb.tables[name].import_(rows)
+        if state.get("reader") is not None:
+            self.reader.restore(state["reader"])
+            self._reader_state = state["reader"]
+        self.step = int(step)
+        self._ckpt_step = self.step
+        return self.step

@@ -33,12 +33,15 @@ def sizes(lo, hi):
 
 
 def compare(raw, ours, args, comm):
-    """Alternate rounds of raw and hpctrain timings; returns (raw stats, ours stats)."""
+    """Time raw and hpctrain calls interleaved one by one (alternating which goes first),
+    so both see the same machine noise; returns (raw stats, hpctrain stats)."""
+    common.time_fn(raw, warmup=args.warmup, repeat=0, comm=comm)
+    common.time_fn(ours, warmup=args.warmup, repeat=0, comm=comm)
     t_raw, t_ours = [], []
-    for r in range(args.rounds):
-        warm = args.warmup if r == 0 else 1
-        t_raw += common.time_fn(raw, warmup=warm, repeat=args.repeat, comm=comm)
-        t_ours += common.time_fn(ours, warmup=warm, repeat=args.repeat, comm=comm)
+    for i in range(args.rounds * args.repeat):
+        first, second = ((raw, t_raw), (ours, t_ours))[::1 if i % 2 == 0 else -1]
+        for fn, out in (first, second):
+            out += common.time_fn(fn, warmup=0, repeat=1, comm=comm)
     return common.stats(t_raw), common.stats(t_ours)
 
 
@@ -56,7 +59,7 @@ def add_size_args(p, default_max):
     p.add_argument("--min-bytes", type=parse_size, default=8)
     p.add_argument("--max-bytes", type=parse_size, default=parse_size(default_max))
     p.add_argument("--rounds", type=int, default=3,
-                   help="alternating raw/hpctrain rounds of --repeat timings each")
+                   help="timings per implementation = rounds x repeat, raw and hpctrain interleaved")
 
 
 def main(argv=None):

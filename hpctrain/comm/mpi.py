@@ -13,6 +13,8 @@ elements is split transparently:
   communicator, so per-peer order is kept and no displacement overflows.
 """
 import math
+import operator
+from itertools import accumulate
 
 import numpy as np
 from mpi4py import MPI
@@ -50,17 +52,19 @@ _PREDEFINED = {np.dtype(k): v for k, v in [
 
 
 def displacements(counts):
-    """Exclusive prefix sum of ``counts`` along the last axis (int64): where each
-    peer's block starts. The one place ``Alltoallv`` displacements come from."""
-    counts = np.asarray(counts, dtype=np.int64)
-    displs = np.add.accumulate(counts, axis=-1)
-    displs -= counts
-    return displs
+    """Exclusive prefix sum of ``counts``: where each peer's block starts (list of ints).
+
+    The one place ``Alltoallv`` displacements come from. Plain Python ints on
+    purpose: for the counts of one call they cost less than NumPy's per-call
+    dispatch, which dominates right after a large transfer has flushed the caches.
+    """
+    return [0, *accumulate(counts)][:-1]
 
 
 def element_counts(row_counts, row_elems):
     """Counts in rows -> ``(counts, displs)`` in elements, the ``Alltoallv`` form."""
-    counts = np.asarray(row_counts, dtype=np.int64) * row_elems
+    counts = [int(c) * row_elems for c in row_counts] if row_elems != 1 else \
+        [int(c) for c in row_counts]
     return counts, displacements(counts)
 
 
@@ -191,17 +195,27 @@ class MpiCommunicator(Communicator):
 
     def _alltoallv_args(self, sendbuf, send_counts, recv_counts, recvbuf):
         """``(recvbuf, Alltoallv arguments)``, or ``(recvbuf, posted requests)`` when chunked."""
-        counts, recvbuf, row = self._prepare(sendbuf, send_counts, recv_counts, recvbuf)
-        ec = counts * row if row != 1 else counts  # rows -> elements, [send, recv] x peers
-        displs = displacements(ec)
+        sc, rc = self._counts(send_counts, "send_counts"), self._counts(recv_counts, "recv_counts")
+        if not (isinstance(sendbuf, np.ndarray) and sendbuf.flags.c_contiguous and sendbuf.ndim):
+            _contiguous(sendbuf, "sendbuf")
+            raise ValueError("sendbuf must have at least one dimension (rows)")
+        tail = sendbuf.shape[1:]
+        row = math.prod(tail)
+        if recvbuf is None:
+            recvbuf = np.empty((sum(rc), *tail), dtype=sendbuf.dtype)
+        elif not (isinstance(recvbuf, np.ndarray) and recvbuf.flags.c_contiguous
+                  and recvbuf.dtype == sendbuf.dtype and recvbuf.shape[1:] == tail):
+            _contiguous(recvbuf, "recvbuf")
+            raise ValueError(f"recvbuf is {recvbuf.dtype}{list(recvbuf.shape)}, expected "
+                             f"{sendbuf.dtype}[rows, {', '.join(map(str, tail))}]")
+        scount, sdispl = element_counts(sc, row)
+        rcount, rdispl = element_counts(rc, row)
+        stotal, rtotal = sdispl[-1] + scount[-1], rdispl[-1] + rcount[-1]
+        if stotal > sendbuf.size:
+            raise ValueError(f"send_counts sum to {sum(sc)} rows but sendbuf has {len(sendbuf)}")
+        if rtotal > recvbuf.size:
+            raise ValueError(f"recv_counts sum to {sum(rc)} rows but recvbuf has {len(recvbuf)}")
         sflat, rflat = sendbuf.reshape(-1), recvbuf.reshape(-1)
-        stotal, rtotal = (displs[:, -1] + ec[:, -1]).tolist() if self.size else (0, 0)
-        if stotal > sflat.size:
-            raise ValueError(f"send_counts sum to {stotal // max(row, 1)} rows but sendbuf has "
-                             f"{sendbuf.shape[0]}")
-        if rtotal > rflat.size:
-            raise ValueError(f"recv_counts sum to {rtotal // max(row, 1)} rows but recvbuf has "
-                             f"{recvbuf.shape[0]}")
         limit = self.chunk_limit
         # Totals bound every count and displacement of this rank. The decision
         # must be global (every rank takes the same path), hence one tiny Allreduce.
@@ -209,9 +223,24 @@ class MpiCommunicator(Communicator):
         if self.size > 1:
             self.mpi_comm.Allreduce(MPI.IN_PLACE, self._flag, MPI.MAX)
         if self._flag[0]:
-            return recvbuf, self._chunked(sflat, ec[0], displs[0], rflat, ec[1], displs[1], limit)
+            return recvbuf, self._chunked(sflat, scount, sdispl, rflat, rcount, rdispl, limit)
         t = mpi_type(sendbuf.dtype)
-        return recvbuf, ([sflat, (ec[0], displs[0]), t], [rflat, (ec[1], displs[1]), t])
+        return recvbuf, ([sflat, (scount, sdispl), t], [rflat, (rcount, rdispl), t])
+
+    def _counts(self, counts, name):
+        """``counts`` as a list of ``size`` non-negative Python ints, or a clear error."""
+        if isinstance(counts, np.ndarray):
+            if counts.ndim != 1 or counts.dtype.kind not in "iu":
+                raise ValueError(f"{name} must be {self.size} integers, got {counts.dtype} "
+                                 f"array of shape {counts.shape}")
+            out = counts.tolist()
+        else:
+            out = [operator.index(c) for c in counts]
+        if len(out) != self.size:
+            raise ValueError(f"{name} must have {self.size} entries (one per rank), got {len(out)}")
+        if min(out) < 0:
+            raise ValueError(f"{name} has negative entries: {out}")
+        return out
 
     def _chunked(self, sflat, scount, sdispl, rflat, rcount, rdispl, limit):
         """Point-to-point pieces of at most ``limit`` elements, posted in per-peer order."""
@@ -229,32 +258,6 @@ class MpiCommunicator(Communicator):
                 reqs += [self._p2p.Isend(sflat[x:y], p, _TAG)
                          for x, y in split_ranges(a, a + n, limit)]
         return reqs
-
-    def _prepare(self, sendbuf, send_counts, recv_counts, recvbuf):
-        """Validate; returns ``(counts int64[2, size] in rows, recvbuf, elements per row)``."""
-        _contiguous(sendbuf, "sendbuf")
-        if sendbuf.ndim < 1:
-            raise ValueError("sendbuf must have at least one dimension (rows)")
-        try:
-            counts = np.array((send_counts, recv_counts), dtype=np.int64)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"send_counts/recv_counts must be {self.size} integers each: "
-                             f"{exc}") from None
-        if counts.shape != (2, self.size):
-            raise ValueError(f"send_counts and recv_counts must have shape ({self.size},), got "
-                             f"{np.shape(send_counts)} and {np.shape(recv_counts)}")
-        if self.size and counts.min() < 0:
-            raise ValueError(f"negative counts: send_counts={counts[0].tolist()}, "
-                             f"recv_counts={counts[1].tolist()}")
-        tail = sendbuf.shape[1:]
-        if recvbuf is None:
-            recvbuf = np.empty((int(counts[1].sum()), *tail), dtype=sendbuf.dtype)
-        else:
-            _contiguous(recvbuf, "recvbuf")
-            if recvbuf.dtype != sendbuf.dtype or recvbuf.shape[1:] != tail:
-                raise ValueError(f"recvbuf is {recvbuf.dtype}{list(recvbuf.shape)}, expected "
-                                 f"{sendbuf.dtype}[rows, {', '.join(map(str, tail))}]")
-        return counts, recvbuf, math.prod(tail)
 
     # -- the rest ------------------------------------------------------------------------
     def bcast(self, obj, root=0):

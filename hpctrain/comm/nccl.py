@@ -14,7 +14,7 @@ a handle that waits on a CUDA event recorded after the operation. Counts of
 import numpy as np
 
 from hpctrain.comm.base import Communicator, Handle
-from hpctrain.comm.mpi import MpiCommunicator, displacements
+from hpctrain.comm.mpi import MpiCommunicator, element_counts
 from hpctrain.comm.topology import device_for_local_rank
 from hpctrain.errors import CommError
 
@@ -175,16 +175,16 @@ class NcclCommunicator(Communicator):
             raise ValueError(f"buffers {sendbuf.shape}/{recvbuf.shape} do not fit counts "
                              f"{sc.tolist()}/{rc.tolist()}")
         row = int(np.prod(tail, dtype=np.int64)) * sendbuf.dtype.itemsize  # bytes per row
-        sd, rd = displacements(sc) * row, displacements(rc) * row
+        (_, sd), (_, rd) = element_counts(sc, row), element_counts(rc, row)  # byte offsets
         comm, stream = self.nccl_comm, self._cp.cuda.get_current_stream().ptr
         s0, r0 = sendbuf.data.ptr, recvbuf.data.ptr
         self._nccl.groupStart()
         try:
             for p in range(self.size):
                 if sc[p]:
-                    comm.send(s0 + int(sd[p]), int(sc[p]) * row, _NCCL_TYPES["uint8"], p, stream)
+                    comm.send(s0 + sd[p], int(sc[p]) * row, _NCCL_TYPES["uint8"], p, stream)
                 if rc[p]:
-                    comm.recv(r0 + int(rd[p]), int(rc[p]) * row, _NCCL_TYPES["uint8"], p, stream)
+                    comm.recv(r0 + rd[p], int(rc[p]) * row, _NCCL_TYPES["uint8"], p, stream)
         finally:
             self._nccl.groupEnd()
         return self._enqueued(recvbuf)

@@ -151,3 +151,25 @@ def test_errors():
         adam.load_state_dict(bad)
     with pytest.raises(ValueError, match="built"):
         make_optimizer("sgd", FlatParameters(np), lr=0.1)
+
+
+def test_dense_state_dict_for_checkpoints():
+    from hpctrain.dense import dense_state_dict, load_dense_state_dict
+    rng = np.random.default_rng(33)
+    a = _params(np, np.float32)
+    oa = make_optimizer("adam", a, lr=0.01)
+    _set_grads(a, _grads(rng, 0))
+    oa.step()
+    state = dense_state_dict(a, oa)
+    assert set(state) == {f"params/{n}" for n in SHAPES} | {"optimizer/step", "optimizer/exp_avg",
+                                                            "optimizer/exp_avg_sq"}
+    b = _params(np, np.float32, seed=5)
+    ob = make_optimizer("adam", b, lr=0.01)
+    load_dense_state_dict(b, ob, state)
+    g = _grads(rng, 1)
+    for p, o in ((a, oa), (b, ob)):
+        _set_grads(p, g)
+        o.step()
+    np.testing.assert_array_equal(a.data, b.data)
+    with pytest.raises(CheckpointError, match="outside params/"):
+        load_dense_state_dict(b, ob, {**state, "junk": np.zeros(1)})

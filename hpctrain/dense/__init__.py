@@ -7,7 +7,7 @@ Public names::
     Linear, ReLU, Sigmoid, Dropout, Concat, MLP,
     DotInteraction, FMInteraction, CrossLayer, CrossNet,
     DLRM, WideAndDeep, DeepFM,
-    bce_with_logits, mse, make_optimizer,
+    bce_with_logits, mse, make_optimizer, dense_state_dict, load_dense_state_dict,
     allreduce_gradients, BucketedAllreduce, broadcast_parameters, check_parameters_identical,
     EmbeddingTransfer
 """
@@ -16,7 +16,8 @@ from hpctrain.dense.interactions import CrossLayer, CrossNet, DotInteraction, FM
 from hpctrain.dense.layers import MLP, Concat, Dropout, Linear, ReLU, Sigmoid
 from hpctrain.dense.loss import bce_with_logits, mse, sigmoid
 from hpctrain.dense.models import DLRM, DeepFM, WideAndDeep
-from hpctrain.dense.optim import OPTIMIZERS, make_optimizer
+from hpctrain.dense.optim import (OPTIMIZERS, dense_state_dict, load_dense_state_dict,
+                                  make_optimizer)
 from hpctrain.dense.params import FlatParameters
 from hpctrain.dense.parallel import (BucketedAllreduce, allreduce_gradients,
                                      broadcast_parameters, check_parameters_identical)
@@ -25,5 +26,5 @@ from hpctrain.dense.transfer import EmbeddingTransfer
 __all__ = ["get_array_module", "to_numpy", "FlatParameters", "Linear", "ReLU", "Sigmoid",
            "Dropout", "Concat", "MLP", "DotInteraction", "FMInteraction", "CrossLayer",
            "CrossNet", "DLRM", "WideAndDeep", "DeepFM", "bce_with_logits", "mse", "sigmoid",
-           "make_optimizer", "OPTIMIZERS", "allreduce_gradients", "BucketedAllreduce",
+           "make_optimizer", "OPTIMIZERS", "dense_state_dict", "load_dense_state_dict", "allreduce_gradients", "BucketedAllreduce",
            "broadcast_parameters", "check_parameters_identical", "EmbeddingTransfer"]

@@ -2,8 +2,9 @@
 
 Every model takes this rank's dense features and the pooled embeddings from the
 sparse side, returns logits, and on ``backward`` returns the embedding gradients
-to send back (contiguous ``[B, d_i]`` arrays, valid until the next backward) while
-filling ``model.params.grad``::
+to send back while filling ``model.params.grad``. The gradients are ``[B, d_i]``
+views of workspaces, possibly row-strided (``np.ascontiguousarray`` if a consumer
+needs C order), to be treated as read-only and valid until the next backward::
 
     logits = model.forward(dense [B, num_dense], embs [[B, d_i] ...], training=True)  # [B]
     d_embs = model.backward(d_logits [B])                                           # [[B, d_i]]
@@ -60,7 +61,7 @@ class Model:
         return d.reshape(-1, 1)
 
     def _stack_grads(self, key, views, dims):
-        """Copy ``[B, d_i]`` column views into one buffer; return contiguous ``[B, d_i]`` views."""
+        """Copy ``[B, d_i]`` arrays into one buffer; return its contiguous ``[B, d_i]`` parts."""
         b = views[0].shape[0] if views else 0
         buf = self.ws.get(key, (b * sum(dims),))
         out, off = [], 0
@@ -189,7 +190,7 @@ class WideAndDeep(Model):
             self.wide.backward(dl)
             views = views[1:]
         nw = len(self.wide_dims)
-        return self._stack_grads("demb", [dl] * nw + views, self.wide_dims + self.deep_dims)
+        return self._stack_grads("dwide", [dl] * nw, self.wide_dims) + views
 
 
 class DeepFM(Model):

@@ -241,3 +241,30 @@ def make_optimizer(kind, params, **kwargs):
         return cls(params, **kwargs)
     except TypeError as e:
         raise TypeError(f"dense optimizer {kind!r}: {e}") from None
+
+
+def dense_state_dict(params, optimizer=None):
+    """Everything dense a checkpoint needs, as one flat dict of NumPy arrays.
+
+    Keys are ``"params/<parameter name>"`` and ``"optimizer/<slot>"`` (``step``
+    included), ready for ``CheckpointManager.save(dense=...)``.
+    """
+    out = {f"params/{k}": v for k, v in params.state_dict().items()}
+    if optimizer is not None:
+        out.update({f"optimizer/{k}": v for k, v in optimizer.state_dict().items()})
+    return out
+
+
+def load_dense_state_dict(params, optimizer, state):
+    """Restore what ``dense_state_dict`` saved (``optimizer`` may be None to skip its state).
+
+    Raises:
+        CheckpointError: names, shapes or optimizer slots do not match.
+    """
+    unknown = sorted(k for k in state if not k.startswith(("params/", "optimizer/")))
+    if unknown:
+        raise CheckpointError(f"dense state has keys outside params/ and optimizer/: {unknown}")
+    params.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("params/")})
+    if optimizer is not None:
+        optimizer.load_state_dict({k[10:]: v for k, v in state.items()
+                                   if k.startswith("optimizer/")})

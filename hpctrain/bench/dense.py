@@ -1,0 +1,189 @@
+"""Dense step: DLRM's dense part against the bare matrix products and a raw allreduce.
+
+    mpiexec -n 2 python -m mpi4py -m hpctrain.bench dense --dims 16,64
+
+One step is forward + BCE loss + backward + allreduce of the flat gradient buffer +
+optimizer update of DLRM's dense part (bottom 13-512-256-64-d, dot interaction of
+26 embeddings, top 512-256-1, ``--batch`` samples per rank). In the same run, in
+alternating rounds, it times the baseline: the bare matrix products of the same
+shapes on preallocated buffers (per Linear: forward, weight gradient and, except
+for the first layer, input gradient; the interaction's two batched products) and a
+raw ``MPI.Allreduce`` (``--backend cupy``: a raw NCCL allreduce) of a buffer of the
+same size. Goal: step <= 1.15 x (GEMM + raw allreduce). GFLOP/s count the products.
+"""
+import time
+
+import numpy as np
+
+from hpctrain.bench import common
+
+GOAL = 1.15
+NUM_DENSE = 13
+
+
+def _flops(model, batch):
+    """Multiply-add FLOPs of one step's matrix products (2 per multiply-add)."""
+    from hpctrain.dense.layers import Linear
+    lin = 0
+    for layer in model.bottom.layers + model.top.layers:
+        if isinstance(layer, Linear):
+            lin += 2 * batch * layer.in_features * layer.out_features * (3 if layer.input_grad else 2)
+    it = model.interaction
+    inter = 2 * (2 * batch * it.n * it.n * it.dim)
+    return lin, inter
+
+
+def _gemm_baseline(model, batch, xp):
+    """A function running the step's matrix products bare, on preallocated buffers."""
+    from hpctrain.dense.layers import Linear
+    rng = np.random.default_rng(0)
+
+    def arr(*shape):
+        return xp.asarray(rng.standard_normal(shape).astype(np.float32))
+
+    work = []
+    for layer in model.bottom.layers + model.top.layers:
+        if isinstance(layer, Linear):
+            i, o = layer.in_features, layer.out_features
+            work.append((arr(batch, i), arr(i, o), arr(batch, o), arr(i, o), arr(batch, i),
+                         layer.input_grad))
+    it = model.interaction
+    t, z, dt = arr(batch, it.n, it.dim), arr(batch, it.n, it.n), arr(batch, it.n, it.dim)
+
+    def run():
+        for x, w, y, dw, dx, input_grad in work:
+            xp.matmul(x, w, out=y)
+            xp.matmul(x.T, y, out=dw)
+            if input_grad and w.shape[1] == 1:  # as the model does it: an outer product
+                xp.multiply(y, w.T, out=dx)
+            elif input_grad:
+                xp.matmul(y, w.T, out=dx)
+        xp.matmul(t, t.transpose(0, 2, 1), out=z)
+        xp.matmul(z, t, out=dt)
+    return run
+
+
+def _device_sync(xp):
+    if xp is np:
+        return lambda: None
+    return lambda: xp.cuda.get_current_stream().synchronize()
+
+
+def bench_dim(d, args, comm, hc, xp):
+    """Time the step, its phases and the baseline for embedding width ``d``."""
+    from mpi4py import MPI
+
+    from hpctrain.dense import DLRM, allreduce_gradients, bce_with_logits, make_optimizer
+    n, b = comm.size, args.batch
+    model = DLRM(NUM_DENSE, [d] * args.features, bottom=[512, 256, 64, d], top=[512, 256, 1],
+                 xp=xp, seed=0)
+    opt = make_optimizer(args.optimizer, model.params, lr=args.lr)
+    rng = np.random.default_rng([comm.rank, d])
+    dense = xp.asarray(rng.standard_normal((b, NUM_DENSE)).astype(np.float32))
+    embs = [xp.asarray((rng.standard_normal((b, d)) * 0.1).astype(np.float32))
+            for _ in range(args.features)]
+    labels = xp.asarray((rng.random(b) > 0.5).astype(np.float32))
+    sync = _device_sync(xp)
+    phases = dict.fromkeys(("forward", "backward", "allreduce", "update"), 0.0)
+    clock = time.perf_counter
+
+    def step(record=False):
+        t0 = clock()
+        logits = model.forward(dense, embs)
+        _, d_logits = bce_with_logits(logits, labels, denom=b * n)
+        if record:
+            sync()
+        t1 = clock()
+        model.backward(d_logits)
+        if record:
+            sync()
+        t2 = clock()
+        allreduce_gradients(model.params, hc, debug=False)
+        if record:
+            sync()
+        t3 = clock()
+        opt.step()
+        sync()
+        if record:
+            t4 = clock()
+            for k, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                phases[k] += v
+
+    gemm = _gemm_baseline(model, b, xp)
+    raw_buf = xp.zeros(model.params.size, dtype=np.float32)
+    if xp is np:
+        def raw():
+            comm.Allreduce(MPI.IN_PLACE, [raw_buf, MPI.FLOAT], MPI.SUM)
+    else:
+        def raw():
+            hc.allreduce(raw_buf)
+            sync()
+
+    def gemm_synced():
+        gemm()
+        sync()
+
+    fns = {"step": step, "gemm": gemm_synced, "allreduce": raw}
+    for fn in fns.values():
+        common.time_fn(fn, warmup=args.warmup, repeat=0, comm=comm)
+    times = {k: [] for k in fns}
+    order = list(fns)
+    for i in range(args.repeat):
+        for k in order[i % 3:] + order[:i % 3]:  # rotate who goes first: same noise for all
+            times[k] += common.time_fn(fns[k], warmup=0, repeat=1, comm=comm)
+    reps = max(1, args.repeat // 2)
+    for _ in range(reps):
+        step(record=True)
+    st = {k: common.stats(v) for k, v in times.items()}
+    lin_flops, inter_flops = _flops(model, b)
+    flops = lin_flops + inter_flops
+    base = st["gemm"]["p50"] + st["allreduce"]["p50"]
+    return {"d": d, "batch_per_rank": b, "features": args.features,
+            "params": model.params.num_parameters, "grad_bytes": model.params.grad.nbytes,
+            "step": st["step"], "gemm": st["gemm"], "raw_allreduce": st["allreduce"],
+            "phases_mean": {k: v / reps for k, v in phases.items()},
+            "flops": flops, "linear_flops": lin_flops, "interaction_flops": inter_flops,
+            "step_gflops": flops / st["step"]["p50"] / 1e9,
+            "gemm_gflops": flops / st["gemm"]["p50"] / 1e9,
+            "ratio": st["step"]["p50"] / base, "goal": GOAL,
+            "met": bool(st["step"]["p50"] <= GOAL * base)}
+
+
+def main(argv=None):
+    p = common.parser("dense", __doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=4096, help="samples per rank")
+    p.add_argument("--dims", default="16,64", help="embedding widths d, comma-separated")
+    p.add_argument("--features", type=int, default=26, help="number of embedding features")
+    p.add_argument("--optimizer", default="adam")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    args = p.parse_args(argv)
+    from hpctrain.comm import create_communicator
+    from hpctrain.dense.backend import get_array_module, get_blas_threads, set_blas_threads
+    comm = common.world()
+    xp = get_array_module(args.backend)
+    if args.threads:
+        set_blas_threads(args.threads)
+        from hpctrain._kernels import _openmp
+        _openmp.set_num_threads(args.threads)
+    hc = create_communicator("nccl" if xp is not np else "mpi", debug=False)
+    rows = [bench_dim(int(d), args, comm, hc, xp) for d in args.dims.split(",")]
+    threads = get_blas_threads()
+    if comm.rank == 0:
+        print(f"# DLRM dense step ({args.backend}, {args.optimizer}) vs bare matrix products "
+              f"+ raw allreduce; {comm.size} ranks x {threads} BLAS threads, "
+              f"batch {args.batch}/rank; p50 ms")
+        common.print_table(
+            ["d", "step_ms", "fwd", "bwd", "allred", "update", "gemm_ms", "raw_ar_ms",
+             "ratio", "goal", "step_GF/s", "gemm_GF/s"],
+            [[r["d"], r["step"]["p50"] * 1e3, r["phases_mean"]["forward"] * 1e3,
+              r["phases_mean"]["backward"] * 1e3, r["phases_mean"]["allreduce"] * 1e3,
+              r["phases_mean"]["update"] * 1e3, r["gemm"]["p50"] * 1e3,
+              r["raw_allreduce"]["p50"] * 1e3, r["ratio"],
+              f"<={GOAL} {'met' if r['met'] else 'NOT met'}", r["step_gflops"],
+              r["gemm_gflops"]] for r in rows])
+    common.write_json("dense", {"backend": args.backend, "optimizer": args.optimizer,
+                                "blas_threads": threads, "rows": rows,
+                                "peak_rss_bytes": common.peak_rss_bytes()},
+                      path=args.json, comm=comm)
+    return 0

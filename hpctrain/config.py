@@ -56,8 +56,10 @@ SPARSE_OPTIMIZER_KEYS = {
     "adam": ("lr", "beta1", "beta2", "eps", "weight_decay"),
     "ftrl": ("lr", "l1", "l2", "lr_power", "initial_accumulator"),
 }
-DENSE_OPTIMIZER_KEYS = {k: SPARSE_OPTIMIZER_KEYS[k]
-                        for k in ("sgd", "momentum", "nesterov", "adagrad", "adam")}
+# hpctrain.dense.optim.make_optimizer's kinds and their hyper-parameters.
+DENSE_OPTIMIZER_KEYS = dict({k: SPARSE_OPTIMIZER_KEYS[k]
+                             for k in ("sgd", "momentum", "nesterov", "adagrad", "adam")},
+                            adamw=SPARSE_OPTIMIZER_KEYS["adam"])
 # (type, lower bound, lower bound inclusive, upper bound, upper inclusive) of each hyper-parameter
 _HYPER = {
     "lr": (0.0, False, None, False), "momentum": (0.0, True, 1.0, False),
@@ -74,12 +76,18 @@ _MISSING = object()
 
 @dataclass
 class ModelConfig:
-    """The dense model. ``bottom``/``top`` are DLRM's MLPs, ``hidden`` the deep tower of
-    Wide&Deep and DeepFM, ``wide_tables`` the tables (dim 1) of Wide&Deep's wide part."""
+    """The dense model (hpctrain.dense.models).
+
+    ``bottom``/``top``/``self_interaction`` are DLRM's; ``hidden`` (deep MLP widths) and
+    ``dropout`` are Wide&Deep's and DeepFM's; ``wide_tables`` names the dim-1 tables of
+    Wide&Deep's wide part or DeepFM's first-order terms (every other table is deep/FM).
+    """
     kind: str
     bottom: list = None
     top: list = None
+    self_interaction: bool = False
     hidden: list = None
+    dropout: float = 0.0
     wide_tables: list = field(default_factory=list)
 
 
@@ -184,6 +192,16 @@ class DataConfig:
             return self.schema.feature_names()
         if self.format == "synthetic":
             return list(self.synthetic.features)
+        return None
+
+    def num_dense(self):
+        """Number of dense features the reader yields, or None when only the files know."""
+        if self.format == "criteo":
+            return 13
+        if self.format == "csv":
+            return len(self.schema.dense)
+        if self.format == "synthetic":
+            return self.synthetic.num_dense
         return None
 
     def split(self, name):
@@ -447,11 +465,14 @@ def _optimizer(node, key, kinds, fill_all):
         if k != "kind" and k in _HYPER and k not in allowed:
             raise n.error(k, f"not a hyper-parameter of optimizer {kind!r} "
                              f"(it takes {', '.join(allowed)})")
+    # Sparse: every SparseOptimizer field. Dense: lr plus what the file sets, so the dense
+    # optimizer's own defaults (e.g. Adagrad's eps) apply to the rest.
     out = dict(SPARSE_OPTIMIZER_DEFAULTS) if fill_all else {}
     out["kind"] = kind
     for k in allowed:
         lo, lo_incl, hi, hi_incl = _HYPER[k]
-        out[k] = n.number(k, SPARSE_OPTIMIZER_DEFAULTS[k], lo, lo_incl, hi, hi_incl)
+        if fill_all or k == "lr" or k in v:
+            out[k] = n.number(k, SPARSE_OPTIMIZER_DEFAULTS[k], lo, lo_incl, hi, hi_incl)
     n.finish()
     return out
 
@@ -486,9 +507,10 @@ def _table(n):
 
 def _model(n):
     kind = n.string("kind", choices=MODEL_KINDS)
-    own = {"dlrm": ("bottom", "top"), "wide_deep": ("hidden", "wide_tables"),
-           "deepfm": ("hidden",)}[kind]
-    for k in ("bottom", "top", "hidden", "wide_tables"):
+    own = {"dlrm": ("bottom", "top", "self_interaction"),
+           "wide_deep": ("hidden", "wide_tables", "dropout"),
+           "deepfm": ("hidden", "wide_tables", "dropout")}[kind]
+    for k in ("bottom", "top", "self_interaction", "hidden", "wide_tables", "dropout"):
         if k in n.data and k not in own:
             raise n.error(k, f"not a parameter of model {kind!r} (it takes {', '.join(own)})")
     m = ModelConfig(kind=kind)
@@ -497,11 +519,12 @@ def _model(n):
         m.top = n.integers("top", [512, 256, 1], lo=1)
         if m.top[-1] != 1:
             raise n.error("top", f"the last layer must have 1 output (the logit), got {m.top}")
+        m.self_interaction = n.boolean("self_interaction", False)
     else:
-        m.hidden = n.integers("hidden", [256, 128] if kind == "wide_deep" else [400, 400, 400],
-                              lo=1, nonempty=False)
-        if kind == "wide_deep":
-            m.wide_tables = n.strings("wide_tables", [])
+        m.hidden = n.integers("hidden", [1024, 512, 256] if kind == "wide_deep"
+                              else [400, 400, 400], lo=1, nonempty=False)
+        m.wide_tables = n.strings("wide_tables", [])
+        m.dropout = n.number("dropout", 0.0, lo=0.0, hi=1.0, hi_incl=False)
     n.finish()
     return m
 
@@ -518,6 +541,8 @@ def _split(n, fmt):
             raise n.error("num_samples", f"only synthetic data takes num_samples; select rows "
                                          f"of {fmt} files with rows = [start, end]")
     rows = n.raw("rows", None)
+    if rows is not None and fmt == "synthetic":
+        raise n.error("rows", "synthetic splits are sized by num_samples, not rows")
     if rows is not None:
         if (not isinstance(rows, list) or len(rows) != 2
                 or any(isinstance(x, bool) or not isinstance(x, int) for x in rows)
@@ -697,17 +722,22 @@ def _check_model_tables(root, cfg):
                 raise root.error(f"tables[{i}].features[{j}]",
                                  f"feature {f!r} is already in table {owner[(part, f)]!r}")
             owner[(part, f)] = t.name
-    if m.kind == "dlrm":
-        for i, t in enumerate(tables):
-            if t.dim != m.bottom[-1]:
+    # DLRM's dot interaction and DeepFM's FM need one width for the (non-wide) embeddings.
+    if m.kind in ("dlrm", "deepfm"):
+        deep = [(i, t) for i, t in enumerate(tables) if t.name not in wide]
+        if not deep:
+            raise root.error("tables", f"model {m.kind!r} needs at least one table that is "
+                                       f"not in model.wide_tables")
+        i0, t0 = deep[0]
+        for i, t in deep:
+            if t.dim != t0.dim:
                 raise root.error(f"tables[{i}].dim",
-                                 f"DLRM needs every table's dim equal to the bottom MLP's output "
-                                 f"(model.bottom[-1] = {m.bottom[-1]}), got {t.dim}")
-    if m.kind == "deepfm":
-        for i, t in enumerate(tables):
-            if t.dim != tables[0].dim:
-                raise root.error(f"tables[{i}].dim", f"DeepFM needs one dim for all tables "
-                                                     f"(tables[0].dim = {tables[0].dim}), got {t.dim}")
+                                 f"model {m.kind!r} needs one dim for all its embeddings "
+                                 f"(tables[{i0}].dim = {t0.dim}), got {t.dim}")
+    num_dense = cfg.data.num_dense()
+    if m.kind == "dlrm" and num_dense == 0:
+        raise root.error("model.kind", "DLRM needs dense features for its bottom MLP; the data "
+                                       "has none")
 
 
 def parse_config_dict(d, source):

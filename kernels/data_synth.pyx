@@ -1,0 +1,174 @@
+# cython: language_level=3
+"""Synthetic-data kernels: counter-based random numbers, Zipf ids, planted bag scores.
+
+Every random number is ``mix_add(key, x) = mix64(key + x * 0x9E3779B97F4A7C15)``
+(splitmix64's finaliser, wrapping arithmetic), turned into a uniform in [0, 1)
+by its top 53 bits. hpctrain/data/synthetic.py documents which keys are used.
+
+Zipf(s) over ranks 1..V samples the smallest k with ``H(k) >= u * H(V)``, where
+``H(k) = sum_{i<=k} i^-s``: exactly (a table of partial sums) for k <= a, and by
+the Euler-Maclaurin formula beyond, which is exact to float64 rounding once
+``a >= 1024`` -- no table grows with V, so any vocabulary size works.
+"""
+from libc.math cimport ceil, exp, fabs, log, pow, sqrt
+from libc.stdint cimport int64_t, uint64_t
+
+import numpy as np
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    static inline uint64_t hp_synth_mix64(uint64_t z) {
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+        return z ^ (z >> 31);
+    }
+    static inline uint64_t hp_mix_add(uint64_t h, uint64_t x) {
+        return hp_synth_mix64(h + x * 0x9E3779B97F4A7C15ULL);
+    }
+    static inline double hp_unit(uint64_t h) {
+        return (double)(h >> 11) * (1.0 / 9007199254740992.0);
+    }
+    """
+    uint64_t hp_mix_add(uint64_t h, uint64_t x) noexcept nogil
+    double hp_unit(uint64_t h) noexcept nogil
+
+
+cdef struct Zipf:
+    int64_t vocab
+    double s
+    int64_t a
+    const double* head     # H(1..a)
+    const int64_t* guide   # guide[j] = first i with head[i] >= j * total / ng
+    int64_t ng
+    double ha              # H(a)
+    double pa              # a^-s
+    double total           # H(vocab)
+
+
+cdef inline double _tail_h(const Zipf* z, double k) noexcept nogil:
+    # H(k) for k > a: H(a) + integral + (f(k) - f(a))/2 + (f'(k) - f'(a))/12, f(x) = x^-s
+    cdef double s = z.s, a = <double>z.a, p = pow(k, -s), integ
+    if fabs(s - 1.0) < 1e-12:
+        integ = log(k / a)
+    else:
+        integ = (k * p - a * z.pa) / (1.0 - s)
+    return z.ha + integ + 0.5 * (p - z.pa) + (s * z.pa / a - s * p / k) / 12.0
+
+
+cdef inline int64_t _zipf_id(const Zipf* z, double u) noexcept nogil:
+    cdef double t = u * z.total, x, base
+    cdef int64_t lo, hi, mid, k
+    cdef int it
+    if t <= z.ha:
+        # the guide table narrows the search to the ranks between two guide points
+        mid = <int64_t>(u * <double>z.ng)
+        lo = z.guide[mid]
+        hi = z.guide[mid + 1] if z.guide[mid + 1] < z.a - 1 else z.a - 1
+        while lo < hi:               # first i with head[i] >= t
+            mid = (lo + hi) >> 1
+            if z.head[mid] >= t:
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+    if fabs(z.s - 1.0) < 1e-12:
+        x = <double>z.a * exp(t - z.ha)
+    else:
+        base = pow(<double>z.a, 1.0 - z.s) + (1.0 - z.s) * (t - z.ha)
+        x = pow(base, 1.0 / (1.0 - z.s)) if base > 0 else <double>z.vocab
+    if not (x == x) or x > <double>z.vocab:
+        x = <double>z.vocab
+    if x < <double>z.a:
+        x = <double>z.a
+    # The integral alone is off by the (f(x) - f(a))/2 term, many ranks deep in the tail:
+    # two Newton steps on H(x) = t (H'(x) ~ x^-s) land within a rank.
+    for it in range(2):
+        x -= (_tail_h(z, x) - t) / pow(x, -z.s)
+        if not (x == x) or x > <double>z.vocab:
+            x = <double>z.vocab
+        if x < <double>z.a:
+            x = <double>z.a
+    k = <int64_t>ceil(x)
+    if k < z.a + 1:
+        k = z.a + 1
+    while k < z.vocab and _tail_h(z, <double>k) < t:
+        k += 1
+    while k > z.a + 1 and _tail_h(z, <double>(k - 1)) >= t:
+        k -= 1
+    return k - 1
+
+
+cdef Zipf _make(int64_t vocab, double s, const double[::1] head,
+                const int64_t[::1] guide) except *:
+    cdef Zipf z
+    cdef int64_t j
+    if vocab < 1 or head.shape[0] < 1 or head.shape[0] > vocab or guide.shape[0] < 2:
+        raise ValueError(f"zipf: vocab {vocab}, a head table of {head.shape[0]} entries and "
+                         f"a guide of {guide.shape[0]}")
+    z.vocab, z.s, z.a, z.head = vocab, s, head.shape[0], &head[0]
+    z.guide, z.ng = &guide[0], guide.shape[0] - 1
+    z.ha = head[head.shape[0] - 1]
+    z.pa = pow(<double>z.a, -s)
+    z.total = z.ha if vocab == z.a else _tail_h(&z, <double>vocab)
+    for j in range(guide.shape[0]):
+        if guide[j] < 0 or guide[j] > z.a or (j and guide[j] < guide[j - 1]):
+            raise ValueError("zipf: the guide table must be non-decreasing within [0, a]")
+    return z
+
+
+def zipf_total(int64_t vocab, double s, const double[::1] head):
+    """``H(vocab)`` as the sampler computes it (head table ``head = H(1..a)``)."""
+    cdef int64_t[::1] g = np.zeros(2, dtype=np.int64)
+    cdef Zipf z = _make(vocab, s, head, g)
+    return z.total
+
+
+def zipf_ids(const double[::1] u, int64_t vocab, double s, const double[::1] head,
+             const int64_t[::1] guide, int64_t[::1] out):
+    """Zipf(s) ids in [0, vocab) (id = rank - 1) of uniforms ``u``.
+
+    ``head`` holds H(1..a); ``guide[j]`` (j = 0..ng) the first i with
+    ``head[i] >= j * total / ng``, capped at a (hpctrain.data.synthetic.zipf_tables).
+    """
+    cdef Zipf z = _make(vocab, s, head, guide)
+    cdef int64_t i, n = u.shape[0]
+    if out.shape[0] != n:
+        raise ValueError("zipf_ids: out must have one entry per uniform")
+    with nogil:
+        for i in range(n):
+            out[i] = _zipf_id(&z, u[i])
+
+
+def bags(const uint64_t[::1] bag_keys, const int64_t[::1] lengths, int64_t vocab, double s,
+         const double[::1] head, const int64_t[::1] guide, uint64_t weight_key,
+         int64_t[::1] ids, double[::1] score):
+    """Ids of one feature's bags and each bag's planted score.
+
+    Bag ``i`` has ``lengths[i]`` ids; id ``j`` of bag ``i`` is
+    ``zipf(unit(mix_add(bag_keys[i], j)))``. Its planted weight is
+    ``(2 * unit(mix_add(weight_key, id)) - 1) * sqrt(3)`` and ``score[i]`` is the sum of
+    its bag's weights divided by ``sqrt(max(lengths[i], 1))``.
+    """
+    cdef Zipf z = _make(vocab, s, head, guide)
+    cdef int64_t n = lengths.shape[0], i, j, w = 0, idv
+    cdef double acc, r3 = sqrt(3.0)
+    if bag_keys.shape[0] != n or score.shape[0] != n:
+        raise ValueError("bags: bag_keys, lengths and score must have one entry per bag")
+    for i in range(n):
+        if lengths[i] < 0:
+            raise ValueError(f"bags: negative length at bag {i}")
+        w += lengths[i]
+    if ids.shape[0] != w:
+        raise ValueError(f"bags: ids has {ids.shape[0]} entries, lengths sum to {w}")
+    w = 0
+    with nogil:
+        for i in range(n):
+            acc = 0.0
+            for j in range(lengths[i]):
+                idv = _zipf_id(&z, hp_unit(hp_mix_add(bag_keys[i], <uint64_t>j)))
+                ids[w] = idv
+                w += 1
+                acc += (2.0 * hp_unit(hp_mix_add(weight_key, <uint64_t>idv)) - 1.0) * r3
+            score[i] = acc / sqrt(<double>(lengths[i] if lengths[i] > 1 else 1))
+    return w

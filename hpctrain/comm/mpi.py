@@ -34,13 +34,13 @@ _TYPES = {}
 def mpi_type(dtype):
     """The MPI datatype of a NumPy dtype: a predefined one (so reductions work) when
     there is one, else a derived type from ``mpi4py.util.dtlib`` (moves only). Cached."""
-    dtype = np.dtype(dtype)
     t = _TYPES.get(dtype)
     if t is None:
-        t = _PREDEFINED.get(dtype.newbyteorder("=")) if dtype.isnative else None
+        key, dtype = dtype, np.dtype(dtype)
+        t = _PREDEFINED.get(dtype) if dtype.isnative else None
         if t is None:
             t = from_numpy_dtype(dtype).Commit()
-        _TYPES[dtype] = t
+        _TYPES[key] = _TYPES[dtype] = t
     return t
 
 
@@ -122,9 +122,7 @@ class MpiCommunicator(Communicator):
         self.rank, self.size = self.mpi_comm.rank, self.mpi_comm.size
         self.local_rank, self.local_size, self.hosts = node_local(self.mpi_comm)
         self._chunk_limit = chunk_limit
-        # Chunked alltoallv uses point-to-point; a private communicator keeps those
-        # messages apart from anything the caller sends on mpi_comm.
-        self._p2p = self.mpi_comm.Dup()
+        self._p2p_comm = None
         self._flag = np.zeros(1, dtype=np.int64)
 
     @property
@@ -139,16 +137,22 @@ class MpiCommunicator(Communicator):
     # -- allreduce -----------------------------------------------------------------------
     def allreduce(self, buf, op="sum"):
         """In-place sum or mean over ranks of ``buf`` (float32/float64/int64; int mean floors)."""
-        flat, t, finish = self._reduce_args(buf, op)
+        if op != "sum" and op != "mean":
+            raise ValueError(f"op must be one of {_OPS}, got {op!r}")
+        if type(buf) is not np.ndarray or not buf.flags.c_contiguous:
+            _contiguous(buf, "buf")  # raises with the reason
+        limit = self.chunk_limit
         # Blocking MPI_Allreduce, not Iallreduce+Wait: MPI libraries tune the
-        # blocking algorithms far more than the non-blocking schedules.
-        if flat.size <= self.chunk_limit:  # the common case, kept to one call
-            self.mpi_comm.Allreduce(MPI.IN_PLACE, [flat, t], MPI.SUM)
+        # blocking algorithms far more than the non-blocking schedules. The common
+        # case is one call on the array itself, nothing more than raw mpi4py does.
+        if buf.size <= limit:
+            self.mpi_comm.Allreduce(MPI.IN_PLACE, [buf, mpi_type(buf.dtype)], MPI.SUM)
         else:
-            for a, b in split_ranges(0, flat.size, self.chunk_limit):
+            flat, t = buf.reshape(-1), mpi_type(buf.dtype)
+            for a, b in split_ranges(0, flat.size, limit):
                 self.mpi_comm.Allreduce(MPI.IN_PLACE, [flat[a:b], t], MPI.SUM)
-        if finish is not None:
-            finish()
+        if op == "mean" and self.size > 1:
+            (np.floor_divide if buf.dtype.kind in "iu" else np.divide)(buf, self.size, out=buf)
         return buf
 
     def iallreduce(self, buf, op="sum"):
@@ -241,6 +245,15 @@ class MpiCommunicator(Communicator):
         if min(out) < 0:
             raise ValueError(f"{name} has negative entries: {out}")
         return out
+
+    @property
+    def _p2p(self):
+        # Chunked alltoallv uses point-to-point; a private communicator keeps those
+        # messages apart from anything the caller sends on mpi_comm. Created on first
+        # use, which is collective: all ranks enter the chunked path together.
+        if self._p2p_comm is None:
+            self._p2p_comm = self.mpi_comm.Dup()
+        return self._p2p_comm
 
     def _chunked(self, sflat, scount, sdispl, rflat, rcount, rdispl, limit):
         """Point-to-point pieces of at most ``limit`` elements, posted in per-peer order."""

@@ -99,6 +99,7 @@ class SyntheticDataset:
         self.cfg = cfg
         self.features = tuple(cfg.features)
         self.num_dense = cfg.num_dense
+        self.dense_names = tuple(f"I{k}" for k in range(1, cfg.num_dense + 1))
         self.num_samples = num_samples
         self.S = mix_add(mix_add(_K0, np.uint64(seed)), 0)
         self.split_key = mix_add(self.S, _SPLITS[split])

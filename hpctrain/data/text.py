@@ -55,11 +55,10 @@ class BadLines:
         self.recent = []       # the last 100 (path, line, reason)
 
     def record(self, parsed, bad):
-        """Account for ``parsed`` lines of which ``bad`` is a list of (path, line, reason)."""
-        for k, (path, line, reason) in enumerate(bad):
+        """Account for ``parsed`` lines; ``bad`` lists (index among them, path, line, reason)."""
+        for i, path, line, reason in bad:
             self.bad += 1
-            # count the parsed lines up to this one, so the ratio is checked at each bad line
-            seen = self.parsed + parsed - (len(bad) - 1 - k)
+            seen = self.parsed + i + 1      # the ratio is checked as of each bad line
             if self.bad > self.max_count and self.bad > self.max_ratio * seen:
                 raise DataError(
                     f"{path}:{line}: {reason} (bad line {self.bad} of {seen} parsed on this "
@@ -208,7 +207,8 @@ class TextDataset:
     def __init__(self, files, parser, rows, bad_lines, split):
         self.files, self.parser, self.rows, self.bad_lines = files, parser, rows, bad_lines
         self.split = split
-        self.features, self.num_dense = parser.features, len(parser.dense_names)
+        self.features, self.dense_names = parser.features, parser.dense_names
+        self.num_dense = len(parser.dense_names)
         self.limit = None if rows is None else rows[1] - rows[0]
         self._index = None
         self.num_samples = None
@@ -303,7 +303,7 @@ class TextDataset:
             rows, status, err_col = self.parser.parse(buf, s, e)
             bad = np.flatnonzero(status)
             self.bad_lines.record(s.shape[0], [
-                (self.files.paths[f], int(ln[i]),
+                (int(i), self.files.paths[f], int(ln[i]),
                  self.parser.reason(buf, int(s[i]), int(e[i]), int(status[i]), int(err_col[i])))
                 for i in bad])
             parts.append(rows)

@@ -18,6 +18,7 @@ from hpctrain.data.batch import Rows
 from hpctrain.errors import DataError
 
 FORMAT, VERSION = "hpctrain-data", 1
+GAP = 256        # samples skipped within one read rather than starting a new read
 
 
 def _h5py():
@@ -166,12 +167,16 @@ class HDF5Dataset:
             return Rows.empty(self.num_dense, len(self.features))
         order = np.argsort(positions, kind="stable")
         g = positions[order] + self.lo
-        # runs of consecutive samples that do not cross a file boundary
-        cut = np.flatnonzero((np.diff(g) != 1) |
-                             np.isin(g[1:], self.first[1:-1])) + 1
+        # One read per cluster of nearby samples: each h5py call costs far more than
+        # reading a few unneeded rows. Clusters never cross a file boundary.
+        fi = np.searchsorted(self.first, g, side="right")
+        cut = np.flatnonzero((np.diff(g) > GAP) | (np.diff(fi) != 0)) + 1
         bounds = np.concatenate(([0], cut, [g.shape[0]]))
-        parts = [self._read_range(int(g[s]), int(g[e - 1]) + 1)
-                 for s, e in zip(bounds[:-1], bounds[1:])]
+        parts = []
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            a, b = int(g[s]), int(g[e - 1]) + 1
+            block = self._read_range(a, b)
+            parts.append(block if b - a == e - s else block.take(g[s:e] - a))
         rows = Rows.concat(parts, self.num_dense, len(self.features))
         if (order == np.arange(order.shape[0])).all():
             return rows

@@ -157,6 +157,8 @@ class Reader:
         epoch, row = st["epoch"], st["row"]
         while self.epochs is None or epoch < self.epochs:
             yielded, from_start = False, row == 0
+            if self.bad_lines is not None:
+                self.bad_lines.start_epoch()
             if ds.random_access:
                 n = ds.num_samples
                 order = self._epoch_order(epoch, n) if self.shuffle else None

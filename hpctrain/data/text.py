@@ -44,32 +44,40 @@ def expand_paths(patterns, what):
 class BadLines:
     """Counts bad lines on this rank and raises when ``data.bad_lines`` allows no more.
 
-    A bad line is tolerated while ``bad <= max_count`` or ``bad <= max_ratio * parsed``
-    (``parsed`` counts every line this rank parsed, bad ones included).
+    Within an epoch, a bad line is tolerated while ``bad <= max_count`` or
+    ``bad <= max_ratio * parsed``, counting the lines this rank parsed in the epoch up
+    to and including it (so a file read for several epochs is judged once per pass).
+    ``parsed`` and ``bad`` are the totals over all epochs.
     """
 
     def __init__(self, cfg, warn_first=20):
         self.max_count, self.max_ratio = cfg.max_count, cfg.max_ratio
         self.parsed = self.bad = 0
+        self._epoch_parsed = self._epoch_bad = 0
         self.warn_first = warn_first
         self.recent = []       # the last 100 (path, line, reason)
+
+    def start_epoch(self):
+        self._epoch_parsed = self._epoch_bad = 0
 
     def record(self, parsed, bad):
         """Account for ``parsed`` lines; ``bad`` lists (index among them, path, line, reason)."""
         for i, path, line, reason in bad:
             self.bad += 1
-            seen = self.parsed + i + 1      # the ratio is checked as of each bad line
-            if self.bad > self.max_count and self.bad > self.max_ratio * seen:
+            self._epoch_bad += 1
+            seen = self._epoch_parsed + i + 1      # the ratio as of this bad line
+            if self._epoch_bad > self.max_count and self._epoch_bad > self.max_ratio * seen:
                 raise DataError(
-                    f"{path}:{line}: {reason} (bad line {self.bad} of {seen} parsed on this "
-                    f"rank; data.bad_lines allows max_count = {self.max_count}, "
-                    f"max_ratio = {self.max_ratio:g})")
+                    f"{path}:{line}: {reason} (bad line {self._epoch_bad} of {seen} parsed "
+                    f"on this rank in this epoch; data.bad_lines allows max_count = "
+                    f"{self.max_count}, max_ratio = {self.max_ratio:g})")
             self.recent = (self.recent + [(path, line, reason)])[-100:]
             if self.bad <= self.warn_first:
                 log.warning("%s:%d: skipped bad line: %s", path, line, reason)
                 if self.bad == self.warn_first:
                     log.warning("further bad lines are counted, not reported")
         self.parsed += parsed
+        self._epoch_parsed += parsed
 
 
 class TextFiles:

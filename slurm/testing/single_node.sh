@@ -83,7 +83,7 @@ SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 # our own munged; cred_expire also sets how long a requeued job waits before it may start again
-AuthInfo=socket=${DIR}/munge/munge.socket,cred_expire=10
+AuthInfo=socket=${DIR}/munge/munge.socket,cred_expire=5
 MpiDefault=none
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -91,6 +91,9 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 SchedulerType=sched/backfill
+# scan pending jobs every second: a requeued job becomes eligible after cred_expire and would
+# otherwise wait for the next periodic pass (30-60 s)
+SchedulerParameters=sched_interval=1,bf_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2

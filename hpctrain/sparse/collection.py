@@ -148,10 +148,11 @@ class PhaseTimer:
 
 
 class _Lookup:
-    """A lookup of the twin: computed at start, returned at wait."""
+    """A lookup of the twin: ids deduplicated at start, rows read at wait."""
 
-    def __init__(self, plans, indices, outputs):
-        self.plans, self.indices, self.outputs = plans, indices, outputs
+    def __init__(self, plans, step, train):
+        self.plans, self.step, self.train = plans, step, train
+        self.indices = []
         self.done = False
 
 
@@ -182,37 +183,52 @@ class EmbeddingCollection:
     def reset_timers(self):
         self._timer.reset()
 
-    def start_lookup(self, batch, step):
-        """Dedup, find-or-insert and pool ``batch`` now (rows as of this call); see ``wait_lookup``."""
+    def start_lookup(self, batch, step, train=True):
+        """Dedup ``batch``; rows are read by ``wait_lookup`` (as they are then).
+
+        Reading no rows here is what lets a trainer start the next batch's lookup
+        before this step's update and still see the updated rows.
+        """
         t = self._timer
         t.start()
         plans = split_batch(batch, self.specs, self.feature_to_table)
         t.lap("dedup")
-        indices, rows = [], []
-        for p in plans:
-            table = self.tables[p.spec.name]
-            idx = table.find_or_insert(p.uniq, step)
-            indices.append(idx)
-            rows.append(np.ascontiguousarray(table.gather(idx), dtype=np.float32))
-        t.lap("lookup")
-        outputs = {}
-        for p, r in zip(plans, rows):
-            off = np.arange(p.uniq.shape[0], dtype=np.int64) * p.spec.dim
-            outputs.update(p.pool(r.reshape(-1), off))
-        t.lap("pool")
-        return _Lookup(plans, indices, outputs)
+        return _Lookup(plans, step, train)
 
     def wait_lookup(self, handle):
-        """The outputs of a started lookup; it becomes the one ``backward`` differentiates."""
+        """Find(-or-insert), gather and pool a started lookup.
+
+        A training lookup becomes the one ``backward`` differentiates; an eval
+        lookup (``train=False``) inserts nothing and leaves that alone.
+        """
         if handle.done:
             raise RuntimeError("wait_lookup: this lookup was already waited for")
         handle.done = True
-        self._last = handle
-        return handle.outputs
+        t = self._timer
+        t.start()
+        rows = []
+        for p in handle.plans:
+            table = self.tables[p.spec.name]
+            idx = (table.find_or_insert(p.uniq, handle.step) if handle.train
+                   else table.find(p.uniq))
+            handle.indices.append(idx)
+            rows.append(np.ascontiguousarray(table.gather(idx), dtype=np.float32))
+        t.lap("lookup")
+        outputs = {}
+        for p, r in zip(handle.plans, rows):
+            off = np.arange(p.uniq.shape[0], dtype=np.int64) * p.spec.dim
+            outputs.update(p.pool(r.reshape(-1), off))
+        t.lap("pool")
+        if handle.train:
+            self._last = handle
+        return outputs
 
-    def forward(self, batch, step):
-        """Pooled embeddings of ``batch``: dict feature -> float32 ``[B, dim]`` (or jagged rows)."""
-        return self.wait_lookup(self.start_lookup(batch, step))
+    def forward(self, batch, step, train=True):
+        """Pooled embeddings of ``batch``: dict feature -> float32 ``[B, dim]`` (or jagged rows).
+
+        With ``train=False`` unknown ids read as the default row and nothing is inserted.
+        """
+        return self.wait_lookup(self.start_lookup(batch, step, train))
 
     def backward(self, grads, step):
         """Apply the gradients of the last forward's outputs (optimizer once per unique id).

@@ -72,8 +72,10 @@ class ShardedLookup:
         self.ask_elems = None      # floats this rank receives from / sends grads to each peer
         self.serve_elems = None    # floats this rank sends rows to / receives grads from each peer
         self.owner = None          # _OwnerPart per table (owner side)
-        self.handle = None         # the in-flight rows Alltoallv
-        self.outputs = None
+        self.ids_handle = None     # the in-flight ids Alltoallv
+        self.from_peer_table = None
+        self.train = True
+        self.prefix = ""
 
 
 class ShardedEmbedding:
@@ -119,22 +121,28 @@ class ShardedEmbedding:
         return self._buf.nbytes()
 
     # -- forward -------------------------------------------------------------------------
-    def start_lookup(self, batch, step):
-        """Send this rank's ids to their owners and start the rows exchange.
+    def start_lookup(self, batch, step, train=True):
+        """Route this rank's ids to their owners and start the ids exchange.
 
-        Rows are read from the tables during this call; ``wait_lookup`` finishes
-        the rows ``Alltoallv`` and pools. At most one lookup may be in flight.
+        No table is read here: ``wait_lookup`` finds the rows and exchanges them.
+        So a trainer may start the next batch's lookup before this step's sparse
+        update and still read the updated rows (identical results with overlap).
+        At most one training lookup may be in flight; an eval lookup
+        (``train=False``: nothing inserted, unknown ids read the default row) uses
+        buffers of its own and may run while one is.
 
         Args:
             batch: this rank's ``JaggedBatch`` (every rank the same features).
             step: the training step (admission / eviction bookkeeping).
+            train: False for evaluation lookups.
 
         Returns:
             A ``ShardedLookup`` handle.
         """
-        if self._pending is not None:
+        if train and self._pending is not None:
             raise RuntimeError("start_lookup: the previous lookup was not waited for "
                                "(call wait_lookup first; one lookup may be in flight)")
+        pre = "" if train else "eval_"
         t, P, T = self._timer, self.size, len(self.specs)
         look = ShardedLookup(step)
         t.start()
@@ -155,7 +163,7 @@ class ShardedEmbedding:
         to_peer, perm = sparse_ops.bucket_by_owner(owners, P)
         keys = np.concatenate([p.uniq for p in plans]) if T > 1 else plans[0].uniq
         total = keys.shape[0]
-        send_ids = self._buf.get("send_ids", total, np.int64)
+        send_ids = self._buf.get(pre + "send_ids", total, np.int64)
         np.take(keys, perm, out=send_ids)
         widths = np.repeat(self._dims, n_unique)[perm]
         unique_off = np.empty(total, dtype=np.int64)
@@ -170,21 +178,16 @@ class ShardedEmbedding:
         look.ask_ids, look.serve_ids = to_peer, from_peer
         t.lap("counts")
 
-        recv_ids = self._buf.get("recv_ids", int(from_peer.sum()), np.int64)
-        self.comm.alltoallv(send_ids, to_peer, from_peer, recvbuf=recv_ids)
+        recv_ids = self._buf.get(pre + "recv_ids", int(from_peer.sum()), np.int64)
+        look.ids_handle = self.comm.ialltoallv(send_ids, to_peer, from_peer, recvbuf=recv_ids)
+        look.from_peer_table, look.train, look.prefix = from_peer_table, train, pre
         t.lap("ids_a2a")
-
-        look.serve_elems, reply, look.owner = self._serve(recv_ids, from_peer_table, step)
-        t.lap("lookup")
-
-        rows = self._buf.get("rows", int(look.ask_elems.sum()), np.float32)
-        look.handle = self.comm.ialltoallv(reply, look.serve_elems, look.ask_elems, recvbuf=rows)
-        t.lap("rows_a2a")
-        self._pending = look
+        if train:
+            self._pending = look
         return look
 
-    def _serve(self, recv_ids, from_peer_table, step):
-        """Owner side: dedup received ids per table, find_or_insert, gather into the reply."""
+    def _serve(self, recv_ids, from_peer_table, step, train=True, pre=""):
+        """Owner side: dedup received ids per table, find(-or-insert), gather into the reply."""
         P, T = from_peer_table.shape
         # Received ids are (source, table) blocks; group positions by table keeping
         # source order, so the dedup and later gradient sums go in source-rank order.
@@ -192,14 +195,14 @@ class ShardedEmbedding:
         per_table, order = sparse_ops.bucket_by_owner(table_of, T)
         elem_off = _exclusive_cumsum(self._dims[table_of])
         serve_elems = from_peer_table @ self._dims
-        reply = self._buf.get("reply", int(serve_elems.sum()), np.float32)
+        reply = self._buf.get(pre + "reply", int(serve_elems.sum()), np.float32)
         parts, lo = [], 0
         for i, spec in enumerate(self.specs):
             pos = order[lo:lo + per_table[i]]
             lo += per_table[i]
             uniq, inverse = sparse_ops.unique_inverse(recv_ids[pos])
             table = self.tables[spec.name]
-            idx = table.find_or_insert(uniq, step)
+            idx = table.find_or_insert(uniq, step) if train else table.find(uniq)
             rows = np.ascontiguousarray(table.gather(idx), dtype=np.float32)
             off = elem_off[pos]
             sparse_ops.scatter_rows(rows, inverse, reply, off)
@@ -207,28 +210,38 @@ class ShardedEmbedding:
         return serve_elems, reply, parts
 
     def wait_lookup(self, handle):
-        """Finish a started lookup and pool: dict feature -> float32 ``[B, dim]`` (or jagged rows).
+        """Finish a started lookup: owners read rows, rows come back, bags are pooled.
 
-        The lookup becomes the one the next ``backward`` differentiates.
+        Returns dict feature -> float32 ``[B, dim]`` (or jagged rows). A training
+        lookup becomes the one the next ``backward`` differentiates.
         """
-        if handle is not self._pending:
+        if handle.train and handle is not self._pending:
             raise RuntimeError("wait_lookup: this handle is not the lookup in flight")
-        t = self._timer
+        if handle.ids_handle is None:
+            raise RuntimeError("wait_lookup: this lookup was already waited for")
+        t, pre = self._timer, handle.prefix
         t.start()
-        rows = handle.handle.wait()
+        recv_ids = handle.ids_handle.wait()
+        handle.ids_handle = None
+        t.lap("ids_a2a")
+        handle.serve_elems, reply, handle.owner = self._serve(
+            recv_ids, handle.from_peer_table, handle.step, handle.train, pre)
+        t.lap("lookup")
+        rows = self._buf.get(pre + "rows", int(handle.ask_elems.sum()), np.float32)
+        self.comm.alltoallv(reply, handle.serve_elems, handle.ask_elems, recvbuf=rows)
         t.lap("rows_a2a")
         outputs = {}
         for p, off in zip(handle.plans, handle.unique_off):
             outputs.update(p.pool(rows, off))
         t.lap("pool")
-        handle.handle = None
-        self._pending = None
-        self._last = handle
+        if handle.train:
+            self._pending = None
+            self._last = handle
         return outputs
 
-    def forward(self, batch, step):
-        """``wait_lookup(start_lookup(batch, step))``."""
-        return self.wait_lookup(self.start_lookup(batch, step))
+    def forward(self, batch, step, train=True):
+        """``wait_lookup(start_lookup(batch, step, train))``."""
+        return self.wait_lookup(self.start_lookup(batch, step, train))
 
     # -- backward ------------------------------------------------------------------------
     def backward(self, grads, step):

@@ -148,7 +148,8 @@ def parse_lines(const unsigned char[::1] buf, const int64_t[::1] starts,
         delim: field delimiter byte. strip: drop spaces around fields.
         missing_id: the id of an empty hex categorical field.
         labels, label_hash: [n] outputs for R_LABEL / R_LABEL_HASH.
-        dense: [n, num_dense] output. ids: output buffer, sample-major.
+        dense: [n, num_dense] output. ids: output buffer, sample-major (a line's bags in
+            column order).
         lengths: [n, num_features] output, zero on entry.
         status, err_col: [n] outputs: S_* code and the 0-based column at fault
             (for S_FIELDS, the number of fields found).
@@ -279,32 +280,37 @@ def parse_lines(const unsigned char[::1] buf, const int64_t[::1] starts,
 
 
 def to_feature_major(const int64_t[::1] ids, const int64_t[:, ::1] lengths,
-                     int64_t[::1] values, int64_t[::1] fm_lengths):
-    """Reorder sample-major bags (``lengths[n, F]``) into the feature-major jagged layout.
+                     const int32_t[::1] order, int64_t[::1] values, int64_t[::1] fm_lengths):
+    """Reorder sample-major bags into the feature-major jagged layout.
 
-    ``values`` gets feature 0's bags for samples 0..n-1, then feature 1's, ...;
-    ``fm_lengths[f * n + s] = lengths[s, f]``.
+    Sample ``s``'s ids come one bag after another, feature ``order[0]``'s bag first,
+    then ``order[1]``'s, ... (the order of the columns in the file); ``lengths[s, f]``
+    is the length of feature ``f``'s bag. ``values`` gets feature 0's bags for samples
+    0..n-1, then feature 1's, ...; ``fm_lengths[f * n + s] = lengths[s, f]``.
     """
-    cdef int64_t n = lengths.shape[0], nf = lengths.shape[1], s, f, w = 0, ln, total = 0
-    cdef int64_t[::1] cursor = np.empty(n, dtype=np.int64)
+    cdef int64_t n = lengths.shape[0], nf = lengths.shape[1], s, f, k, w = 0, ln, total = 0
+    cdef int64_t[:, ::1] start = np.empty((n, nf), dtype=np.int64)
+    if order.shape[0] != nf:
+        raise ValueError(f"to_feature_major: order has {order.shape[0]} entries for {nf} features")
+    for k in range(nf):
+        if order[k] < 0 or order[k] >= nf:
+            raise ValueError(f"to_feature_major: order[{k}] = {order[k]} is not a feature index")
     for s in range(n):
-        cursor[s] = total
-        for f in range(nf):
+        for k in range(nf):
+            f = order[k]
             if lengths[s, f] < 0:
                 raise ValueError(f"to_feature_major: negative length at sample {s}, feature {f}")
+            start[s, f] = total
             total += lengths[s, f]
     if total != ids.shape[0] or values.shape[0] != total or fm_lengths.shape[0] != n * nf:
         raise ValueError(f"to_feature_major: {ids.shape[0]} ids, lengths sum to {total}, "
                          f"{values.shape[0]} values, {fm_lengths.shape[0]} output lengths")
     with nogil:
-        # Each sample's bags are visited in increasing feature order, so a cursor per
-        # sample walks its ids once.
         for f in range(nf):
             for s in range(n):
                 ln = lengths[s, f]
                 fm_lengths[f * n + s] = ln
                 if ln:
-                    memcpy(&values[w], &ids[cursor[s]], <size_t>(ln * 8))
-                    cursor[s] += ln
+                    memcpy(&values[w], &ids[start[s, f]], <size_t>(ln * 8))
                     w += ln
     return total

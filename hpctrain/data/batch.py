@@ -92,13 +92,16 @@ class Rows:
         return cls(np.zeros(0), np.zeros((0, num_dense)), np.zeros(0), np.zeros((num_features, 0)))
 
     @classmethod
-    def from_sample_major(cls, labels, dense, ids, lengths_sm):
-        """Rows from parser output: ids sample by sample, ``lengths_sm[n, F]``."""
+    def from_sample_major(cls, labels, dense, ids, lengths_sm, order=None):
+        """Rows from parser output: ids sample by sample, ``lengths_sm[n, F]``; within a
+        sample the bags come in feature order ``order`` (default 0, 1, ..., F-1)."""
         n, nf = lengths_sm.shape
+        order = np.arange(nf, dtype=np.int32) if order is None else order
         values = np.empty(ids.shape[0], dtype=np.int64)
         fm = np.empty(n * nf, dtype=np.int64)
         to_feature_major(np.ascontiguousarray(ids, dtype=np.int64),
-                         np.ascontiguousarray(lengths_sm, dtype=np.int64), values, fm)
+                         np.ascontiguousarray(lengths_sm, dtype=np.int64),
+                         np.ascontiguousarray(order, dtype=np.int32), values, fm)
         return cls(labels, dense, values, fm.reshape(nf, n))
 
     @staticmethod

@@ -56,6 +56,10 @@ class LineParser:
         self.std = np.full(len(dense_names), np.nan)
         self.has_multi = bool((self.roles == R_MULTI_HASH).any())
         self.num_single = int(((self.roles == R_CAT_HASH) | (self.roles == R_CAT_HEX)).sum())
+        # the parser writes a line's bags in column order; this maps them to features
+        sparse = (self.roles == R_CAT_HASH) | (self.roles == R_CAT_HEX) | \
+            (self.roles == R_MULTI_HASH)
+        self.bag_order = self.slots[sparse].astype(np.int32)
         self.label_col = int(np.flatnonzero((self.roles == R_LABEL) |
                                             (self.roles == R_LABEL_HASH))[0])
         name = self.columns[self.label_col]
@@ -128,7 +132,8 @@ class LineParser:
             # Lines rejected after the kernel (labels) still hold ids: drop them here.
             ids = ids[np.repeat(good, lengths.sum(axis=1))]
             labels, dense, lengths = labels[good], dense[good], lengths[good]
-        return Rows.from_sample_major(labels, self.transform(dense), ids, lengths), status, err_col
+        rows = Rows.from_sample_major(labels, self.transform(dense), ids, lengths, self.bag_order)
+        return rows, status, err_col
 
     def transform(self, dense):
         """Apply each dense column's transform to raw float64 values; returns float32."""

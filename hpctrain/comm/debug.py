@@ -85,6 +85,8 @@ class DebugCommunicator(Communicator):
         return f"DebugCommunicator({self.inner!r})"
 
     def __getattr__(self, name):  # backend extras (hosts, chunk_limit, ...)
+        if name == "inner":  # not yet set: no recursion
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def _fail(self, op, message, cls=CommError):

@@ -3,14 +3,16 @@
 Every ``Alltoallv`` uses one buffer form, ``[buf, (counts, displs), MPI.TYPE]``,
 with element counts from ``element_counts`` and displacements from
 ``displacements``. MPI's classic interfaces take ``int`` counts and
-displacements, so any message (or buffer offset) beyond ``CHUNK_LIMIT``
-elements is split transparently:
+displacements, so no MPI call here sees more than ``CHUNK_LIMIT`` elements:
 
-* allreduce/bcast: the flat buffer is reduced in consecutive slices;
-* alltoallv: all ranks agree (one small ``Allreduce``) whether any rank
-  exceeds the limit; if so each peer's rows travel as consecutive point-to-point
-  pieces of at most ``CHUNK_LIMIT`` elements on a private duplicate of the
-  communicator, so per-peer order is kept and no displacement overflows.
+* allreduce/bcast: the flat buffer is processed in consecutive slices;
+* alltoallv: when a rank's totals exceed ``CHUNK_LIMIT // size``, each peer block
+  is split into a head of at most ``CHUNK_LIMIT // size`` elements, which goes
+  through the one ``Alltoallv`` every rank calls, and a tail sent as
+  point-to-point pieces of at most ``CHUNK_LIMIT`` elements on a private
+  duplicate communicator. Sender and receiver derive the split from the same
+  count, so ranks need no extra agreement (no extra synchronisation on the
+  common path); pieces land at their own offsets, so per-peer order is kept.
 """
 import math
 import operator
@@ -75,6 +77,14 @@ def split_ranges(start, stop, limit):
     return [(a, min(a + limit, stop)) for a in range(start, stop, limit)]
 
 
+def _gather(flat, displs, counts):
+    """The ``counts[p]`` elements at ``displs[p]`` of ``flat``, packed in peer order."""
+    out = np.empty(sum(counts), dtype=flat.dtype)
+    for a, b, n in zip(displs, displacements(counts), counts):
+        out[b:b + n] = flat[a:a + n]
+    return out
+
+
 class MpiHandle(Handle):
     """Pending MPI requests plus what to do when they are done."""
 
@@ -122,8 +132,9 @@ class MpiCommunicator(Communicator):
         self.rank, self.size = self.mpi_comm.rank, self.mpi_comm.size
         self.local_rank, self.local_size, self.hosts = node_local(self.mpi_comm)
         self._chunk_limit = chunk_limit
-        self._p2p_comm = None
-        self._flag = np.zeros(1, dtype=np.int64)
+        # Large alltoallv messages go partly point-to-point; a private communicator
+        # keeps those apart from anything the caller sends on mpi_comm.
+        self._p2p = self.mpi_comm.Dup()
 
     @property
     def chunk_limit(self):
@@ -184,21 +195,23 @@ class MpiCommunicator(Communicator):
 
     def alltoallv(self, sendbuf, send_counts, recv_counts, recvbuf=None):
         """Send ``send_counts[p]`` rows to peer ``p``; receive ``recv_counts[p]`` rows from ``p``."""
-        recvbuf, args = self._alltoallv_args(sendbuf, send_counts, recv_counts, recvbuf)
-        if isinstance(args, list):  # chunked: point-to-point requests already posted
-            MPI.Request.Waitall(args)
-        else:
-            self.mpi_comm.Alltoallv(*args)
+        recvbuf, args, split = self._alltoallv_args(sendbuf, send_counts, recv_counts, recvbuf)
+        # Blocking everywhere: blocking and non-blocking collectives never match each other.
+        self.mpi_comm.Alltoallv(*args)
+        if split is not None:
+            reqs, finish = split
+            MpiHandle(reqs, recvbuf, finish).wait()
         return recvbuf
 
     def ialltoallv(self, sendbuf, send_counts, recv_counts, recvbuf=None):
         """Start an ``alltoallv``; the handle's ``wait()`` returns ``recvbuf``."""
-        recvbuf, args = self._alltoallv_args(sendbuf, send_counts, recv_counts, recvbuf)
-        reqs = args if isinstance(args, list) else [self.mpi_comm.Ialltoallv(*args)]
-        return MpiHandle(reqs, recvbuf)
+        recvbuf, args, split = self._alltoallv_args(sendbuf, send_counts, recv_counts, recvbuf)
+        reqs, finish = split if split is not None else ([], None)
+        return MpiHandle([self.mpi_comm.Ialltoallv(*args), *reqs], recvbuf, finish)
 
     def _alltoallv_args(self, sendbuf, send_counts, recv_counts, recvbuf):
-        """``(recvbuf, Alltoallv arguments)``, or ``(recvbuf, posted requests)`` when chunked."""
+        """``(recvbuf, Alltoallv arguments, None)``, or with ``(requests, finish)`` of the
+        point-to-point part already posted when messages are too large for one call."""
         sc, rc = self._counts(send_counts, "send_counts"), self._counts(recv_counts, "recv_counts")
         if not (isinstance(sendbuf, np.ndarray) and sendbuf.flags.c_contiguous and sendbuf.ndim):
             _contiguous(sendbuf, "sendbuf")
@@ -219,17 +232,48 @@ class MpiCommunicator(Communicator):
             raise ValueError(f"send_counts sum to {sum(sc)} rows but sendbuf has {len(sendbuf)}")
         if rtotal > recvbuf.size:
             raise ValueError(f"recv_counts sum to {sum(rc)} rows but recvbuf has {len(recvbuf)}")
-        sflat, rflat = sendbuf.reshape(-1), recvbuf.reshape(-1)
+        sflat, rflat, t = sendbuf.reshape(-1), recvbuf.reshape(-1), mpi_type(sendbuf.dtype)
+        if max(stotal, rtotal) <= self.chunk_limit // self.size:
+            # The common case: every count and displacement fits, one plain Alltoallv.
+            return recvbuf, ([sflat, (scount, sdispl), t], [rflat, (rcount, rdispl), t]), None
+        return (recvbuf, *self._split(sflat, scount, sdispl, stotal, rflat, rcount, rdispl,
+                                      rtotal, t))
+
+    def _split(self, sflat, scount, sdispl, stotal, rflat, rcount, rdispl, rtotal, t):
+        """Messages too large for one call: the first ``chunk_limit // size`` elements
+        of each peer block go through the collective, the rest as point-to-point pieces
+        of at most ``chunk_limit`` elements. Both ends derive the split from the same
+        count, so ranks need not agree on anything and one collective is always called."""
         limit = self.chunk_limit
-        # Totals bound every count and displacement of this rank. The decision
-        # must be global (every rank takes the same path), hence one tiny Allreduce.
-        self._flag[0] = max(stotal, rtotal) > limit
-        if self.size > 1:
-            self.mpi_comm.Allreduce(MPI.IN_PLACE, self._flag, MPI.MAX)
-        if self._flag[0]:
-            return recvbuf, self._chunked(sflat, scount, sdispl, rflat, rcount, rdispl, limit)
-        t = mpi_type(sendbuf.dtype)
-        return recvbuf, ([sflat, (scount, sdispl), t], [rflat, (rcount, rdispl), t])
+        cap = limit // self.size
+        shead, rhead = [min(c, cap) for c in scount], [min(c, cap) for c in rcount]
+        reqs = []
+        for p in range(self.size):
+            sa, se = sdispl[p] + shead[p], sdispl[p] + scount[p]
+            ra, re = rdispl[p] + rhead[p], rdispl[p] + rcount[p]
+            if p == self.rank:
+                rflat[ra:re] = sflat[sa:se]
+                continue
+            # Same tag, same order on both ends: MPI's non-overtaking rule pairs the pieces.
+            reqs += [self._p2p.Irecv(rflat[x:y], p, _TAG) for x, y in split_ranges(ra, re, limit)]
+            reqs += [self._p2p.Isend(sflat[x:y], p, _TAG) for x, y in split_ranges(sa, se, limit)]
+        # Heads at their own offsets when those fit an int, else through a packed buffer
+        # (at most size * cap <= limit elements, so its offsets fit).
+        send = [sflat, (shead, sdispl), t]
+        if stotal > limit:
+            packed = _gather(sflat, sdispl, shead)
+            send = [packed, (shead, displacements(shead)), t]
+        recv, finish = [rflat, (rhead, rdispl), t], None
+        if rtotal > limit:
+            packed_displ = displacements(rhead)
+            packed = np.empty(sum(rhead), dtype=rflat.dtype)
+            recv = [packed, (rhead, packed_displ), t]
+
+            def finish():
+                for p in range(self.size):
+                    n, a, b = rhead[p], rdispl[p], packed_displ[p]
+                    rflat[a:a + n] = packed[b:b + n]
+        return (send, recv), (reqs, finish)
 
     def _counts(self, counts, name):
         """``counts`` as a list of ``size`` non-negative Python ints, or a clear error."""
@@ -245,32 +289,6 @@ class MpiCommunicator(Communicator):
         if min(out) < 0:
             raise ValueError(f"{name} has negative entries: {out}")
         return out
-
-    @property
-    def _p2p(self):
-        # Chunked alltoallv uses point-to-point; a private communicator keeps those
-        # messages apart from anything the caller sends on mpi_comm. Created on first
-        # use, which is collective: all ranks enter the chunked path together.
-        if self._p2p_comm is None:
-            self._p2p_comm = self.mpi_comm.Dup()
-        return self._p2p_comm
-
-    def _chunked(self, sflat, scount, sdispl, rflat, rcount, rdispl, limit):
-        """Point-to-point pieces of at most ``limit`` elements, posted in per-peer order."""
-        reqs = []
-        for p in range(self.size):
-            a, n = int(rdispl[p]), int(rcount[p])
-            if p == self.rank:
-                s = int(sdispl[p])
-                rflat[a:a + n] = sflat[s:s + n]
-                continue
-            reqs += [self._p2p.Irecv(rflat[x:y], p, _TAG) for x, y in split_ranges(a, a + n, limit)]
-        for p in range(self.size):
-            a, n = int(sdispl[p]), int(scount[p])
-            if p != self.rank:
-                reqs += [self._p2p.Isend(sflat[x:y], p, _TAG)
-                         for x, y in split_ranges(a, a + n, limit)]
-        return reqs
 
     # -- the rest ------------------------------------------------------------------------
     def bcast(self, obj, root=0):

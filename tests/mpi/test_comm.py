@@ -111,8 +111,10 @@ def test_alltoallv_uneven_with_zero_peers(comm, tail, dtype):
         np.testing.assert_array_equal(out, expected)
 
 
-@pytest.mark.parametrize("chunk_limit", [1, 2, 5, 7])
+@pytest.mark.parametrize("chunk_limit", [1, 2, 5, 7, 40, 1000])
 def test_alltoallv_chunked_path(chunk_limit):
+    """Small limits: all point-to-point (1, 2), heads plus tails with packed heads (5, 7),
+    tails without packing (40), one plain Alltoallv (1000)."""
     comm = MpiCommunicator(chunk_limit=chunk_limit)
     counts = count_matrix(comm.size, 3, high=9)
     for tail in [(), (3,)]:  # 3 elements per row: chunks cut rows in the middle
@@ -123,7 +125,7 @@ def test_alltoallv_chunked_path(chunk_limit):
 
 
 def test_alltoallv_chunked_when_only_one_rank_is_large():
-    """The path decision is global: small ranks must follow rank 0 into chunking."""
+    """Ranks with small messages take the plain path while rank 0 splits its own."""
     comm = MpiCommunicator(chunk_limit=10)
     counts = np.ones((comm.size, comm.size), dtype=np.int64)
     counts[0, :] = 11

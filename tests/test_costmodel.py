@@ -163,3 +163,55 @@ def test_oversubscribed_runs_are_reported_not_fitted():
     assert len(over) == 4 and all(pt["ranks"] == 4 for pt in over)
     assert all(pt["rel_error"] == pytest.approx(1 / 50 - 1) for pt in over)
     assert all(abs(pt["rel_error"]) < 1e-9 for pt in points if not pt["oversubscribed"])
+
+
+def test_scaling_sweep_and_costmodel_command(tmp_path, capsys):
+    """A tiny real sweep (allreduce, alltoallv at 1 and 2 ranks) and the model fitted from it."""
+    import json
+    import os
+
+    from hpctrain.bench import scaling
+    from mpirun import mpiexec
+    if mpiexec() is None:
+        pytest.skip("no mpiexec")
+    out = tmp_path / "scaling"
+    rc = scaling.main(["--ranks", "1,2", "--benchmarks", "allreduce,alltoallv", "--out", str(out),
+                       "--allreduce-args", "--max-bytes 64K --repeat 3 --warmup 1",
+                       "--alltoallv-args", "--max-bytes 64K --repeat 3 --warmup 1",
+                       "--trials", "2", "--timeout", "120"])
+    assert rc == 0, capsys.readouterr()
+    for name in ("allreduce", "alltoallv"):
+        for p in (1, 2):
+            rec = json.loads((out / f"{name}-weak-{p}.json").read_text())
+            assert rec["world_size"] == p and rec["nodes"] == 1 and rec["ranks_per_node"] == p
+            assert rec["threads"] == 1 and rec["versions"]["mpi4py"] and rec["trials"] == 2
+            assert rec["result"]["benchmark"] == name and rec["phases"]
+        rec2 = json.loads((out / f"{name}-weak-2.json").read_text())
+        assert rec2["busbw_GBps"] > 0 and rec2["efficiency"] == pytest.approx(1.0)
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["runs"]) == 4 and not any(r["error"] for r in summary["runs"])
+    text = capsys.readouterr().out
+    assert (out / "scaling.png").exists() or "matplotlib not installed" in text
+
+    pred = tmp_path / "model.json"
+    assert cm.main(["--results", str(out), "--interconnect", "ib_ndr", "--max-ranks", "64",
+                    "--json", str(pred)]) == 0
+    model = json.loads(pred.read_text())
+    assert model["links"]["allreduce_node"]["description"] == "fitted from allreduce"
+    assert model["links"]["net"]["bandwidth_Bps"] == cm.INTERCONNECTS["ib_ndr"].bandwidth_Bps
+    assert [r["ranks"] for r in model["prediction"]] == [1, 2, 4, 8, 16, 32, 64]
+    kinds = {(pt["benchmark"], pt["ranks"]) for pt in model["points"]}
+    assert kinds == {("allreduce", 2), ("alltoallv", 2)}
+    assert "predicted vs measured" in capsys.readouterr().out
+    assert os.path.getsize(pred) > 0
+
+
+def test_scaling_dry_run_lists_every_point(capsys):
+    from hpctrain.bench import scaling
+    assert scaling.main(["--dry-run", "--ranks", "1,2,4", "--benchmarks", "exchange,allreduce",
+                         "--batch", "100"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3 * 2 + 3          # exchange weak+strong, allreduce weak only
+    strong = [ln for ln in lines if "exchange" in ln][3:]
+    assert ["--batch 400" in strong[0], "--batch 200" in strong[1], "--batch 100" in strong[2]] \
+        == [True] * 3

@@ -342,18 +342,103 @@ class CostModel:
 
 # --------------------------------------------------------------------------- command line
 
+def _oversub(doc):
+    """Compute slow-down of a run that put more rank-threads on a node than it has cores."""
+    v = doc.get("versions") or {}
+    cores, threads = v.get("cpu_count") or 0, v.get("threads") or 1
+    per_node = doc.get("ranks_per_node", doc.get("world_size", 1))
+    return max(1.0, per_node * threads / cores) if cores else 1.0
+
+
+def _point(doc, kind, measured, predicted):
+    return {"benchmark": kind, "ranks": doc["world_size"], "mode": doc.get("scaling_mode") or "",
+            "measured_s": measured, "predicted_s": predicted,
+            "rel_error": (predicted - measured) / measured, "oversubscribed": oversubscribed(doc)}
+
+
+#: The exchanges of a sparse step as the exchange benchmark names its phases.
+EXCHANGE_PHASES = ("counts", "ids_a2a", "rows_a2a", "grad_a2a")
+
+
+def dense_rate_and_points(docs, network):
+    """Seconds per FLOP from the 1-rank dense benchmark runs, and every dense run predicted.
+
+    A dense step is compute (its FLOPs at the 1-rank rate, times the oversubscription
+    factor) plus one allreduce of the gradient buffer.
+    """
+    runs = [d for d in docs if d.get("benchmark") == "dense" and d.get("rows")]
+    ones = [d for d in runs if d["world_size"] == 1]
+    if not ones:
+        return None, []
+    rates = [(d["rows"][0]["step"]["p50"] - d["rows"][0]["phases_mean"].get("allreduce", 0.0))
+             / d["rows"][0]["flops"] / _oversub(d) for d in ones]
+    s_per_flop = float(np.mean(rates))
+    points = []
+    for d in runs:
+        row = d["rows"][0]
+        r = d.get("ranks_per_node", d["world_size"])
+        pred = (row["flops"] * s_per_flop * _oversub(d)
+                + network.allreduce(row["grad_bytes"], d["world_size"], r))
+        points.append(_point(d, "dense", row["step"]["p50"], pred))
+    return s_per_flop, points
+
+
+def sparse_rate_and_points(docs, network):
+    """Seconds per id from the 1-rank exchange benchmark runs, and every exchange run predicted.
+
+    A sparse step is compute (ids at the 1-rank rate, times the oversubscription factor)
+    plus its four alltoallv: three of latency only and the measured bytes of the step.
+    """
+    runs = [d for d in docs if d.get("benchmark") == "exchange" and d.get("results")]
+
+    def ids(d):
+        return d["config"]["batch"] * d["config"]["features"]
+    ones = [d for d in runs if d["world_size"] == 1]
+    if not ones:
+        return None, []
+    rates = []
+    for d in ones:
+        res = d["results"][0]
+        comm = sum(res["phases"].get(k, 0.0) for k in EXCHANGE_PHASES)
+        rates.append((res["step"]["p50"] - comm) / ids(d) / _oversub(d))
+    s_per_id = float(np.mean(rates))
+    points = []
+    for d in runs:
+        res, p = d["results"][0], d["world_size"]
+        r = d.get("ranks_per_node", p)
+        comm = (3 * network.alltoallv(0.0, p, r)
+                + network.alltoallv(float(res["exchange_bytes_sent_rank0"]), p, r))
+        pred = ids(d) * s_per_id * _oversub(d) + comm
+        points.append(_point(d, "exchange", res["step"]["p50"], pred))
+    return s_per_id, points
+
+
 def fit_compute(docs, network, args):
-    """Compute rates (command-line values first, else measured, else defaults) and the
-    predicted-vs-measured points of the end-to-end benchmarks in ``docs``."""
+    """Compute rates and the predicted-vs-measured points of the step benchmarks in ``docs``.
+
+    Rates come from the command line first, else from the 1-rank runs measured here
+    (dense: seconds per FLOP; exchange: seconds per sparse id), else the defaults of
+    :class:`ComputeRates`.
+
+    Returns:
+        (ComputeRates, list of point dicts).
+    """
     rates = ComputeRates(threads=args.threads)
+    s_per_flop, dense_pts = dense_rate_and_points(docs, network)
+    s_per_id, sparse_pts = sparse_rate_and_points(docs, network)
+    if s_per_flop is not None:
+        rates.s_per_flop = s_per_flop
+    if s_per_id is not None:
+        rates.s_per_id = s_per_id
+    if s_per_flop is not None and s_per_id is not None:
+        rates.s_fixed = 0.0      # both measured rates already include their fixed costs
     if args.gflops is not None:
         rates.s_per_flop = 1e-9 / args.gflops
     if args.ns_per_id is not None:
         rates.s_per_id = args.ns_per_id * 1e-9
     if args.fixed_ms is not None:
         rates.s_fixed = args.fixed_ms * 1e-3
-    return rates, []
-
+    return rates, dense_pts + sparse_pts
 
 
 def load_results(paths):

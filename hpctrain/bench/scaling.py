@@ -63,12 +63,30 @@ def _exchange(doc):
             res["samples_per_s_per_rank"] * res["ranks"], None)
 
 
+def _table(doc):
+    # every rank drives its own shard: the timed step (max over ranks) runs p-fold in parallel
+    step = next(r for r in doc["results"] if r["op"].startswith("step"))
+    features = doc["config"]["features"]
+    phases = {r["op"]: r["p50_s"] for r in doc["results"]}
+    return (dict(phases, step=step["p50_s"]),
+            step["ids_per_s"] / features * doc["world_size"], None)
+
+
+def _dense(doc):
+    row = doc["rows"][0]
+    return (dict(row["phases_mean"], step=row["step"]["p50"]),
+            row["batch_per_rank"] * doc["world_size"] / row["step"]["p50"], None)
+
+
 TARGETS = {
     "allreduce": Target(["--max-bytes", "4M", "--rounds", "1", "--repeat", "10"],
                         extract=_collective),
     "alltoallv": Target(["--max-bytes", "1M", "--rounds", "1", "--repeat", "10"],
                         extract=_collective),
     "exchange": Target(["--dims", "16", "--repeat", "10"], "--batch", 4096, _exchange),
+    "table": Target(["--dims", "16", "--optimizers", "adagrad", "--repeat", "10"], "--batch",
+                    4096, _table),
+    "dense": Target(["--dims", "16", "--repeat", "10"], "--batch", 4096, _dense),
 }
 
 
@@ -129,29 +147,51 @@ def plan(args):
     return runs
 
 
+def best_of(results, extract):
+    """The best of several trials of one run (a busy machine only ever slows a run down).
+
+    Step benchmarks: the trial with the highest samples/s. Collectives: per message
+    size, the row with the lowest p50.
+    """
+    scored = [(extract(r)[1], r) for r in results]
+    if scored[0][0] is not None:
+        return max(scored, key=lambda x: x[0])[1]
+    best = dict(results[0])
+    best["rows"] = [min(rows, key=lambda row: row["hpctrain"]["p50"])
+                    for rows in zip(*(r["rows"] for r in results))]
+    return best
+
+
 def run_one(args, run):
-    """Launch one benchmark run; returns the per-run record (with "error" on failure)."""
+    """Launch one benchmark run (``--trials`` times); returns the per-run record.
+
+    The record carries "error" when a trial failed.
+    """
     name, p = run["target"], run["ranks"]
-    base = os.path.join(args.out, f"{name}-{run['mode']}-{p}")
+    out = os.path.join(args.out, f"{name}-{run['mode']}-{p}.result.json")
     cmd = [*launcher_command(args, p), sys.executable, "-m", "mpi4py", "-m", "hpctrain.bench",
-           name, *run["args"], "--json", base + ".result.json"]
+           name, *run["args"], "--json", out]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
                HPCTRAIN_NUM_THREADS=str(args.threads))
-    print(f"scaling: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
-    t0 = time.monotonic()
     rec = {"benchmark": "scaling", "target": name, "mode": run["mode"], "world_size": p,
-           "threads": args.threads, "config": {"command": cmd, "args": run["args"],
-                                               "launcher": args.launcher}}
-    try:
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return dict(rec, error=f"timed out after {args.timeout}s")
+           "threads": args.threads, "trials": args.trials,
+           "config": {"command": cmd, "args": run["args"], "launcher": args.launcher}}
+    results = []
+    t0 = time.monotonic()
+    for _ in range(args.trials):
+        print(f"scaling: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                                  timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            return dict(rec, error=f"timed out after {args.timeout}s")
+        if proc.returncode != 0 or not os.path.exists(out):
+            return dict(rec, error=f"exit {proc.returncode}: {(proc.stdout + proc.stderr)[-3000:]}")
+        with open(out) as f:
+            results.append(json.load(f))
+        os.remove(out)
     rec["wall_s"] = time.monotonic() - t0
-    if proc.returncode != 0 or not os.path.exists(base + ".result.json"):
-        return dict(rec, error=f"exit {proc.returncode}: {(proc.stdout + proc.stderr)[-3000:]}")
-    with open(base + ".result.json") as f:
-        result = json.load(f)
-    os.remove(base + ".result.json")
+    result = best_of(results, TARGETS[name].extract)
     phases, sps, busbw = TARGETS[name].extract(result)
     rec.update({"date": result.get("date"), "nodes": result.get("nodes"),
                 "ranks_per_node": result.get("ranks_per_node"),
@@ -215,6 +255,12 @@ def plot(series, path):
         ax.set_xlabel("ranks")
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
+    cores = {(r.get("versions") or {}).get("cpu_count") for rs in series.values() for r in rs}
+    cores = min((c for c in cores if c), default=None)
+    if cores and cores < xs[-1]:
+        for ax in (ax1, ax2):   # to the right, ranks share cores: outside the cost model
+            ax.axvspan(cores, xs[-1], color="grey", alpha=0.12,
+                       label=f"more ranks than the {cores} cores" if ax is ax1 else None)
     ax2.axhline(1.0, color="grey", linestyle=":")
     ax2.set_ylim(bottom=0)
     ax1.legend(fontsize=7)
@@ -245,6 +291,8 @@ def parse_args(argv):
     p.add_argument("--out", default=os.path.join("bench-results", "scaling"))
     p.add_argument("--plot", default=None, help="PNG path (default OUT/scaling.png)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    p.add_argument("--trials", type=int, default=1,
+                   help="run every point this many times and keep the best (noisy machines)")
     p.add_argument("--dry-run", action="store_true", help="print the commands only")
     for name in TARGETS:
         p.add_argument(f"--{name}-args", default="", help=f"extra arguments for {name}")

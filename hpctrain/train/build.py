@@ -3,7 +3,51 @@
 Only this module (with ``loop``) knows both the sparse and the dense side: the
 feature order that links a pooled embedding to a model input is decided here.
 """
+from collections import Counter
+
+import numpy as np
+
 from hpctrain.errors import ConfigError
+
+
+def shared_features(cfg):
+    """Data features looked up in more than one table (e.g. Wide&Deep's wide and deep)."""
+    counts = Counter(f for t in cfg.tables for f in t.features)
+    return {f for f, c in counts.items() if c > 1}
+
+
+def qualified(cfg, table, feature):
+    """The embedding-side name of ``feature`` in ``table``: ``table.feature`` when shared."""
+    return f"{table}.{feature}" if feature in shared_features(cfg) else feature
+
+
+class BatchFeatures:
+    """Turns a reader ``Batch`` into the ``JaggedBatch`` the embedding collection expects.
+
+    A feature read by several tables is repeated under each qualified name, so
+    every table sees its own copy of the ids (a feature belongs to one table on
+    the sparse side).
+    """
+
+    def __init__(self, cfg):
+        self.shared = shared_features(cfg)
+        self.pairs = [(qualified(cfg, t.name, f), f) for t in cfg.tables for f in t.features]
+
+    def __call__(self, batch):
+        if not self.shared:
+            return batch.jagged()
+        from hpctrain.sparse.jagged import JaggedBatch
+        b, names = batch.size, list(batch.features)
+        lengths = np.asarray(batch.lengths, dtype=np.int64).reshape(len(names), b)
+        starts = np.zeros(len(names) + 1, dtype=np.int64)
+        np.cumsum(lengths.sum(axis=1), out=starts[1:])
+        vals, lens = [], []
+        for _, f in self.pairs:
+            i = names.index(f)
+            vals.append(batch.values[starts[i]:starts[i + 1]])
+            lens.append(lengths[i])
+        return JaggedBatch([q for q, _ in self.pairs], np.concatenate(vals),
+                           np.concatenate(lens))
 
 
 def table_specs(cfg):
@@ -14,7 +58,7 @@ def table_specs(cfg):
     specs = []
     for i, t in enumerate(cfg.tables):
         specs.append(TableSpec(
-            name=t.name, dim=t.dim, features=list(t.features),
+            name=t.name, dim=t.dim, features=[qualified(cfg, t.name, f) for f in t.features],
             optimizer=SparseOptimizer(**t.optimizer),
             admission=Admission(**t.admission) if t.admission else None,
             eviction=Eviction(**t.eviction) if t.eviction else None,
@@ -37,8 +81,10 @@ def feature_order(cfg):
             raise ConfigError(f"{cfg.source}: tables: table {t.name!r} has pooling = \"none\"; "
                               f"the {cfg.model.kind} model takes one pooled vector per feature "
                               f"(use \"sum\" or \"mean\")")
-    wide_feats = [(f, t.dim) for t in cfg.tables if t.name in wide for f in t.features]
-    deep_feats = [(f, t.dim) for t in cfg.tables if t.name not in wide for f in t.features]
+    wide_feats = [(qualified(cfg, t.name, f), t.dim) for t in cfg.tables if t.name in wide
+                  for f in t.features]
+    deep_feats = [(qualified(cfg, t.name, f), t.dim) for t in cfg.tables if t.name not in wide
+                  for f in t.features]
     if cfg.model.kind == "wide_deep":
         order = wide_feats + deep_feats
     else:

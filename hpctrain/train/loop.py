@@ -16,7 +16,8 @@ import time
 import numpy as np
 
 from hpctrain.errors import ConfigError, NonFiniteError
-from hpctrain.train.build import build_model, dense_optimizer, feature_order, table_specs
+from hpctrain.train.build import (BatchFeatures, build_model, dense_optimizer, feature_order,
+                                  table_specs)
 from hpctrain.train.evaluation import evaluate_arrays, gather_eval
 from hpctrain.train.metrics import MetricsLogger, PhaseTimer
 
@@ -51,6 +52,7 @@ class Trainer:
         self.specs = table_specs(cfg)
         self.table_ids = {s.name: s.table_id for s in self.specs}
         self.features, _, _ = feature_order(cfg)
+        self.jagged = BatchFeatures(cfg)
         self.emb = ShardedEmbedding(self.specs, self.comm, seed=cfg.seed)
         self.reader = self._reader("train", self.global_batch)
         num_dense = cfg.data.num_dense()
@@ -139,7 +141,7 @@ class Trainer:
         own_watcher = watcher is None
         watcher = watcher or PreemptionWatcher()
         mcfg = cfg.metrics
-        total = cfg.steps or self.step + 1
+        total = cfg.steps
         log = MetricsLogger(mcfg.path, comm, total, stream=self.stream)
         ck = cfg.checkpoint
         last_ckpt_time, last_ckpt = time.monotonic(), None
@@ -152,7 +154,7 @@ class Trainer:
             handle = None
             if batch is not None:
                 with t("exchange"):
-                    handle = self.emb.start_lookup(batch.jagged(), self.step + 1)
+                    handle = self.emb.start_lookup(self.jagged(batch), self.step + 1)
             while batch is not None:
                 step = self.step + 1
                 with t("exchange"):
@@ -165,7 +167,7 @@ class Trainer:
                     nxt, nxt_state = self._next_batch(it)
                 if cfg.overlap and nxt is not None:
                     with t("exchange"):
-                        handle = self.emb.start_lookup(nxt.jagged(), step + 1)
+                        handle = self.emb.start_lookup(self.jagged(nxt), step + 1)
                 ckpt_due = (comm.rank == 0 and ck is not None and ck.every_minutes is not None
                             and time.monotonic() - last_ckpt_time >= 60.0 * ck.every_minutes)
                 loss, d_pooled, flags = self._dense_step(
@@ -181,7 +183,7 @@ class Trainer:
                 preempted = flags[0] > 0
                 if nxt is not None and not cfg.overlap and not preempted:
                     with t("exchange"):
-                        handle = self.emb.start_lookup(nxt.jagged(), step + 1)
+                        handle = self.emb.start_lookup(self.jagged(nxt), step + 1)
                 if step % mcfg.every_steps == 0 or nxt is None or preempted:
                     dt = time.perf_counter() - window_t0
                     self._report(log, step, window_loss, window_samples / max(dt, 1e-9))
@@ -258,7 +260,7 @@ class Trainer:
         reader = self._reader(split, gb)
         labels, logits = [], []
         for batch in reader:
-            pooled = self.emb.forward(batch.jagged(), self.step, train=False)
+            pooled = self.emb.forward(self.jagged(batch), self.step, train=False)
             z = self.model.forward(batch.dense, [pooled[f] for f in self.features],
                                    training=False)
             labels.append(np.asarray(batch.labels, dtype=np.float64))

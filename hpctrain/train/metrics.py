@@ -59,7 +59,7 @@ class MetricsLogger:
     def __init__(self, path, comm, total_steps, stream=None):
         self.comm = comm
         self.path = path
-        self.total_steps = max(1, int(total_steps))
+        self.total_steps = None if total_steps is None else max(1, int(total_steps))
         self.stream = stream or sys.stdout
         self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
         self._t_start = time.perf_counter()
@@ -78,10 +78,13 @@ class MetricsLogger:
         if self.comm.rank != 0:
             return
         elapsed = time.perf_counter() - self._t_start
-        eta = elapsed / max(step, 1) * (self.total_steps - step)
-        text = (f"step {step}/{self.total_steps}  loss {loss:.5f}  "
-                f"{samples_per_s:,.0f} samples/s  ETA {_fmt_eta(eta)}")
-        if self.interactive:
+        if self.total_steps is None:   # epochs-bound run: length unknown up front
+            text = f"step {step}  loss {loss:.5f}  {samples_per_s:,.0f} samples/s"
+        else:
+            eta = elapsed / max(step, 1) * (self.total_steps - step)
+            text = (f"step {step}/{self.total_steps}  loss {loss:.5f}  "
+                    f"{samples_per_s:,.0f} samples/s  ETA {_fmt_eta(eta)}")
+        if self.interactive and self.total_steps is not None:
             width = 24
             done = int(width * step / self.total_steps)
             self.stream.write(f"\r[{'#' * done}{'.' * (width - done)}] {text}")

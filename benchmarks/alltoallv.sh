@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The alltoallv figures of benchmarks/README.md: NP ranks (default 2), 8 B .. 16 MiB,
-# hpctrain and raw mpi4py timed in 5 alternating rounds of 20 repetitions.
+# hpctrain and raw mpi4py timed in 200 interleaved pairs of calls per size.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NP=${NP:-2}
@@ -8,4 +8,4 @@ PY=${PYTHON:-.venv/bin/python}
 MPIEXEC=${MPIEXEC:-$(dirname "$PY")/mpiexec}
 export OMP_NUM_THREADS=1 HPCTRAIN_NUM_THREADS=1
 exec "$MPIEXEC" -n "$NP" "$PY" -m mpi4py -m hpctrain.bench alltoallv \
-    --max-bytes 16M --rounds 5 --repeat 20 --json "bench-results/alltoallv-$NP.json" "$@"
+    --max-bytes 16M --rounds 10 --repeat 20 --json "bench-results/alltoallv-$NP.json" "$@"

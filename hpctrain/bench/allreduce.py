@@ -46,13 +46,18 @@ def compare(raw, ours, args, comm):
 
 
 def summarize(rows, goal, nranks):
-    """Worst and median ratio over sizes >= GOAL_FROM, and whether the goal is met
-    (median ratio >= goal; None when there is nothing to judge, e.g. one rank)."""
-    big = [r["ratio"] for r in rows if r["bytes"] >= GOAL_FROM]
+    """Ratios over sizes >= GOAL_FROM and whether the goal is met: the median over those
+    sizes of the p50 ratio must reach ``goal`` (None when there is nothing to judge, e.g.
+    one rank). ``ratio_min`` (fastest call of each) is reported beside it: on a shared,
+    oversubscribed machine it shows the library's own overhead best."""
+    big = [r for r in rows if r["bytes"] >= GOAL_FROM]
     if not big or nranks < 2:
         return {"goal": goal, "goal_from_bytes": GOAL_FROM, "met": None}
-    return {"goal": goal, "goal_from_bytes": GOAL_FROM, "min_ratio": min(big),
-            "median_ratio": float(np.median(big)), "met": bool(np.median(big) >= goal)}
+    p50 = [r["ratio"] for r in big]
+    best = [r["ratio_min"] for r in big]
+    return {"goal": goal, "goal_from_bytes": GOAL_FROM, "min_ratio": min(p50),
+            "median_ratio": float(np.median(p50)), "median_ratio_min": float(np.median(best)),
+            "met": bool(np.median(p50) >= goal)}
 
 
 def add_size_args(p, default_max):
@@ -97,19 +102,23 @@ def main(argv=None):
         rows.append({"bytes": buf.nbytes, "raw": s_raw, "hpctrain": s_ours,
                      "raw_busbw_GBps": buf.nbytes / s_raw["p50"] * factor / 1e9,
                      "busbw_GBps": buf.nbytes / s_ours["p50"] * factor / 1e9,
-                     "ratio": s_raw["p50"] / s_ours["p50"]})
+                     "ratio": s_raw["p50"] / s_ours["p50"],
+                     "ratio_min": s_raw["min"] / s_ours["min"]})
     summary = summarize(rows, GOAL, n)
     if comm.rank == 0:
         mode = "non-blocking" if args.nonblocking else "blocking"
         print(f"# hpctrain allreduce ({args.op}, {dtype}, {mode}) vs raw mpi4py, {n} ranks; "
               "busbw = size/t * 2(n-1)/n")
         common.print_table(
-            ["size(B)", "lat_us", "raw_lat_us", "busbw_GB/s", "raw_busbw_GB/s", "ratio"],
+            ["size(B)", "lat_us", "raw_lat_us", "busbw_GB/s", "raw_busbw_GB/s", "ratio",
+             "ratio_min"],
             [[r["bytes"], r["hpctrain"]["p50"] * 1e6, r["raw"]["p50"] * 1e6, r["busbw_GBps"],
-              r["raw_busbw_GBps"], r["ratio"]] for r in rows])
+              r["raw_busbw_GBps"], r["ratio"], r["ratio_min"]] for r in rows])
         if summary["met"] is not None:
-            print(f"# goal: ratio >= {GOAL} at >= 1 MiB: min {summary['min_ratio']:.3f}, "
-                  f"median {summary['median_ratio']:.3f} -> {'met' if summary['met'] else 'NOT met'}")
+            print(f"# goal: median p50 ratio >= {GOAL} over sizes >= 1 MiB: "
+                  f"{summary['median_ratio']:.3f} (worst size {summary['min_ratio']:.3f}; "
+                  f"median ratio_min {summary['median_ratio_min']:.3f}) -> "
+                  f"{'met' if summary['met'] else 'NOT met'}")
     common.write_json("allreduce", {"dtype": str(dtype), "op": args.op,
                                     "nonblocking": args.nonblocking, "busbw_factor": factor,
                                     "rows": rows, "summary": summary,

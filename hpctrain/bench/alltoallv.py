@@ -63,7 +63,8 @@ def main(argv=None):
         rows.append({"bytes": per_peer * row_bytes, "raw": s_raw, "hpctrain": s_ours,
                      "raw_busbw_GBps": sent / s_raw["p50"] * (n - 1) / n / 1e9,
                      "busbw_GBps": sent / s_ours["p50"] * (n - 1) / n / 1e9,
-                     "ratio": s_raw["p50"] / s_ours["p50"]})
+                     "ratio": s_raw["p50"] / s_ours["p50"],
+                     "ratio_min": s_raw["min"] / s_ours["min"]})
     summary = summarize(rows, GOAL, n)
     if comm.rank == 0:
         print(f"# hpctrain alltoallv (float32 rows of {args.dim}, "
@@ -71,12 +72,15 @@ def main(argv=None):
               f"{'non-blocking' if args.nonblocking else 'blocking'}) vs raw mpi4py, {n} ranks; "
               f"size per peer, busbw = n*size/t * (n-1)/n")
         common.print_table(
-            ["size(B)", "lat_us", "raw_lat_us", "busbw_GB/s", "raw_busbw_GB/s", "ratio"],
+            ["size(B)", "lat_us", "raw_lat_us", "busbw_GB/s", "raw_busbw_GB/s", "ratio",
+             "ratio_min"],
             [[r["bytes"], r["hpctrain"]["p50"] * 1e6, r["raw"]["p50"] * 1e6, r["busbw_GBps"],
-              r["raw_busbw_GBps"], r["ratio"]] for r in rows])
+              r["raw_busbw_GBps"], r["ratio"], r["ratio_min"]] for r in rows])
         if summary["met"] is not None:
-            print(f"# goal: ratio >= {GOAL} at >= 1 MiB: min {summary['min_ratio']:.3f}, "
-                  f"median {summary['median_ratio']:.3f} -> {'met' if summary['met'] else 'NOT met'}")
+            print(f"# goal: median p50 ratio >= {GOAL} over sizes >= 1 MiB: "
+                  f"{summary['median_ratio']:.3f} (worst size {summary['min_ratio']:.3f}; "
+                  f"median ratio_min {summary['median_ratio_min']:.3f}) -> "
+                  f"{'met' if summary['met'] else 'NOT met'}")
     common.write_json("alltoallv", {"dim": args.dim, "uneven": args.uneven,
                                     "nonblocking": args.nonblocking, "rows": rows,
                                     "summary": summary, "peak_rss_bytes": common.peak_rss_bytes()},

@@ -64,6 +64,7 @@ class Trainer:
         self.step = 0
         self.losses = []
         self.timer = PhaseTimer()
+        self.phase_totals = {}     # seconds per phase over this trainer's life (this rank)
         self.stream = stream
         self.ckpt = None
         if cfg.checkpoint is not None:
@@ -230,6 +231,8 @@ class Trainer:
         phases = self.timer.take()
         phases.update({f"sparse.{k}": v for k, v in self.emb.timers.items()})
         self.emb.reset_timers()
+        for k, v in phases.items():
+            self.phase_totals[k] = self.phase_totals.get(k, 0.0) + v
         per_rank = self.comm.allgather_object(
             (phases, {n: len(tb) for n, tb in self.emb.tables.items()}, peak_rss_bytes()))
         names = sorted({k for p, _, _ in per_rank for k in p})

@@ -1,0 +1,136 @@
+"""End-to-end training benchmark: the DLRM workload, one-hot and multi-hot.
+
+Workload (per rank): batch 4096, 26 categorical features drawn Zipf(1.05) over
+10^6 ids each, 13 dense features, bottom MLP 13-512-256-64-d, top 512-256-1,
+Adagrad for embeddings and dense layers. Reports samples/s of the median step,
+per-phase times and peak RSS per rank. The baseline measured in the same run is
+the dense model alone on the same batches (what the step would cost if the
+sparse side were free), so the sparse overhead is a ratio.
+
+    mpiexec -n 2 python -m mpi4py -m hpctrain.bench train --dim 16 --dim 64
+"""
+import io
+import time
+
+import numpy as np
+
+from hpctrain.bench import common
+
+
+def workload(dim, batch_per_rank=4096, bag=1, steps=40, vocab=10**6, threads=None, seed=0):
+    """The benchmark's config as a dict (``hpctrain.config.config_from_dict``)."""
+    feats = [f"C{i}" for i in range(1, 27)]
+    return {
+        "seed": seed, "batch_per_rank": batch_per_rank, "steps": steps,
+        **({"threads": threads} if threads else {}),
+        "model": {"kind": "dlrm", "bottom": [512, 256, 64], "top": [512, 256, 1]},
+        "tables": [{"name": f"t{f}", "features": [f], "dim": dim,
+                    "optimizer": {"kind": "adagrad", "lr": 0.01}} for f in feats],
+        "dense_optimizer": {"kind": "adagrad", "lr": 0.01},
+        "data": {"format": "synthetic", "prefetch": 2,
+                 "synthetic": {"features": feats, "num_dense": 13, "vocab": vocab,
+                               "zipf": 1.05, "bag_size": bag},
+                 "train": {}},
+        "metrics": {"every_steps": 10**9},
+    }
+
+
+class _StepClock:
+    """Wraps the trainer's per-step hook to record each step's wall time."""
+
+    def __init__(self, trainer):
+        self.times = []
+        self._inner = trainer._dense_step
+        self._last = None
+        trainer._dense_step = self
+
+    def __call__(self, *args):
+        now = time.perf_counter()
+        if self._last is not None:
+            self.times.append(now - self._last)
+        self._last = now
+        return self._inner(*args)
+
+
+def run_one(dim, bag, steps, warmup, comm, threads):
+    from hpctrain.config import config_from_dict
+    from hpctrain.train.loop import Trainer
+    cfg = config_from_dict(workload(dim, bag=bag, steps=steps + warmup, threads=threads),
+                           source=f"bench-train-d{dim}-bag{bag}")
+    trainer = Trainer(cfg, comm, stream=io.StringIO())
+    clock = _StepClock(trainer)
+    comm.barrier()
+    t0 = time.perf_counter()
+    trainer.fit()
+    wall = time.perf_counter() - t0
+    step_times = np.array(clock.times[warmup:] or clock.times)
+    phases = dict(trainer.phase_totals)
+    mpi = comm.mpi_comm
+    med = mpi.allreduce(float(np.median(step_times)), op=_max())
+    gb = trainer.global_batch
+    rss = mpi.gather(common.peak_rss_bytes(), root=0)
+    rows = mpi.gather(sum(len(t) for t in trainer.emb.tables.values()), root=0)
+    # Baseline: the dense model alone on one batch of the same shape, same run.
+    dense_s = _dense_only(trainer, comm)
+    return {"dim": dim, "bag": bag, "steps": len(step_times), "global_batch": gb,
+            "median_step_s": med, "samples_per_s": gb / med,
+            "samples_per_s_per_rank": gb / med / comm.size,
+            "dense_only_step_s": dense_s, "dense_share": dense_s / med,
+            "wall_s": wall, "phases_s": phases, "peak_rss_bytes": rss,
+            "peak_rss_sum_gb": (sum(rss) / 1e9) if rss else None, "table_rows": rows}
+
+
+def _max():
+    from mpi4py import MPI
+    return MPI.MAX
+
+
+def _dense_only(trainer, comm):
+    """Median time of forward+backward+allreduce+update of the dense model alone."""
+    from hpctrain.dense.loss import bce_with_logits
+    from hpctrain.dense.parallel import allreduce_gradients
+    rng = np.random.default_rng(1)
+    b = trainer.local_batch
+    dense = rng.random((b, trainer.model.num_dense), dtype=np.float32)
+    embs = [rng.standard_normal((b, d), dtype=np.float32) * 0.01
+            for d in [s.dim for s in trainer.specs]]
+    labels = (rng.random(b) < 0.25).astype(np.float32)
+
+    def step():
+        z = trainer.model.forward(dense, embs)
+        _, dz = bce_with_logits(z, labels, denom=b * comm.size)
+        trainer.model.backward(dz)
+        allreduce_gradients(trainer.model.params, comm)
+        trainer.opt.step()
+    return common.stats(common.time_fn(step, warmup=2, repeat=7, comm=comm.mpi_comm))["p50"]
+
+
+def main(argv=None):
+    p = common.parser("train", __doc__.splitlines()[0])
+    p.add_argument("--dim", type=int, action="append", help="embedding dim (repeatable)")
+    p.add_argument("--bag", type=int, action="append",
+                   help="ids per bag: 1 one-hot, 20 multi-hot (repeatable)")
+    p.add_argument("--steps", type=int, default=40, help="timed steps per case")
+    args = p.parse_args(argv)
+    from hpctrain.comm import create_communicator
+    comm = create_communicator("mpi")
+    dims, bags = args.dim or [16, 64], args.bag or [1, 20]
+    results = []
+    for bag in bags:
+        for dim in dims:
+            results.append(run_one(dim, bag, args.steps, args.warmup, comm, args.threads))
+    if comm.rank == 0:
+        print(f"# hpctrain train benchmark: {comm.size} rank(s), batch 4096/rank, 26 features")
+        common.print_table(
+            ["dim", "bag", "samples/s", "per rank", "step ms", "dense-only ms", "dense share",
+             "RSS sum GB"],
+            [[r["dim"], r["bag"], r["samples_per_s"], r["samples_per_s_per_rank"],
+              1e3 * r["median_step_s"], 1e3 * r["dense_only_step_s"], r["dense_share"],
+              r["peak_rss_sum_gb"]] for r in results])
+        names = sorted({k for r in results for k in r["phases_s"]})
+        print("# per-phase seconds over the run (rank 0)")
+        common.print_table(["dim", "bag", *names],
+                           [[r["dim"], r["bag"], *(r["phases_s"].get(k, 0.0) for k in names)]
+                            for r in results])
+    common.write_json("train", {"results": results}, args.json, comm.mpi_comm)
+    return 0

@@ -25,15 +25,28 @@ def comm():
 
 
 def _specs(opt, pooling, admission=None):
-    o = SparseOptimizer(kind=opt, lr=0.05, l1=0.001, l2=0.01)
+    # initial_accumulator 0.1 (TensorFlow's FTRL/Adagrad default) keeps FTRL's first steps
+    # well conditioned: with n ~ g^2 tiny, w = -(z - l1) / (sqrt(n) / lr + l2) turns a
+    # 1-ulp difference in a gradient sum into a 1e-5 relative one.
+    o = SparseOptimizer(kind=opt, lr=0.05, l1=0.001, l2=0.01, initial_accumulator=0.1)
     return [TableSpec("ui", 4, ["u", "i"], optimizer=o, pooling=pooling, admission=admission),
             TableSpec("seq", 3, ["s"], optimizer=o, pooling=pooling, admission=admission)]
 
 
-def _global_batch(rng, size, vocab=30, maxlen=4):
-    lengths = rng.integers(0, maxlen, size=len(FEATURES) * PER_RANK * size)
+def _all_optimizers(pooling):
+    """Every optimizer at once (two tables each), so one exchange covers them all."""
+    specs = []
+    for opt in OPTIMIZERS:
+        for s in _specs(opt, pooling):
+            specs.append(TableSpec(f"{opt}.{s.name}", s.dim, [f"{opt}.{f}" for f in s.features],
+                                   optimizer=s.optimizer, pooling=pooling))
+    return specs
+
+
+def _global_batch(rng, size, vocab=30, maxlen=4, features=FEATURES):
+    lengths = rng.integers(0, maxlen, size=len(features) * PER_RANK * size)
     values = rng.integers(0, vocab, size=int(lengths.sum())) * 1000003 - 7
-    return JaggedBatch(FEATURES, values, lengths)
+    return JaggedBatch(features, values, lengths)
 
 
 def _rank_slice(gbatch, comm):
@@ -56,25 +69,21 @@ def _grads(rng, outputs):
     return {f: rng.standard_normal(o.shape).astype(np.float32) for f, o in outputs.items()}
 
 
-def _union(comm, table):
-    parts = comm.allgather_object(table.export())
-    keys = np.concatenate([p["keys"] for p in parts])
-    return keys, parts
-
-
 def _assert_tables_equal(comm, twin, sharded, rtol=1e-6):
+    shards = comm.allgather_object({n: t.export() for n, t in sharded.tables.items()})
     for name, t in twin.tables.items():
         ref = t.export()
-        keys, parts = _union(comm, sharded.tables[name])
+        parts = [s[name] for s in shards]
+        keys = np.concatenate([p["keys"] for p in parts])
         assert len(np.unique(keys)) == keys.size, f"{name}: a key lives on two ranks"
         o_ref, o_got = np.argsort(ref["keys"]), np.argsort(keys)
         assert np.array_equal(ref["keys"][o_ref], keys[o_got]), name
         values = np.concatenate([p["values"] for p in parts])
-        np.testing.assert_allclose(values[o_got], ref["values"][o_ref], rtol=rtol, atol=1e-7,
-                                   err_msg=name)
+        np.testing.assert_allclose(values[o_got], ref["values"][o_ref], rtol=rtol,
+                                   atol=_atol(ref["values"], rtol), err_msg=name)
         for slot, arr in ref["slots"].items():
             got = np.concatenate([p["slots"][slot] for p in parts])
-            np.testing.assert_allclose(got[o_got], arr[o_ref], rtol=rtol, atol=1e-7,
+            np.testing.assert_allclose(got[o_got], arr[o_ref], rtol=rtol, atol=_atol(arr, rtol),
                                        err_msg=f"{name}.{slot}")
         for field in ("access_count", "last_step"):
             if field in ref:
@@ -82,12 +91,22 @@ def _assert_tables_equal(comm, twin, sharded, rtol=1e-6):
                 assert np.array_equal(got[o_got], ref[field][o_ref]), f"{name}.{field}"
 
 
-def _assert_outputs_equal(got, ref):
+def _atol(ref, rtol=1e-6):
+    """Absolute slack for entries near zero: ``rtol`` of the array's largest magnitude
+    (a pooled sum or an update can cancel to far below its terms)."""
+    return rtol * float(np.abs(ref).max()) if ref.size else 0.0
+
+
+def _assert_outputs_equal(got, ref, exact=True):
+    """Equal outputs: bit for bit while the tables are (same rows pooled in the same
+    order), else to 1e-6 relative (gradient sums met in another order)."""
     assert sorted(got) == sorted(ref)
     for f in ref:
         assert got[f].shape == ref[f].shape, f
-        # same rows pooled in the same order: identical bits
-        assert np.array_equal(got[f], ref[f]), f
+        if exact:
+            assert np.array_equal(got[f], ref[f]), f
+        else:
+            np.testing.assert_allclose(got[f], ref[f], rtol=1e-6, atol=_atol(ref[f]), err_msg=f)
 
 
 def _train(comm, specs, steps=3, seed=0, overlap=False):
@@ -95,7 +114,8 @@ def _train(comm, specs, steps=3, seed=0, overlap=False):
     twin = EmbeddingCollection(specs, seed=11)
     sharded = ShardedEmbedding(specs, comm, seed=11)
     pooling = specs[0].pooling
-    batches = [_global_batch(rng, comm.size) for _ in range(steps)]
+    features = [f for s in specs for f in s.features]
+    batches = [_global_batch(rng, comm.size, features=features) for _ in range(steps)]
     if overlap:
         # start the next lookup before this step's backward, on both sides
         t_next, s_next = twin.start_lookup(batches[0], 0), sharded.start_lookup(
@@ -109,7 +129,7 @@ def _train(comm, specs, steps=3, seed=0, overlap=False):
         else:
             ref = twin.forward(gb, step)
             out = sharded.forward(_rank_slice(gb, comm), step)
-        _assert_outputs_equal(out, _local_part(gb, ref, comm, pooling))
+        _assert_outputs_equal(out, _local_part(gb, ref, comm, pooling), exact=step == 0)
         grads = _grads(rng, ref)
         twin.backward(grads, step)
         sharded.backward(_local_part(gb, grads, comm, pooling), step)
@@ -117,14 +137,15 @@ def _train(comm, specs, steps=3, seed=0, overlap=False):
 
 
 @pytest.mark.parametrize("pooling", ["sum", "mean", "none"])
-@pytest.mark.parametrize("opt", OPTIMIZERS)
-def test_matches_twin(comm, opt, pooling):
-    twin, sharded = _train(comm, _specs(opt, pooling))
+def test_matches_twin_for_every_optimizer(comm, pooling):
+    specs = _all_optimizers(pooling)
+    twin, sharded = _train(comm, specs)
     _assert_tables_equal(comm, twin, sharded)
     # a final lookup sees the trained rows identically
-    gb = _global_batch(np.random.default_rng(99), comm.size)
+    gb = _global_batch(np.random.default_rng(99), comm.size,
+                       features=[f for s in specs for f in s.features])
     _assert_outputs_equal(sharded.forward(_rank_slice(gb, comm), 9),
-                          _local_part(gb, twin.forward(gb, 9), comm, pooling))
+                          _local_part(gb, twin.forward(gb, 9), comm, pooling), exact=False)
 
 
 def test_dyadic_gradients_give_identical_bits(comm):
@@ -137,7 +158,8 @@ def test_dyadic_gradients_give_identical_bits(comm):
         values = rng.integers(0, 20, size=int(lengths.sum()))
         gb = JaggedBatch(FEATURES, values, lengths)
         ref = twin.forward(gb, step)
-        sharded.forward(_rank_slice(gb, comm), step)
+        _assert_outputs_equal(sharded.forward(_rank_slice(gb, comm), step),
+                              _local_part(gb, ref, comm, "mean"))
         grads = {f: (rng.integers(-64, 64, size=o.shape) / 1024).astype(np.float32)
                  for f, o in ref.items()}
         twin.backward(grads, step)
@@ -153,31 +175,33 @@ def test_overlap_path_equals_forward(comm):
 
 
 def test_shards_partition_rows_and_memory(comm):
-    specs = _specs("adagrad", "sum")
+    # big enough that every shard is far past the tables' initial capacity
+    o = SparseOptimizer(kind="adagrad", lr=0.05)
+    specs = [TableSpec("ui", 16, ["u", "i"], optimizer=o), TableSpec("seq", 8, ["s"], optimizer=o)]
     rng = np.random.default_rng(2)
     twin, sharded = EmbeddingCollection(specs), ShardedEmbedding(specs, comm)
+    per_rank = 16000 // comm.size
     for step in range(2):
-        lengths = np.full(len(FEATURES) * 200 * comm.size, 3)
-        gb = JaggedBatch(FEATURES, rng.integers(0, 5000, size=lengths.sum()), lengths)
-        lb = gb.slice_samples(comm.rank * 200, (comm.rank + 1) * 200)
-        ref, out = twin.forward(gb, step), sharded.forward(lb, step)
+        lengths = np.full(len(FEATURES) * per_rank * comm.size, 2)
+        gb = JaggedBatch(FEATURES, rng.integers(0, 10**6, size=lengths.sum()), lengths)
+        lo, hi = comm.rank * per_rank, (comm.rank + 1) * per_rank
+        ref, out = twin.forward(gb, step), sharded.forward(gb.slice_samples(lo, hi), step)
         g = _grads(rng, ref)
         twin.backward(g, step)
-        sharded.backward({f: g[f][comm.rank * 200:(comm.rank + 1) * 200] for f in g}, step)
+        sharded.backward({f: g[f][lo:hi] for f in g}, step)
     for name, t in twin.tables.items():
         rows = comm.mpi_comm.allreduce(len(sharded.tables[name]))
         assert rows == len(t)
         got = comm.mpi_comm.allreduce(_table_bytes(sharded.tables[name]))
         want = _table_bytes(t)
+        print(f"table {name}: {got} bytes over {comm.size} ranks, twin {want}")
         assert abs(got - want) <= 0.05 * want, (name, got, want)
 
 
 def _table_bytes(table):
+    """Bytes the table holds (index, rows, optimizer state, metadata; not admission counters)."""
     stats = table.memory_stats()
-    for key in ("row_bytes", "bytes_used", "used_bytes", "data_bytes"):
-        if key in stats:
-            return int(stats[key])
-    return int(stats["bytes"])
+    return int(stats["bytes_total"] - stats["bytes_admission"])
 
 
 def test_mean_pooling_of_empty_bags_is_zero(comm):

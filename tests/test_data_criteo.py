@@ -47,6 +47,8 @@ def test_batch_layout_is_feature_major(tmp_path):
     assert b.values.reshape(26, 10).T.tolist() == [[bag[0] for bag in r[2]] for r in ref]
     jb = b.jagged()
     assert jb.features == FEATURES and len(jb) == 10
+    vals, lens = b.bags("C3")
+    assert vals.tolist() == [r[2][2][0] for r in ref] and lens.tolist() == [1] * 10
 
 
 def test_transform_and_missing_values(tmp_path):
@@ -128,7 +130,7 @@ def test_bad_line_ratio(tmp_path):
     got, stats = read_all(criteo_cfg([path], bad_lines={"max_count": 1, "max_ratio": 0.2}), G=8)
     assert stats["bad_lines"] == 4 and len(got) == 36
     # ... a 5% ratio does not (the 2nd bad line is line 13: 2 > 0.05 * 13)
-    with pytest.raises(DataError, match=rf"{path}:13: .*bad line 2 of 13 parsed"):
+    with pytest.raises(DataError, match=rf"{path}:13: .*bad line 2 of 13 parsed on this rank in this epoch"):
         read_all(criteo_cfg([path], bad_lines={"max_count": 1, "max_ratio": 0.05}), G=8)
 
 

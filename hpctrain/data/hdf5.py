@@ -138,6 +138,10 @@ class HDF5Dataset:
             self.close()
             raise
         self.num_dense = len(self.dense_names)
+        # dataset handles, looked up once (a path lookup costs as much as a small read)
+        self._datasets = [(f["labels"], f["dense"],
+                           [(f[f"sparse/{n}/offsets"], f[f"sparse/{n}/values"])
+                            for n in self.features]) for f in self.files]
         self.first = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
         total = int(self.first[-1])
         self.lo, hi = (0, total) if rows is None else rows
@@ -149,15 +153,15 @@ class HDF5Dataset:
     def _read_range(self, a, b):
         """Rows of global samples [a, b), all in one file."""
         fi = int(np.searchsorted(self.first, a, side="right")) - 1
-        f, base = self.files[fi], int(self.first[fi])
+        labels, dense, sparse = self._datasets[fi]
+        base = int(self.first[fi])
         a, b = a - base, b - base
-        n = b - a
-        values, lengths = [], np.empty((len(self.features), n), dtype=np.int64)
-        for k, name in enumerate(self.features):
-            off = f[f"sparse/{name}/offsets"][a:b + 1]
+        values, lengths = [], np.empty((len(self.features), b - a), dtype=np.int64)
+        for k, (offsets, vals) in enumerate(sparse):
+            off = offsets[a:b + 1]
             lengths[k] = np.diff(off)
-            values.append(f[f"sparse/{name}/values"][off[0]:off[-1]])
-        return Rows(f["labels"][a:b], f["dense"][a:b],
+            values.append(vals[off[0]:off[-1]])
+        return Rows(labels[a:b], dense[a:b],
                     np.concatenate(values) if values else np.zeros(0), lengths)
 
     def fetch(self, positions):
@@ -183,6 +187,7 @@ class HDF5Dataset:
         return rows.take(np.argsort(order, kind="stable"))
 
     def close(self):
+        self._datasets = []
         for f in self.files:
             try:
                 f.close()

@@ -232,9 +232,7 @@ class Reader:
     # ------------------------------------------------------------------ shutdown
     def _stop(self):
         src, self._source = self._source, None
-        if isinstance(src, _Prefetcher):
-            src.close()
-        elif src is not None:
+        if src is not None:      # a _Prefetcher (joins its thread) or a generator
             src.close()
 
     def close(self):

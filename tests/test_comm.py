@@ -155,3 +155,11 @@ def test_nccl_without_cupy_is_a_clear_error():
         pytest.skip("CuPy is installed; tests/test_nccl.py covers the backend")
     with pytest.raises(CommError, match=r"needs CuPy with NCCL \(pip install 'hpctrain\[gpu\]'\)"):
         create_communicator("nccl")
+
+
+def test_debug_mode_ignores_unwritten_rows_of_a_preallocated_recvbuf():
+    comm = create_communicator("mpi", debug=True)
+    recvbuf = np.full((5, 2), np.nan)
+    out = comm.alltoallv(np.ones((3, 2)), [3], [3], recvbuf=recvbuf)
+    assert (out[:3] == 1).all() and np.isnan(out[3:]).all()
+    assert (comm.ialltoallv(np.ones((3, 2)), [3], [3], recvbuf=recvbuf).wait()[:3] == 1).all()

@@ -30,6 +30,10 @@ def _xp_all_finite(buf):
     return bool(np.isfinite(buf).all())
 
 
+def _total(counts):
+    return int(sum(int(c) for c in np.asarray(counts).reshape(-1)))
+
+
 def _ranks(ranks):
     ranks = list(ranks)
     return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
@@ -110,8 +114,10 @@ class DebugCommunicator(Communicator):
             self._fail("allreduce", f"{_ranks(bad)} contribute NaN or Inf",
                        NonFiniteCollectiveError)
 
-    def _after_float(self, op, stage="hold after it"):
-        return lambda out: self._check_finite(op, _xp_all_finite(out), stage)
+    def _after_float(self, op, stage="hold after it", rows=None):
+        # Only the rows a collective wrote: a preallocated recvbuf may hold garbage beyond.
+        return lambda out: self._check_finite(
+            op, _xp_all_finite(out if rows is None else out[:rows]), stage)
 
     def allreduce(self, buf, op="sum"):
         """Checked ``allreduce``."""
@@ -171,14 +177,14 @@ class DebugCommunicator(Communicator):
         """Checked ``alltoallv``: counts must match pairwise (sent by i to p == expected by p)."""
         self._before_alltoallv("alltoallv", sendbuf, send_counts, recv_counts, recvbuf)
         out = self.inner.alltoallv(sendbuf, send_counts, recv_counts, recvbuf)
-        self._after_float("alltoallv", "received")(out)
+        self._after_float("alltoallv", "received", _total(recv_counts))(out)
         return out
 
     def ialltoallv(self, sendbuf, send_counts, recv_counts, recvbuf=None):
         """Checked ``ialltoallv`` (the finiteness check runs in ``wait()``)."""
         self._before_alltoallv("ialltoallv", sendbuf, send_counts, recv_counts, recvbuf)
         return DebugHandle(self.inner.ialltoallv(sendbuf, send_counts, recv_counts, recvbuf),
-                           self._after_float("ialltoallv", "received"))
+                           self._after_float("ialltoallv", "received", _total(recv_counts)))
 
     # -- the rest ------------------------------------------------------------------------
     def bcast(self, obj, root=0):

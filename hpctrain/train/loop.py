@@ -22,6 +22,26 @@ from hpctrain.train.evaluation import evaluate_arrays, gather_eval
 from hpctrain.train.metrics import MetricsLogger, PhaseTimer
 
 
+def _set_threads(configured, ranks_on_host):
+    """Threads per rank for the kernels and for BLAS: the config, else HPCTRAIN_NUM_THREADS,
+    else this host's cores shared among its ranks.
+
+    BLAS libraries default to one thread per core *per process*; with several ranks
+    per host their spinning threads oversubscribe the cores and dense layers run
+    tens of times slower, so the limit is always set explicitly.
+    """
+    import os
+
+    from threadpoolctl import threadpool_limits
+
+    from hpctrain._kernels import _openmp
+    env = os.environ.get("HPCTRAIN_NUM_THREADS")
+    n = configured or (int(env) if env else max(1, (os.cpu_count() or 1) // max(1, ranks_on_host)))
+    _openmp.set_num_threads(n)
+    threadpool_limits(limits=n, user_api="blas")
+    return n
+
+
 class Trainer:
     """Trains the model a ``Config`` describes on the ranks of ``comm``.
 
@@ -37,7 +57,6 @@ class Trainer:
     """
 
     def __init__(self, cfg, comm=None, *, stream=None):
-        from hpctrain._kernels import _openmp
         from hpctrain.comm import create_communicator
         from hpctrain.dense.parallel import broadcast_parameters
         from hpctrain.sparse.sharded import ShardedEmbedding
@@ -46,8 +65,7 @@ class Trainer:
             raise ConfigError(f"{cfg.source}: mode: only \"collective\" is implemented")
         self.cfg = cfg
         self.comm = comm if comm is not None else create_communicator("mpi")
-        if cfg.threads:
-            _openmp.set_num_threads(cfg.threads)
+        self.threads = _set_threads(cfg.threads, self.comm.local_size)
         self.global_batch, self.local_batch = cfg.batch_sizes(self.comm.size)
         self.specs = table_specs(cfg)
         self.table_ids = {s.name: s.table_id for s in self.specs}

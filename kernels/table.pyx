@@ -25,10 +25,17 @@ include "table_init.pxi"
 include "table_optim.pxi"
 include "table_admit.pxi"
 
-cdef double MAX_LOAD = 0.75          # index load that triggers a 1.5x rehash
+cdef double MAX_LOAD = 0.8           # index load that triggers a 1.25x rehash
 cdef double COUNTER_MAX_LOAD = 0.5   # exact admission counter map
 cdef int64_t MAX_ROWS = 2147483647   # row ids are int32 in the index
-cdef int64_t PF = 8                  # prefetch distance, in batch entries
+cdef int64_t PF = 32                 # prefetch distance, in batch entries (measured best)
+cdef int64_t PF_UPDATE = 32          # prefetch distance of the optimizer update, in rows
+
+
+def _set_prefetch(int64_t keys, int64_t rows):
+    global PF, PF_UPDATE
+    PF, PF_UPDATE = keys, rows
+
 cdef int64_t _par_min = 1024         # batches smaller than this run on one thread
 
 
@@ -237,7 +244,7 @@ cdef class TableCore:
         cdef int64_t need = self.index_used + n_more
         if need <= self.index_grow_at:
             return 0
-        return self._rehash(max(self.index_cap + self.index_cap // 2, <int64_t>(need / MAX_LOAD) + 1))
+        return self._rehash(max(self.index_cap + self.index_cap // 4, <int64_t>(need / MAX_LOAD) + 1))
 
     cdef int _grow_rows(self, int64_t new_cap) noexcept nogil:
         cdef int64_t old = self.row_cap
@@ -277,7 +284,7 @@ cdef class TableCore:
         need = self.row_high + n_more - self.n_free
         if need > MAX_ROWS:
             return -1
-        return self._grow_rows(min(MAX_ROWS, max(need, self.row_cap + self.row_cap // 8)))
+        return self._grow_rows(min(MAX_ROWS, max(need, self.row_cap + self.row_cap // HT_ROW_GROWTH_DIV)))
 
     cdef int64_t _alloc_row(self) noexcept nogil:
         cdef int64_t r
@@ -287,7 +294,7 @@ cdef class TableCore:
         if self.row_high == self.row_cap:
             if self.row_cap >= MAX_ROWS:
                 return -1
-            if self._grow_rows(min(MAX_ROWS, self.row_cap + max(self.row_cap // 8, 64))) != 0:
+            if self._grow_rows(min(MAX_ROWS, self.row_cap + max(self.row_cap // HT_ROW_GROWTH_DIV, 64))) != 0:
                 return -1
         r = self.row_high
         self.row_high += 1
@@ -563,8 +570,8 @@ cdef class TableCore:
                     nnf += 1
             if nbad == 0 and nnf == 0:
                 for i in prange(n, num_threads=nt, schedule='static'):
-                    if i + PF < n:
-                        r2 = rp[i + PF]
+                    if i + PF_UPDATE < n:
+                        r2 = rp[i + PF_UPDATE]
                         if r2 >= 0:
                             _prefetch_bytes(values + r2 * dim, dim * 4, True)
                             if w0 > 0:

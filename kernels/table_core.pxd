@@ -12,8 +12,9 @@ Memory layout of one table shard (``R`` = row capacity, ``S`` = index slots)::
     meta    ht_meta[R]        {int64 access count; int64 last update step}; step -1 = free row
     opt_step int64[R]         per-row update count (Adam's bias-correction step), Adam only
 
-The index and the row store grow independently: the index by 1.5x when its load passes
-0.75 (rehash, row ids unchanged), the row store by 1.125x (or to what a batch needs).
+The index and the row store grow independently: the index by 1.25x when its load passes
+0.8 (rehash, row ids unchanged); the row store to what a batch needs, at least 1/32 more
+(mremap moves pages without copying rows; 1/8 where rows must be copied).
 """
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
@@ -60,6 +61,7 @@ cdef extern from *:
        transparent huge pages, which matter for random access into big tables. */
     #if defined(__linux__)
     #include <sys/mman.h>
+    #define HT_ROW_GROWTH_DIV 32   /* growth remaps pages, it never copies: grow in small steps */
     static inline void ht_advise(void* p, size_t bytes) {
     #ifdef MADV_HUGEPAGE
         if (bytes >= ((size_t)2 << 20)) madvise(p, bytes, MADV_HUGEPAGE);
@@ -83,6 +85,7 @@ cdef extern from *:
     #else
     #include <stdlib.h>
     #include <string.h>
+    #define HT_ROW_GROWTH_DIV 8    /* growth copies: grow geometrically */
     static inline void* ht_alloc(size_t bytes) {
         void* p = NULL;
         if (posix_memalign(&p, 64, bytes ? bytes : 64) != 0) return NULL;
@@ -115,6 +118,7 @@ cdef extern from *:
     void ht_prefetch(const void* p) noexcept nogil
     void ht_prefetch_w(const void* p) noexcept nogil
     void ht_atomic_inc(int64_t* p) noexcept nogil
+    int64_t HT_ROW_GROWTH_DIV
     void* ht_alloc(size_t bytes) noexcept nogil
     void* ht_realloc(void* p, size_t old_bytes, size_t new_bytes) noexcept nogil
     void ht_free(void* p, size_t bytes) noexcept nogil

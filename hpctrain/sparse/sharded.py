@@ -50,6 +50,16 @@ def _exclusive_cumsum(a):
     return out
 
 
+class _Done:
+    """A completed exchange posing as a communicator handle."""
+
+    def __init__(self, result):
+        self._result = result
+
+    def wait(self):
+        return self._result
+
+
 class _OwnerPart:
     """What an owner keeps of one table between lookup and backward."""
 
@@ -122,7 +132,7 @@ class ShardedEmbedding:
 
     # -- forward -------------------------------------------------------------------------
     def start_lookup(self, batch, step, train=True):
-        """Route this rank's ids to their owners and start the ids exchange.
+        """Route this rank's ids to their owners and start the ids exchange (non-blocking).
 
         No table is read here: ``wait_lookup`` finds the rows and exchanges them.
         So a trainer may start the next batch's lookup before this step's sparse
@@ -139,6 +149,9 @@ class ShardedEmbedding:
         Returns:
             A ``ShardedLookup`` handle.
         """
+        return self._start(batch, step, train, blocking=False)
+
+    def _start(self, batch, step, train, blocking):
         if train and self._pending is not None:
             raise RuntimeError("start_lookup: the previous lookup was not waited for "
                                "(call wait_lookup first; one lookup may be in flight)")
@@ -179,7 +192,14 @@ class ShardedEmbedding:
         t.lap("counts")
 
         recv_ids = self._buf.get(pre + "recv_ids", int(from_peer.sum()), np.int64)
-        look.ids_handle = self.comm.ialltoallv(send_ids, to_peer, from_peer, recvbuf=recv_ids)
+        if blocking:
+            # forward() waits at once: the blocking collective avoids the progress
+            # engine's polling (and yielding) of a non-blocking one
+            look.ids_handle = _Done(
+                self.comm.alltoallv(send_ids, to_peer, from_peer, recvbuf=recv_ids))
+        else:
+            look.ids_handle = self.comm.ialltoallv(send_ids, to_peer, from_peer,
+                                                   recvbuf=recv_ids)
         look.from_peer_table, look.train, look.prefix = from_peer_table, train, pre
         t.lap("ids_a2a")
         if train:
@@ -240,8 +260,8 @@ class ShardedEmbedding:
         return outputs
 
     def forward(self, batch, step, train=True):
-        """``wait_lookup(start_lookup(batch, step, train))``."""
-        return self.wait_lookup(self.start_lookup(batch, step, train))
+        """``wait_lookup(start_lookup(batch, step, train))``, with a blocking ids exchange."""
+        return self.wait_lookup(self._start(batch, step, train, blocking=True))
 
     # -- backward ------------------------------------------------------------------------
     def backward(self, grads, step):

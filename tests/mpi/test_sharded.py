@@ -110,24 +110,25 @@ def _assert_outputs_equal(got, ref, exact=True):
 
 
 def _train(comm, specs, steps=3, seed=0, overlap=False):
+    """Train the twin (sequential forward/backward) and ShardedEmbedding side by side.
+
+    With ``overlap`` the sharded side starts each next lookup before the current
+    backward (the trainer's pipelined schedule); its results must not change.
+    """
     rng = np.random.default_rng(seed)
     twin = EmbeddingCollection(specs, seed=11)
     sharded = ShardedEmbedding(specs, comm, seed=11)
     pooling = specs[0].pooling
     features = [f for s in specs for f in s.features]
     batches = [_global_batch(rng, comm.size, features=features) for _ in range(steps)]
-    if overlap:
-        # start the next lookup before this step's backward, on both sides
-        t_next, s_next = twin.start_lookup(batches[0], 0), sharded.start_lookup(
-            _rank_slice(batches[0], comm), 0)
+    pending = sharded.start_lookup(_rank_slice(batches[0], comm), 0) if overlap else None
     for step, gb in enumerate(batches):
+        ref = twin.forward(gb, step)
         if overlap:
-            ref, out = twin.wait_lookup(t_next), sharded.wait_lookup(s_next)
+            out = sharded.wait_lookup(pending)
             if step + 1 < steps:
-                t_next = twin.start_lookup(batches[step + 1], step + 1)
-                s_next = sharded.start_lookup(_rank_slice(batches[step + 1], comm), step + 1)
+                pending = sharded.start_lookup(_rank_slice(batches[step + 1], comm), step + 1)
         else:
-            ref = twin.forward(gb, step)
             out = sharded.forward(_rank_slice(gb, comm), step)
         _assert_outputs_equal(out, _local_part(gb, ref, comm, pooling), exact=step == 0)
         grads = _grads(rng, ref)
@@ -168,10 +169,24 @@ def test_dyadic_gradients_give_identical_bits(comm):
 
 
 def test_overlap_path_equals_forward(comm):
+    """start_lookup(next) before backward(current), wait after: same as sequential forward."""
     twin, sharded = _train(comm, _specs("adam", "sum"), steps=4, seed=1, overlap=True)
     _assert_tables_equal(comm, twin, sharded)
-    twin2, sharded2 = _train(comm, _specs("adam", "sum"), steps=4, seed=1, overlap=True)
-    _assert_tables_equal(comm, twin2, sharded)
+
+
+def test_eval_lookup_inserts_nothing(comm):
+    specs = _specs("sgd", "sum")
+    twin, sharded = EmbeddingCollection(specs), ShardedEmbedding(specs, comm)
+    gb = _global_batch(np.random.default_rng(4), comm.size)
+    # an eval lookup may run while a training lookup is in flight
+    pending = sharded.start_lookup(_rank_slice(gb, comm), 0)
+    out = sharded.forward(_rank_slice(gb, comm), 0, train=False)
+    assert all((o == 0).all() for o in out.values())
+    assert comm.mpi_comm.allreduce(sum(len(t) for t in sharded.tables.values())) == 0
+    got = sharded.wait_lookup(pending)
+    _assert_outputs_equal(got, _local_part(gb, twin.forward(gb, 0), comm, "sum"))
+    again = sharded.forward(_rank_slice(gb, comm), 1, train=False)
+    _assert_outputs_equal(again, got)
 
 
 def test_shards_partition_rows_and_memory(comm):

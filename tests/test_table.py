@@ -189,7 +189,8 @@ def test_import_filtered_concatenated_and_overwrite():
 
 def test_memory_per_row_within_bound_after_growth():
     rng = np.random.default_rng(7)
-    for dim, kind in ((16, "adagrad"), (64, "adagrad"), (64, "sgd"), (32, "adam")):
+    for dim, kind in ((16, "adagrad"), (16, "nesterov"), (16, "adam"), (16, "ftrl"),
+                      (32, "sgd"), (32, "rowwise_adagrad"), (64, "adagrad"), (64, "sgd")):
         t = EmbeddingTable("t", dim, kind)
         for _ in range(8):
             t.find_or_insert(unique_keys(rng, 5000), 0)
@@ -197,6 +198,32 @@ def test_memory_per_row_within_bound_after_growth():
         assert m["rows"] == len(t) == 40000
         assert m["bytes_per_row"] <= m["bound_bytes_per_row"], (dim, kind, m)
         assert m["row_capacity"] <= 1.25 * m["rows"]
+
+
+def test_concurrent_python_threads_share_a_table_safely():
+    import threading
+    t = EmbeddingTable("t", 8, "adagrad", capacity=1)
+    errors = []
+
+    def worker(seed):
+        try:
+            rng = np.random.default_rng(seed)
+            for step in range(30):
+                keys = np.unique(rng.integers(0, 50000, size=3000))
+                rows = t.find_or_insert(keys, step)   # grows the table while others read
+                t.gather(rows)
+                t.apply_gradients(rows, np.ones((rows.size, 8), np.float32), step)
+                assert (t.find(keys) == rows).all()
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(3)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    t._core.check_invariants()
 
 
 def test_bad_input_types_and_shapes():

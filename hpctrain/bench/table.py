@@ -52,6 +52,18 @@ class Cycle:
         self.i += 1
 
 
+def interleaved(fns, warmup, repeat):
+    """Seconds per call of each function, timed in ``repeat`` rounds of one call each."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            times[name] += common.time_fn(fn, 0, 1)
+    return times
+
+
 def _kernels():
     from hpctrain._kernels import sparse_ops
     return sparse_ops.unique_inverse, sparse_ops.segment_sum
@@ -88,23 +100,26 @@ def bench_dim(dim, args, warm, timed, kinds):
     buf = np.empty((n_ids, dim), dtype=np.float32)
     nb, w, rp = len(timed), args.warmup, args.repeat
 
-    take = rec("np.take (baseline)", n_ids, common.time_fn(
-        Cycle(lambda i: np.take(values, rows[i], axis=0, out=buf), nb), w, rp))
+    # the read path and its baseline are timed interleaved, call by call, so that they see
+    # the same machine load
     lookup = dict(zip(t.export()["keys"].tolist(), range(len(t))))
     lists = [ids.tolist() for ids in timed]
+    n_u = int(np.mean([len(u[0]) for u in uniq]))
+    times = interleaved({
+        "np.take (baseline)": Cycle(lambda i: np.take(values, rows[i], axis=0, out=buf), nb),
+        "find": Cycle(lambda i: t.find(timed[i]), nb),
+        "gather": Cycle(lambda i: t.gather(rows[i], out=buf), nb),
+        "lookup+gather": Cycle(lambda i: t.gather(t.find(timed[i]), out=buf), nb),
+        "find_or_insert warm": Cycle(lambda i: t.find_or_insert(uniq[i][0], step0 + nb), nb),
+    }, w, rp)
+    take = rec("np.take (baseline)", n_ids, times["np.take (baseline)"])
     rec("python dict (baseline)", n_ids, common.time_fn(
         Cycle(lambda i: np.fromiter((lookup.get(k, -1) for k in lists[i]), np.int64, n_ids), nb),
-        1, max(2, rp // 3)), take["ids_per_s"])
-    rec("find", n_ids, common.time_fn(Cycle(lambda i: t.find(timed[i]), nb), w, rp),
-        take["ids_per_s"])
-    rec("gather", n_ids, common.time_fn(Cycle(lambda i: t.gather(rows[i], out=buf), nb), w, rp),
-        take["ids_per_s"])
-    rec("lookup+gather", n_ids, common.time_fn(
-        Cycle(lambda i: t.gather(t.find(timed[i]), out=buf), nb), w, rp),
-        take["ids_per_s"], GOAL_LOOKUP_VS_TAKE)
-    n_u = int(np.mean([len(u[0]) for u in uniq]))
-    rec("find_or_insert warm", n_u, common.time_fn(
-        Cycle(lambda i: t.find_or_insert(uniq[i][0], step0 + nb), nb), w, rp))
+        1, max(2, rp // 5)), take["ids_per_s"])
+    for op in ("find", "gather"):
+        rec(op, n_ids, times[op], take["ids_per_s"])
+    rec("lookup+gather", n_ids, times["lookup+gather"], take["ids_per_s"], GOAL_LOOKUP_VS_TAKE)
+    rec("find_or_insert warm", n_u, times["find_or_insert warm"])
     rec("find_or_insert cold", n_u, common.time_fn(
         Cycle(lambda i: EmbeddingTable("cold", dim, "adagrad").find_or_insert(uniq[i][0], 0), nb),
         w, rp))

@@ -15,10 +15,13 @@ Storage (details in docs/embedding-table.md)::
     meta         {int64 access count, int64 last update step} per row
 
 Every batched operation uses ``hpctrain._kernels._openmp.get_num_threads()`` threads and
-gives bit-identical results for any thread count.
+gives bit-identical results for any thread count. The kernels release the GIL; a lock
+serialises calls on one table from several Python threads (e.g. a lookup overlapped with
+an update), so that no call sees the storage while another one grows it.
 """
 import math
 import os
+import threading
 
 import numpy as np
 
@@ -154,6 +157,7 @@ class EmbeddingTable:
         widths = [w for _, w, _ in self._slots] + [0, 0]
         inits = [v for _, _, v in self._slots] + [0.0, 0.0]
         o, a = self._opt, self._admission
+        self._lock = threading.Lock()
         self._core = _kernel.TableCore(
             self._dim, _OPT_CODE[o.kind], o.lr, o.momentum, o.beta1, o.beta2, o.eps, o.l1, o.l2,
             o.lr_power, o.weight_decay, widths[0], widths[1], inits[0], inits[1],
@@ -193,7 +197,8 @@ class EmbeddingTable:
         """
         k = as_int64(keys, "keys", uint64_bits=True)
         out = np.empty(k.shape[0], dtype=np.int64)
-        self._core.find(k, out, get_num_threads())
+        with self._lock:
+            self._core.find(k, out, get_num_threads())
         return out
 
     def find_or_insert(self, keys, step):
@@ -212,7 +217,8 @@ class EmbeddingTable:
         k = as_int64(keys, "keys", uint64_bits=True)
         s = as_step(step)
         out = np.empty(k.shape[0], dtype=np.int64)
-        self._core.find_or_insert(k, out, s, get_num_threads())
+        with self._lock:
+            self._core.find_or_insert(k, out, s, get_num_threads())
         return out
 
     def gather(self, indices, out=None):
@@ -237,7 +243,9 @@ class EmbeddingTable:
                 raise ValueError(f"out has shape {out.shape}; expected {shape}")
             if not out.flags.c_contiguous or not out.flags.writeable:
                 raise ValueError("out must be C-contiguous and writeable")
-        if self._core.gather(idx, out, get_num_threads(), self._debug):
+        with self._lock:
+            nbad = self._core.gather(idx, out, get_num_threads(), self._debug)
+        if nbad:
             self._raise_bad_index(idx, "indices", self._debug)
         return out
 
@@ -261,7 +269,8 @@ class EmbeddingTable:
         s = as_step(step)
         if self._debug:
             self._check_unique(idx)
-        nbad, nnf = self._core.apply(idx, g, s, get_num_threads())
+        with self._lock:
+            nbad, nnf = self._core.apply(idx, g, s, get_num_threads())
         if nbad:
             self._raise_bad_index(idx, "indices", True)
         if nnf:
@@ -277,6 +286,10 @@ class EmbeddingTable:
         most ``max_rows`` remain. Freed rows are reused by later inserts.
         """
         s = as_step(step)
+        with self._lock:
+            return self._evict(s)
+
+    def _evict(self, s):
         ev = self._eviction
         n = 0
         if ev.ttl is not None:
@@ -300,6 +313,10 @@ class EmbeddingTable:
             ``opt_step`` is Adam's per-row update count (zeros for other optimizers).
             Pending admission counts are not part of the state.
         """
+        with self._lock:
+            return self._export()
+
+    def _export(self):
         rows = self._core.live_rows()
         access, last, ost = self._core.meta_of(rows)
         return {
@@ -357,8 +374,9 @@ class EmbeddingTable:
             dup = sk[1:][sk[1:] == sk[:-1]]
             if dup.size:
                 raise ValueError(f"table {self._name!r}: state['keys'] repeats key {dup[0]}")
-        rows = self._core.import_keys(keys)
-        self._core.write_rows(rows, values, arrs[0], arrs[1], *meta)
+        with self._lock:
+            rows = self._core.import_keys(keys)
+            self._core.write_rows(rows, values, arrs[0], arrs[1], *meta)
 
     def memory_stats(self):
         """Storage figures: row/slot counts, bytes per part, bytes per row and its bound.
@@ -367,7 +385,8 @@ class EmbeddingTable:
         admission counters); ``bound_bytes_per_row`` is 1.25 x (8 + 4 * (dim + state floats)).
         """
         c = self._core
-        nb = c.nbytes()
+        with self._lock:
+            nb = c.nbytes()
         table_bytes = nb["index"] + nb["rows"] + nb["meta"] + nb["free_list"]
         n = len(self)
         return {

@@ -220,7 +220,12 @@ class ShardedEmbedding:
         for i, spec in enumerate(self.specs):
             pos = order[lo:lo + per_table[i]]
             lo += per_table[i]
-            uniq, inverse = sparse_ops.unique_inverse(recv_ids[pos])
+            if np.count_nonzero(from_peer_table[:, i]) <= 1:
+                # one source: its ids are already unique (deduplicated before routing)
+                uniq = recv_ids[pos]
+                inverse = np.arange(uniq.shape[0], dtype=np.int64)
+            else:
+                uniq, inverse = sparse_ops.unique_inverse(recv_ids[pos])
             table = self.tables[spec.name]
             idx = table.find_or_insert(uniq, step) if train else table.find(uniq)
             rows = np.ascontiguousarray(table.gather(idx), dtype=np.float32)

@@ -413,15 +413,63 @@ def sparse_rate_and_points(docs, network):
     return s_per_id, points
 
 
+def unique_fraction(docs):
+    """Unique ids / ids per rank and step, from the bytes the exchange benchmark moved."""
+    fr = []
+    for d in docs:
+        if d.get("benchmark") == "exchange" and d.get("results"):
+            res, c = d["results"][0], d["config"]
+            # bytes = counts (8 F p) + unique ids (8 u) + rows and grads (2 x 4 dim u)
+            u = ((res["exchange_bytes_sent_rank0"] - 8 * c["features"] * d["world_size"])
+                 / (8 + 8 * res["dim"]))
+            fr.append(u / (c["batch"] * c["features"]))
+    return float(np.median(fr)) if fr else None
+
+
+def _train_workload(res, u):
+    """The train benchmark's DLRM (26 one-table features, 13 dense, 512-256-64 / 512-256-1)."""
+    return Workload(13, 26, float(res.get("bag", 1)), int(res["dim"]), (512, 256, 64),
+                    (512, 256, 1), u)
+
+
+def train_rates_and_points(docs, network, rates, u):
+    """Calibrate ``rates`` on the 1-rank train runs; predict every train run.
+
+    The split between dense FLOPs and sparse ids keeps the ratio the dense and
+    exchange benchmarks measured; both are scaled so the 1-rank DLRM step is exact.
+    """
+    runs = [d for d in docs if d.get("benchmark") == "train" and d.get("results")]
+    ones = [d for d in runs if d["world_size"] == 1]
+    if not ones:
+        return rates, []
+    scale = []
+    for d in ones:
+        res = d["results"][0]
+        b = res["global_batch"]
+        scale.append(res["median_step_s"] / _oversub(d) / rates.step(_train_workload(res, u), b))
+    k = float(np.mean(scale))
+    rates = dataclasses.replace(rates, s_per_flop=rates.s_per_flop * k,
+                                s_per_id=rates.s_per_id * k, s_fixed=rates.s_fixed * k)
+    points = []
+    for d in runs:
+        res, p = d["results"][0], d["world_size"]
+        v = d.get("versions") or {}
+        model = CostModel(network, dataclasses.replace(rates, threads=v.get("threads") or 1),
+                          d.get("ranks_per_node", p), v.get("cpu_count") or p)
+        pred = model.step(_train_workload(res, u), p, res["global_batch"] / p)["step"]
+        points.append(_point(d, "train", res["median_step_s"], pred))
+    return rates, points
+
+
 def fit_compute(docs, network, args):
-    """Compute rates and the predicted-vs-measured points of the step benchmarks in ``docs``.
+    """Compute rates, unique fraction and the predicted-vs-measured step points of ``docs``.
 
     Rates come from the command line first, else from the 1-rank runs measured here
-    (dense: seconds per FLOP; exchange: seconds per sparse id), else the defaults of
-    :class:`ComputeRates`.
+    (dense: seconds per FLOP; exchange: seconds per sparse id; both calibrated on the
+    end-to-end train step), else the defaults of :class:`ComputeRates`.
 
     Returns:
-        (ComputeRates, list of point dicts).
+        (ComputeRates, unique fraction, list of point dicts).
     """
     rates = ComputeRates(threads=args.threads)
     s_per_flop, dense_pts = dense_rate_and_points(docs, network)
@@ -432,13 +480,16 @@ def fit_compute(docs, network, args):
         rates.s_per_id = s_per_id
     if s_per_flop is not None and s_per_id is not None:
         rates.s_fixed = 0.0      # both measured rates already include their fixed costs
+    u = args.unique_fraction if args.unique_fraction is not None else unique_fraction(docs)
+    u = 1.0 if u is None else u
+    rates, train_pts = train_rates_and_points(docs, network, rates, u)
     if args.gflops is not None:
         rates.s_per_flop = 1e-9 / args.gflops
     if args.ns_per_id is not None:
         rates.s_per_id = args.ns_per_id * 1e-9
     if args.fixed_ms is not None:
         rates.s_fixed = args.fixed_ms * 1e-3
-    return rates, dense_pts + sparse_pts
+    return rates, u, dense_pts + sparse_pts + train_pts
 
 
 def load_results(paths):
@@ -490,7 +541,9 @@ def parse_args(argv):
     p.add_argument("--dim", type=int, default=w.dim)
     p.add_argument("--bottom", type=_ints, default=w.bottom)
     p.add_argument("--top", type=_ints, default=w.top)
-    p.add_argument("--unique-fraction", type=float, default=w.unique_fraction)
+    p.add_argument("--unique-fraction", type=float, default=None,
+                   help="unique ids / ids after per-rank dedup (default: measured by the "
+                        "exchange benchmark, else 1)")
     r = ComputeRates()
     p.add_argument("--gflops", type=float, default=None,
                    help=f"dense GFLOP/s per rank (default: measured, else {1e-9 / r.s_per_flop:g})")
@@ -525,8 +578,11 @@ def main(argv=None):
     network = Network(links["allreduce"], links["alltoallv"], net)
 
     points = fitted["allreduce"][1] + fitted["alltoallv"][1]
-    compute, train_points = fit_compute(docs, network, args)
+    compute, u, train_points = fit_compute(docs, network, args)
     points += train_points
+    print(f"#   compute per rank: {1e-9 / compute.s_per_flop:.3g} GFLOP/s dense, "
+          f"{compute.s_per_id * 1e9:.4g} ns per sparse id, {compute.s_fixed * 1e3:.3g} ms fixed; "
+          f"unique fraction {u:.3f}")
     if points:
         print("# predicted vs measured, every measured point (* = more ranks than cores: "
               "outside the model, not fitted)")
@@ -541,7 +597,7 @@ def main(argv=None):
                       f"{errs.max() * 100:.1f}%, {(errs <= 0.25).mean() * 100:.0f}% of "
                       f"{errs.size} points within 25%")
     workload = Workload(args.num_dense, args.features, args.ids_per_feature, args.dim,
-                        args.bottom, args.top, args.unique_fraction)
+                        args.bottom, args.top, u)
     model = CostModel(network, compute, args.ranks_per_node,
                       args.cores_per_node or args.ranks_per_node * args.threads)
     ranks = [2 ** k for k in range(int(math.log2(args.max_ranks)) + 1)]

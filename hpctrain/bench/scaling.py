@@ -78,6 +78,16 @@ def _dense(doc):
             row["batch_per_rank"] * doc["world_size"] / row["step"]["p50"], None)
 
 
+def _train(doc):
+    res = doc["results"][0]
+    # phases_s are seconds over the whole run (warm-up steps included), on rank 0
+    n = res["steps"] + _TRAIN_WARMUP        # the sweep's --warmup (see TARGETS)
+    phases = {k: v / max(n, 1) for k, v in res.get("phases_s", {}).items() if v}
+    return dict(phases, step=res["median_step_s"]), res["samples_per_s"], None
+
+
+_TRAIN_WARMUP = 2
+
 TARGETS = {
     "allreduce": Target(["--max-bytes", "4M", "--rounds", "1", "--repeat", "10"],
                         extract=_collective),
@@ -87,7 +97,21 @@ TARGETS = {
     "table": Target(["--dims", "16", "--optimizers", "adagrad", "--repeat", "10"], "--batch",
                     4096, _table),
     "dense": Target(["--dims", "16", "--repeat", "10"], "--batch", 4096, _dense),
+    # the DLRM benchmark workload end to end: 4096 samples per rank (fixed by the benchmark
+    # unless it offers --batch), one-hot, dim 16
+    "train": Target(["--dim", "16", "--bag", "1", "--steps", "8", "--warmup", str(_TRAIN_WARMUP)],
+                    "--batch", 4096, _train),
 }
+
+
+def supports(name, option):
+    """Whether ``python -m hpctrain.bench NAME`` takes ``option`` (asks its --help)."""
+    try:
+        out = subprocess.run([sys.executable, "-m", "hpctrain.bench", name, "--help"],
+                             capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return f"{option} " in out or f"{option}=" in out or f"{option}\n" in out
 
 
 def launcher_command(args, nranks):
@@ -133,6 +157,9 @@ def plan(args):
         if name not in TARGETS:
             raise SystemExit(f"scaling: unknown benchmark {name!r} (known: {', '.join(TARGETS)})")
         tgt = TARGETS[name]
+        if tgt.batch_arg and not supports(name, tgt.batch_arg):
+            print(f"scaling: {name} has no {tgt.batch_arg} option: weak scaling at its own batch")
+            tgt = dataclasses.replace(tgt, batch_arg=None)
         extra = shlex.split(getattr(args, f"{name}_args") or "")
         modes = [m for m in args.modes if tgt.batch_arg or m == "weak"] or ["weak"]
         for mode in modes:
@@ -162,42 +189,59 @@ def best_of(results, extract):
     return best
 
 
-def run_one(args, run):
-    """Launch one benchmark run (``--trials`` times); returns the per-run record.
-
-    The record carries "error" when a trial failed.
-    """
+def launch(args, run):
+    """Run one benchmark once; returns (its JSON document, None) or (None, error text)."""
     name, p = run["target"], run["ranks"]
     out = os.path.join(args.out, f"{name}-{run['mode']}-{p}.result.json")
     cmd = [*launcher_command(args, p), sys.executable, "-m", "mpi4py", "-m", "hpctrain.bench",
            name, *run["args"], "--json", out]
+    run["command"] = cmd
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads),
                HPCTRAIN_NUM_THREADS=str(args.threads))
-    rec = {"benchmark": "scaling", "target": name, "mode": run["mode"], "world_size": p,
-           "threads": args.threads, "trials": args.trials,
-           "config": {"command": cmd, "args": run["args"], "launcher": args.launcher}}
-    results = []
+    print(f"scaling: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
     t0 = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return None, f"timed out after {args.timeout}s"
+    run["wall_s"] = run.get("wall_s", 0.0) + time.monotonic() - t0
+    if proc.returncode != 0 or not os.path.exists(out):
+        return None, f"exit {proc.returncode}: {(proc.stdout + proc.stderr)[-3000:]}"
+    with open(out) as f:
+        doc = json.load(f)
+    os.remove(out)
+    return doc, None
+
+
+def run_all(args, runs):
+    """Every run ``--trials`` times, trial after trial over the whole sweep (so the trials
+    of one point are minutes apart, not back to back); returns one record per run."""
+    results, errors = [[] for _ in runs], [None] * len(runs)
     for _ in range(args.trials):
-        print(f"scaling: {' '.join(shlex.quote(c) for c in cmd)}", flush=True)
-        try:
-            proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                                  timeout=args.timeout)
-        except subprocess.TimeoutExpired:
-            return dict(rec, error=f"timed out after {args.timeout}s")
-        if proc.returncode != 0 or not os.path.exists(out):
-            return dict(rec, error=f"exit {proc.returncode}: {(proc.stdout + proc.stderr)[-3000:]}")
-        with open(out) as f:
-            results.append(json.load(f))
-        os.remove(out)
-    rec["wall_s"] = time.monotonic() - t0
-    result = best_of(results, TARGETS[name].extract)
-    phases, sps, busbw = TARGETS[name].extract(result)
-    rec.update({"date": result.get("date"), "nodes": result.get("nodes"),
-                "ranks_per_node": result.get("ranks_per_node"),
-                "versions": result.get("versions"), "phases": phases, "samples_per_s": sps,
-                "busbw_GBps": busbw, "result": result})
-    return rec
+        for i, run in enumerate(runs):
+            if errors[i] is None:
+                doc, errors[i] = launch(args, run)
+                if doc is not None:
+                    results[i].append(doc)
+    records = []
+    for run, docs, err in zip(runs, results, errors):
+        rec = {"benchmark": "scaling", "target": run["target"], "mode": run["mode"],
+               "world_size": run["ranks"], "threads": args.threads, "trials": len(docs),
+               "wall_s": run.get("wall_s"),
+               "config": {"command": run.get("command"), "args": run["args"],
+                          "launcher": args.launcher}}
+        if err is not None:
+            records.append(dict(rec, error=err))
+            continue
+        extract = TARGETS[run["target"]].extract
+        result = best_of(docs, extract)
+        phases, sps, busbw = extract(result)
+        rec.update({"date": result.get("date"), "nodes": result.get("nodes"),
+                    "ranks_per_node": result.get("ranks_per_node"),
+                    "versions": result.get("versions"), "phases": phases,
+                    "samples_per_s": sps, "busbw_GBps": busbw, "result": result})
+        records.append(rec)
+    return records
 
 
 def add_efficiency(records):
@@ -324,7 +368,7 @@ def main(argv=None):
                             "mpi4py", "-m", "hpctrain.bench", run["target"], *run["args"]]))
         return 0
     os.makedirs(args.out, exist_ok=True)
-    records = [run_one(args, run) for run in runs]
+    records = run_all(args, runs)
     series = add_efficiency(records)
     for r in records:
         path = os.path.join(args.out, f"{r['target']}-{r['mode']}-{r['world_size']}.json")

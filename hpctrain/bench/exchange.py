@@ -12,9 +12,11 @@ table per feature, for each width in ``--dims`` (16, 64). Measured in one run:
 * ``weak``: the same step by every rank alone (a world of one, all ranks at once so the
   machine is as loaded as in the sharded run), interleaved step by step with the sharded
   one: per-rank throughput ratio sharded/alone (p50, and of the fastest steps);
-* ``exchange``: the four exchanges of a step (counts, ids, rows, grads) through
-  ``ShardedEmbedding``'s communicator, each started after a barrier, each step followed by
-  raw mpi4py ``Alltoallv`` of the very same counts: ratio raw/ours (p50, and fastest).
+* ``exchange``: the four exchanges of a step (counts, ids, rows, grads), each started after
+  a barrier, through hpctrain's MPI communicator vs through raw mpi4py ``Alltoallv``
+  (``_RawComm``): the same steps by two ``ShardedEmbedding`` instances, interleaved, so
+  both see the same bytes, caches and load: ratio raw/ours (median of pairs, and of the
+  fastest). ``replay``: the last step's calls replayed back to back with raw mpi4py.
 """
 import time
 
@@ -91,6 +93,46 @@ class _TimedComm:
         self._c.barrier()
 
 
+class _RawComm:
+    """The least a communicator can do: mpi4py ``Alltoallv`` with counts scaled to elements.
+
+    A ``ShardedEmbedding`` over it runs the very same step with raw MPI exchanges, so the
+    two can be compared in the same conditions (caches, load) as they occur in a step.
+    """
+
+    def __init__(self, mpi_comm):
+        from mpi4py import MPI
+        self.mpi_comm, self.rank, self.size = mpi_comm, mpi_comm.rank, mpi_comm.size
+        self._types = {np.dtype(np.int64): MPI.INT64_T, np.dtype(np.float32): MPI.FLOAT}
+
+    def _args(self, sendbuf, sc, rc, recvbuf):
+        tail = sendbuf.size // sendbuf.shape[0] if sendbuf.shape[0] else 1
+        if recvbuf is None:
+            recvbuf = np.empty((int(np.sum(rc)), *sendbuf.shape[1:]), sendbuf.dtype)
+        sc, rc = np.asarray(sc) * tail, np.asarray(rc) * tail
+        sd, rd = np.cumsum(sc) - sc, np.cumsum(rc) - rc
+        t = self._types[sendbuf.dtype]
+        return [sendbuf, (sc, sd), t], [recvbuf, (rc, rd), t], recvbuf
+
+    def alltoallv(self, sendbuf, send_counts, recv_counts, recvbuf=None):
+        s, r, out = self._args(sendbuf, send_counts, recv_counts, recvbuf)
+        self.mpi_comm.Alltoallv(s, r)
+        return out
+
+    def ialltoallv(self, sendbuf, send_counts, recv_counts, recvbuf=None):
+        s, r, out = self._args(sendbuf, send_counts, recv_counts, recvbuf)
+        req = self.mpi_comm.Ialltoallv(s, r)
+
+        class _H:
+            def wait(self):
+                req.Wait()
+                return out
+        return _H()
+
+    def barrier(self):
+        self.mpi_comm.Barrier()
+
+
 def _raw_calls(record):
     """Buffers and arguments of raw mpi4py ``Alltoallv`` calls moving the bytes ``record`` moved."""
     from mpi4py import MPI
@@ -123,8 +165,10 @@ def _interleaved(mpi, fa, fb, warmup, repeat):
         fa()
         fb()
     ta, tb = [], []
-    for _ in range(repeat):
-        for f, out in ((fa, ta), (fb, tb)):
+    for i in range(repeat):
+        # ABBA order, so neither side always runs right after the other
+        pairs = ((fa, ta), (fb, tb)) if i % 2 == 0 else ((fb, tb), (fa, ta))
+        for f, out in pairs:
             mpi.Barrier()
             t0 = time.perf_counter()
             f()
@@ -158,23 +202,28 @@ def _run_dim(args, comm, dim, batches):
     table_rows = mpi.allreduce(sum(len(t) for t in emb.tables.values()))
     del emb, solo, step, solo_step
 
-    # 2. exchanges through the communicator, each after a barrier, interleaved with raw
-    #    mpi4py Alltoallv of the very same counts
-    timed = _TimedComm(comm)
+    # 2. the same steps over our communicator and over raw mpi4py (_RawComm), interleaved;
+    #    every exchange starts after a barrier and is timed to completion
+    timed, timed_raw = _TimedComm(comm), _TimedComm(_RawComm(mpi))
     stepper = _Stepper(ShardedEmbedding(specs, timed, seed=0), batches, dim)
+    raw_stepper = _Stepper(ShardedEmbedding(specs, timed_raw, seed=0), batches, dim)
     for _ in range(args.warmup):
         stepper()
-    ours, raw = [], []
-    for _ in range(args.exchange_repeat):
-        timed.record = []
-        stepper()
+        raw_stepper()
+    ours, raw, replay = [], [], []
+    for i in range(args.exchange_repeat):
+        for t, f in ((timed, stepper), (timed_raw, raw_stepper))[::1 if i % 2 == 0 else -1]:
+            t.record = []
+            f()
         ours.append(max(mpi.allgather(sum(r[-1] for r in timed.record))))
-        calls = _raw_calls(timed.record)
-        _raw_exchange(mpi, calls)                  # first touch of the raw buffers
-        raw.append(max(mpi.allgather(_raw_exchange(mpi, calls))))
+        raw.append(max(mpi.allgather(sum(r[-1] for r in timed_raw.record))))
+    # and the recorded calls replayed back to back (warm caches, no step around them)
+    calls = _raw_calls(timed.record)
+    for _ in range(args.warmup + args.exchange_repeat):
+        replay.append(max(mpi.allgather(_raw_exchange(mpi, calls))))
     moved = sum(int(sc.sum()) * tail * np.dtype(dt).itemsize
                 for dt, tail, sc, _, _ in timed.record)
-    del stepper
+    del stepper, raw_stepper
 
     st, so = stats(times), stats(solo_times)
     o50, r50 = float(np.median(ours)), float(np.median(raw))
@@ -190,6 +239,8 @@ def _run_dim(args, comm, dim, batches):
         "phases": {k: phases[k] for k in PHASES},
         "exchange_ours_s": o50, "exchange_raw_s": r50, "exchange_ratio": pair_ex,
         "exchange_ratio_p50s": r50 / o50,
+        "exchange_replay_s": float(np.median(replay[args.warmup:])),
+        "exchange_ratio_replay": float(np.median(replay[args.warmup:])) / o50,
         "exchange_ratio_min": min(raw) / min(ours),
         "exchange_bytes_sent_rank0": moved, "table_rows_total": table_rows,
     }
@@ -221,11 +272,12 @@ def main(argv=None):
               f"{_openmp.get_num_threads()} thread(s), {args.optimizer}")
         print("# weak ratio, raw/ours: median over back-to-back pairs; (min): of the fastest")
         print_table(["dim", "step p50 ms", "samples/s/rank", "alone ms", "weak ratio",
-                     "(min)", "a2a ours ms", "a2a raw ms", "raw/ours", "(min)"],
+                     "(min)", "a2a ours ms", "a2a raw ms", "raw/ours", "(min)", "replay ms"],
                     [[r["dim"], r["step"]["p50"] * 1e3, r["samples_per_s_per_rank"],
                       r["step_alone"]["p50"] * 1e3, r["weak_ratio"], r["weak_ratio_min"],
                       r["exchange_ours_s"] * 1e3, r["exchange_raw_s"] * 1e3,
-                      r["exchange_ratio"], r["exchange_ratio_min"]] for r in results])
+                      r["exchange_ratio"], r["exchange_ratio_min"],
+                      r["exchange_replay_s"] * 1e3] for r in results])
         print("# phases, ms per step (max over ranks)")
         names = list(results[0]["phases"])
         print_table(["dim", *names],

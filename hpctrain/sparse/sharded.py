@@ -8,9 +8,10 @@ one gradient ``Alltoallv`` per backward (see docs/sharded-embedding.md)::
     requester (every rank, its slice of the batch)          owner (every rank)
     dedup per table ─> route ─> bucket by owner
     counts [P, T] ── Alltoall ──────────────────────────>  counts [P, T]
-    ids (peer, table, id) ── Alltoallv ─────────────────>  ids; dedup per table across
+    ids (peer, table, id) ── Alltoallv (async) ─────────>  ids          start_lookup ends here
+                                                           dedup per table across
                                                            sources; find_or_insert; gather
-    rows (same layout) <──────────── Alltoallv (async) ──  rows
+    rows (same layout) <──────────────────── Alltoallv ──  rows
     pool per bag ─> outputs
     backward: grads per unique id ── Alltoallv ─────────>  segment sum per id in source-rank
                                                            order; optimizer once per id

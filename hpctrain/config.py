@@ -131,6 +131,13 @@ class MultiValuedColumn:
 
 
 @dataclass
+class CrossedColumn:
+    """A sparse feature whose id hashes the ids of several categorical columns."""
+    name: str
+    columns: list
+
+
+@dataclass
 class SchemaConfig:
     """Column roles of a generic CSV/TSV file."""
     label: str
@@ -142,12 +149,14 @@ class SchemaConfig:
     dense: list = field(default_factory=list)
     categorical: list = field(default_factory=list)
     multi_valued: list = field(default_factory=list)
+    crossed: list = field(default_factory=list)
     ignore: list = field(default_factory=list)
     strip: bool = True
 
     def feature_names(self):
-        """Sparse feature names in batch order: categorical columns, then multi-valued ones."""
-        return list(self.categorical) + [c.name for c in self.multi_valued]
+        """Sparse feature names in batch order: categorical, multi-valued, then crossed."""
+        return list(self.categorical) + [c.name for c in self.multi_valued] + \
+            [c.name for c in self.crossed]
 
 
 @dataclass
@@ -600,6 +609,17 @@ def _schema(n):
                                        f"got {col.separator!r}")
         m.finish()
         s.multi_valued.append(col)
+    for i, c in enumerate(n.nodes("crossed")):
+        col = CrossedColumn(c.string("name"), c.strings("columns", nonempty=True))
+        if len(col.columns) < 2:
+            raise c.error("columns", f"a cross needs at least 2 columns, got {col.columns}")
+        for j, x in enumerate(col.columns):
+            if x not in s.categorical:
+                raise c.error(f"columns[{j}]",
+                              f"{x!r} is not a categorical column (crosses combine the ids "
+                              f"of categorical columns)")
+        c.finish()
+        s.crossed.append(col)
     s.ignore = n.strings("ignore", [])
     roles = [("label", s.label)] + [("dense", c.name) for c in s.dense] + \
         [("categorical", c) for c in s.categorical] + \
@@ -609,6 +629,9 @@ def _schema(n):
         if col in seen:
             raise n.error(role, f"column {col!r} is already listed under {seen[col]}")
         seen[col] = role
+    for c in s.crossed:
+        if c.name in seen or [x.name for x in s.crossed].count(c.name) > 1:
+            raise n.error("crossed", f"feature name {c.name!r} is already a column or a cross")
     if s.columns is not None:
         for role, col in roles:
             if col not in s.columns:

@@ -174,6 +174,12 @@ CSV_ERRORS = [
     ("data.schema.multi_valued", [{"name": "m", "separator": ","}],
      "data.schema.multi_valued[0].separator: expected one character other than the delimiter"),
     ("data.schema.lable", "y", "data.schema.lable: unknown key; did you mean 'label'?"),
+    ("data.schema.crossed", [{"name": "x", "columns": ["C1"]}],
+     "data.schema.crossed[0].columns: a cross needs at least 2 columns"),
+    ("data.schema.crossed", [{"name": "x", "columns": ["C1", "d"]}],
+     "data.schema.crossed[0].columns[1]: 'd' is not a categorical column"),
+    ("data.schema.crossed", [{"name": "d", "columns": ["C1", "C2"]}],
+     "data.schema.crossed: feature name 'd' is already a column or a cross"),
 ]
 
 

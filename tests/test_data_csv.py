@@ -240,3 +240,21 @@ def test_rows_take_and_concat_match_per_sample_lists():
     assert as_list(cat) == as_list(a) + as_list(b)
     order = rng.permutation(12)
     assert as_list(cat.take(order)) == [as_list(cat)[i] for i in order]
+
+
+def test_crossed_features(tmp_path):
+    from hpctrain.data.hashing import hash_cross
+    rows = random_rows(25, seed=12)
+    write(tmp_path / "d.csv", rows)
+    cross = {"crossed": [{"name": "city_x_country", "columns": ["city", "country"]}]}
+    data = {"format": "csv", "schema": dict(SCHEMA, **cross), "train": {"paths": [
+        str(tmp_path / "d.csv")]}}
+    cfg = data_config(data, ["city", "country", "tags", "city_x_country"])
+    with make_reader(cfg, "train", 0, 1, 10, 0, epochs=1, drop_last=False) as r:
+        batches = list(r)
+    assert batches[0].features == ("city", "country", "tags", "city_x_country")
+    got = [s for b in batches for s in samples(b)]
+    for s, row in zip(got, rows):
+        city, country = hash_string("city", row[6]), hash_string("country", row[8])
+        assert s[2][3] == (hash_cross("city_x_country", [city, country]),)
+    assert got[0][2][3][0] != hash_cross("city_x_country", [got[0][2][1][0], got[0][2][0][0]])

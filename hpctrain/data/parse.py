@@ -16,7 +16,7 @@ import numpy as np
 
 from hpctrain._kernels.data_parse import parse_lines
 from hpctrain.data.batch import Rows
-from hpctrain.data.hashing import column_seed, hash_string
+from hpctrain.data.hashing import column_seed, hash_cross_arrays, hash_string
 from hpctrain.errors import DataError
 
 # Column roles and line status codes of kernels/data_parse.pyx.
@@ -42,9 +42,14 @@ class LineParser:
     """
 
     def __init__(self, columns, roles, slots, delim, strip, features, dense_names,
-                 transforms, seps=None, missing_id=0, label_positive=None, label_negative=None):
+                 transforms, seps=None, missing_id=0, label_positive=None, label_negative=None,
+                 crossed=()):
         self.columns = list(columns)
-        self.features, self.dense_names = tuple(features), tuple(dense_names)
+        # the kernel fills `features`; crosses (name, [feature index, ...]) follow them
+        self.crossed = [(name, list(idx)) for name, idx in crossed]
+        self.kernel_features = tuple(features)
+        self.features = self.kernel_features + tuple(name for name, _ in self.crossed)
+        self.dense_names = tuple(dense_names)
         self.transforms = list(transforms)
         self.roles = np.asarray(roles, dtype=np.int32)
         self.slots = np.asarray(slots, dtype=np.int32)
@@ -80,7 +85,7 @@ class LineParser:
         """The parser of a CSV/TSV ``SchemaConfig`` whose file columns are ``columns``."""
         role = {schema.label: (R_LABEL_HASH if schema.label_positive else R_LABEL, 0)}
         role.update({c.name: (R_DENSE_FLOAT, i) for i, c in enumerate(schema.dense)})
-        feats = schema.feature_names()
+        feats = list(schema.categorical) + [c.name for c in schema.multi_valued]
         role.update({c: (R_CAT_HASH, feats.index(c)) for c in schema.categorical})
         role.update({c.name: (R_MULTI_HASH, feats.index(c.name)) for c in schema.multi_valued})
         seps = {c.name: c.separator for c in schema.multi_valued}
@@ -89,7 +94,9 @@ class LineParser:
                    schema.strip, feats, [c.name for c in schema.dense],
                    [c.transform for c in schema.dense],
                    seps=[seps.get(c, ",") for c in columns],
-                   label_positive=schema.label_positive, label_negative=schema.label_negative)
+                   label_positive=schema.label_positive, label_negative=schema.label_negative,
+                   crossed=[(c.name, [feats.index(x) for x in c.columns])
+                            for c in schema.crossed])
 
     def set_stats(self, mean, std):
         """Standardisation statistics for the dense columns (NaN: not standardised)."""
@@ -100,7 +107,7 @@ class LineParser:
         for every line (bad lines have status != 0 and no ids)."""
         starts = np.ascontiguousarray(starts, dtype=np.int64)
         ends = np.ascontiguousarray(ends, dtype=np.int64)
-        n, nf = starts.shape[0], len(self.features)
+        n, nf = starts.shape[0], len(self.kernel_features)
         cap = n * self.num_single
         if self.has_multi:
             cap += int((ends - starts).sum()) + n * nf
@@ -133,6 +140,14 @@ class LineParser:
             ids = ids[np.repeat(good, lengths.sum(axis=1))]
             labels, dense, lengths = labels[good], dense[good], lengths[good]
         rows = Rows.from_sample_major(labels, self.transform(dense), ids, lengths, self.bag_order)
+        if self.crossed:
+            # crossed columns are one-hot categoricals, which come first: feature f's ids
+            # are values[f * n:(f + 1) * n]
+            n = len(rows)
+            crosses = [hash_cross_arrays(name, [rows.values[f * n:(f + 1) * n] for f in idx])
+                       for name, idx in self.crossed]
+            rows = Rows(rows.labels, rows.dense, np.concatenate([rows.values] + crosses),
+                        np.vstack([rows.lengths, np.ones((len(crosses), n), dtype=np.int64)]))
         return rows, status, err_col
 
     def transform(self, dense):

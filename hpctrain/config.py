@@ -116,7 +116,7 @@ class SplitConfig:
 
 @dataclass
 class DenseColumn:
-    """A dense CSV column: transform "none" | "log1p" | "standardize" (mean/std None: from train)."""
+    """A dense CSV column: transform "none" | "log1p" | "standardize" (mean/std None: train's)."""
     name: str
     transform: str = "none"
     mean: float = None
@@ -503,7 +503,8 @@ def _table(n):
         a.finish()
     e = n.node("eviction")
     if e is not None:
-        eviction = {"ttl": e.integer("ttl", None, lo=1), "max_rows": e.integer("max_rows", None, lo=1)}
+        eviction = {"ttl": e.integer("ttl", None, lo=1),
+                    "max_rows": e.integer("max_rows", None, lo=1)}
         e.finish()
     t = TableConfig(name=name, features=features, dim=dim, optimizer=optimizer,
                     admission=admission, eviction=eviction,
@@ -591,7 +592,8 @@ def _schema(n):
             raise n.error("dense", f"entry {i}: expected a column name or a table "
                                    f"{{name, transform, mean, std}}, got {d!r}")
         c = _Node(d, f"{n.key('dense')}[{i}]", n.source)
-        col = DenseColumn(c.string("name"), c.string("transform", default_tf, choices=DENSE_TRANSFORMS),
+        col = DenseColumn(c.string("name"),
+                          c.string("transform", default_tf, choices=DENSE_TRANSFORMS),
                           c.number("mean", None), c.number("std", None, lo=0.0, lo_incl=False))
         if (col.mean is not None or col.std is not None) and col.transform != "standardize":
             raise c.error("mean" if col.mean is not None else "std",
@@ -800,7 +802,8 @@ def parse_config_dict(d, source):
     e = root.node("eval")
     out["eval"] = EvalConfig()
     if e is not None:
-        out["eval"] = EvalConfig(e.integer("interval", 0, lo=0), e.integer("global_batch", None, lo=1),
+        out["eval"] = EvalConfig(e.integer("interval", 0, lo=0),
+                                 e.integer("global_batch", None, lo=1),
                                  e.boolean("at_end", True))
         e.finish()
         if data.eval is None:

@@ -17,7 +17,6 @@ import numpy as np
 from hpctrain._kernels.data_parse import parse_lines
 from hpctrain.data.batch import Rows
 from hpctrain.data.hashing import column_seed, hash_cross_arrays, hash_string
-from hpctrain.errors import DataError
 
 # Column roles and line status codes of kernels/data_parse.pyx.
 R_IGNORE, R_LABEL, R_LABEL_HASH, R_DENSE_FLOAT, R_DENSE_INT, R_CAT_HASH, R_CAT_HEX, \
@@ -176,11 +175,3 @@ class LineParser:
                 S_LABEL: "bad label"}.get(status, f"status {status}")
         return f"{what} {value!r} in column {self.columns[col]!r}"
 
-
-def check_header(parser_columns, header, path, delim, strip):
-    """Columns named by a header line; DataError if they differ from ``parser_columns``."""
-    names = header.rstrip("\r\n").split(delim)
-    names = [n.strip() for n in names] if strip else names
-    if parser_columns is not None and names != list(parser_columns):
-        raise DataError(f"{path}:1: header {names} does not match the columns {parser_columns}")
-    return names

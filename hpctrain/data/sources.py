@@ -112,7 +112,8 @@ def dense_stats(data_cfg):
         return hit
     mean = np.array([np.nan if c.mean is None else c.mean for c in schema.dense])
     std = np.array([np.nan if c.std is None else c.std for c in schema.dense])
-    todo = [j for j, c in enumerate(schema.dense) if c.transform == "standardize" and c.mean is None]
+    todo = [j for j, c in enumerate(schema.dense)
+            if c.transform == "standardize" and c.mean is None]
     if todo:
         files = TextFiles(paths, schema.header, "data.train.paths")
         try:

@@ -114,7 +114,8 @@ class SyntheticDataset:
 
     def planted_weight(self, f, ids):
         """``u_f(id)`` of the planted model for feature index ``f``."""
-        h = mix_add(np.uint64(self.weight_keys[f]), np.asarray(ids, dtype=np.int64).astype(np.uint64))
+        ids = np.asarray(ids, dtype=np.int64).astype(np.uint64)
+        h = mix_add(np.uint64(self.weight_keys[f]), ids)
         return (2.0 * unit(h) - 1.0) * math.sqrt(3.0)
 
     def planted_logits(self, rows):

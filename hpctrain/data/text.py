@@ -177,7 +177,7 @@ class TextFiles:
         return np.concatenate(starts), np.concatenate(ends)
 
     def index(self):
-        """Every data line: ``(file_of_line int32, starts, ends, first line index of each file)``."""
+        """Every data line: ``(file_of_line, starts, ends, first line index of each file)``."""
         files, starts, ends, first, n = [], [], [], [], 0
         for f in range(len(self.bufs)):
             s, e = self.file_lines(f)

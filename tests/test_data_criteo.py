@@ -180,3 +180,17 @@ def test_epochs_repeat_the_data(tmp_path):
     got, _ = read_all(criteo_cfg([tmp_path / "a.tsv"]), G=16, epochs=3, drop_last=True)
     ref = ref_criteo(lines)[:48]
     same_samples(got, ref * 3)
+
+
+def test_count_lines_matches_numpy():
+    from hpctrain._kernels.data_parse import count_lines
+    rng = np.random.default_rng(13)
+    buf = rng.choice(np.frombuffer(b"ab\t\n", dtype=np.uint8), size=5000)
+    ref = np.flatnonzero(buf == 10)
+    for start, stop, cap in [(0, 5000, 10000), (17, 4000, 10000), (0, 5000, 7), (0, 0, 3)]:
+        ends = np.empty(cap, dtype=np.int64)
+        n = count_lines(buf, start, stop, ends)
+        want = ref[(ref >= start) & (ref < stop)][:cap]
+        assert ends[:n].tolist() == want.tolist()
+    with pytest.raises(ValueError, match="bad range"):
+        count_lines(buf, 10, 6000, np.empty(1, dtype=np.int64))

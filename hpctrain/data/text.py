@@ -3,7 +3,7 @@
 Files are memory-mapped. Without shuffling, a split is read as a stream: every
 rank finds the line boundaries of each window of ``global_batch`` lines (a
 ``memchr`` scan, no parsing) and parses only its own slice, so nothing grows
-with the file size. With shuffling, a line index (16 bytes per line) gives
+with the file size. With shuffling, a line index (20 bytes per line) gives
 random access to any sample.
 
 A position in a stream is ``(file, offset, line)``: the file number, the byte
@@ -273,7 +273,7 @@ class TextDataset:
 
     # ----------------------------------------------------------------- random access
     def build_index(self):
-        """Index every line so that ``fetch`` reads any sample (16 bytes per line)."""
+        """Index every line so that ``fetch`` reads any sample (20 bytes per line)."""
         files, starts, ends, first = self.files.index()
         total = starts.shape[0]
         lo, hi = (0, total) if self.rows is None else self.rows

@@ -186,7 +186,7 @@ def _have_trainer():
     return importlib.util.find_spec("hpctrain.train.loop") is not None
 
 
-def _train_config(path, steps, eval_at_end=False):
+def _train_config(path, steps, eval_at_end=True):
     """A small synthetic DLRM run writing checkpoints and metrics beside ``path``."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import trainer_configs
@@ -203,10 +203,14 @@ def _final_line(text):
     return lines[-1] if lines else None
 
 
-def _last_metrics(path):
+def _metrics(path):
+    """(last training record, last eval record or None) of a metrics JSON-lines file."""
     import json
     with open(path) as f:
-        return [json.loads(ln) for ln in f if ln.strip()][-1]
+        recs = [json.loads(ln) for ln in f if ln.strip()]
+    train = [r for r in recs if "loss" in r]
+    evals = [r for r in recs if "eval" in r]
+    return train[-1], (evals[-1] if evals else None)
 
 
 @pytest.mark.skipif(not _have_trainer(), reason="hpctrain train not available yet")
@@ -222,7 +226,9 @@ def test_train_sbatch_runs_to_completion(slurm, tmp_path):
     assert re.search(r"world size\s+2 on 1 host", text), text           # the pre-flight
     assert "hpctrain: done at step 40" in _final_line(text), text
     assert (tmp_path / "ckpt" / "step-00000040").is_dir(), os.listdir(tmp_path / "ckpt")
-    assert _last_metrics(tmp_path / "metrics.jsonl")["world_size"] == 2
+    last, ev = _metrics(tmp_path / "metrics.jsonl")
+    assert last["world_size"] == 2 and last["step"] == 40
+    assert ev is not None and 0.0 <= ev["eval"]["auc"] <= 1.0
     assert info["Restarts"] == "0"
 
 
@@ -260,6 +266,7 @@ def test_preempted_job_requeues_and_resumes_to_same_result(slurm, tmp_path):
     from mpirun import run_mpi
     ref = run_mpi(2, ["-m", "hpctrain", "train", "run.toml"], timeout=300, cwd=str(ref_dir)).stdout
     assert _final_line(ref) == _final_line(text), (ref[-2000:], text[-2000:])
-    got, want = _last_metrics(metrics), _last_metrics(ref_dir / "metrics.jsonl")
+    (got, got_ev), (want, want_ev) = _metrics(metrics), _metrics(ref_dir / "metrics.jsonl")
     assert got["step"] == want["step"] == steps
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-6, abs=1e-9)
+    assert got_ev["eval"] == pytest.approx(want_ev["eval"], rel=1e-6, abs=1e-9)

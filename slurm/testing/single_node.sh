@@ -73,10 +73,14 @@ install_packages() {
 }
 
 write_conf() {
-  local node=$1 cpus=$2 mem=$3
+  local node=$1 cpus=$2 mem=$3 first_job_id=$4
   cat <<EOF
 # one-node Slurm written by slurm/testing/single_node.sh; rewritten on every start
 ClusterName=hpctrain-test
+# Job ids start at a random number per state directory: MPICH names its shared-memory segment
+# after the PMI job id (job.step), and a segment left in /dev/shm by a killed job of an earlier
+# test Slurm (whose ids also started at 1) would otherwise be attached by a new job 1.
+FirstJobId=${first_job_id}
 SlurmctldHost=${node}
 SlurmUser=root
 SlurmdUser=root
@@ -154,7 +158,8 @@ cmd_start() {
   chmod 0755 "$DIR"
   start_munge
 
-  local new; new=$(write_conf "$node" "$cpus" "$mem")
+  [ -s "$DIR/first_job_id" ] || echo $(( (RANDOM * 32768 + RANDOM) % 60000000 + 1000 )) >"$DIR/first_job_id"
+  local new; new=$(write_conf "$node" "$cpus" "$mem" "$(cat "$DIR/first_job_id")")
   if [ ! -f "$CONF" ] || [ "$(cat "$CONF")" != "$new" ]; then
     local pf
     for pf in "$DIR/run/slurmd.pid" "$DIR/run/slurmctld.pid"; do

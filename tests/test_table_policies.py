@@ -97,6 +97,22 @@ def test_ttl_eviction_reuses_rows_and_reinitialises():
     t._core.check_invariants()
 
 
+def test_stale_index_of_an_evicted_row_is_caught():
+    t = EmbeddingTable("stale", 2, "sgd", eviction=Eviction(ttl=0), debug=True)
+    rows = t.find_or_insert(np.arange(3, dtype=np.int64), 0)
+    assert t.evict(1) == 3
+    with pytest.raises(IndexError, match="stale.*freed row"):
+        t.gather(rows)
+    with pytest.raises(IndexError, match="stale.*freed row"):
+        t.apply_gradients(rows, np.zeros((3, 2), np.float32), 1)
+    t2 = EmbeddingTable("lax", 2, "sgd", eviction=Eviction(ttl=0))
+    rows = t2.find_or_insert(np.arange(3, dtype=np.int64), 0)
+    t2.evict(1)
+    t2.gather(rows)  # outside debug mode a stale row reads stale values, safely
+    with pytest.raises(IndexError, match="lax.*freed row"):
+        t2.apply_gradients(rows, np.zeros((3, 2), np.float32), 1)  # but is never written
+
+
 def test_lfu_cap_evicts_least_frequently_used():
     t = EmbeddingTable("t", 2, "sgd", eviction=Eviction(max_rows=4))
     keys = np.arange(8, dtype=np.int64)

@@ -12,7 +12,8 @@ Measured, in ids per second (p50 of ``--repeat`` calls):
   find_or_insert warm   the batch's unique keys, into the warm table
   find_or_insert cold   the batch's unique keys, into a new, empty table
   step <optimizer>      full embedding step: unique ids -> find_or_insert -> gather (one-hot
-                        bags) -> pooled backward (segment sum per unique id) -> fused update
+                        bags) -> pooled backward (segment sum per unique id) -> fused update;
+                        one warm table per optimizer, its steps timed back to back
 Baselines in the same run: ``np.take`` of the same rows with precomputed indices (the
 memory-bandwidth ceiling) and a Python dict lookup. Goals: lookup+gather >= 0.7x np.take;
 full step at dim 64 with Adagrad >= 3 M ids/s. Bytes per stored row are reported with
@@ -129,25 +130,26 @@ def bench_dim(dim, args, warm, timed, kinds):
     src_off = np.arange(n_ids, dtype=np.int64) * dim
     d_out = np.random.default_rng(dim).standard_normal((n_ids, dim)).astype(np.float32) * 1e-3
     d_flat = d_out.ravel()
+    # one warm table per optimizer, its steps timed back to back as in a training loop
     for kind in kinds:
-        t = EmbeddingTable("bench", dim, kind, seed=1)
+        table = EmbeddingTable("bench", dim, kind, seed=1)
         for s, ids in enumerate(warm):
-            t.find_or_insert(unique_inverse(ids)[0], s)
+            table.find_or_insert(unique_inverse(ids)[0], s)
         state = {"step": step0}
 
         def step(i):
             s = state["step"] = state["step"] + 1
             u, inv = unique_inverse(timed[i])
-            r = t.find_or_insert(u, s)
-            t.gather(r[inv], out=buf)                                    # forward (one-hot bags)
+            r = table.find_or_insert(u, s)
+            table.gather(r[inv], out=buf)                                # forward (one-hot bags)
             g = segment_sum(d_flat, src_off, dim, inv, len(u))           # pooled backward
-            t.apply_gradients(r, g, s)                                   # fused update
+            table.apply_gradients(r, g, s)                               # fused update
 
         goal = GOAL_STEP_ADAGRAD_64 if (kind == "adagrad" and dim == 64) else None
         rec(f"step {kind}", n_ids, common.time_fn(Cycle(step, nb), w, rp), take["ids_per_s"],
             goal, goal_on="rate")
-        mem[kind] = t.memory_stats()
-        del t
+        mem[kind] = table.memory_stats()
+        del table
     return records, mem
 
 

@@ -68,10 +68,10 @@ cdef inline int64_t _lookup(const ht_slot* idx, int64_t cap, int64_t key) noexce
     """Row of key, or -1. The index is never full, so the probe ends at an empty slot."""
     cdef int64_t p = ht_fastrange(ht_index_hash(key), cap)
     while True:
-        if idx[p].row < 0:
+        if idx[p].row1 == 0:
             return -1
         if idx[p].key == key:
-            return idx[p].row
+            return <int64_t>idx[p].row1 - 1
         p += 1
         if p == cap:
             p = 0
@@ -80,7 +80,7 @@ cdef inline int64_t _lookup(const ht_slot* idx, int64_t cap, int64_t key) noexce
 cdef inline int64_t _probe(const ht_slot* idx, int64_t cap, int64_t key) noexcept nogil:
     """Slot holding key, or the empty slot where it belongs."""
     cdef int64_t p = ht_fastrange(ht_index_hash(key), cap)
-    while idx[p].row >= 0 and idx[p].key != key:
+    while idx[p].row1 != 0 and idx[p].key != key:
         p += 1
         if p == cap:
             p = 0
@@ -189,7 +189,6 @@ cdef class TableCore:
         self.index = <ht_slot*>ht_alloc(self.index_cap * sizeof(ht_slot))
         if self.index == NULL:
             raise MemoryError(f"cannot allocate a {self.index_cap}-slot hash index")
-        memset(self.index, 0xFF, self.index_cap * sizeof(ht_slot))
         self.index_grow_at = <int64_t>(self.index_cap * MAX_LOAD)
         if self._grow_rows(capacity) != 0:
             raise MemoryError(f"cannot allocate {capacity} rows of dim {dim}")
@@ -199,13 +198,11 @@ cdef class TableCore:
             self.bloom = <uint8_t*>ht_alloc(bloom_size)
             if self.bloom == NULL:
                 raise MemoryError(f"cannot allocate a {bloom_size}-counter Bloom filter")
-            memset(self.bloom, 0, bloom_size)
         elif self.adm_kind == ADM_EXACT:
             self.counter_cap = 1024
             self.counters = <ht_cslot*>ht_alloc(self.counter_cap * sizeof(ht_cslot))
             if self.counters == NULL:
                 raise MemoryError("cannot allocate the admission counter map")
-            memset(self.counters, 0, self.counter_cap * sizeof(ht_cslot))
 
     def __dealloc__(self):
         cdef int64_t rc = self.row_cap
@@ -226,10 +223,9 @@ cdef class TableCore:
         cdef int64_t i, p, used = 0
         if ni == NULL:
             return -1
-        memset(ni, 0xFF, new_cap * sizeof(ht_slot))
         for i in range(self.index_cap):
             # rehash drops the entries of rows freed since the last rebuild (last_step -1)
-            if self.index[i].row >= 0 and self.meta[self.index[i].row].last_step >= 0:
+            if self.index[i].row1 != 0 and self.meta[self.index[i].row1 - 1].last_step >= 0:
                 p = _probe(ni, new_cap, self.index[i].key)
                 ni[p] = self.index[i]
                 used += 1
@@ -268,7 +264,12 @@ cdef class TableCore:
             p = ht_realloc(ptrs[k][0], old * width[k], new_cap * width[k])
             if p == NULL:
                 for k2 in range(k):  # give back what was already grown
-                    if width[k2] != 0 and old > 0:
+                    if width[k2] == 0:
+                        continue
+                    if old == 0:
+                        ht_free(ptrs[k2][0], new_cap * width[k2])
+                        ptrs[k2][0] = NULL
+                    else:
                         p = ht_realloc(ptrs[k2][0], new_cap * width[k2], old * width[k2])
                         if p != NULL:
                             ptrs[k2][0] = p
@@ -342,7 +343,6 @@ cdef class TableCore:
         cdef ht_cslot* nt = <ht_cslot*>ht_alloc(nc * sizeof(ht_cslot))
         if nt == NULL:
             return -1
-        memset(nt, 0, nc * sizeof(ht_cslot))
         for i in range(self.counter_cap):
             if self.counters[i].count != 0:
                 p = cmap_probe(nt, nc, self.counters[i].key)
@@ -403,8 +403,8 @@ cdef class TableCore:
                 continue
             key = keys[i]
             p = _probe(self.index, self.index_cap, key)
-            if self.index[p].row >= 0:  # a repeat of a key inserted earlier in this batch
-                r = self.index[p].row
+            if self.index[p].row1 != 0:  # a repeat of a key inserted earlier in this batch
+                r = <int64_t>self.index[p].row1 - 1
                 self.meta[r].access += 1
                 out[i] = r
                 continue
@@ -425,7 +425,7 @@ cdef class TableCore:
                 status[0] = -1
                 break
             self.index[p].key = key
-            self.index[p].row = <int32_t>r
+            self.index[p].row1 = <uint32_t>(r + 1)
             self.index_used += 1
             self.n_live += 1
             self.meta[r].access = 1
@@ -620,7 +620,7 @@ cdef class TableCore:
         cdef int64_t[::1] o = out
         cdef int64_t i, r
         for i in range(self.index_cap):
-            r = self.index[i].row
+            r = <int64_t>self.index[i].row1 - 1
             if r >= 0 and self.meta[r].last_step >= 0:
                 o[r] = self.index[i].key
         return out
@@ -709,12 +709,12 @@ cdef class TableCore:
             raise MemoryError(f"cannot make room for {m} imported rows")
         for i in range(m):
             p = _probe(self.index, self.index_cap, keys[i])
-            if self.index[p].row >= 0:
-                o[i] = self.index[p].row
+            if self.index[p].row1 != 0:
+                o[i] = <int64_t>self.index[p].row1 - 1
                 continue
             r = self._alloc_row()
             self.index[p].key = keys[i]
-            self.index[p].row = <int32_t>r
+            self.index[p].row1 = <uint32_t>(r + 1)
             self.index_used += 1
             self.n_live += 1
             self.meta[r].access = 0
@@ -771,7 +771,7 @@ cdef class TableCore:
         seen = np.zeros(self.row_high, dtype=np.uint8)
         cdef uint8_t[::1] sv = seen
         for i in range(self.index_cap):
-            r = self.index[i].row
+            r = <int64_t>self.index[i].row1 - 1
             if r >= 0:
                 used += 1
                 if r >= self.row_high:

@@ -3,8 +3,9 @@
 
 Memory layout of one table shard (``R`` = row capacity, ``S`` = index slots)::
 
-    index   ht_slot[S]        packed {int64 key; int32 row}, row == -1 marks an empty slot,
-                              so every one of the 2^64 keys is a valid key (no sentinel key)
+    index   ht_slot[S]        packed {int64 key; uint32 row + 1}; 0 in the row field marks an
+                              empty slot, so every one of the 2^64 keys is a valid key (no
+                              sentinel key) and freshly mapped (zero) memory is an empty index
     values  float32[R, dim]   embedding rows, densely packed: row ids are handed out from
                               0 upwards and freed rows are reused through ``free_rows``
     slot0   float32[R, w0]    first optimizer state (w0 = dim, or 1 for row-wise Adagrad)
@@ -23,7 +24,7 @@ cdef extern from *:
     #include <stdint.h>
     #include <math.h>
 
-    typedef struct __attribute__((packed)) { int64_t key; int32_t row; } ht_slot;
+    typedef struct __attribute__((packed)) { int64_t key; uint32_t row1; } ht_slot;
     typedef struct __attribute__((packed)) { int64_t key; uint32_t count; } ht_cslot;
     typedef struct { int64_t access; int64_t last_step; } ht_meta;
 
@@ -58,7 +59,9 @@ cdef extern from *:
 
     /* Row arrays and the index live in their own anonymous mappings: page-aligned (a row of
        16 floats is one cache line), growable without copying (mremap), and eligible for
-       transparent huge pages, which matter for random access into big tables. */
+       transparent huge pages, which matter for random access into big tables. Memory comes
+       back zero-filled (an empty index, an empty Bloom filter) and untouched pages cost
+       nothing, so a large initial capacity is not paid for until it is used. */
     #if defined(__linux__)
     #include <sys/mman.h>
     #define HT_ROW_GROWTH_DIV 32   /* growth remaps pages, it never copies: grow in small steps */
@@ -103,7 +106,7 @@ cdef extern from *:
     """
     ctypedef struct ht_slot:
         int64_t key
-        int32_t row
+        uint32_t row1
     ctypedef struct ht_cslot:
         int64_t key
         uint32_t count

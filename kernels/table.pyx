@@ -5,6 +5,9 @@ The layout is drawn in table.pxd. Every batched method takes whole NumPy batches
 memoryviews, releases the GIL and runs ``prange`` loops with the thread count the caller
 passes (``hpctrain._kernels._openmp.get_num_threads()``).
 
+Loops use guided scheduling: on a shared machine a thread that starts late still finds
+work left, instead of the others waiting for its fixed half.
+
 Determinism: ``find``, ``gather`` and ``apply`` touch each row independently. ``find_or_insert``
 probes every key in parallel, then inserts the missing keys serially in batch order (so row
 ids and admission counts do not depend on the thread count), then initialises the new rows
@@ -326,7 +329,7 @@ cdef class TableCore:
         cdef bint normal = self.init_normal
         cdef double scale = self.init_scale
         cdef float init0 = self.init0, init1 = self.init1
-        for j in prange(m, num_threads=nt, schedule='static'):
+        for j in prange(m, num_threads=nt, schedule='guided', chunksize=512):
             r = rows[j]
             init_values(values + r * dim, dim, tkey, keys[j], normal, scale)
             if w0 > 0:
@@ -388,7 +391,7 @@ cdef class TableCore:
         if n < _par_min:
             nt = 1
         with nogil:
-            for i in prange(n, num_threads=nt, schedule='static'):
+            for i in prange(n, num_threads=nt, schedule='guided', chunksize=512):
                 if i + PF < n:
                     ht_prefetch(&idx[ht_fastrange(ht_index_hash(k[i + PF]), cap)])
                 o[i] = _lookup(idx, cap, k[i])
@@ -452,7 +455,7 @@ cdef class TableCore:
         if n < _par_min:
             nt = 1
         with nogil:
-            for i in prange(n, num_threads=nt, schedule='static'):
+            for i in prange(n, num_threads=nt, schedule='guided', chunksize=512):
                 if i + PF < n:
                     ht_prefetch(&idx[ht_fastrange(ht_index_hash(k[i + PF]), cap)])
                 r = _lookup(idx, cap, k[i])
@@ -460,7 +463,7 @@ cdef class TableCore:
                 if r >= 0:
                     n_found += 1
             if n_found > 0:
-                for i in prange(n, num_threads=nt, schedule='static'):
+                for i in prange(n, num_threads=nt, schedule='guided', chunksize=512):
                     if i + PF < n and o[i + PF] >= 0:
                         ht_prefetch_w(&meta[o[i + PF]])
                     r = o[i]
@@ -501,7 +504,7 @@ cdef class TableCore:
         if n < _par_min:
             nt = 1
         with nogil:
-            for i in prange(n, num_threads=nt, schedule='static'):
+            for i in prange(n, num_threads=nt, schedule='guided', chunksize=512):
                 if i + PF < n:
                     r2 = rp[i + PF]
                     if r2 >= 0 and r2 < high:
@@ -558,7 +561,7 @@ cdef class TableCore:
             nt = 1
         with nogil:
             # validate everything first so a rejected batch changes nothing
-            for i in prange(n, num_threads=nt, schedule='static'):
+            for i in prange(n, num_threads=nt, schedule='guided', chunksize=512):
                 if i + PF < n:
                     r2 = rp[i + PF]
                     if r2 >= 0 and r2 < high:
@@ -569,7 +572,7 @@ cdef class TableCore:
                 if _has_nonfinite(gp + i * dim, dim):
                     nnf += 1
             if nbad == 0 and nnf == 0:
-                for i in prange(n, num_threads=nt, schedule='static'):
+                for i in prange(n, num_threads=nt, schedule='guided', chunksize=512):
                     if i + PF_UPDATE < n:
                         r2 = rp[i + PF_UPDATE]
                         if r2 >= 0:

@@ -172,7 +172,7 @@ cdef class TableCore:
                   int64_t bloom_size, int bloom_hashes):
         if dim < 1 or w0 < 0 or w1 < 0 or capacity < 1 or capacity > MAX_ROWS:
             raise ValueError(f"TableCore: bad sizes dim={dim} w0={w0} w1={w1} capacity={capacity}")
-        if opt_kind < OPT_SGD or opt_kind > OPT_FTRL or adm_kind < ADM_NONE or adm_kind > ADM_BLOOM:
+        if not (OPT_SGD <= opt_kind <= OPT_FTRL and ADM_NONE <= adm_kind <= ADM_BLOOM):
             raise ValueError(f"TableCore: bad optimizer {opt_kind} or admission {adm_kind} code")
         self.dim = dim
         self.opt_kind = opt_kind
@@ -243,7 +243,8 @@ cdef class TableCore:
         cdef int64_t need = self.index_used + n_more
         if need <= self.index_grow_at:
             return 0
-        return self._rehash(max(self.index_cap + self.index_cap // 4, <int64_t>(need / MAX_LOAD) + 1))
+        return self._rehash(max(self.index_cap + self.index_cap // 4,
+                                <int64_t>(need / MAX_LOAD) + 1))
 
     cdef int _grow_rows(self, int64_t new_cap) noexcept nogil:
         cdef int64_t old = self.row_cap
@@ -288,7 +289,8 @@ cdef class TableCore:
         need = self.row_high + n_more - self.n_free
         if need > MAX_ROWS:
             return -1
-        return self._grow_rows(min(MAX_ROWS, max(need, self.row_cap + self.row_cap // HT_ROW_GROWTH_DIV)))
+        return self._grow_rows(min(MAX_ROWS,
+                                   max(need, self.row_cap + self.row_cap // HT_ROW_GROWTH_DIV)))
 
     cdef int64_t _alloc_row(self) noexcept nogil:
         cdef int64_t r
@@ -298,7 +300,8 @@ cdef class TableCore:
         if self.row_high == self.row_cap:
             if self.row_cap >= MAX_ROWS:
                 return -1
-            if self._grow_rows(min(MAX_ROWS, self.row_cap + max(self.row_cap // HT_ROW_GROWTH_DIV, 64))) != 0:
+            if self._grow_rows(min(MAX_ROWS, self.row_cap
+                                   + max(self.row_cap // HT_ROW_GROWTH_DIV, 64))) != 0:
                 return -1
         r = self.row_high
         self.row_high += 1
@@ -359,7 +362,8 @@ cdef class TableCore:
         """Count one occurrence of a key not in the table: 1 admitted, 0 not yet, -1 no memory."""
         cdef int64_t p
         if self.adm_kind == ADM_BLOOM:
-            return 1 if bloom_add(self.bloom, self.bloom_size, self.bloom_hashes, key) >= self.min_count else 0
+            return bloom_add(self.bloom, self.bloom_size, self.bloom_hashes,
+                             key) >= self.min_count
         if self.counter_used + 1 > self.counter_cap * COUNTER_MAX_LOAD:
             if self._counter_grow() != 0:
                 return -1
@@ -590,9 +594,11 @@ cdef class TableCore:
                         upd_momentum(values + r * dim, slot0 + r * dim, gp + i * dim, dim, lr, mu,
                                      kind == OPT_NESTEROV, wd)
                     elif kind == OPT_ADAGRAD:
-                        upd_adagrad(values + r * dim, slot0 + r * dim, gp + i * dim, dim, lr, eps, wd)
+                        upd_adagrad(values + r * dim, slot0 + r * dim, gp + i * dim, dim, lr,
+                                    eps, wd)
                     elif kind == OPT_ROWWISE_ADAGRAD:
-                        upd_rowwise_adagrad(values + r * dim, slot0 + r, gp + i * dim, dim, lr, eps, wd)
+                        upd_rowwise_adagrad(values + r * dim, slot0 + r, gp + i * dim, dim, lr,
+                                            eps, wd)
                     elif kind == OPT_ADAM:
                         t = opt_step[r] + 1
                         opt_step[r] = t
@@ -604,194 +610,5 @@ cdef class TableCore:
                     meta[r].last_step = step
         return nbad, nnf
 
-    # ------------------------------------------------------------------ whole-table views
 
-    def live_rows(self):
-        """Stored row ids in increasing order (int64)."""
-        out = np.empty(self.n_live, dtype=np.int64)
-        cdef int64_t[::1] o = out
-        cdef int64_t r, m = 0
-        for r in range(self.row_high):
-            if self.meta[r].last_step >= 0:
-                o[m] = r
-                m += 1
-        return out
-
-    def keys_by_row(self):
-        """int64[row_high]: the key of every stored row (0 for free rows), from an index scan."""
-        out = np.zeros(self.row_high, dtype=np.int64)
-        cdef int64_t[::1] o = out
-        cdef int64_t i, r
-        for i in range(self.index_cap):
-            r = <int64_t>self.index[i].row1 - 1
-            if r >= 0 and self.meta[r].last_step >= 0:
-                o[r] = self.index[i].key
-        return out
-
-    def ttl_rows(self, int64_t step, int64_t ttl):
-        """Stored rows whose last update is more than ttl steps before step (increasing)."""
-        rows = self.live_rows()
-        cdef int64_t[::1] rv = rows
-        keep = np.zeros(rows.shape[0], dtype=np.bool_)
-        cdef uint8_t[::1] kv = keep.view(np.uint8)
-        cdef int64_t i
-        for i in range(rows.shape[0]):
-            kv[i] = step - self.meta[rv[i]].last_step > ttl
-        return rows[keep]
-
-    def meta_of(self, const int64_t[::1] rows):
-        """(access_count, last_step, opt_step) int64 arrays of the given stored rows."""
-        cdef int64_t m = rows.shape[0], i, r
-        acc = np.empty(m, dtype=np.int64)
-        last = np.empty(m, dtype=np.int64)
-        ost = np.zeros(m, dtype=np.int64)
-        cdef int64_t[::1] a = acc, l = last, s = ost
-        for i in range(m):
-            r = rows[i]
-            if r < 0 or r >= self.row_high:
-                raise IndexError(f"row {r} outside [0, {self.row_high})")
-            a[i] = self.meta[r].access
-            l[i] = self.meta[r].last_step
-            if self.opt_step != NULL:
-                s[i] = self.opt_step[r]
-        return acc, last, ost
-
-    def copy_rows(self, const int64_t[::1] rows, int which):
-        """Copy of values (which=0), slot0 (1) or slot1 (2) at the given stored rows."""
-        cdef int64_t m = rows.shape[0], i, r
-        cdef int64_t w = self.dim if which == 0 else (self.w0 if which == 1 else self.w1)
-        cdef const float* src = self.values if which == 0 else (self.slot0 if which == 1 else self.slot1)
-        out = np.empty((m, w), dtype=np.float32)
-        if m == 0 or w == 0:
-            return out
-        cdef float[:, ::1] o = out
-        for i in range(m):
-            r = rows[i]
-            if r < 0 or r >= self.row_high:
-                raise IndexError(f"row {r} outside [0, {self.row_high})")
-            memcpy(&o[i, 0], src + r * w, w * sizeof(float))
-        return out
-
-    def remove_rows(self, const int64_t[::1] rows):
-        """Free the given stored rows (given in increasing order); returns how many were freed.
-
-        Freed rows go on the free list so that the lowest row id is reused first, and the
-        index is rebuilt without them.
-        """
-        cdef int64_t m = rows.shape[0], i, r, freed = 0
-        cdef int32_t* p
-        for i in range(m):
-            r = rows[i]
-            if r < 0 or r >= self.row_high or self.meta[r].last_step < 0:
-                raise ValueError(f"row {r} is not a stored row")
-        if self.free_cap < self.n_free + m:
-            p = <int32_t*>realloc(self.free_rows, (self.n_free + m) * sizeof(int32_t))
-            if p == NULL:
-                raise MemoryError("cannot grow the free-row list")
-            self.free_rows = p
-            self.free_cap = self.n_free + m
-        for i in range(m - 1, -1, -1):
-            r = rows[i]
-            if self.meta[r].last_step < 0:
-                continue  # listed twice
-            self.meta[r].last_step = -1
-            self.meta[r].access = 0
-            self._push_free(r)
-            freed += 1
-        self.n_live -= freed
-        if freed > 0 and self._rehash(self.index_cap) != 0:
-            raise MemoryError("cannot rebuild the hash index after eviction")
-        return freed
-
-    def import_keys(self, const int64_t[::1] keys):
-        """Rows of keys (unique), inserting absent ones without admission; rows to overwrite."""
-        cdef int64_t m = keys.shape[0], i, p, r
-        out = np.empty(m, dtype=np.int64)
-        cdef int64_t[::1] o = out
-        if self._reserve_index(m) != 0 or self._reserve_rows(m) != 0:
-            raise MemoryError(f"cannot make room for {m} imported rows")
-        for i in range(m):
-            p = _probe(self.index, self.index_cap, keys[i])
-            if self.index[p].row1 != 0:
-                o[i] = <int64_t>self.index[p].row1 - 1
-                continue
-            r = self._alloc_row()
-            self.index[p].key = keys[i]
-            self.index[p].row1 = <uint32_t>(r + 1)
-            self.index_used += 1
-            self.n_live += 1
-            self.meta[r].access = 0
-            self.meta[r].last_step = 0
-            if self.opt_step != NULL:
-                self.opt_step[r] = 0
-            o[i] = r
-        return out
-
-    def write_rows(self, const int64_t[::1] rows, const float[:, ::1] values, slot0, slot1,
-                   const int64_t[::1] access, const int64_t[::1] last_step,
-                   const int64_t[::1] opt_step):
-        """Overwrite stored rows with imported values, optimizer state and metadata."""
-        cdef int64_t m = rows.shape[0], i, r
-        cdef const float[:, ::1] s0
-        cdef const float[:, ::1] s1
-        if self.w0 > 0:
-            s0 = slot0
-        if self.w1 > 0:
-            s1 = slot1
-        for i in range(m):
-            r = rows[i]
-            if r < 0 or r >= self.row_high or self.meta[r].last_step < 0:
-                raise ValueError(f"row {r} is not a stored row")
-            memcpy(self.values + r * self.dim, &values[i, 0], self.dim * sizeof(float))
-            if self.w0 > 0:
-                memcpy(self.slot0 + r * self.w0, &s0[i, 0], self.w0 * sizeof(float))
-            if self.w1 > 0:
-                memcpy(self.slot1 + r * self.w1, &s1[i, 0], self.w1 * sizeof(float))
-            self.meta[r].access = access[i]
-            self.meta[r].last_step = last_step[i]
-            if self.opt_step != NULL:
-                self.opt_step[r] = opt_step[i]
-
-    def nbytes(self):
-        """Bytes held by each part of the table."""
-        cdef int64_t rc = self.row_cap
-        return {
-            "index": self.index_cap * sizeof(ht_slot),
-            "rows": rc * (self.dim + self.w0 + self.w1) * sizeof(float),
-            "meta": rc * (sizeof(ht_meta) + (sizeof(int64_t) if self.has_opt_step else 0)),
-            "free_list": self.free_cap * sizeof(int32_t),
-            "admission": (self.bloom_size if self.adm_kind == ADM_BLOOM else 0)
-                         + self.counter_cap * sizeof(ht_cslot),
-        }
-
-    def pending_admission(self):
-        """Keys counted but not yet admitted (exact counters only; -1 for a Bloom filter)."""
-        return self.counter_used if self.adm_kind == ADM_EXACT else -1
-
-    def check_invariants(self):
-        """Raise AssertionError if the index and the row store disagree (for tests)."""
-        cdef int64_t i, r, used = 0, live = 0
-        seen = np.zeros(self.row_high, dtype=np.uint8)
-        cdef uint8_t[::1] sv = seen
-        for i in range(self.index_cap):
-            r = <int64_t>self.index[i].row1 - 1
-            if r >= 0:
-                used += 1
-                if r >= self.row_high:
-                    raise AssertionError(f"index slot {i} points at row {r} >= {self.row_high}")
-                if self.meta[r].last_step < 0:
-                    raise AssertionError(f"index slot {i} points at free row {r}")
-                if sv[r]:
-                    raise AssertionError(f"row {r} indexed twice")
-                sv[r] = 1
-                if _lookup(self.index, self.index_cap, self.index[i].key) != r:
-                    raise AssertionError(f"key {self.index[i].key} not reachable from its home")
-        for r in range(self.row_high):
-            if self.meta[r].last_step >= 0:
-                live += 1
-                if not sv[r]:
-                    raise AssertionError(f"stored row {r} missing from the index")
-        if used != self.index_used or live != self.n_live:
-            raise AssertionError(f"counts: index {used} vs {self.index_used}, rows {live} vs {self.n_live}")
-        if self.n_live + self.n_free != self.row_high:
-            raise AssertionError(f"rows: {self.n_live} live + {self.n_free} free != {self.row_high}")
+include "table_state.pxi"

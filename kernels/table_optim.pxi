@@ -105,7 +105,8 @@ cdef extern from *:
             ht_store(z + j, zj);
             ht_store(n + j, nn);
             __mmask8 pos = _mm512_cmp_pd_mask(zj, zero, _CMP_GT_OQ);
-            __m512d shr = _mm512_mask_blend_pd(pos, _mm512_add_pd(zj, vl1), _mm512_sub_pd(zj, vl1));
+            __m512d shr = _mm512_mask_blend_pd(pos, _mm512_add_pd(zj, vl1),
+                                               _mm512_sub_pd(zj, vl1));
             __m512d q = _mm512_add_pd(_mm512_div_pd(pn, vlr), vl2);
             __m512d wn = _mm512_div_pd(_mm512_sub_pd(zero, shr), q);
             __mmask8 keep = _mm512_cmp_pd_mask(_mm512_abs_pd(zj), vl1, _CMP_GT_OQ);

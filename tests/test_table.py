@@ -45,7 +45,7 @@ def test_find_matches_dict_after_growth():
     probe = np.concatenate([np.fromiter(model, np.int64), rand_keys(rng, 1000)])
     want = np.array([model.get(k, -1) for k in probe.tolist()])
     np.testing.assert_array_equal(t.find(probe), want)
-    t._core.check_invariants()
+    kernel.check_invariants(t._core)
 
 
 def test_initial_rows_follow_reference_formula():
@@ -223,7 +223,7 @@ def test_concurrent_python_threads_share_a_table_safely():
     for th in threads:
         th.join()
     assert not errors, errors
-    t._core.check_invariants()
+    kernel.check_invariants(t._core)
 
 
 def test_bad_input_types_and_shapes():

@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 
+from hpctrain._kernels import table as kernel
 from hpctrain.errors import ConfigError
 from hpctrain.sparse.init import reference_init
 from hpctrain.sparse.policies import Admission, Eviction
@@ -94,7 +95,7 @@ def test_ttl_eviction_reuses_rows_and_reinitialises():
     assert t.evict(14) == 5  # keys 5..9, updated at step 8
     assert t.evict(15) == 3  # the three rows inserted at step 9
     assert len(t) == 0
-    t._core.check_invariants()
+    kernel.check_invariants(t._core)
 
 
 def test_stale_index_of_an_evicted_row_is_caught():
@@ -126,7 +127,7 @@ def test_lfu_cap_evicts_least_frequently_used():
     assert t.evict(4) == 4
     assert sorted(t.export()["keys"].tolist()) == [0, 3, 5, 6]
     assert t.evict(5) == 0
-    t._core.check_invariants()
+    kernel.check_invariants(t._core)
 
 
 def test_ttl_then_cap_and_growth_after_eviction():
@@ -145,7 +146,7 @@ def test_ttl_then_cap_and_growth_after_eviction():
             del model[k]
         assert len(t) == min(len(model), 3000)
         assert n >= len(stale)
-        t._core.check_invariants()
+        kernel.check_invariants(t._core)
     mem = t.memory_stats()
     assert mem["rows_ever"] <= 3000 + 2000  # freed rows were reused instead of growing
 

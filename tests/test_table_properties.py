@@ -71,7 +71,7 @@ class DictModel:
         return n
 
 
-@SETTINGS
+@settings(SETTINGS, max_examples=100)
 @given(ops=st.lists(op_st, max_size=25), ttl=st.one_of(st.none(), st.integers(0, 4)),
        max_rows=st.one_of(st.none(), st.integers(0, 30)), capacity=st.integers(1, 8))
 def test_random_operations_match_dict_model(ops, ttl, max_rows, capacity):
@@ -93,7 +93,7 @@ def test_random_operations_match_dict_model(ops, ttl, max_rows, capacity):
         probe = np.array(POOL, dtype=np.int64)
         assert t.find(probe).tolist() == [model.rows.get(x, [-1])[0] for x in POOL]
         assert len(t) == len(model.rows)
-        t._core.check_invariants()
+        kernel.check_invariants(t._core)
     state = t.export()
     want = {k: v[1:] for k, v in model.rows.items()}
     got = {k: [a, s] for k, a, s in zip(state["keys"].tolist(), state["access_count"].tolist(),

@@ -84,7 +84,8 @@ def bench_dim(dim, args, warm, timed, kinds):
         if baseline is not None:
             r["ratio"] = r["ids_per_s"] / baseline
         if goal is not None:
-            r["goal"], r["met"] = goal, bool(r[goal_on if goal_on == "ratio" else "ids_per_s"] >= goal)
+            value = r["ratio"] if goal_on == "ratio" else r["ids_per_s"]
+            r["goal"], r["met"] = goal, bool(value >= goal)
         records.append(r)
         return r
 

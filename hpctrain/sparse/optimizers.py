@@ -6,21 +6,24 @@ kernels are tested against. Both compute in float64 from the float32 state and r
 once to float32 on store. In every update ``g`` is the row's gradient plus weight decay,
 ``g = grad + weight_decay * w`` (coupled L2, as in ``torch.optim`` with ``weight_decay``).
 
-==================  =========================  ==================================================
-kind                state (slots)              update of one row (element-wise unless noted)
-==================  =========================  ==================================================
-``sgd``             none                       w -= lr * g
-``momentum``        momentum[dim]              m = momentum * m + g;  w -= lr * m
-``nesterov``        momentum[dim]              m = momentum * m + g;  w -= lr * (g + momentum * m)
-``adagrad``         accumulator[dim]           a += g^2;  w -= lr * g / (sqrt(a) + eps)
-``rowwise_adagrad`` accumulator[1]             a += mean(g^2) (one per row);  w -= lr * g / (sqrt(a) + eps)
-``adam``            exp_avg[dim],              t = row's own update count (lazy Adam);
-                    exp_avg_sq[dim]            m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
-                                               w -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)
-``ftrl``            linear[dim] (z),           p = -lr_power;  n' = n + g^2;
-                    accumulator[dim] (n)       z += g - (n'^p - n^p) / lr * w;  n = n';
-                                               w = 0 if |z| <= l1 else -(z - sign(z) l1) / (n'^p / lr + l2)
-==================  =========================  ==================================================
+==================  ====================  ================================================
+kind                state (slots)         update of one row (element-wise unless noted)
+==================  ====================  ================================================
+``sgd``             none                  w -= lr * g
+``momentum``        momentum[dim]         m = momentum * m + g;  w -= lr * m
+``nesterov``        momentum[dim]         m = momentum * m + g;
+                                          w -= lr * (g + momentum * m)
+``adagrad``         accumulator[dim]      a += g^2;  w -= lr * g / (sqrt(a) + eps)
+``rowwise_adagrad`` accumulator[1]        a += mean(g^2) (one per row);
+                                          w -= lr * g / (sqrt(a) + eps)
+``adam``            exp_avg[dim],         t = the row's own update count (lazy Adam);
+                    exp_avg_sq[dim]       m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
+                                          w -= lr * (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps)
+``ftrl``            linear[dim] (z),      p = -lr_power;  n' = n + g^2;
+                    accumulator[dim] (n)  z += g - (n'^p - n^p) / lr * w;  n = n';
+                                          w = 0 if |z| <= l1
+                                          else -(z - sign(z) l1) / (n'^p / lr + l2)
+==================  ====================  ================================================
 
 Accumulators (``adagrad``, ``rowwise_adagrad``, FTRL's ``n``) start at
 ``initial_accumulator``; every other slot starts at zero.
@@ -79,7 +82,8 @@ class SparseOptimizer:
 
     def __post_init__(self):
         if self.kind not in KINDS:
-            raise ConfigError(f"optimizer kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
+            raise ConfigError(f"optimizer kind must be one of {', '.join(KINDS)}; "
+                              f"got {self.kind!r}")
         for name in ("lr", "momentum", "beta1", "beta2", "eps", "initial_accumulator", "l1",
                      "l2", "lr_power", "weight_decay"):
             v = getattr(self, name)
@@ -93,7 +97,8 @@ class SparseOptimizer:
         _check(0 <= self.beta1 < 1, "beta1", self.beta1, "in [0, 1)")
         _check(0 <= self.beta2 < 1, "beta2", self.beta2, "in [0, 1)")
         _check(self.eps > 0, "eps", self.eps, "> 0")
-        _check(self.initial_accumulator >= 0, "initial_accumulator", self.initial_accumulator, ">= 0")
+        _check(self.initial_accumulator >= 0, "initial_accumulator", self.initial_accumulator,
+               ">= 0")
         _check(self.l1 >= 0, "l1", self.l1, ">= 0")
         _check(self.l2 >= 0, "l2", self.l2, ">= 0")
         _check(self.lr_power <= 0, "lr_power", self.lr_power, "<= 0")

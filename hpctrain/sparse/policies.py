@@ -52,7 +52,9 @@ class Admission:
     bloom_hashes: int = 4
 
     def __post_init__(self):
-        object.__setattr__(self, "min_count", _int_field("admission", "min_count", self.min_count, 1, 255))
+        # at most 255: the Bloom filter's counters are 8-bit
+        object.__setattr__(self, "min_count",
+                           _int_field("admission", "min_count", self.min_count, 1, 255))
         if self.counter not in COUNTERS:
             raise ConfigError(f"admission counter must be one of {', '.join(COUNTERS)}; "
                               f"got {self.counter!r}")
@@ -83,7 +85,8 @@ class Eviction:
     max_rows: int = None
 
     def __post_init__(self):
-        object.__setattr__(self, "ttl", _int_field("eviction", "ttl", self.ttl, 0, allow_none=True))
+        object.__setattr__(self, "ttl",
+                           _int_field("eviction", "ttl", self.ttl, 0, allow_none=True))
         object.__setattr__(self, "max_rows",
                            _int_field("eviction", "max_rows", self.max_rows, 0, allow_none=True))
 
@@ -105,4 +108,5 @@ def _from_any(cls, spec, what):
             raise ConfigError(f"unknown {what} field(s) {', '.join(map(str, unknown))}; "
                               f"valid fields: {', '.join(sorted(fields))}")
         return cls(**spec)
-    raise ConfigError(f"{what} must be a {cls.__name__}, a dict or None; got {type(spec).__name__}")
+    raise ConfigError(f"{what} must be a {cls.__name__}, a dict or None; "
+                      f"got {type(spec).__name__}")

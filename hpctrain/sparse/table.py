@@ -133,9 +133,11 @@ class EmbeddingTable:
         if isinstance(dim, bool) or not hasattr(dim, "__index__") or int(dim) < 1:
             raise ValueError(f"table {name!r}: dim must be an integer >= 1; got {dim!r}")
         if init not in INITS:
-            raise ValueError(f"table {name!r}: init must be one of {', '.join(INITS)}; got {init!r}")
+            raise ValueError(f"table {name!r}: init must be one of {', '.join(INITS)}; "
+                             f"got {init!r}")
         if init_scale is not None:
-            if isinstance(init_scale, bool) or not isinstance(init_scale, (int, float, np.number)) \
+            if isinstance(init_scale, bool) \
+                    or not isinstance(init_scale, (int, float, np.number)) \
                     or not math.isfinite(init_scale) or init_scale <= 0:
                 raise ValueError(f"table {name!r}: init_scale must be a finite number > 0; "
                                  f"got {init_scale!r}")
@@ -293,13 +295,13 @@ class EmbeddingTable:
         ev = self._eviction
         n = 0
         if ev.ttl is not None:
-            n += self._core.remove_rows(self._core.ttl_rows(s, ev.ttl))
+            n += _kernel.remove_rows(self._core, _kernel.ttl_rows(self._core, s, ev.ttl))
         if ev.max_rows is not None and len(self) > ev.max_rows:
-            rows = self._core.live_rows()
-            access, last, _ = self._core.meta_of(rows)
-            keys = self._core.keys_by_row()[rows]
+            rows = _kernel.live_rows(self._core)
+            access, last, _ = _kernel.meta_of(self._core, rows)
+            keys = _kernel.keys_by_row(self._core)[rows]
             order = np.lexsort((keys, last, access))
-            n += self._core.remove_rows(np.sort(rows[order[:len(rows) - ev.max_rows]]))
+            n += _kernel.remove_rows(self._core, np.sort(rows[order[:len(rows) - ev.max_rows]]))
         return n
 
     # ------------------------------------------------------------------ state
@@ -317,12 +319,12 @@ class EmbeddingTable:
             return self._export()
 
     def _export(self):
-        rows = self._core.live_rows()
-        access, last, ost = self._core.meta_of(rows)
+        rows = _kernel.live_rows(self._core)
+        access, last, ost = _kernel.meta_of(self._core, rows)
         return {
-            "keys": self._core.keys_by_row()[rows],
-            "values": self._core.copy_rows(rows, 0),
-            "slots": {name: self._core.copy_rows(rows, i + 1)
+            "keys": _kernel.keys_by_row(self._core)[rows],
+            "values": _kernel.copy_rows(self._core, rows, 0),
+            "slots": {name: _kernel.copy_rows(self._core, rows, i + 1)
                       for i, (name, _, _) in enumerate(self._slots)},
             "access_count": access, "last_step": last, "opt_step": ost,
         }
@@ -336,7 +338,8 @@ class EmbeddingTable:
                 a slot this optimizer does not have, or a repeated key.
         """
         if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict as export() returns; got {type(state).__name__}")
+            raise TypeError(f"state must be a dict as export() returns; "
+                            f"got {type(state).__name__}")
         for req in ("keys", "values"):
             if req not in state:
                 raise ValueError(f"table {self._name!r}: state lacks {req!r}")
@@ -375,8 +378,8 @@ class EmbeddingTable:
             if dup.size:
                 raise ValueError(f"table {self._name!r}: state['keys'] repeats key {dup[0]}")
         with self._lock:
-            rows = self._core.import_keys(keys)
-            self._core.write_rows(rows, values, arrs[0], arrs[1], *meta)
+            rows = _kernel.import_keys(self._core, keys)
+            _kernel.write_rows(self._core, rows, values, arrs[0], arrs[1], *meta)
 
     def memory_stats(self):
         """Storage figures: row/slot counts, bytes per part, bytes per row and its bound.
@@ -386,7 +389,7 @@ class EmbeddingTable:
         """
         c = self._core
         with self._lock:
-            nb = c.nbytes()
+            nb = _kernel.nbytes(c)
         table_bytes = nb["index"] + nb["rows"] + nb["meta"] + nb["free_list"]
         n = len(self)
         return {
@@ -394,7 +397,7 @@ class EmbeddingTable:
             "index_slots": c.index_cap, "index_load": c.index_used / c.index_cap,
             "bytes_index": nb["index"], "bytes_rows": nb["rows"], "bytes_meta": nb["meta"],
             "bytes_free_list": nb["free_list"], "bytes_admission": nb["admission"],
-            "pending_admission": c.pending_admission(),
+            "pending_admission": _kernel.pending_admission(c),
             "bytes_total": table_bytes + nb["admission"],
             "bytes_per_row": table_bytes / n if n else float("nan"),
             "bound_bytes_per_row": 1.25 * (8 + 4 * (self._dim + self._opt.slot_floats(self._dim))),

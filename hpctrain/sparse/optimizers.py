@@ -161,40 +161,64 @@ def reference_update(opt, values, slots, grads, opt_step=None):
     w = np.asarray(values, np.float64)
     g = np.asarray(grads, np.float64) + opt.weight_decay * w
     s = {k: np.asarray(v, np.float64) for k, v in slots.items()}
-    t = None if opt_step is None else np.asarray(opt_step, np.int64).copy()
-    lr, kind = opt.lr, opt.kind
-    if kind == "sgd":
-        w = w - lr * g
-    elif kind in ("momentum", "nesterov"):
-        m = opt.momentum * s["momentum"] + g
-        s["momentum"] = m
-        w = w - lr * (g + opt.momentum * m if kind == "nesterov" else m)
-    elif kind == "adagrad":
-        a = s["accumulator"] + g * g
-        s["accumulator"] = a
-        w = w - lr * g / (np.sqrt(a) + opt.eps)
-    elif kind == "rowwise_adagrad":
-        a = s["accumulator"] + np.mean(g * g, axis=1, keepdims=True)
-        s["accumulator"] = a
-        w = w - lr * g / (np.sqrt(a) + opt.eps)
-    elif kind == "adam":
-        t = t + 1
-        b1, b2 = opt.beta1, opt.beta2
-        m = b1 * s["exp_avg"] + (1 - b1) * g
-        v = b2 * s["exp_avg_sq"] + (1 - b2) * g * g
-        s["exp_avg"], s["exp_avg_sq"] = m, v
-        tt = t.astype(np.float64)[:, None]
-        m_hat = m / (1 - b1 ** tt)
-        v_hat = v / (1 - b2 ** tt)
-        w = w - lr * m_hat / (np.sqrt(v_hat) + opt.eps)
-    elif kind == "ftrl":
-        p = -opt.lr_power
-        n_old = s["accumulator"]
-        n_new = n_old + g * g
-        z = s["linear"] + g - (n_new ** p - n_old ** p) / lr * w
-        s["linear"], s["accumulator"] = z, n_new
-        w = np.where(np.abs(z) <= opt.l1, 0.0,
-                     -(z - np.sign(z) * opt.l1) / (n_new ** p / lr + opt.l2))
-    else:  # pragma: no cover - SparseOptimizer validates kind
-        raise ConfigError(f"unknown optimizer kind {kind!r}")
-    return (w.astype(np.float32), {k: v.astype(np.float32) for k, v in s.items()}, t)
+    t = None if opt_step is None else np.asarray(opt_step, np.int64) + (opt.kind == "adam")
+    w = _REFERENCES[opt.kind](opt, w, g, s, t)
+    return w.astype(np.float32), {k: v.astype(np.float32) for k, v in s.items()}, t
+
+
+def sgd_reference(opt, w, g, s, t):
+    """w -= lr * g."""
+    return w - opt.lr * g
+
+
+def momentum_reference(opt, w, g, s, t):
+    """Heavy-ball momentum (PyTorch's form): m = mu m + g; w -= lr m."""
+    s["momentum"] = opt.momentum * s["momentum"] + g
+    return w - opt.lr * s["momentum"]
+
+
+def nesterov_reference(opt, w, g, s, t):
+    """Nesterov momentum (PyTorch's form): m = mu m + g; w -= lr (g + mu m)."""
+    s["momentum"] = opt.momentum * s["momentum"] + g
+    return w - opt.lr * (g + opt.momentum * s["momentum"])
+
+
+def adagrad_reference(opt, w, g, s, t):
+    """Adagrad (Duchi et al. 2011): a += g^2; w -= lr g / (sqrt(a) + eps)."""
+    s["accumulator"] = s["accumulator"] + g * g
+    return w - opt.lr * g / (np.sqrt(s["accumulator"]) + opt.eps)
+
+
+def rowwise_adagrad_reference(opt, w, g, s, t):
+    """Row-wise Adagrad (FBGEMM): one accumulator per row, a += mean(g^2)."""
+    s["accumulator"] = s["accumulator"] + np.mean(g * g, axis=1, keepdims=True)
+    return w - opt.lr * g / (np.sqrt(s["accumulator"]) + opt.eps)
+
+
+def adam_reference(opt, w, g, s, t):
+    """Adam (Kingma & Ba 2015) with lazy, per-row step counts ``t`` (already incremented)."""
+    b1, b2 = opt.beta1, opt.beta2
+    s["exp_avg"] = b1 * s["exp_avg"] + (1 - b1) * g
+    s["exp_avg_sq"] = b2 * s["exp_avg_sq"] + (1 - b2) * g * g
+    tt = t.astype(np.float64)[:, None]
+    m_hat = s["exp_avg"] / (1 - b1 ** tt)
+    v_hat = s["exp_avg_sq"] / (1 - b2 ** tt)
+    return w - opt.lr * m_hat / (np.sqrt(v_hat) + opt.eps)
+
+
+def ftrl_reference(opt, w, g, s, t):
+    """FTRL-Proximal (McMahan et al. 2013), per coordinate, with p = -lr_power."""
+    p, lr = -opt.lr_power, opt.lr
+    n_old = s["accumulator"]
+    n_new = n_old + g * g
+    z = s["linear"] + g - (n_new ** p - n_old ** p) / lr * w
+    s["linear"], s["accumulator"] = z, n_new
+    return np.where(np.abs(z) <= opt.l1, 0.0,
+                    -(z - np.sign(z) * opt.l1) / (n_new ** p / lr + opt.l2))
+
+
+_REFERENCES = {
+    "sgd": sgd_reference, "momentum": momentum_reference, "nesterov": nesterov_reference,
+    "adagrad": adagrad_reference, "rowwise_adagrad": rowwise_adagrad_reference,
+    "adam": adam_reference, "ftrl": ftrl_reference,
+}

@@ -215,3 +215,12 @@ def test_scaling_dry_run_lists_every_point(capsys):
     strong = [ln for ln in lines if "exchange" in ln][3:]
     assert ["--batch 400" in strong[0], "--batch 200" in strong[1], "--batch 100" in strong[2]] \
         == [True] * 3
+
+
+def test_data_thread_counts_once_cores_are_busy():
+    # a prefetch thread is free while a core is idle, a share of the cores once none is
+    rates = cm.ComputeRates(threads=1)
+    model = cm.CostModel(_network(), rates, ranks_per_node=4, cores_per_node=2, data_threads=1)
+    assert [model.oversubscription(p) for p in (1, 2, 4)] == [1.0, 2.0, 4.0]
+    wide = cm.CostModel(_network(), rates, ranks_per_node=4, cores_per_node=8, data_threads=1)
+    assert [wide.oversubscription(p) for p in (1, 2, 4)] == [1.0, 1.0, 1.0]

@@ -300,16 +300,28 @@ class ComputeRates:
 
 @dataclasses.dataclass
 class CostModel:
-    """Predicts step time, throughput and efficiency of a workload at any rank count."""
+    """Predicts step time, throughput and efficiency of a workload at any rank count.
+
+    Attributes:
+        data_threads: busy threads per rank besides the compute threads (the reader's
+            prefetch thread, 1 when ``data.prefetch > 0``): free while the node has idle
+            cores, a share of the cores when it has none.
+    """
     network: Network
     compute: ComputeRates
     ranks_per_node: int = 1
     cores_per_node: int = 1
+    data_threads: int = 0
+
+    def oversubscription(self, p):
+        """Compute slow-down when a node's ranks run more busy threads than it has cores."""
+        r = min(p, self.ranks_per_node)
+        return max(1.0, r * (self.compute.threads + self.data_threads) / self.cores_per_node)
 
     def step(self, workload, p, batch_per_rank):
         """Phase times (seconds) of one step on ``p`` ranks."""
         r = min(p, self.ranks_per_node)
-        oversub = max(1.0, r * self.compute.threads / self.cores_per_node)
+        oversub = self.oversubscription(p)
         ex = workload.exchange_bytes(batch_per_rank)
         t = {"compute": self.compute.step(workload, batch_per_rank) * oversub,
              "allreduce": self.network.allreduce(4.0 * workload.dense_params, p, r),
@@ -426,6 +438,18 @@ def unique_fraction(docs):
     return float(np.median(fr)) if fr else None
 
 
+#: The train benchmark's reader prefetches synthetic batches in one background thread.
+TRAIN_DATA_THREADS = 1
+
+
+def _threads(doc):
+    return (doc.get("versions") or {}).get("threads") or 1
+
+
+def _cores(doc):
+    return (doc.get("versions") or {}).get("cpu_count") or doc.get("ranks_per_node", 1)
+
+
 def _train_workload(res, u):
     """The train benchmark's DLRM (26 one-table features, 13 dense, 512-256-64 / 512-256-1)."""
     return Workload(13, 26, float(res.get("bag", 1)), int(res["dim"]), (512, 256, 64),
@@ -446,16 +470,18 @@ def train_rates_and_points(docs, network, rates, u):
     for d in ones:
         res = d["results"][0]
         b = res["global_batch"]
-        scale.append(res["median_step_s"] / _oversub(d) / rates.step(_train_workload(res, u), b))
+        model = CostModel(network, dataclasses.replace(rates, threads=_threads(d)), 1,
+                          _cores(d), TRAIN_DATA_THREADS)
+        scale.append(res["median_step_s"] / model.oversubscription(1)
+                     / rates.step(_train_workload(res, u), b))
     k = float(np.mean(scale))
     rates = dataclasses.replace(rates, s_per_flop=rates.s_per_flop * k,
                                 s_per_id=rates.s_per_id * k, s_fixed=rates.s_fixed * k)
     points = []
     for d in runs:
         res, p = d["results"][0], d["world_size"]
-        v = d.get("versions") or {}
-        model = CostModel(network, dataclasses.replace(rates, threads=v.get("threads") or 1),
-                          d.get("ranks_per_node", p), v.get("cpu_count") or p)
+        model = CostModel(network, dataclasses.replace(rates, threads=_threads(d)),
+                          d.get("ranks_per_node", p), _cores(d), TRAIN_DATA_THREADS)
         pred = model.step(_train_workload(res, u), p, res["global_batch"] / p)["step"]
         points.append(_point(d, "train", res["median_step_s"], pred))
     return rates, points
@@ -528,8 +554,10 @@ def parse_args(argv):
                    help="override the per-node link bandwidth (GB/s, one direction)")
     p.add_argument("--ranks-per-node", type=int, default=8)
     p.add_argument("--cores-per-node", type=int, default=None,
-                   help="default: ranks-per-node x threads (no oversubscription)")
-    p.add_argument("--threads", type=int, default=1)
+                   help="default: ranks-per-node x (threads + data threads): no oversubscription")
+    p.add_argument("--threads", type=int, default=1, help="compute threads per rank")
+    p.add_argument("--data-threads", type=int, default=1,
+                   help="reader prefetch threads per rank (0 with data.prefetch = 0)")
     p.add_argument("--max-ranks", type=int, default=1024)
     p.add_argument("--mode", choices=["weak", "strong"], default="weak")
     p.add_argument("--batch", type=int, default=4096,
@@ -599,7 +627,8 @@ def main(argv=None):
     workload = Workload(args.num_dense, args.features, args.ids_per_feature, args.dim,
                         args.bottom, args.top, u)
     model = CostModel(network, compute, args.ranks_per_node,
-                      args.cores_per_node or args.ranks_per_node * args.threads)
+                      args.cores_per_node or args.ranks_per_node * (args.threads + args.data_threads),
+                      args.data_threads)
     ranks = [2 ** k for k in range(int(math.log2(args.max_ranks)) + 1)]
     rows = model.sweep(workload, ranks, args.batch, args.mode)
     print(f"# prediction: DLRM {args.features} features x dim {args.dim}, "

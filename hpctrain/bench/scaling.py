@@ -286,10 +286,13 @@ def plot(series, path):
         thr = [r["throughput"] for r in rs]
         if rs[0]["samples_per_s"] is not None:
             ax1.plot(x, [t / thr[0] for t in thr], "o-", label=label + ", samples/s")
-        else:
-            ax1.plot(x, [t / (thr[-1] or 1) for t in thr], "s--", label=label + ", busbw")
+        else:   # collectives: bus bandwidth against the first multi-rank run
+            pts = [(xi, t) for xi, t in zip(x, thr) if xi > 1 and t]
+            if pts:
+                ax1.plot([xi for xi, _ in pts], [t / pts[0][1] for _, t in pts], "s--",
+                         label=label + ", busbw")
         ax2.plot(x, [r["efficiency"] if r["efficiency"] is not None else float("nan")
-                     for r in rs], "o-", label=label)
+                     for r in rs], "s--" if rs[0]["samples_per_s"] is None else "o-", label=label)
     xs = sorted({r["world_size"] for rs in series.values() for r in rs})
     ax1.plot(xs, [x / xs[0] for x in xs], ":", color="grey", label="ideal (samples/s)")
     for ax, title in ((ax1, "throughput, relative to the first point"),
@@ -302,8 +305,9 @@ def plot(series, path):
     cores = {(r.get("versions") or {}).get("cpu_count") for rs in series.values() for r in rs}
     cores = min((c for c in cores if c), default=None)
     if cores and cores < xs[-1]:
+        left = (cores * min(x for x in xs if x > cores)) ** 0.5   # half-way on the log axis
         for ax in (ax1, ax2):   # to the right, ranks share cores: outside the cost model
-            ax.axvspan(cores, xs[-1], color="grey", alpha=0.12,
+            ax.axvspan(left, xs[-1] * 1.15, color="grey", alpha=0.12,
                        label=f"more ranks than the {cores} cores" if ax is ax1 else None)
     ax2.axhline(1.0, color="grey", linestyle=":")
     ax2.set_ylim(bottom=0)

@@ -232,20 +232,33 @@ def test_train_sbatch_runs_to_completion(slurm, tmp_path):
     assert info["Restarts"] == "0"
 
 
+PREEMPT_STEPS = 4000
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The preemption tests' run, never interrupted: (stdout, metrics path)."""
+    from mpirun import run_mpi
+    ref_dir = tmp_path_factory.mktemp("uninterrupted")
+    _train_config(ref_dir / "run.toml", PREEMPT_STEPS)
+    out = run_mpi(2, ["-m", "hpctrain", "train", "run.toml"], timeout=300, cwd=str(ref_dir)).stdout
+    return out, ref_dir / "metrics.jsonl"
+
+
 @pytest.mark.skipif(not _have_trainer(), reason="hpctrain train not available yet")
-def test_preempted_job_requeues_and_resumes_to_same_result(slurm, tmp_path):
+@pytest.mark.parametrize("launcher", ["srun", "mpiexec"])
+def test_preempted_job_requeues_and_resumes_to_same_result(slurm, tmp_path, launcher,
+                                                            uninterrupted):
     """USR1 to the batch shell: checkpoint, requeue, resume; final metrics as uninterrupted."""
-    steps = 4000
-    ref_dir, run_dir = tmp_path / "reference", tmp_path / "preempted"
-    ref_dir.mkdir()
-    run_dir.mkdir()
-    _train_config(ref_dir / "run.toml", steps)
-    _train_config(run_dir / "run.toml", steps)
-    out = run_dir / "train.out"
+    steps = PREEMPT_STEPS
+    _train_config(tmp_path / "run.toml", steps)
+    out = tmp_path / "train.out"
+    env = {"HPCTRAIN_LAUNCHER": launcher,
+           "HPCTRAIN_MPIEXEC": os.path.join(os.path.dirname(sys.executable), "mpiexec")}
     job = slurm.sbatch("-n", "2", "-c", "1", "-t", "10", "-o", str(out), TRAIN_SBATCH, "run.toml",
-                       cwd=run_dir)
+                       cwd=tmp_path, env=env)
     # Signal once training is under way (metrics written), as Slurm does before the time limit.
-    metrics = run_dir / "metrics.jsonl"
+    metrics = tmp_path / "metrics.jsonl"
     deadline = time.monotonic() + JOB_TIMEOUT
     while not (metrics.exists() and metrics.stat().st_size > 0):
         assert time.monotonic() < deadline and slurm.state(job) in ("PENDING", "RUNNING"), \
@@ -259,14 +272,15 @@ def test_preempted_job_requeues_and_resumes_to_same_result(slurm, tmp_path):
     assert "got SIGUSR1, forwarding" in text and "requeueing job" in text, text
     stop = re.search(r"stopping at step (\d+)", text)
     assert stop and 0 < int(stop.group(1)) < steps, text
-    assert "restart 1 on" in text, text
+    # the stop's checkpoint is kept (keep_last = 3; the resumed run only adds the final one)
+    kept = sorted(os.listdir(tmp_path / "ckpt"))
+    assert f"step-{int(stop.group(1)):08d}" in kept and f"step-{steps:08d}" in kept, kept
+    assert "restart 1 on" in text and text.count("hpctrain train run.toml --resume") == 2, text
     assert f"hpctrain: done at step {steps}" in _final_line(text), text
 
-    # The same run, never interrupted (mpiexec: same ranks, same data order).
-    from mpirun import run_mpi
-    ref = run_mpi(2, ["-m", "hpctrain", "train", "run.toml"], timeout=300, cwd=str(ref_dir)).stdout
+    ref, ref_metrics = uninterrupted
     assert _final_line(ref) == _final_line(text), (ref[-2000:], text[-2000:])
-    (got, got_ev), (want, want_ev) = _metrics(metrics), _metrics(ref_dir / "metrics.jsonl")
+    (got, got_ev), (want, want_ev) = _metrics(metrics), _metrics(ref_metrics)
     assert got["step"] == want["step"] == steps
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-6, abs=1e-9)
     assert got_ev["eval"] == pytest.approx(want_ev["eval"], rel=1e-6, abs=1e-9)

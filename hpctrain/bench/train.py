@@ -52,11 +52,11 @@ class _StepClock:
         return self._inner(*args)
 
 
-def run_one(dim, bag, steps, warmup, comm, threads):
+def run_one(dim, bag, steps, warmup, comm, threads, batch_per_rank=4096):
     from hpctrain.config import config_from_dict
     from hpctrain.train.loop import Trainer
-    cfg = config_from_dict(workload(dim, bag=bag, steps=steps + warmup, threads=threads),
-                           source=f"bench-train-d{dim}-bag{bag}")
+    cfg = config_from_dict(workload(dim, batch_per_rank, bag=bag, steps=steps + warmup,
+                                    threads=threads), source=f"bench-train-d{dim}-bag{bag}")
     trainer = Trainer(cfg, comm, stream=io.StringIO())
     clock = _StepClock(trainer)
     comm.barrier()
@@ -111,6 +111,9 @@ def main(argv=None):
     p.add_argument("--bag", type=int, action="append",
                    help="ids per bag: 1 one-hot, 20 multi-hot (repeatable)")
     p.add_argument("--steps", type=int, default=40, help="timed steps per case")
+    p.add_argument("--batch", type=int, default=4096, help="samples per rank and step")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help="fixed global batch (strong scaling); overrides --batch")
     args = p.parse_args(argv)
     from hpctrain.comm import create_communicator
     comm = create_communicator("mpi")
@@ -118,9 +121,12 @@ def main(argv=None):
     results = []
     for bag in bags:
         for dim in dims:
-            results.append(run_one(dim, bag, args.steps, args.warmup, comm, args.threads))
+            per_rank = (args.global_batch // comm.size if args.global_batch else args.batch)
+            results.append(run_one(dim, bag, args.steps, args.warmup, comm, args.threads,
+                                   per_rank))
     if comm.rank == 0:
-        print(f"# hpctrain train benchmark: {comm.size} rank(s), batch 4096/rank, 26 features")
+        print(f"# hpctrain train benchmark: {comm.size} rank(s), batch "
+              f"{results[0]['global_batch'] // comm.size}/rank, 26 features")
         common.print_table(
             ["dim", "bag", "samples/s", "per rank", "step ms", "dense-only ms", "dense share",
              "RSS sum GB"],

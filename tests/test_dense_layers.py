@@ -128,11 +128,14 @@ def test_state_dict_roundtrip_and_mismatch_errors():
 
 # --- layers ------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("blocked", [False, True])
 @pytest.mark.parametrize("activation", [None, "relu", "sigmoid"])
-def test_linear_gradients(xp, activation):
+def test_linear_gradients(xp, activation, blocked):
     rng = np.random.default_rng(1)
     p = FlatParameters(xp, F64)
     lin = Linear(p, "lin", 6, 4, activation=activation)
+    if blocked:  # NumPy runs big batches in row blocks; force uneven blocks of 2 rows
+        lin.block_rows = 2
     p.build(2)
     p["lin.bias"][...] = xp.asarray(rng.standard_normal(4))
     x, r = rand(xp, rng, 5, 6), rand(xp, rng, 5, 4)
@@ -239,11 +242,14 @@ def _dot_reference(x, embs, self_interaction):
     return np.concatenate([x, z], axis=1)
 
 
+@pytest.mark.parametrize("blocked", [False, True])
 @pytest.mark.parametrize("self_interaction", [False, True])
-def test_dot_interaction(xp, self_interaction):
+def test_dot_interaction(xp, self_interaction, blocked):
     rng = np.random.default_rng(6)
     F, d, B = 4, 3, 5
     layer = DotInteraction(xp, F64, F, d, self_interaction=self_interaction)
+    if blocked:  # NumPy runs big batches in row blocks; force uneven blocks of 2 rows
+        layer.block_rows = 2
     x = rand(xp, rng, B, d)
     embs = [rand(xp, rng, B, d) for _ in range(F)]
     y = to_numpy(layer.forward(x, embs)).copy()

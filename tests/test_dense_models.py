@@ -155,3 +155,22 @@ def test_model_state_dict_roundtrip():
     c = DLRM(3, [4] * 2, bottom=[16], top=[8, 1])
     with pytest.raises(CheckpointError, match="bottom.0.weight"):
         c.load_state_dict(a.state_dict())
+
+
+def test_row_blocked_linears_give_the_same_step():
+    from hpctrain.dense.layers import Linear
+    rng = np.random.default_rng(26)
+    a = DLRM(4, [3] * 5, bottom=[8, 5], top=[7, 4, 1], seed=1, dtype=F64)
+    b = DLRM(4, [3] * 5, bottom=[8, 5], top=[7, 4, 1], seed=1, dtype=F64)
+    for layer in b.bottom.layers + b.top.layers:
+        if isinstance(layer, Linear):
+            layer.block_rows = 3  # NumPy splits big batches into row blocks; force it at B=10
+    b.interaction.block_rows = 4
+    dense = rng.standard_normal((10, 4))
+    embs = [rng.standard_normal((10, 3)) for _ in range(5)]
+    ya, yb = a.forward(dense, embs), b.forward(dense, embs)
+    np.testing.assert_allclose(yb, ya, rtol=1e-13)
+    g = rng.standard_normal(10)
+    for da, db in zip(a.backward(g), b.backward(g)):
+        np.testing.assert_allclose(db, da, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(b.params.grad, a.params.grad, rtol=1e-12, atol=1e-15)

@@ -9,8 +9,9 @@ alternating rounds, it times the baseline: the bare matrix products of the same
 shapes on preallocated buffers (per Linear: forward, weight gradient and, except
 for the first layer, input gradient; the interaction's two batched products) and a
 raw ``MPI.Allreduce`` (``--backend cupy``: a raw NCCL allreduce) of a buffer of the
-same size. Goal: step <= 1.15 x (GEMM + raw allreduce). GFLOP/s count the FLOPs
-of those products (per rank, and summed over ranks).
+same size, the three timed back to back in each round. Goal: step <= 1.15 x
+(GEMM + raw allreduce), judged on the median over rounds of the per-round ratio.
+GFLOP/s count the FLOPs of those products (per rank, and summed over ranks).
 """
 import time
 
@@ -138,7 +139,11 @@ def bench_dim(d, args, comm, hc, xp):
     st = {k: common.stats(v) for k, v in times.items()}
     lin_flops, inter_flops = _flops(model, b)
     flops = lin_flops + inter_flops
-    base = st["gemm"]["p50"] + st["allreduce"]["p50"]
+    # Each round timed the three back to back, so a round's ratio sees one noise level;
+    # the median over rounds resists load bursts better than a ratio of medians.
+    paired = [s / (g + a) for s, g, a in zip(times["step"], times["gemm"], times["allreduce"])]
+    ratio = float(np.median(paired))
+    best = min(times["step"]) / (min(times["gemm"]) + min(times["allreduce"]))
     return {"d": d, "batch_per_rank": b, "features": args.features,
             "params": model.params.num_parameters, "grad_bytes": model.params.grad.nbytes,
             "step": st["step"], "gemm": st["gemm"], "raw_allreduce": st["allreduce"],
@@ -147,8 +152,8 @@ def bench_dim(d, args, comm, hc, xp):
             "step_gflops": flops / st["step"]["p50"] / 1e9,
             "step_gflops_all_ranks": n * flops / st["step"]["p50"] / 1e9,
             "gemm_gflops": flops / st["gemm"]["p50"] / 1e9,
-            "ratio": st["step"]["p50"] / base, "goal": GOAL,
-            "met": bool(st["step"]["p50"] <= GOAL * base)}
+            "ratio": ratio, "ratio_of_minima": best, "paired_ratios": paired, "goal": GOAL,
+            "met": bool(ratio <= GOAL)}
 
 
 def main(argv=None):
@@ -174,14 +179,16 @@ def main(argv=None):
     if comm.rank == 0:
         print(f"# DLRM dense step ({args.backend}, {args.optimizer}) vs bare matrix products "
               f"+ raw allreduce; {comm.size} ranks x {threads} BLAS threads, "
-              f"batch {args.batch}/rank; p50 ms")
+              f"batch {args.batch}/rank; p50 ms (phases: means; allred includes waiting for "
+              "the slowest rank)\n# ratio: median over rounds of step/(gemm+allreduce) timed "
+              "back to back; min_ratio: from the fastest of each")
         common.print_table(
             ["d", "step_ms", "fwd", "bwd", "allred", "update", "gemm_ms", "raw_ar_ms",
-             "ratio", "goal", "step_GF/s", "gemm_GF/s", "all_ranks_GF/s"],
+             "ratio", "min_ratio", "goal", "step_GF/s", "gemm_GF/s", "all_ranks_GF/s"],
             [[r["d"], r["step"]["p50"] * 1e3, r["phases_mean"]["forward"] * 1e3,
               r["phases_mean"]["backward"] * 1e3, r["phases_mean"]["allreduce"] * 1e3,
               r["phases_mean"]["update"] * 1e3, r["gemm"]["p50"] * 1e3,
-              r["raw_allreduce"]["p50"] * 1e3, r["ratio"],
+              r["raw_allreduce"]["p50"] * 1e3, r["ratio"], r["ratio_of_minima"],
               f"<={GOAL} {'met' if r['met'] else 'NOT met'}", r["step_gflops"],
               r["gemm_gflops"], r["step_gflops_all_ranks"]] for r in rows])
     common.write_json("dense", {"backend": args.backend, "optimizer": args.optimizer,

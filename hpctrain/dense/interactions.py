@@ -6,6 +6,8 @@ the next backward, possibly row-strided): the consumer packs them as it needs
 no copy is made here that would be made again there.
 """
 
+import numpy as np
+
 from hpctrain.dense.layers import Layer
 
 
@@ -29,7 +31,8 @@ class DotInteraction(Layer):
         y = [x | Z[:,1,:1] | Z[:,2,:2] | ... | Z[:,n-1,:n-1]]   contiguous slice of y
 
     Gathers and scatters go row by row through slices (n-1 copies each) rather than
-    fancy indexing, which NumPy runs an order of magnitude slower.
+    fancy indexing, which NumPy runs an order of magnitude slower, and on NumPy a batch
+    is processed in row blocks whose T and Z stay in cache.
 
     Args:
         xp, dtype: array module and dtype.
@@ -37,6 +40,8 @@ class DotInteraction(Layer):
         dim: d, width of x and of every embedding.
         self_interaction: include ``<T_i, T_i>``.
     """
+
+    BLOCK_BYTES = 1 << 21
 
     def __init__(self, xp, dtype, num_features, dim, self_interaction=False):
         super().__init__(xp, dtype)
@@ -52,7 +57,19 @@ class DotInteraction(Layer):
                 col += i + k
         self.num_pairs = col - dim
         self.out_dim = col
+        self.block_rows = None  # None: from BLOCK_BYTES
         self._t = None
+
+    def _blocks(self, rows):
+        """Row blocks sized so a block's T and Z stay in cache between the copies and the
+        batched product (NumPy); CuPy runs the whole batch at once."""
+        if self.xp.__name__ != "numpy":
+            return ((0, rows),)
+        block = self.block_rows
+        if block is None:
+            per_row = (self.n * self.dim + self.n * self.n) * np.dtype(self.dtype).itemsize
+            block = max(128, self.BLOCK_BYTES // per_row)
+        return tuple((lo, min(lo + block, rows)) for lo in range(0, rows, block))
 
     def forward(self, x, embs, training=True):
         b, d, n = x.shape[0], self.dim, self.n
@@ -60,40 +77,45 @@ class DotInteraction(Layer):
             raise ValueError(f"DotInteraction: x has shape {tuple(x.shape)}, expected (B, {d})")
         _check_embs("DotInteraction", embs, self.num_features, d, b)
         xp, ws = self.xp, self.ws
-        t = ws.get("T", (b, n, d))
-        t[:, 0, :] = x
-        for i, e in enumerate(embs):
-            t[:, i + 1, :] = e
-        z = ws.get("Z", (b, n, n))
-        xp.matmul(t, t.transpose(0, 2, 1), out=z)
-        y = ws.get("y", (b, self.out_dim))
-        y[:, :d] = x
-        for i, c, m in self._rows:
-            y[:, c:c + m] = z[:, i, :m]
-        self._t = t
-        return y
+        t_all = ws.get("T", (b, n, d))
+        z_all = ws.get("Z", (b, n, n))
+        y_all = ws.get("y", (b, self.out_dim))
+        for lo, hi in self._blocks(b):
+            t, z, y = t_all[lo:hi], z_all[lo:hi], y_all[lo:hi]
+            t[:, 0, :] = x[lo:hi]
+            for i, e in enumerate(embs):
+                t[:, i + 1, :] = e[lo:hi]
+            xp.matmul(t, t.transpose(0, 2, 1), out=z)
+            y[:, :d] = x[lo:hi]
+            for i, c, m in self._rows:
+                y[:, c:c + m] = z[:, i, :m]
+        self._t = t_all
+        return y_all
 
     def backward(self, dy):
         """Returns ``(dx [B, d], [d_emb_i [B, d] for i in range(F)])``.
 
         The embedding gradients are row-strided views of one ``[B, F + 1, d]`` workspace.
         """
-        xp, ws, t = self.xp, self.ws, self._t
-        b, d, n = t.shape[0], self.dim, self.n
+        xp, ws, t_all = self.xp, self.ws, self._t
+        b, d, n = t_all.shape[0], self.dim, self.n
         # Symmetric dZ so that dT = dZ @ T covers both d<Ti,Tj>/dTi and d/dTj. Entries
         # outside the pair positions stay zero from the buffer's first allocation.
-        dz = ws.zeros("dZ", (b, n, n))
-        for i, c, m in self._rows:
-            g = dy[:, c:c + m]
-            dz[:, i, :m] = g
-            dz[:, :m, i] = g
-        if self.self_interaction:
-            diag = dz.reshape(b, n * n)[:, ::n + 1]
-            diag *= 2
-        dt = ws.get("dT", (b, n, d))
-        xp.matmul(dz, t, out=dt)
-        dx = xp.add(dy[:, :d], dt[:, 0, :], out=ws.get("dx", (b, d)))
-        return dx, [dt[:, i + 1, :] for i in range(self.num_features)]
+        dz_all = ws.zeros("dZ", (b, n, n))
+        dt_all = ws.get("dT", (b, n, d))
+        dx = ws.get("dx", (b, d))
+        for lo, hi in self._blocks(b):
+            dz, g0 = dz_all[lo:hi], dy[lo:hi]
+            for i, c, m in self._rows:
+                g = g0[:, c:c + m]
+                dz[:, i, :m] = g
+                dz[:, :m, i] = g
+            if self.self_interaction:
+                diag = dz.reshape(hi - lo, n * n)[:, ::n + 1]
+                diag *= 2
+            xp.matmul(dz, t_all[lo:hi], out=dt_all[lo:hi])
+            xp.add(g0[:, :d], dt_all[lo:hi, 0, :], out=dx[lo:hi])
+        return dx, [dt_all[:, i + 1, :] for i in range(self.num_features)]
 
 
 class FMInteraction(Layer):

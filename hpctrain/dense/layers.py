@@ -54,28 +54,27 @@ class Layer:
 
 
 # --- activations --------------------------------------------------------------------------
+# In-place forms on caller-provided buffers, so Linear can apply them block by block.
 
-def relu_forward_(xp, ws, y):
-    """In-place ReLU of ``y``; keeps the mask ``y > 0`` in ``ws`` for the backward.
+def relu_(xp, y, mask):
+    """In-place ReLU of ``y``, leaving ``y > 0`` in the bool array ``mask``.
 
-    ``y *= (y > 0)`` with the mask kept costs less than ``maximum(y, 0)`` followed by
-    recomputing the mask in backward (NumPy's maximum with a scalar is slow).
+    ``y *= (y > 0)`` keeping the mask costs less than ``maximum(y, 0)`` plus recomputing
+    the mask in backward (NumPy's maximum against a scalar is slow).
     """
-    mask = ws.get("relu_mask", y.shape, dtype=bool)
     xp.greater(y, 0, out=mask)
     return xp.multiply(y, mask, out=y)
 
 
-def relu_backward(xp, ws, y, dy):
-    """``dy * (y > 0)`` into a workspace array, with the mask kept by ``relu_forward_``."""
-    dz = ws.get("relu_dz", y.shape)
-    return xp.multiply(dy, ws.get("relu_mask", y.shape, dtype=bool), out=dz)
+def relu_grad(xp, dy, mask, out):
+    """``out = dy * mask``."""
+    return xp.multiply(dy, mask, out=out)
 
 
-def sigmoid_forward_(xp, ws, y):
+def sigmoid_(xp, y):
     """In-place logistic function of ``y``, stable for large ``|y|``."""
-    # 1/(1+exp(-y)) overflows exp for y << 0 only into inf, which gives the right 0;
-    # silence the warning rather than branch per element.
+    # exp(-y) overflows only to inf for y << 0, and 1/(1+inf) is the right 0; silence
+    # the warning rather than branch per element.
     if xp.__name__ == "numpy":
         with xp.errstate(over="ignore"):
             xp.negative(y, out=y)
@@ -87,17 +86,15 @@ def sigmoid_forward_(xp, ws, y):
     return xp.reciprocal(y, out=y)
 
 
-def sigmoid_backward(xp, ws, y, dy):
-    """``dy * y * (1 - y)`` into a workspace array (``y`` is the sigmoid output)."""
-    dz = ws.get("sigmoid_dz", y.shape)
-    xp.subtract(1, y, out=dz)
-    dz *= y
-    dz *= dy
-    return dz
+def sigmoid_grad(xp, dy, y, out):
+    """``out = dy * y * (1 - y)`` (``y`` is the sigmoid output)."""
+    xp.subtract(1, y, out=out)
+    out *= y
+    out *= dy
+    return out
 
 
-_ACTIVATIONS = {None: (None, None), "relu": (relu_forward_, relu_backward),
-                "sigmoid": (sigmoid_forward_, sigmoid_backward)}
+ACTIVATIONS = (None, "relu", "sigmoid")
 
 
 class ReLU(Layer):
@@ -105,16 +102,16 @@ class ReLU(Layer):
 
     def __init__(self, xp, dtype):
         super().__init__(xp, dtype)
-        self._y = None
+        self._mask = None
 
     def forward(self, x, training=True):
         y = self.ws.get("y", x.shape)
         y[...] = x
-        self._y = relu_forward_(self.xp, self.ws, y)
-        return y
+        self._mask = self.ws.get("mask", x.shape, dtype=bool)
+        return relu_(self.xp, y, self._mask)
 
     def backward(self, dy):
-        return relu_backward(self.xp, self.ws, self._y, dy)
+        return relu_grad(self.xp, dy, self._mask, self.ws.get("dx", dy.shape))
 
 
 class Sigmoid(Layer):
@@ -127,11 +124,11 @@ class Sigmoid(Layer):
     def forward(self, x, training=True):
         y = self.ws.get("y", x.shape)
         y[...] = x
-        self._y = sigmoid_forward_(self.xp, self.ws, y)
+        self._y = sigmoid_(self.xp, y)
         return y
 
     def backward(self, dy):
-        return sigmoid_backward(self.xp, self.ws, self._y, dy)
+        return sigmoid_grad(self.xp, dy, self._y, self.ws.get("dx", dy.shape))
 
 
 class Dropout(Layer):
@@ -174,6 +171,12 @@ class Dropout(Layer):
 class Linear(Layer):
     """``y = act(x @ W + b)`` with W ``[in, out]``, optionally fused ReLU/sigmoid.
 
+    On NumPy, batches are processed in row blocks of about ``BLOCK_BYTES`` of output:
+    each block's GEMM is followed at once by its bias and activation (and in backward
+    the activation gradient by the input-gradient GEMM) while the block is still in
+    the core's cache, which hides most of their memory traffic behind the GEMMs. The
+    weight-gradient GEMM runs once over the whole batch. CuPy runs whole batches.
+
     Args:
         params: the ``FlatParameters`` to declare ``NAME.weight`` and ``NAME.bias`` in.
         name: parameter name prefix.
@@ -185,51 +188,80 @@ class Linear(Layer):
             backward then skips one GEMM and returns None.
     """
 
+    BLOCK_BYTES = 1 << 20
+
     def __init__(self, params, name, in_features, out_features, activation=None, init=None,
                  bias=True, input_grad=True):
         super().__init__(params.xp, params.dtype)
-        if activation not in _ACTIVATIONS:
+        if activation not in ACTIVATIONS:
             raise ValueError(f"{name}: unknown activation {activation!r}; "
-                             f"expected one of {list(_ACTIVATIONS)}")
+                             f"expected one of {list(ACTIVATIONS)}")
         self.name, self.in_features, self.out_features = name, int(in_features), int(out_features)
         self.activation = activation
-        self._act_fwd, self._act_bwd = _ACTIVATIONS[activation]
         init = init or ("he" if activation == "relu" else "xavier")
         self.pset = params
         self.weight = params.add(f"{name}.weight", (in_features, out_features), init)
         self.bias = params.add(f"{name}.bias", (out_features,), "zeros") if bias else None
         self.params = (self.weight,) + ((self.bias,) if bias else ())
         self.input_grad = input_grad
-        self._x = self._y = None
+        self._x = self._y = self._mask = None
+        self._ones_rows = -1
+        itemsize = params.dtype.itemsize
+        self.block_rows = max(256, self.BLOCK_BYTES // (itemsize * max(1, self.out_features)))
+
+    def _blocks(self, rows):
+        if self.xp.__name__ != "numpy" or rows <= self.block_rows:
+            return ((0, rows),)
+        step = self.block_rows
+        return tuple((lo, min(lo + step, rows)) for lo in range(0, rows, step))
 
     def forward(self, x, training=True):
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"{self.name}: expected input [B, {self.in_features}], "
                              f"got {tuple(x.shape)}")
-        xp = self.xp
-        y = self.ws.get("y", (x.shape[0], self.out_features))
-        xp.matmul(x, self.weight.data, out=y)
-        if self.bias is not None:
-            y += self.bias.data
-        if self._act_fwd is not None:
-            self._act_fwd(xp, self.ws, y)
-        self._x, self._y = x, y
+        xp, w, act = self.xp, self.weight.data, self.activation
+        b = x.shape[0]
+        y = self.ws.get("y", (b, self.out_features))
+        mask = self.ws.get("mask", y.shape, dtype=bool) if act == "relu" else None
+        for lo, hi in self._blocks(b) if (act or self.bias is not None) else ((0, b),):
+            yb = y[lo:hi]
+            xp.matmul(x[lo:hi], w, out=yb)
+            if self.bias is not None:
+                yb += self.bias.data
+            if act == "relu":
+                relu_(xp, yb, mask[lo:hi])
+            elif act == "sigmoid":
+                sigmoid_(xp, yb)
+        self._x, self._y, self._mask = x, y, mask
         return y
 
     def backward(self, dy):
-        xp = self.xp
-        dz = dy if self._act_bwd is None else self._act_bwd(xp, self.ws, self._y, dy)
-        xp.matmul(self._x.T, dz, out=self.weight.grad)
+        xp, w, act, x = self.xp, self.weight.data, self.activation, self._x
+        b = x.shape[0]
+        dz = dy if act is None else self.ws.get("dz", dy.shape)
+        dx = self.ws.get("dx", x.shape) if self.input_grad else None
+        for lo, hi in self._blocks(b) if (act or dx is not None) else ():
+            if act == "relu":
+                relu_grad(xp, dy[lo:hi], self._mask[lo:hi], dz[lo:hi])
+            elif act == "sigmoid":
+                sigmoid_grad(xp, dy[lo:hi], self._y[lo:hi], dz[lo:hi])
+            if dx is None:
+                continue
+            if self.out_features == 1:
+                # An outer product: BLAS GEMM with k = 1 is several times slower than this.
+                xp.multiply(dz[lo:hi], w.T, out=dx[lo:hi])
+            else:
+                xp.matmul(dz[lo:hi], w.T, out=dx[lo:hi])
+        xp.matmul(x.T, dz, out=self.weight.grad)
         if self.bias is not None:
-            xp.sum(dz, axis=0, out=self.bias.grad)
+            # ones @ dz: a GEMV reads dz once, faster than a column-wise sum reduction.
+            ones = self.ws.get("ones", (b,))
+            if self._ones_rows != b:
+                ones.fill(1)
+                self._ones_rows = b
+            xp.matmul(ones, dz, out=self.bias.grad)
         self.pset.grad_ready(*self.params)
-        if not self.input_grad:
-            return None
-        dx = self.ws.get("dx", self._x.shape)
-        if self.out_features == 1:
-            # An outer product: BLAS GEMM with k = 1 is several times slower than this.
-            return xp.multiply(dz, self.weight.data.T, out=dx)
-        return xp.matmul(dz, self.weight.data.T, out=dx)
+        return dx
 
 
 class MLP(Layer):

@@ -197,11 +197,13 @@ class Adam(Optimizer):
         xp.multiply(g, g, out=s)
         s *= 1.0 - b2
         v += s
+        # lr/bc1 * m / (sqrt(v/bc2) + eps) == (lr sqrt(bc2)/bc1) * m / (sqrt(v) + eps sqrt(bc2)):
+        # one pass fewer over the buffer.
+        rbc2 = math.sqrt(1.0 - b2 ** t)
         xp.sqrt(v, out=s)
-        s *= 1.0 / math.sqrt(1.0 - b2 ** t)
-        s += self.eps
+        s += self.eps * rbc2
         xp.divide(m, s, out=s)
-        s *= self.lr / (1.0 - b1 ** t)
+        s *= self.lr * rbc2 / (1.0 - b1 ** t)
         p -= s
 
 

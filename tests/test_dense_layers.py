@@ -254,7 +254,9 @@ def test_dot_interaction(xp, self_interaction, blocked):
     embs = [rand(xp, rng, B, d) for _ in range(F)]
     y = to_numpy(layer.forward(x, embs)).copy()
     ref = _dot_reference(to_numpy(x), [to_numpy(e) for e in embs], self_interaction)
-    assert layer.out_dim == ref.shape[1] == d + (F + 1) * (F + 2 - (0 if self_interaction else 2)) // 2
+    n = F + 1
+    pairs = n * (n + 1) // 2 if self_interaction else n * (n - 1) // 2
+    assert layer.out_dim == ref.shape[1] == d + pairs
     np.testing.assert_allclose(y, ref, rtol=1e-12)
     r = rand(xp, rng, B, layer.out_dim)
     dx, dembs = layer.backward(r)

@@ -76,7 +76,8 @@ def test_wide_and_deep_gradients_and_reference(xp):
     P = {k: to_numpy(v) for k, v in model.params.named().items()}
     e = [to_numpy(a) for a in embs]
     deep = _mlp_ref(np.concatenate([to_numpy(dense), e[3], e[4]], axis=1), P, "deep", 3, False)
-    ref = deep[:, 0] + (to_numpy(dense) @ P["wide.weight"])[:, 0] + e[0][:, 0] + e[1][:, 0] + e[2][:, 0]
+    wide = (to_numpy(dense) @ P["wide.weight"])[:, 0] + e[0][:, 0] + e[1][:, 0] + e[2][:, 0]
+    ref = deep[:, 0] + wide
     np.testing.assert_allclose(to_numpy(model.forward(dense, embs)), ref, rtol=1e-10)
     _check_model(model, dense, embs, labels, rng)
 

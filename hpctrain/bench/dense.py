@@ -29,7 +29,8 @@ def _flops(model, batch):
     lin = 0
     for layer in model.bottom.layers + model.top.layers:
         if isinstance(layer, Linear):
-            lin += 2 * batch * layer.in_features * layer.out_features * (3 if layer.input_grad else 2)
+            products = 3 if layer.input_grad else 2
+            lin += 2 * batch * layer.in_features * layer.out_features * products
     it = model.interaction
     inter = 2 * (2 * batch * it.n * it.n * it.dim)
     return lin, inter

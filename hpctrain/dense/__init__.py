@@ -26,5 +26,6 @@ from hpctrain.dense.transfer import EmbeddingTransfer
 __all__ = ["get_array_module", "to_numpy", "FlatParameters", "Linear", "ReLU", "Sigmoid",
            "Dropout", "Concat", "MLP", "DotInteraction", "FMInteraction", "CrossLayer",
            "CrossNet", "DLRM", "WideAndDeep", "DeepFM", "bce_with_logits", "mse", "sigmoid",
-           "make_optimizer", "OPTIMIZERS", "dense_state_dict", "load_dense_state_dict", "allreduce_gradients", "BucketedAllreduce",
+           "make_optimizer", "OPTIMIZERS", "dense_state_dict", "load_dense_state_dict",
+           "allreduce_gradients", "BucketedAllreduce",
            "broadcast_parameters", "check_parameters_identical", "EmbeddingTransfer"]

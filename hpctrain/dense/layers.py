@@ -23,7 +23,7 @@ class Workspace:
         self._bufs = {}
 
     def get(self, key, shape, dtype=None):
-        """An uninitialised array of ``shape`` for ``key`` (the same one as last time if it fits)."""
+        """An uninitialised array of ``shape`` for ``key`` (last call's array if it fits)."""
         dtype = self.dtype if dtype is None else dtype
         a = self._bufs.get(key)
         if a is None or a.shape != shape or a.dtype != dtype:

@@ -212,7 +212,8 @@ class DeepFM(Model):
         if not emb_dims or len(set(emb_dims)) != 1:
             raise ValueError(f"DeepFM needs embeddings of one width, got emb_dims={list(emb_dims)}")
         if any(int(w) != 1 for w in wide_dims):
-            raise ValueError(f"DeepFM first-order embeddings must have dim 1, got {list(wide_dims)}")
+            raise ValueError("DeepFM first-order embeddings must have dim 1, "
+                             f"got {list(wide_dims)}")
         k = int(emb_dims[0])
         self.emb_dims, self.wide_dims = [k] * len(emb_dims), [1] * len(wide_dims)
         p = self.params

@@ -35,7 +35,8 @@ class Param:
     __slots__ = ("name", "shape", "size", "init", "offset", "data", "grad", "index")
 
     def __init__(self, name, shape, init, index):
-        self.name, self.shape, self.init, self.index = name, tuple(int(s) for s in shape), init, index
+        self.name, self.init, self.index = name, init, index
+        self.shape = tuple(int(s) for s in shape)
         self.size = int(np.prod(self.shape, dtype=np.int64))
         self.offset = None
         self.data = self.grad = None

@@ -127,7 +127,7 @@ class HostStaging:
         self._host = None
 
     def run(self, buf, fn):
-        """``fn(host_copy)`` on a pinned host copy of device ``buf``; result copied back to ``buf``."""
+        """``fn(host)`` on a pinned host copy of device ``buf``, then copied back into ``buf``."""
         if not is_device_array(buf):
             fn(buf)
             return buf

@@ -113,6 +113,8 @@ def set_blas_threads(n):
     Returns:
         True when a BLAS library accepted the setting.
     """
+    global _THREADS
+    _THREADS = None
     done = False
     for path in _blas_libraries():
         try:
@@ -126,6 +128,17 @@ def set_blas_threads(n):
                 done = True
                 break
     return done
+
+
+_THREADS = None
+
+
+def blas_threads():
+    """The BLAS thread count (at least 1), cached: cheap enough to ask on every layer call."""
+    global _THREADS
+    if _THREADS is None:
+        _THREADS = max(1, get_blas_threads() or 1)
+    return _THREADS
 
 
 def get_blas_threads():

@@ -8,6 +8,7 @@ no copy is made here that would be made again there.
 
 import numpy as np
 
+from hpctrain.dense.backend import blas_threads
 from hpctrain.dense.layers import Layer
 
 
@@ -68,7 +69,7 @@ class DotInteraction(Layer):
         block = self.block_rows
         if block is None:
             per_row = (self.n * self.dim + self.n * self.n) * np.dtype(self.dtype).itemsize
-            block = max(128, self.BLOCK_BYTES // per_row)
+            block = max(128, self.BLOCK_BYTES * blas_threads() // per_row)
         return tuple((lo, min(lo + block, rows)) for lo in range(0, rows, block))
 
     def forward(self, x, embs, training=True):

@@ -12,7 +12,7 @@ Conventions shared by every layer:
   allreduce can start while the rest of backward runs.
 * Weights are ``[in, out]`` so that ``y = x @ W + b`` is one GEMM on row-major data.
 """
-from hpctrain.dense.backend import make_rng, uniform
+from hpctrain.dense.backend import blas_threads, make_rng, uniform
 
 
 class Workspace:
@@ -171,7 +171,8 @@ class Dropout(Layer):
 class Linear(Layer):
     """``y = act(x @ W + b)`` with W ``[in, out]``, optionally fused ReLU/sigmoid.
 
-    On NumPy, batches are processed in row blocks of about ``BLOCK_BYTES`` of output:
+    On NumPy, batches are processed in row blocks of about ``BLOCK_BYTES`` of output
+    per BLAS thread:
     each block's GEMM is followed at once by its bias and activation (and in backward
     the activation gradient by the input-gradient GEMM) while the block is still in
     the core's cache, which hides most of their memory traffic behind the GEMMs. The
@@ -188,7 +189,7 @@ class Linear(Layer):
             backward then skips one GEMM and returns None.
     """
 
-    BLOCK_BYTES = 1 << 20
+    BLOCK_BYTES = 1 << 20  # per BLAS thread: a core's share of a block stays in its L2
 
     def __init__(self, params, name, in_features, out_features, activation=None, init=None,
                  bias=True, input_grad=True):
@@ -206,13 +207,17 @@ class Linear(Layer):
         self.input_grad = input_grad
         self._x = self._y = self._mask = None
         self._ones_rows = -1
-        itemsize = params.dtype.itemsize
-        self.block_rows = max(256, self.BLOCK_BYTES // (itemsize * max(1, self.out_features)))
+        self.block_rows = None  # None: from BLOCK_BYTES and the BLAS thread count
 
     def _blocks(self, rows):
-        if self.xp.__name__ != "numpy" or rows <= self.block_rows:
+        if self.xp.__name__ != "numpy":
             return ((0, rows),)
         step = self.block_rows
+        if step is None:
+            per_row = self.dtype.itemsize * max(1, self.out_features)
+            step = max(256, self.BLOCK_BYTES * blas_threads() // per_row)
+        if rows <= step:
+            return ((0, rows),)
         return tuple((lo, min(lo + step, rows)) for lo in range(0, rows, step))
 
     def forward(self, x, training=True):

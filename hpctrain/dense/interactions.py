@@ -32,7 +32,7 @@ class DotInteraction(Layer):
         y = [x | Z[:,1,:1] | Z[:,2,:2] | ... | Z[:,n-1,:n-1]]   contiguous slice of y
 
     Gathers and scatters go row by row through slices (n-1 copies each) rather than
-    fancy indexing, which NumPy runs an order of magnitude slower, and on NumPy a batch
+    fancy indexing, which NumPy runs about twice as slowly, and on NumPy a batch
     is processed in row blocks whose T and Z stay in cache.
 
     Args:

@@ -172,11 +172,11 @@ class Linear(Layer):
     """``y = act(x @ W + b)`` with W ``[in, out]``, optionally fused ReLU/sigmoid.
 
     On NumPy, batches are processed in row blocks of about ``BLOCK_BYTES`` of output
-    per BLAS thread:
-    each block's GEMM is followed at once by its bias and activation (and in backward
-    the activation gradient by the input-gradient GEMM) while the block is still in
-    the core's cache, which hides most of their memory traffic behind the GEMMs. The
-    weight-gradient GEMM runs once over the whole batch. CuPy runs whole batches.
+    per BLAS thread (or ``block_rows`` rows when set): each block's GEMM is followed at
+    once by its bias and activation (and in backward the activation gradient by the
+    input-gradient GEMM) while the block is still in the core's cache, which hides most
+    of their memory traffic behind the GEMMs. The weight-gradient GEMM runs once over
+    the whole batch. CuPy runs whole batches.
 
     Args:
         params: the ``FlatParameters`` to declare ``NAME.weight`` and ``NAME.bias`` in.

@@ -60,6 +60,20 @@ def summarize(rows, goal, nranks):
             "met": bool(np.median(p50) >= goal)}
 
 
+def print_rows(rows, summary, goal):
+    """The OSU-style table of one sweep and its verdict against ``goal`` (rank 0)."""
+    common.print_table(
+        ["size(B)", "lat_us", "raw_lat_us", "busbw_GB/s", "raw_busbw_GB/s", "ratio",
+         "ratio_min"],
+        [[r["bytes"], r["hpctrain"]["p50"] * 1e6, r["raw"]["p50"] * 1e6, r["busbw_GBps"],
+          r["raw_busbw_GBps"], r["ratio"], r["ratio_min"]] for r in rows])
+    if summary["met"] is not None:
+        print(f"# goal: median p50 ratio >= {goal} over sizes >= 1 MiB: "
+              f"{summary['median_ratio']:.3f} (worst size {summary['min_ratio']:.3f}; "
+              f"median ratio_min {summary['median_ratio_min']:.3f}) -> "
+              f"{'met' if summary['met'] else 'NOT met'}")
+
+
 def add_size_args(p, default_max):
     p.add_argument("--min-bytes", type=parse_size, default=8)
     p.add_argument("--max-bytes", type=parse_size, default=parse_size(default_max))
@@ -109,16 +123,7 @@ def main(argv=None):
         mode = "non-blocking" if args.nonblocking else "blocking"
         print(f"# hpctrain allreduce ({args.op}, {dtype}, {mode}) vs raw mpi4py, {n} ranks; "
               "busbw = size/t * 2(n-1)/n")
-        common.print_table(
-            ["size(B)", "lat_us", "raw_lat_us", "busbw_GB/s", "raw_busbw_GB/s", "ratio",
-             "ratio_min"],
-            [[r["bytes"], r["hpctrain"]["p50"] * 1e6, r["raw"]["p50"] * 1e6, r["busbw_GBps"],
-              r["raw_busbw_GBps"], r["ratio"], r["ratio_min"]] for r in rows])
-        if summary["met"] is not None:
-            print(f"# goal: median p50 ratio >= {GOAL} over sizes >= 1 MiB: "
-                  f"{summary['median_ratio']:.3f} (worst size {summary['min_ratio']:.3f}; "
-                  f"median ratio_min {summary['median_ratio_min']:.3f}) -> "
-                  f"{'met' if summary['met'] else 'NOT met'}")
+        print_rows(rows, summary, GOAL)
     common.write_json("allreduce", {"dtype": str(dtype), "op": args.op,
                                     "nonblocking": args.nonblocking, "busbw_factor": factor,
                                     "rows": rows, "summary": summary,

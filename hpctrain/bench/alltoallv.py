@@ -12,7 +12,7 @@ follows nccl-tests/OSU: ``busbw = (n * size) / t * (n - 1) / n``.
 import numpy as np
 
 from hpctrain.bench import common
-from hpctrain.bench.allreduce import add_size_args, compare, sizes, summarize
+from hpctrain.bench.allreduce import add_size_args, compare, print_rows, sizes, summarize
 
 GOAL = 0.9
 
@@ -71,16 +71,7 @@ def main(argv=None):
               f"{'uneven' if args.uneven else 'even'}, "
               f"{'non-blocking' if args.nonblocking else 'blocking'}) vs raw mpi4py, {n} ranks; "
               f"size per peer, busbw = n*size/t * (n-1)/n")
-        common.print_table(
-            ["size(B)", "lat_us", "raw_lat_us", "busbw_GB/s", "raw_busbw_GB/s", "ratio",
-             "ratio_min"],
-            [[r["bytes"], r["hpctrain"]["p50"] * 1e6, r["raw"]["p50"] * 1e6, r["busbw_GBps"],
-              r["raw_busbw_GBps"], r["ratio"], r["ratio_min"]] for r in rows])
-        if summary["met"] is not None:
-            print(f"# goal: median p50 ratio >= {GOAL} over sizes >= 1 MiB: "
-                  f"{summary['median_ratio']:.3f} (worst size {summary['min_ratio']:.3f}; "
-                  f"median ratio_min {summary['median_ratio_min']:.3f}) -> "
-                  f"{'met' if summary['met'] else 'NOT met'}")
+        print_rows(rows, summary, GOAL)
     common.write_json("alltoallv", {"dim": args.dim, "uneven": args.uneven,
                                     "nonblocking": args.nonblocking, "rows": rows,
                                     "summary": summary, "peak_rss_bytes": common.peak_rss_bytes()},

@@ -34,6 +34,7 @@ import math
 import numpy as np
 
 from hpctrain.errors import ConfigError
+from hpctrain.sparse.policies import from_fields
 
 KINDS = ("sgd", "momentum", "nesterov", "adagrad", "rowwise_adagrad", "adam", "ftrl")
 
@@ -116,12 +117,7 @@ class SparseOptimizer:
         if isinstance(spec, str):
             return cls(kind=spec)
         if isinstance(spec, dict):
-            fields = {f.name for f in dataclasses.fields(cls)}
-            unknown = sorted(set(spec) - fields)
-            if unknown:
-                raise ConfigError(f"unknown optimizer field(s) {', '.join(map(str, unknown))}; "
-                                  f"valid fields: {', '.join(sorted(fields))}")
-            return cls(**spec)
+            return from_fields(cls, spec, "optimizer")
         raise ConfigError(f"optimizer must be a SparseOptimizer, a kind name or a dict; "
                           f"got {type(spec).__name__}")
 

@@ -96,17 +96,22 @@ class Eviction:
         return _from_any(cls, spec, "eviction")
 
 
+def from_fields(cls, spec, what):
+    """``cls(**spec)`` for a dict of dataclass fields; unknown fields name ``what``."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(spec) - fields)
+    if unknown:
+        raise ConfigError(f"unknown {what} field(s) {', '.join(map(str, unknown))}; "
+                          f"valid fields: {', '.join(sorted(fields))}")
+    return cls(**spec)
+
+
 def _from_any(cls, spec, what):
     if spec is None:
         return cls()
     if isinstance(spec, cls):
         return spec
     if isinstance(spec, dict):
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(spec) - fields)
-        if unknown:
-            raise ConfigError(f"unknown {what} field(s) {', '.join(map(str, unknown))}; "
-                              f"valid fields: {', '.join(sorted(fields))}")
-        return cls(**spec)
+        return from_fields(cls, spec, what)
     raise ConfigError(f"{what} must be a {cls.__name__}, a dict or None; "
                       f"got {type(spec).__name__}")

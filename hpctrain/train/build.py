@@ -10,15 +10,15 @@ import numpy as np
 from hpctrain.errors import ConfigError
 
 
-def shared_features(cfg):
-    """Data features looked up in more than one table (e.g. Wide&Deep's wide and deep)."""
+def qualified_names(cfg):
+    """Dict ``(table, feature) -> name`` on the embedding side.
+
+    A data feature looked up in several tables (e.g. Wide&Deep's wide and deep
+    parts) is ``table.feature`` there; any other keeps its own name.
+    """
     counts = Counter(f for t in cfg.tables for f in t.features)
-    return {f for f, c in counts.items() if c > 1}
-
-
-def qualified(cfg, table, feature):
-    """The embedding-side name of ``feature`` in ``table``: ``table.feature`` when shared."""
-    return f"{table}.{feature}" if feature in shared_features(cfg) else feature
+    return {(t.name, f): f"{t.name}.{f}" if counts[f] > 1 else f
+            for t in cfg.tables for f in t.features}
 
 
 class BatchFeatures:
@@ -30,8 +30,8 @@ class BatchFeatures:
     """
 
     def __init__(self, cfg):
-        self.shared = shared_features(cfg)
-        self.pairs = [(qualified(cfg, t.name, f), f) for t in cfg.tables for f in t.features]
+        self.pairs = [(name, f) for (_, f), name in qualified_names(cfg).items()]
+        self.shared = any(name != f for name, f in self.pairs)
 
     def __call__(self, batch):
         if not self.shared:
@@ -55,10 +55,11 @@ def table_specs(cfg):
     from hpctrain.sparse.optimizers import SparseOptimizer
     from hpctrain.sparse.policies import Admission, Eviction
     from hpctrain.sparse.spec import TableSpec
+    names = qualified_names(cfg)
     specs = []
     for i, t in enumerate(cfg.tables):
         specs.append(TableSpec(
-            name=t.name, dim=t.dim, features=[qualified(cfg, t.name, f) for f in t.features],
+            name=t.name, dim=t.dim, features=[names[t.name, f] for f in t.features],
             optimizer=SparseOptimizer(**t.optimizer),
             admission=Admission(**t.admission) if t.admission else None,
             eviction=Eviction(**t.eviction) if t.eviction else None,
@@ -81,9 +82,10 @@ def feature_order(cfg):
             raise ConfigError(f"{cfg.source}: tables: table {t.name!r} has pooling = \"none\"; "
                               f"the {cfg.model.kind} model takes one pooled vector per feature "
                               f"(use \"sum\" or \"mean\")")
-    wide_feats = [(qualified(cfg, t.name, f), t.dim) for t in cfg.tables if t.name in wide
+    names = qualified_names(cfg)
+    wide_feats = [(names[t.name, f], t.dim) for t in cfg.tables if t.name in wide
                   for f in t.features]
-    deep_feats = [(qualified(cfg, t.name, f), t.dim) for t in cfg.tables if t.name not in wide
+    deep_feats = [(names[t.name, f], t.dim) for t in cfg.tables if t.name not in wide
                   for f in t.features]
     if cfg.model.kind == "wide_deep":
         order = wide_feats + deep_feats

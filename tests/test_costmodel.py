@@ -133,10 +133,12 @@ def test_fit_node_links_from_benchmark_json():
         docs.append({"benchmark": "allreduce", "world_size": p, "ranks_per_node": p,
                      "rows": rows})
     fitted = cm.fit_node_links(docs)
-    link, points = fitted["allreduce"]
+    regimes, points = fitted["allreduce"]
+    assert len(regimes.links) == 1          # one regime explains exact alpha-beta data
+    link = regimes.links[0]
     assert link.latency_s == pytest.approx(alpha) and link.beta == pytest.approx(beta)
     assert len(points) == 8 and max(abs(pt["rel_error"]) for pt in points) < 1e-9
-    assert fitted["alltoallv"] == (None, [])
+    assert fitted["alltoallv"] == (None, []) and fitted["local_copy"] == (None, [])
 
 
 def test_interconnect_presets_are_sane():
@@ -157,7 +159,9 @@ def test_oversubscribed_runs_are_reported_not_fitted():
             rows.append({"bytes": n, "hpctrain": {"p50": t * (50 if p == 4 else 1)}})
         docs.append({"benchmark": "alltoallv", "world_size": p, "ranks_per_node": p,
                      "versions": {"cpu_count": cores, "threads": 1}, "rows": rows})
-    link, points = cm.fit_node_links(docs)["alltoallv"]
+    regimes, points = cm.fit_node_links(docs)["alltoallv"]
+    link = regimes.links[0]
+    assert len(regimes.links) == 1
     assert link.latency_s == pytest.approx(alpha) and link.beta == pytest.approx(beta)
     over = [pt for pt in points if pt["oversubscribed"]]
     assert len(over) == 4 and all(pt["ranks"] == 4 for pt in over)
@@ -197,11 +201,15 @@ def test_scaling_sweep_and_costmodel_command(tmp_path, capsys):
     assert cm.main(["--results", str(out), "--interconnect", "ib_ndr", "--max-ranks", "64",
                     "--json", str(pred)]) == 0
     model = json.loads(pred.read_text())
-    assert model["links"]["allreduce_node"]["description"] == "fitted from allreduce"
-    assert model["links"]["net"]["bandwidth_Bps"] == cm.INTERCONNECTS["ib_ndr"].bandwidth_Bps
+    assert model["links"]["allreduce_node"][0]["description"] == "fitted from allreduce"
+    assert model["links"]["local_copy"][0]["from_bytes"] == 0
+    ndr = cm.INTERCONNECTS["ib_ndr"]
+    assert model["links"]["net"] == [{"from_bytes": 0, "latency_s": ndr.latency_s,
+                                      "bandwidth_Bps": ndr.bandwidth_Bps,
+                                      "description": ndr.description}]
     assert [r["ranks"] for r in model["prediction"]] == [1, 2, 4, 8, 16, 32, 64]
     kinds = {(pt["benchmark"], pt["ranks"]) for pt in model["points"]}
-    assert kinds == {("allreduce", 2), ("alltoallv", 2)}
+    assert kinds == {("allreduce", 2), ("alltoallv", 1), ("alltoallv", 2)}
     assert "predicted vs measured" in capsys.readouterr().out
     assert os.path.getsize(pred) > 0
 
@@ -224,3 +232,190 @@ def test_data_thread_counts_once_cores_are_busy():
     assert [model.oversubscription(p) for p in (1, 2, 4)] == [1.0, 2.0, 4.0]
     wide = cm.CostModel(_network(), rates, ranks_per_node=4, cores_per_node=8, data_threads=1)
     assert [wide.oversubscription(p) for p in (1, 2, 4)] == [1.0, 1.0, 1.0]
+
+
+# --------------------------------------------------------------------------- message-size regimes
+
+def _piecewise(sizes, regimes, bounds, p=2, noise=0.0, seed=0):
+    """Allreduce times at ``p`` ranks from known (alpha, beta) regimes split at ``bounds``."""
+    rng = np.random.default_rng(seed)
+    ca, cb, t = [], [], []
+    for n in sizes:
+        a, b = regimes[sum(n >= x for x in bounds)]
+        c = cm.allreduce_terms(n, p)
+        ca.append(c[0])
+        cb.append(c[1])
+        t.append((c[0] * a + c[1] * b) * (1 + noise * rng.standard_normal()))
+    return ca, cb, t
+
+
+SIZES = [2 ** k for k in range(3, 25)]     # 8 B .. 16 MiB, as the sweep measures
+
+
+def test_fit_regimes_finds_the_protocol_switch():
+    eager, rendezvous = (2e-6, 1 / 5e9), (10e-6, 1 / 9e9)
+    ca, cb, t = _piecewise(SIZES, [eager, rendezvous], [16384])
+    reg = cm.fit_regimes(SIZES, ca, cb, t)
+    assert len(reg.links) == 2
+    assert reg.bounds[0] == pytest.approx(math.sqrt(8192 * 16384))   # between 8 and 16 KiB
+    for link, (a, b) in zip(reg.links, [eager, rendezvous]):
+        assert link.latency_s == pytest.approx(a, rel=1e-6) and link.beta == pytest.approx(b)
+    # every measured point is reproduced by its own regime
+    pred = [2 * reg.at(n).latency_s + n * reg.at(n).beta for n in SIZES]
+    assert np.allclose(pred, t, rtol=1e-9)
+
+
+def test_fit_regimes_three_and_the_criterion():
+    regs = [(1e-6, 1 / 2e9), (5e-6, 1 / 6e9), (40e-6, 1 / 12e9)]
+    ca, cb, t = _piecewise(SIZES, regs, [4096, 1 << 20])
+    reg = cm.fit_regimes(SIZES, ca, cb, t)
+    assert len(reg.links) == 3
+    assert reg.at(2048) is reg.links[0] and reg.at(8192) is reg.links[1]
+    assert reg.at(1 << 21) is reg.links[2]
+    assert [ln.latency_s for ln in reg.links] == pytest.approx([r[0] for r in regs])
+    # capped at two regimes, the best split still separates small from large messages
+    two = cm.fit_regimes(SIZES, ca, cb, t, max_regimes=2)
+    assert len(two.links) == 2
+    # one true regime with 3% noise: no point is off by 10%, it stays whole
+    ca, cb, t = _piecewise(SIZES, [(3e-6, 1 / 7e9)], [], noise=0.03)
+    one = cm.fit_regimes(SIZES, ca, cb, t)
+    assert len(one.links) == 1 and one.bounds == ()
+    assert one.links[0].latency_s == pytest.approx(3e-6, rel=0.1)
+
+
+def test_regimes_lookup_and_validation():
+    a, b, c = cm.Link(1e-6, 1e9), cm.Link(2e-6, 2e9), cm.Link(3e-6, 3e9)
+    reg = cm.Regimes((a, b, c), (100.0, 1000.0))
+    assert [reg.at(x) for x in (0, 99, 100, 999, 1000, 1e9)] == [a, a, b, b, c, c]
+    assert cm.Regimes.of(a).links == (a,) and cm.Regimes.of(reg) is reg
+    assert reg.as_dicts()[1]["from_bytes"] == 100.0
+    with pytest.raises(ValueError, match="bounds"):
+        cm.Regimes((a, b), ())
+    with pytest.raises(ValueError, match="increase"):
+        cm.Regimes((a, b, c), (10.0, 5.0))
+    with pytest.raises(ValueError, match="distinct sizes"):
+        cm.fit_regimes([8, 8], [1, 1], [1, 1], [1e-6, 1e-6])
+
+
+def test_network_uses_the_regime_of_each_message():
+    small, large = cm.Link(2e-6, 4e9), cm.Link(10e-6, 8e9)
+    node = cm.Regimes((small, large), (65536.0,))
+    net = cm.Network(node, node, cm.Link(1e-6, 20e9))
+    # allreduce: regime by buffer size
+    assert net.allreduce(1024, 2, 2) == pytest.approx(2 * 2e-6 + 1024 / 4e9)
+    assert net.allreduce(1 << 20, 2, 2) == pytest.approx(2 * 10e-6 + (1 << 20) / 8e9)
+    # alltoallv: regime by bytes per peer (m / p): 4 x 32 KiB -> small, 4 x 128 KiB -> large
+    assert net.alltoallv(4 * 32768, 4, 4) == pytest.approx(3 * (2e-6 + 32768 / 4e9))
+    assert net.alltoallv(4 * 131072, 4, 4) == pytest.approx(3 * (10e-6 + 131072 / 8e9))
+
+
+def test_parse_net_regimes():
+    reg = cm.parse_net_regimes("0:1.3:12,64K:1.5:23")
+    assert reg.bounds == (65536,)
+    assert reg.links[0].latency_s == pytest.approx(1.3e-6)
+    assert reg.links[1].bandwidth_Bps == pytest.approx(23e9)
+    with pytest.raises(ValueError, match="start at 0"):
+        cm.parse_net_regimes("1K:1:1")
+    with pytest.raises(ValueError, match="item 2"):
+        cm.parse_net_regimes("0:1:1,oops")
+
+
+# --------------------------------------------------------------------------- local copy
+
+def test_alltoallv_local_copy_term():
+    copy = cm.Link(4e-6, 40e9)
+    node = cm.Link(3e-6, 6e9)
+    net = cm.Network(node, node, cm.Link(1e-6, 20e9), local_copy=copy)
+    m = 8e6
+    # one rank: the whole buffer is the block it keeps
+    assert net.alltoallv(m, 1, 8) == pytest.approx(4e-6 + m / 40e9)
+    # two ranks: half kept (copied), half to the peer
+    assert net.alltoallv(m, 2, 8) == pytest.approx(4e-6 + m / 2 / 40e9 + 3e-6 + m / 2 / 6e9)
+    # 16 ranks on 2 nodes: 1/16 copied, 7 local peers, 8 remote ones over the node's link
+    s = m / 16
+    expect = 4e-6 + s / 40e9 + 7 * (3e-6 + s / 6e9) + 8 * 1e-6 + 8 * 8 * s / 20e9
+    assert net.alltoallv(m, 16, 8) == pytest.approx(expect)
+
+
+def test_fit_alpha_beta_with_known_offset():
+    ca, cb = [1.0] * 6, [1e3, 1e4, 1e5, 1e6, 1e7, 1e8]
+    off = [2e-6 + x / 50e9 for x in cb]
+    t = [o + 5e-6 + x / 8e9 for o, x in zip(off, cb)]
+    a, b = cm.fit_alpha_beta(ca, cb, t, off)
+    assert a == pytest.approx(5e-6) and b == pytest.approx(1 / 8e9)
+
+
+def _alltoallv_doc(p, fn, sizes, cores=2):
+    rows = [{"bytes": s, "hpctrain": {"p50": fn(s)}} for s in sizes]
+    return {"benchmark": "alltoallv", "world_size": p, "ranks_per_node": p,
+            "versions": {"cpu_count": cores, "threads": 1}, "rows": rows}
+
+
+def test_fit_node_links_separates_local_copy_and_peer_cost():
+    a0, bc = 4e-6, 1 / 50e9          # per call, local copy
+    a, b = 6e-6, 1 / 6e9             # per peer
+    docs = [_alltoallv_doc(1, lambda s: a0 + s * bc, SIZES[:20]),
+            _alltoallv_doc(2, lambda s: a0 + s * bc + a + s * b, SIZES[:20])]
+    fitted = cm.fit_node_links(docs)
+    copy, copy_pts = fitted["local_copy"]
+    assert len(copy.links) == 1 and copy.links[0].latency_s == pytest.approx(a0)
+    assert copy.links[0].beta == pytest.approx(bc)
+    node, pts = fitted["alltoallv"]
+    assert len(node.links) == 1 and node.links[0].latency_s == pytest.approx(a)
+    assert node.links[0].beta == pytest.approx(b)
+    assert len(copy_pts) == 20 and len(pts) == 20
+    assert max(abs(pt["rel_error"]) for pt in copy_pts + pts) < 1e-9
+
+
+# --------------------------------------------------------------------------- sparse compute
+
+def _exchange_doc(p, batch, step_s, alone_s, features=26, dim=16, unique=0.75, cores=2,
+                  mode="weak"):
+    u = batch * features * unique
+    return {"benchmark": "exchange", "world_size": p, "ranks_per_node": p, "scaling_mode": mode,
+            "versions": {"cpu_count": cores, "threads": 1},
+            "config": {"batch": batch, "features": features},
+            "results": [{"dim": dim, "step": {"p50": step_s}, "step_alone": {"p50": alone_s},
+                         "exchange_bytes_sent_rank0": 8 * features * p + (8 + 8 * dim) * u}]}
+
+
+def test_sparse_rates_contention_and_predictions():
+    fixed, per_id = 2e-3, 140e-9          # compute of one rank alone on the node
+    a_fixed, a_id = 3e-3, 230e-9          # the benchmark's alone column at 1 rank (colder)
+    c2 = 1.3                              # two busy ranks slow sparse work by 30%
+    node = cm.Link(5e-6, 6e9)
+    network = cm.Network(node, node, cm.Link(1e-6, 20e9), local_copy=cm.Link(4e-6, 40e9))
+
+    def comm(p, batch):
+        run = {"ranks": p, "ranks_per_node": p, "features": 26, "dim": 16,
+               "unique": batch * 26 * 0.75}
+        return cm.exchange_comm(network, run)
+
+    def doc(p, batch, c, mode):
+        ids = batch * 26
+        return _exchange_doc(p, batch, (fixed + per_id * ids) * c + comm(p, batch),
+                             (a_fixed + a_id * ids) * c, mode=mode)
+    docs = [doc(1, 2048, 1.0, "weak"), doc(1, 8192, 1.0, "strong"), doc(2, 2048, c2, "weak"),
+            doc(2, 4096, c2, "strong")]
+    rates, kappa, points = cm.sparse_rates_and_points(docs, network)
+    assert rates[16] == pytest.approx((fixed, per_id))
+    assert kappa == pytest.approx(c2 - 1)
+    assert len(points) == 4 and max(abs(pt["rel_error"]) for pt in points) < 1e-9
+    assert [pt["calibration"] for pt in points] == [True, True, False, False]
+    assert [pt["contention"] for pt in points] == pytest.approx([1, 1, c2, c2])
+    # the unique fraction is read back from the bytes sent
+    assert cm.unique_fraction(docs) == pytest.approx(0.75)
+
+
+def test_contention_factor_in_the_step():
+    rates = cm.ComputeRates(s_per_flop=1e-10, s_per_id=100e-9, s_fixed=1e-3, threads=1,
+                            contention_per_rank=0.2)
+    assert [rates.contention(r) for r in (0, 1, 2, 5)] == pytest.approx([1, 1, 1.2, 1.8])
+    w = cm.Workload()
+    dense = 1000 * w.flops_per_sample * 1e-10
+    sparse = 1e-3 + 1000 * w.ids_per_sample * 100e-9
+    assert rates.step(w, 1000, 4) == pytest.approx(dense + 1.6 * sparse)
+    model = cm.CostModel(_network(), rates, ranks_per_node=4, cores_per_node=4)
+    # the node's sparse throughput r / c(r) saturates at 1 / kappa = 5 ranks' worth
+    assert model.step(w, 8, 1000)["compute"] == pytest.approx(dense + 1.6 * sparse)
+    assert model.step(w, 1, 1000)["compute"] == pytest.approx(dense + sparse)

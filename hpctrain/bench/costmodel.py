@@ -4,29 +4,32 @@
 
 One step on ``p`` ranks (``r`` per node, ``N = p / r`` nodes), local batch ``b``:
 
-    T(p) = T_compute(b) * max(1, r * threads / cores)         (oversubscription)
-         + T_allreduce(4 * dense_params, p)                    (one fused allreduce)
-         + sum over the exchanges of T_alltoallv(bytes, p)      (counts, ids, rows, grads)
+    T(p) = [T_dense(b) + T_sparse(b) * c(r)] * max(1, r * busy threads / cores)
+         + T_allreduce(4 * dense_params, p)                 (one fused allreduce)
+         + sum over the exchanges of T_alltoallv(bytes, p)   (counts, ids, rows, grads)
 
-with the hierarchical (SMP-aware) alpha-beta costs, ``a`` = latency, ``B`` = seconds per byte:
+``c(r)`` is the memory contention of ``r`` busy ranks on a node, measured by the exchange
+benchmark. The collectives are piecewise alpha-beta: every message-size regime (eager,
+rendezvous, ...) has its own latency ``a`` and seconds per byte ``B``, with ``s`` the
+bytes per peer of an alltoallv (``m`` bytes sent per rank in all):
 
-    T_allreduce(n) = [r > 1] (2 ceil(log2 r) a_node + 2 (r-1)/r n B_node)
-                   + [N > 1] (2 ceil(log2 N) a_net  + 2 (N-1)/N n B_net)
-    T_alltoallv(m) = (r-1) a_node + (r-1)/p m B_node              (m bytes sent per rank,
-                   + [N > 1] ((p-r) a_net + r (p-r)/p m B_net)      spread evenly over peers)
+    T_allreduce(n) = [r > 1] (2 ceil(log2 r) a_node(n) + 2 (r-1)/r n B_node(n))
+                   + [N > 1] (2 ceil(log2 N) a_net(n)  + 2 (N-1)/N n B_net(n))
+    T_alltoallv(m) = a_copy(s) + s B_copy(s)                 (the block a rank keeps)
+                   + (r-1) (a_node(s) + s B_node(s))
+                   + [N > 1] ((p-r) a_net(s) + r (p-r) s B_net(s))
 
-Allreduce is modelled as a reduce-scatter + allgather (Rabenseifner; recursive halving for
-the latency), done inside the node, then between nodes: its bandwidth term is the lower
-bound any allreduce meets, 2 (N-1)/N n bytes through each node's link. In an alltoallv each
-rank sends one message to every peer (pairwise exchange) and the r ranks of a node share
-its link. ``a_node``/``B_node`` are fitted from the allreduce and alltoallv micro-benchmarks
-of this machine (separately, so the allreduce's reduction arithmetic is inside its B);
-``a_net``/``B_net`` come from :data:`INTERCONNECTS` or the command line. Compute rates
-(seconds per dense FLOP, per sparse id, and a fixed per-step cost) are measured by the
-train benchmark on one rank. Assumptions and limits are in docs/scaling.md.
+The regimes and their parameters are fitted from the allreduce and alltoallv
+micro-benchmarks of this machine (the local copy from the 1-rank alltoallv); the
+inter-node link comes from :data:`INTERCONNECTS` or the command line (one pair unless
+``--net-regimes`` gives more). Compute rates are measured by the sweep's dense and
+exchange benchmarks. The formulas, what is fitted from what, and the assumptions are in
+docs/scaling.md.
 """
+import bisect
 import dataclasses
 import glob
+import itertools
 import json
 import math
 import os
@@ -61,6 +64,58 @@ INTERCONNECTS = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Regimes:
+    """Piecewise alpha-beta: one :class:`Link` per message-size regime.
+
+    ``links[0]`` holds below ``bounds[0]`` bytes, ``links[i]`` from ``bounds[i-1]``
+    (inclusive) to ``bounds[i]``, the last one above::
+
+        size:   0 ........ bounds[0) ........ bounds[1) ........ inf
+        link:     links[0]           links[1]           links[2]
+    """
+    links: tuple
+    bounds: tuple = ()
+
+    def __post_init__(self):
+        if len(self.links) != len(self.bounds) + 1:
+            raise ValueError(f"Regimes: {len(self.links)} links need {len(self.links) - 1} "
+                             f"bounds, got {len(self.bounds)}")
+        if any(b <= a for a, b in zip(self.bounds, self.bounds[1:])):
+            raise ValueError(f"Regimes: bounds must increase, got {self.bounds}")
+
+    @classmethod
+    def of(cls, x):
+        """``x`` as Regimes (a single :class:`Link` is one regime)."""
+        return x if isinstance(x, Regimes) or x is None else cls((x,))
+
+    def at(self, nbytes):
+        """The Link of messages of ``nbytes`` bytes."""
+        return self.links[bisect.bisect_right(self.bounds, nbytes)]
+
+    def as_dicts(self):
+        """JSON form: one dict per regime (from_bytes, latency_s, bandwidth_Bps)."""
+        return [{"from_bytes": lo, "latency_s": ln.latency_s, "bandwidth_Bps": ln.bandwidth_Bps,
+                 "description": ln.description}
+                for lo, ln in zip((0, *self.bounds), self.links)]
+
+    def describe(self):
+        """One line per regime, for the command's header."""
+        out = []
+        for lo, hi, ln in zip((0, *self.bounds), (*self.bounds, math.inf), self.links):
+            rng = f"{_size(lo)}-{_size(hi)}" if hi < math.inf else f">= {_size(lo)}"
+            out.append(f"{rng:>15}: alpha {ln.latency_s * 1e6:8.3f} us, "
+                       f"bandwidth {ln.bandwidth_Bps / 1e9:8.3f} GB/s")
+        return out
+
+
+def _size(n):
+    for unit, k in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= k:
+            return f"{n / k:.4g} {unit}"
+    return f"{n:.4g} B"
+
+
 # --------------------------------------------------------------------------- collectives
 
 def _log2ceil(n):
@@ -83,67 +138,145 @@ def alltoallv_terms(nbytes, p):
 
 @dataclasses.dataclass
 class Network:
-    """Intra-node links fitted per collective, and the inter-node link.
+    """Intra-node costs fitted per collective, the local copy, and the inter-node link.
 
     Attributes:
-        allreduce_node, alltoallv_node: fitted Links inside one node.
-        net: the inter-node Link.
+        allreduce_node, alltoallv_node: Regimes (or one Link) inside one node.
+        net: the inter-node Regimes (or Link).
+        local_copy: Regimes of the block an alltoallv rank sends to itself (latency =
+            the per-call cost, bandwidth = the copy's); None: free.
     """
-    allreduce_node: Link
-    alltoallv_node: Link
-    net: Link
+    allreduce_node: Regimes
+    alltoallv_node: Regimes
+    net: Regimes
+    local_copy: Regimes = None
+
+    def __post_init__(self):
+        for name in ("allreduce_node", "alltoallv_node", "net", "local_copy"):
+            setattr(self, name, Regimes.of(getattr(self, name)))
 
     def allreduce(self, nbytes, p, ranks_per_node):
         """Seconds of one allreduce of ``nbytes`` over ``p`` ranks."""
         r = min(p, ranks_per_node)
         nodes = math.ceil(p / r)
+        ln = self.allreduce_node.at(nbytes)
         ca, cb = allreduce_terms(nbytes, r)
-        t = ca * self.allreduce_node.latency_s + cb * self.allreduce_node.beta
+        t = ca * ln.latency_s + cb * ln.beta
+        ln = self.net.at(nbytes)
         ca, cb = allreduce_terms(nbytes, nodes)
-        return t + ca * self.net.latency_s + cb * self.net.beta
+        return t + ca * ln.latency_s + cb * ln.beta
 
     def alltoallv(self, nbytes, p, ranks_per_node):
         """Seconds of one alltoallv where each rank sends ``nbytes`` spread over all ranks."""
+        s = nbytes / p
+        t = 0.0
+        if self.local_copy is not None:
+            t += _copy_cost(self.local_copy, s)
         if p <= 1:
-            return 0.0
+            return t
         r = min(p, ranks_per_node)
-        link = self.alltoallv_node
-        t = (r - 1) * link.latency_s + (r - 1) / p * nbytes * link.beta
+        ln = self.alltoallv_node.at(s)
+        t += (r - 1) * (ln.latency_s + s * ln.beta)
         if p > r:
-            t += (p - r) * self.net.latency_s + r * (p - r) / p * nbytes * self.net.beta
+            ln = self.net.at(s)
+            t += (p - r) * ln.latency_s + r * (p - r) * s * ln.beta
         return t
 
 
 # --------------------------------------------------------------------------- fitting
 
-def fit_alpha_beta(coef_a, coef_b, seconds):
-    """Least-squares alpha, beta of ``t = coef_a * alpha + coef_b * beta`` in relative error.
+def fit_alpha_beta(coef_a, coef_b, seconds, offset=None):
+    """Least-squares alpha, beta of ``t = offset + coef_a * alpha + coef_b * beta``.
 
-    Relative error (each equation divided by its measured time) keeps small messages,
-    whose times are orders of magnitude shorter, from being ignored. Both parameters
-    are kept >= 0 (a negative one is fixed at 0 and the other refitted).
+    In relative error (each equation divided by its measured time), so that small
+    messages, whose times are orders of magnitude shorter, are not ignored. Both
+    parameters are kept >= 0 (a negative one is fixed at 0 and the other refitted).
+    ``offset`` is a known part of each time (the local copy of an alltoallv).
 
     Returns:
         (alpha seconds, beta seconds per byte).
     """
     ca, cb, t = (np.asarray(x, dtype=np.float64) for x in (coef_a, coef_b, seconds))
-    if not (ca.shape == cb.shape == t.shape) or t.size < 2:
+    off = np.zeros_like(t) if offset is None else np.asarray(offset, dtype=np.float64)
+    if not (ca.shape == cb.shape == t.shape == off.shape) or t.size < 2:
         raise ValueError(f"fit_alpha_beta needs >= 2 points of equal length, got {ca.size}, "
-                         f"{cb.size}, {t.size}")
+                         f"{cb.size}, {t.size}, offset {off.size}")
     if (t <= 0).any():
         raise ValueError("fit_alpha_beta: measured times must be > 0")
     a = np.stack([ca / t, cb / t], axis=1)
-    alpha, beta = np.linalg.lstsq(a, np.ones_like(t), rcond=None)[0]
+    rhs = 1.0 - off / t
+    alpha, beta = np.linalg.lstsq(a, rhs, rcond=None)[0]
     if alpha < 0 or beta < 0:
         candidates = []
         for col in (0, 1):
             x = a[:, col]
-            v = float(x @ np.ones_like(t) / (x @ x)) if (x @ x) > 0 else 0.0
-            v = max(v, 0.0)
-            resid = np.sum((x * v - 1.0) ** 2)
-            candidates.append((resid, (v, 0.0) if col == 0 else (0.0, v)))
+            v = max(float(x @ rhs / (x @ x)) if (x @ x) > 0 else 0.0, 0.0)
+            sse = float(np.sum((x * v - rhs) ** 2))
+            candidates.append((sse, (v, 0.0) if col == 0 else (0.0, v)))
         alpha, beta = min(candidates)[1]
     return float(alpha), float(beta)
+
+
+def fit_regimes(sizes, coef_a, coef_b, seconds, offset=None, max_regimes=3, min_sizes=3,
+                tolerance=0.1, description=""):
+    """Piecewise alpha-beta over message size, with the regime boundaries found in the data.
+
+    Points are grouped by distinct size; a regime is a run of at least ``min_sizes``
+    consecutive sizes fitted by :func:`fit_alpha_beta` (relative error). Starting from
+    one regime, a regime is added while the current fit leaves some point off by more
+    than ``tolerance`` (relative) and the best placement of the boundaries (all are
+    tried) at least halves the sum of squared relative errors: a protocol switch (eager
+    to rendezvous, shared-memory cells to single copy) is taken where one alpha-beta pair
+    clearly fails, not to chase the noise of single sizes. A boundary lies half-way
+    (geometric mean) between the largest size of one regime and the smallest of the next.
+
+    Returns:
+        :class:`Regimes`.
+    """
+    s, ca, cb, t = (np.asarray(x, dtype=np.float64) for x in (sizes, coef_a, coef_b, seconds))
+    off = np.zeros_like(t) if offset is None else np.asarray(offset, dtype=np.float64)
+    distinct = np.unique(s)
+    d = distinct.size
+    if d < 2:
+        raise ValueError(f"fit_regimes needs >= 2 distinct sizes, got {d}")
+    group = np.searchsorted(distinct, s)
+    cache = {}
+
+    def fit(i, j):          # sizes distinct[i:j]: ((alpha, beta), SSE, max |error|)
+        if (i, j) not in cache:
+            sel = (group >= i) & (group < j)
+            ab = fit_alpha_beta(ca[sel], cb[sel], t[sel], off[sel])
+            err = (off[sel] + ca[sel] * ab[0] + cb[sel] * ab[1] - t[sel]) / t[sel]
+            cache[i, j] = (ab, float(np.sum(err ** 2)), float(np.max(np.abs(err))))
+        return cache[i, j]
+
+    def best(k):            # (SSE, max |error|, edges) of the best k-regime split
+        out = None
+        for cuts in itertools.combinations(range(1, d), k - 1):
+            edges = (0, *cuts, d)
+            if k > 1 and any(b - a < min_sizes for a, b in zip(edges, edges[1:])):
+                continue
+            parts = [fit(a, b) for a, b in zip(edges, edges[1:])]
+            cand = (sum(x[1] for x in parts), max(x[2] for x in parts), edges)
+            if out is None or cand[0] < out[0]:
+                out = cand
+        return out
+
+    chosen = best(1)
+    for k in range(2, max_regimes + 1):
+        if chosen[1] <= tolerance:
+            break
+        cand = best(k)
+        if cand is None or cand[0] > 0.5 * chosen[0]:
+            break
+        chosen = cand
+    edges = chosen[2]
+    links = []
+    for a, b in zip(edges, edges[1:]):
+        alpha, beta = fit(a, b)[0]
+        links.append(Link(alpha, 1.0 / beta if beta > 0 else math.inf, description))
+    bounds = tuple(float(math.sqrt(distinct[c - 1] * distinct[c])) for c in edges[1:-1])
+    return Regimes(tuple(links), bounds)
 
 
 def relative_errors(predicted, measured):
@@ -165,61 +298,85 @@ def oversubscribed(doc):
     return bool(cores) and per_node * threads > cores
 
 
-def collective_points(docs, kind):
+def collective_points(docs, kind, min_ranks=2):
     """Every measured size in allreduce/alltoallv benchmark JSONs, as dicts.
 
-    Keys: ranks, ranks_per_node, bytes (the buffer for allreduce, the bytes one rank
-    sends in total for alltoallv), seconds (p50), oversubscribed. One-rank runs carry
-    no communication and are left out.
+    Keys: ranks, ranks_per_node, bytes (the benchmark's size: the buffer for allreduce,
+    the bytes sent to each peer for alltoallv), sent (bytes one rank sends in all),
+    seconds (p50), oversubscribed. Runs with fewer than ``min_ranks`` ranks are left out.
     """
     pts = []
     for doc in docs:
-        if doc.get("benchmark") != kind or doc.get("world_size", 1) < 2:
+        if doc.get("benchmark") != kind or doc.get("world_size", 1) < min_ranks:
             continue
+        p = int(doc["world_size"])
         for row in doc.get("rows", []):
             stat = row.get("hpctrain")
             if stat is None or "bytes" not in row:
                 continue
-            # allreduce rows give the buffer size, alltoallv rows the bytes sent to each peer
-            nbytes = row["bytes"] * (doc["world_size"] if kind == "alltoallv" else 1)
-            pts.append({"ranks": int(doc["world_size"]),
-                        "ranks_per_node": int(doc.get("ranks_per_node", doc["world_size"])),
-                        "bytes": float(nbytes), "seconds": float(stat["p50"]),
-                        "oversubscribed": oversubscribed(doc)})
+            pts.append({"ranks": p, "ranks_per_node": int(doc.get("ranks_per_node", p)),
+                        "bytes": float(row["bytes"]),
+                        "sent": float(row["bytes"]) * (p if kind == "alltoallv" else 1),
+                        "seconds": float(stat["p50"]), "oversubscribed": oversubscribed(doc)})
     return pts
 
 
-def fit_node_links(docs):
-    """Fit the intra-node Links from allreduce and alltoallv benchmark JSONs.
+def _row(kind, pt, predicted):
+    return {"benchmark": kind, "ranks": pt["ranks"], "bytes": pt["bytes"],
+            "measured_s": pt["seconds"], "predicted_s": predicted,
+            "rel_error": (predicted - pt["seconds"]) / pt["seconds"],
+            "oversubscribed": pt["oversubscribed"]}
 
+
+def fit_node_links(docs, max_regimes=3):
+    """Fit the intra-node costs from allreduce and alltoallv benchmark JSONs.
+
+    The local copy comes from the 1-rank alltoallv (a rank sending to itself only); the
+    alltoallv's per-peer cost is fitted on what the local copy leaves of the multi-rank
+    times, regimes keyed by the bytes per peer; the allreduce's by the buffer size.
     Runs with more ranks than cores on a node are left out of the fit (busy-polling
     ranks then wait for the scheduler, not the link) but still get a prediction.
 
     Returns:
-        dict "allreduce"/"alltoallv" -> (Link or None, list of point dicts: benchmark,
-        ranks, bytes, measured_s, predicted_s, rel_error, oversubscribed).
+        dict "allreduce"/"alltoallv"/"local_copy" -> (Regimes or None, list of point
+        dicts: benchmark, ranks, bytes, measured_s, predicted_s, rel_error, oversubscribed).
     """
     out = {}
+    ones = [pt for pt in collective_points(docs, "alltoallv", 1)
+            if pt["ranks"] == 1 and not pt["oversubscribed"]]
+    copy = None
+    if len({pt["bytes"] for pt in ones}) >= 2:
+        copy = fit_regimes([pt["bytes"] for pt in ones], np.ones(len(ones)),
+                           [pt["bytes"] for pt in ones], [pt["seconds"] for pt in ones],
+                           max_regimes=max_regimes, description="local copy, fitted from "
+                           "alltoallv at 1 rank")
+        out["local_copy"] = (copy, [_row("alltoallv", pt, Network(None, None, None, copy)
+                                         .alltoallv(pt["sent"], 1, 1)) for pt in ones])
+    else:
+        out["local_copy"] = (None, [])
+    dummy = Link(0.0, math.inf)
     for kind, terms in (("allreduce", allreduce_terms), ("alltoallv", alltoallv_terms)):
         pts = collective_points(docs, kind)
         fit = [pt for pt in pts if not pt["oversubscribed"]]
-        if len(fit) < 2:
+        if len({pt["bytes"] for pt in fit}) < 2:
             out[kind] = (None, [])
             continue
-        coef = lambda pt: terms(pt["bytes"], min(pt["ranks"], pt["ranks_per_node"]))  # noqa: E731
-        ca, cb = np.array([coef(pt) for pt in fit]).T
-        alpha, beta = fit_alpha_beta(ca, cb, [pt["seconds"] for pt in fit])
-        link = Link(alpha, 1.0 / beta if beta > 0 else float("inf"), f"fitted from {kind}")
-        rows = []
-        for pt in pts:
-            a, b = coef(pt)
-            q = a * alpha + b * beta
-            rows.append({"benchmark": kind, "ranks": pt["ranks"], "bytes": pt["bytes"],
-                         "measured_s": pt["seconds"], "predicted_s": q,
-                         "rel_error": (q - pt["seconds"]) / pt["seconds"],
-                         "oversubscribed": pt["oversubscribed"]})
-        out[kind] = (link, rows)
+        coef = np.array([terms(pt["sent"], min(pt["ranks"], pt["ranks_per_node"])) for pt in fit])
+        own = copy if kind == "alltoallv" else None
+        offset = [_copy_cost(own, pt["bytes"]) for pt in fit] if own is not None else None
+        regimes = fit_regimes([pt["bytes"] for pt in fit], coef[:, 0], coef[:, 1],
+                              [pt["seconds"] for pt in fit], offset, max_regimes,
+                              description=f"fitted from {kind}")
+        net = Network(regimes, regimes, dummy, own)
+        cost = net.allreduce if kind == "allreduce" else net.alltoallv
+        out[kind] = (regimes, [_row(kind, pt, cost(pt["sent"], pt["ranks"], pt["ranks_per_node"]))
+                               for pt in pts])
     return out
+
+
+def _copy_cost(copy, s):
+    ln = copy.at(s)
+    return ln.latency_s + s * ln.beta
 
 
 # --------------------------------------------------------------------------- workload
@@ -272,10 +429,20 @@ class Workload:
     def ids_per_sample(self):
         return self.features * self.ids_per_feature
 
-    def exchange_bytes(self, batch_per_rank):
-        """Bytes one rank sends in each alltoallv of a step."""
-        u = batch_per_rank * self.ids_per_sample * self.unique_fraction
-        return {"ids": 8.0 * u, "rows": 4.0 * self.dim * u, "grads": 4.0 * self.dim * u}
+    def exchange_bytes(self, batch_per_rank, p):
+        """Bytes one rank sends in each alltoallv of a step on ``p`` ranks."""
+        return sparse_exchange_bytes(self.features, self.dim, p,
+                                     batch_per_rank * self.ids_per_sample * self.unique_fraction)
+
+
+def sparse_exchange_bytes(features, dim, p, unique):
+    """Bytes one rank sends in each of the four exchanges of a sparse step.
+
+    ``unique`` ids after deduplication: counts (``features`` int64 per peer), the ids
+    (8 B each), their rows back (``4 dim`` B each) and the rows' gradients (``4 dim`` B).
+    """
+    return {"counts": 8.0 * features * p, "ids": 8.0 * unique, "rows": 4.0 * dim * unique,
+            "grads": 4.0 * dim * unique}
 
 
 @dataclasses.dataclass
@@ -285,17 +452,30 @@ class ComputeRates:
     Attributes:
         s_per_flop: seconds per dense FLOP.
         s_per_id: seconds per sparse id (dedup, route, lookup, pool, update).
-        s_fixed: per-step cost independent of the batch (Python, small kernels).
+        s_fixed: sparse per-step cost independent of the batch (per-table calls).
+        contention_per_rank: ``kappa`` of the memory contention ``c(r) = 1 + kappa (r-1)``
+            that slows sparse work when ``r`` ranks of a node are busy at once.
     """
     s_per_flop: float = 1.0 / 20e9
     s_per_id: float = 100e-9
     s_fixed: float = 1e-3
     threads: int = 1
+    contention_per_rank: float = 0.0
 
-    def step(self, workload, batch):
+    def contention(self, busy_ranks):
+        """Slow-down of sparse work with ``busy_ranks`` ranks busy on one node.
+
+        ``1 + kappa (r - 1)``: every further busy rank takes the same share of the
+        node's memory bandwidth, so a node's sparse throughput ``r / c(r)`` saturates
+        at ``1 / kappa`` ranks' worth (Gunther's contention term).
+        """
+        return 1.0 + self.contention_per_rank * max(busy_ranks - 1, 0)
+
+    def step(self, workload, batch, busy_ranks=1):
         """Compute seconds of one step with local batch ``batch``."""
-        return (self.s_fixed + batch * workload.flops_per_sample * self.s_per_flop
-                + batch * workload.ids_per_sample * self.s_per_id)
+        sparse = self.s_fixed + batch * workload.ids_per_sample * self.s_per_id
+        return (batch * workload.flops_per_sample * self.s_per_flop
+                + sparse * self.contention(busy_ranks))
 
 
 @dataclasses.dataclass
@@ -321,12 +501,10 @@ class CostModel:
     def step(self, workload, p, batch_per_rank):
         """Phase times (seconds) of one step on ``p`` ranks."""
         r = min(p, self.ranks_per_node)
-        oversub = self.oversubscription(p)
-        ex = workload.exchange_bytes(batch_per_rank)
-        t = {"compute": self.compute.step(workload, batch_per_rank) * oversub,
+        t = {"compute": self.compute.step(workload, batch_per_rank, r) * self.oversubscription(p),
              "allreduce": self.network.allreduce(4.0 * workload.dense_params, p, r),
-             "alltoallv": self.network.alltoallv(8.0 * workload.features * p, p, r)
-             + sum(self.network.alltoallv(b, p, r) for b in ex.values())}
+             "alltoallv": sum(self.network.alltoallv(b, p, r)
+                              for b in workload.exchange_bytes(batch_per_rank, p).values())}
         t["step"] = sum(t.values())
         return t
 
@@ -352,7 +530,7 @@ class CostModel:
         return rows
 
 
-# --------------------------------------------------------------------------- command line
+# --------------------------------------------------------------------------- step benchmarks
 
 def _oversub(doc):
     """Compute slow-down of a run that put more rank-threads on a node than it has cores."""
@@ -362,14 +540,11 @@ def _oversub(doc):
     return max(1.0, per_node * threads / cores) if cores else 1.0
 
 
-def _point(doc, kind, measured, predicted):
+def _point(doc, kind, measured, predicted, calibration=False):
     return {"benchmark": kind, "ranks": doc["world_size"], "mode": doc.get("scaling_mode") or "",
             "measured_s": measured, "predicted_s": predicted,
-            "rel_error": (predicted - measured) / measured, "oversubscribed": oversubscribed(doc)}
-
-
-#: The exchanges of a sparse step as the exchange benchmark names its phases.
-EXCHANGE_PHASES = ("counts", "ids_a2a", "rows_a2a", "grad_a2a")
+            "rel_error": (predicted - measured) / measured, "oversubscribed": oversubscribed(doc),
+            "calibration": calibration}
 
 
 def dense_rate_and_points(docs, network):
@@ -395,46 +570,91 @@ def dense_rate_and_points(docs, network):
     return s_per_flop, points
 
 
-def sparse_rate_and_points(docs, network):
-    """Seconds per id from the 1-rank exchange benchmark runs, and every exchange run predicted.
+def exchange_runs(docs):
+    """One dict per (exchange benchmark run, width): ranks, ids and unique ids per rank, times.
 
-    A sparse step is compute (ids at the 1-rank rate, times the oversubscription factor)
-    plus its four alltoallv: three of latency only and the measured bytes of the step.
+    The unique ids per rank and step come from the bytes rank 0 sent:
+    ``8 F p + (8 + 8 dim) u`` (counts, ids, rows and gradients).
     """
-    runs = [d for d in docs if d.get("benchmark") == "exchange" and d.get("results")]
+    runs = []
+    for d in docs:
+        if d.get("benchmark") != "exchange":
+            continue
+        c, p = d["config"], int(d["world_size"])
+        for res in d.get("results") or []:
+            dim, f = int(res["dim"]), int(c["features"])
+            runs.append({"doc": d, "ranks": p, "ranks_per_node": int(d.get("ranks_per_node", p)),
+                         "dim": dim, "features": f, "ids": float(c["batch"] * f),
+                         "unique": (res["exchange_bytes_sent_rank0"] - 8.0 * f * p) / (8 + 8 * dim),
+                         "step": float(res["step"]["p50"]),
+                         "alone": (res.get("step_alone") or {}).get("p50"),
+                         "oversubscribed": oversubscribed(d)})
+    return runs
 
-    def ids(d):
-        return d["config"]["batch"] * d["config"]["features"]
-    ones = [d for d in runs if d["world_size"] == 1]
-    if not ones:
-        return None, []
-    rates = []
-    for d in ones:
-        res = d["results"][0]
-        comm = sum(res["phases"].get(k, 0.0) for k in EXCHANGE_PHASES)
-        rates.append((res["step"]["p50"] - comm) / ids(d) / _oversub(d))
-    s_per_id = float(np.mean(rates))
-    points = []
-    for d in runs:
-        res, p = d["results"][0], d["world_size"]
-        r = d.get("ranks_per_node", p)
-        comm = (3 * network.alltoallv(0.0, p, r)
-                + network.alltoallv(float(res["exchange_bytes_sent_rank0"]), p, r))
-        pred = ids(d) * s_per_id * _oversub(d) + comm
-        points.append(_point(d, "exchange", res["step"]["p50"], pred))
-    return s_per_id, points
+
+def exchange_comm(network, run):
+    """Modelled seconds of the four exchanges of one exchange-benchmark step."""
+    return sum(network.alltoallv(b, run["ranks"], run["ranks_per_node"]) for b in
+               sparse_exchange_bytes(run["features"], run["dim"], run["ranks"],
+                                     run["unique"]).values())
+
+
+def _fixed_and_per_id(runs, seconds):
+    """(fixed seconds, seconds per id) of ``seconds[i]`` over ``runs`` (least squares)."""
+    ids = [r["ids"] for r in runs]
+    if len(set(ids)) >= 2:
+        return fit_alpha_beta(np.ones(len(runs)), ids, seconds)
+    return 0.0, float(np.mean(np.asarray(seconds) / np.asarray(ids)))
+
+
+def sparse_rates_and_points(docs, network):
+    """Sparse compute rates and contention from the exchange runs; every run predicted.
+
+    A sparse step on ``p`` ranks is ``T1(b) c + exchanges``:
+
+    * ``T1(b) = fixed + ids x s_per_id`` is the compute of one rank alone on the node,
+      fitted on the 1-rank steps less their modelled exchanges (local copies): these are
+      calibration points, like the 1-rank train step;
+    * ``c = alone(r) / A1(b)`` is the memory contention measured by the benchmark's
+      ``alone`` column (every rank stepping in a world of one, all ranks at once), against
+      ``A1``, the same fixed + per-id form fitted on the 1-rank alone times; without an
+      ``alone`` column, the oversubscription factor;
+    * the exchanges are the four alltoallv of :func:`sparse_exchange_bytes`.
+
+    Returns:
+        (dict dim -> (fixed s, s per id), kappa of ComputeRates.contention, points).
+    """
+    runs = exchange_runs(docs)
+    rates, points, kappas = {}, [], []
+    for dim in sorted({r["dim"] for r in runs}):
+        group = [r for r in runs if r["dim"] == dim]
+        ones = [r for r in group if r["ranks"] == 1 and not r["oversubscribed"]]
+        if not ones:
+            continue
+        rates[dim] = _fixed_and_per_id(ones, [r["step"] - exchange_comm(network, r) for r in ones])
+        alone1 = None
+        if all(r["alone"] for r in ones):
+            alone1 = _fixed_and_per_id(ones, [r["alone"] for r in ones])
+        for r in group:
+            fixed, per_id = rates[dim]
+            if alone1 is not None and r["alone"]:
+                c = r["alone"] / (alone1[0] + alone1[1] * r["ids"])
+            else:
+                c = _oversub(r["doc"])
+            r["contention"] = c
+            if r["ranks"] > 1 and not r["oversubscribed"]:
+                kappas.append((c - 1.0) / (min(r["ranks"], r["ranks_per_node"]) - 1))
+            pred = (fixed + per_id * r["ids"]) * c + exchange_comm(network, r)
+            pt = _point(r["doc"], "exchange", r["step"], pred, calibration=r["ranks"] == 1)
+            pt.update(dim=dim, contention=c)
+            points.append(pt)
+    kappa = max(float(np.mean(kappas)), 0.0) if kappas else 0.0
+    return rates, kappa, points
 
 
 def unique_fraction(docs):
     """Unique ids / ids per rank and step, from the bytes the exchange benchmark moved."""
-    fr = []
-    for d in docs:
-        if d.get("benchmark") == "exchange" and d.get("results"):
-            res, c = d["results"][0], d["config"]
-            # bytes = counts (8 F p) + unique ids (8 u) + rows and grads (2 x 4 dim u)
-            u = ((res["exchange_bytes_sent_rank0"] - 8 * c["features"] * d["world_size"])
-                 / (8 + 8 * res["dim"]))
-            fr.append(u / (c["batch"] * c["features"]))
+    fr = [r["unique"] / r["ids"] for r in exchange_runs(docs)]
     return float(np.median(fr)) if fr else None
 
 
@@ -469,11 +689,10 @@ def train_rates_and_points(docs, network, rates, u):
     scale = []
     for d in ones:
         res = d["results"][0]
-        b = res["global_batch"]
         model = CostModel(network, dataclasses.replace(rates, threads=_threads(d)), 1,
                           _cores(d), TRAIN_DATA_THREADS)
-        scale.append(res["median_step_s"] / model.oversubscription(1)
-                     / rates.step(_train_workload(res, u), b))
+        t = model.step(_train_workload(res, u), 1, res["global_batch"])
+        scale.append((res["median_step_s"] - t["allreduce"] - t["alltoallv"]) / t["compute"])
     k = float(np.mean(scale))
     rates = dataclasses.replace(rates, s_per_flop=rates.s_per_flop * k,
                                 s_per_id=rates.s_per_id * k, s_fixed=rates.s_fixed * k)
@@ -483,29 +702,29 @@ def train_rates_and_points(docs, network, rates, u):
         model = CostModel(network, dataclasses.replace(rates, threads=_threads(d)),
                           d.get("ranks_per_node", p), _cores(d), TRAIN_DATA_THREADS)
         pred = model.step(_train_workload(res, u), p, res["global_batch"] / p)["step"]
-        points.append(_point(d, "train", res["median_step_s"], pred))
+        points.append(_point(d, "train", res["median_step_s"], pred, calibration=p == 1))
     return rates, points
 
 
 def fit_compute(docs, network, args):
     """Compute rates, unique fraction and the predicted-vs-measured step points of ``docs``.
 
-    Rates come from the command line first, else from the 1-rank runs measured here
-    (dense: seconds per FLOP; exchange: seconds per sparse id; both calibrated on the
-    end-to-end train step), else the defaults of :class:`ComputeRates`.
+    Rates come from the command line first, else from the runs measured here (dense:
+    seconds per FLOP; exchange: sparse fixed cost, seconds per id and contention; both
+    calibrated on the end-to-end train step), else the defaults of :class:`ComputeRates`.
 
     Returns:
         (ComputeRates, unique fraction, list of point dicts).
     """
     rates = ComputeRates(threads=args.threads)
     s_per_flop, dense_pts = dense_rate_and_points(docs, network)
-    s_per_id, sparse_pts = sparse_rate_and_points(docs, network)
+    sparse, kappa, sparse_pts = sparse_rates_and_points(docs, network)
     if s_per_flop is not None:
         rates.s_per_flop = s_per_flop
-    if s_per_id is not None:
-        rates.s_per_id = s_per_id
-    if s_per_flop is not None and s_per_id is not None:
-        rates.s_fixed = 0.0      # both measured rates already include their fixed costs
+    if sparse:
+        fixed, per_id = sparse.get(args.dim) or sparse[min(sparse)]
+        rates.s_fixed, rates.s_per_id = fixed, per_id
+        rates.contention_per_rank = kappa
     u = args.unique_fraction if args.unique_fraction is not None else unique_fraction(docs)
     u = 1.0 if u is None else u
     rates, train_pts = train_rates_and_points(docs, network, rates, u)
@@ -515,8 +734,12 @@ def fit_compute(docs, network, args):
         rates.s_per_id = args.ns_per_id * 1e-9
     if args.fixed_ms is not None:
         rates.s_fixed = args.fixed_ms * 1e-3
+    if args.contention is not None:
+        rates.contention_per_rank = args.contention
     return rates, u, dense_pts + sparse_pts + train_pts
 
+
+# --------------------------------------------------------------------------- command line
 
 def load_results(paths):
     """Benchmark JSON documents from files and folders (scaling records are unwrapped)."""
@@ -538,6 +761,23 @@ def load_results(paths):
     return docs
 
 
+def parse_net_regimes(text):
+    """``"FROM:LATENCY_US:GBPS,..."`` (FROM in bytes, K/M suffixes, the first 0) as Regimes."""
+    parts = []
+    for i, item in enumerate(x for x in text.split(",") if x.strip()):
+        try:
+            lo, lat, bw = item.split(":")
+            lo = int(float(lo[:-1]) * {"K": 1 << 10, "M": 1 << 20}[lo[-1].upper()]) \
+                if lo[-1:].upper() in ("K", "M") else int(lo)
+            parts.append((lo, Link(float(lat) * 1e-6, float(bw) * 1e9, "--net-regimes")))
+        except (ValueError, KeyError):
+            raise ValueError(f"--net-regimes item {i + 1} {item!r}: expected "
+                             f"FROM_BYTES:LATENCY_US:GBPS, e.g. 0:1.3:12,64K:1.5:23") from None
+    if not parts or parts[0][0] != 0:
+        raise ValueError(f"--net-regimes {text!r}: the first regime must start at 0 bytes")
+    return Regimes(tuple(ln for _, ln in parts), tuple(lo for lo, _ in parts[1:]))
+
+
 def _ints(text):
     return tuple(int(x) for x in text.split(",") if x)
 
@@ -552,6 +792,11 @@ def parse_args(argv):
     p.add_argument("--latency-us", type=float, default=None, help="override the link latency")
     p.add_argument("--bandwidth-GBps", type=float, default=None,
                    help="override the per-node link bandwidth (GB/s, one direction)")
+    p.add_argument("--net-regimes", type=parse_net_regimes, default=None,
+                   help="inter-node link per message-size regime, FROM_BYTES:LATENCY_US:GBPS,"
+                        "... (e.g. 0:1.3:12,64K:1.5:23); replaces --interconnect")
+    p.add_argument("--max-regimes", type=int, default=3,
+                   help="most message-size regimes fitted per intra-node collective")
     p.add_argument("--ranks-per-node", type=int, default=8)
     p.add_argument("--cores-per-node", type=int, default=None,
                    help="default: ranks-per-node x (threads + data threads): no oversubscription")
@@ -578,74 +823,105 @@ def parse_args(argv):
     p.add_argument("--ns-per-id", type=float, default=None,
                    help=f"sparse ns per id (default: measured, else {r.s_per_id * 1e9:g})")
     p.add_argument("--fixed-ms", type=float, default=None,
-                   help=f"per-step fixed ms (default: measured, else {r.s_fixed * 1e3:g})")
+                   help=f"sparse per-step fixed ms (default: measured, else {r.s_fixed * 1e3:g})")
+    p.add_argument("--contention", type=float, default=None,
+                   help="kappa of the sparse slow-down 1 + kappa (busy ranks per node - 1) "
+                        "(default: measured by the exchange benchmark, else 0)")
     p.add_argument("--json", default=None, help="write fit, comparison and prediction here")
     return p.parse_args(argv)
+
+
+def _summary(points):
+    """Lines of |error| statistics: ranks <= cores (with and without calibration points)."""
+    out = []
+    for label, sel in (("cores >= ranks", lambda pt: not pt.get("oversubscribed")),
+                       ("cores >= ranks, calibration points left out",
+                        lambda pt: not pt.get("oversubscribed") and not pt.get("calibration")),
+                       ("oversubscribed", lambda pt: pt.get("oversubscribed"))):
+        errs = np.abs([pt["rel_error"] for pt in points if sel(pt)])
+        if errs.size:
+            out.append(f"# |error| {label}: median {np.median(errs) * 100:.1f}%, max "
+                       f"{errs.max() * 100:.1f}%, {int((errs <= 0.25).sum())} of {errs.size} "
+                       f"points within 25%")
+    return out
 
 
 def main(argv=None):
     from hpctrain.bench.common import print_table
     args = parse_args(argv)
     docs = load_results(args.results)
-    fitted = fit_node_links(docs)
-    shm = INTERCONNECTS["shm"]
+    fitted = fit_node_links(docs, args.max_regimes)
+    shm = Regimes.of(INTERCONNECTS["shm"])
     print(f"# cost model fitted from {len(docs)} benchmark result(s) in {', '.join(args.results)}")
-    links = {}
-    for kind in ("allreduce", "alltoallv"):
-        link, _ = fitted[kind]
-        links[kind] = link or shm
-        src = "fitted" if link else "no measurements; default 'shm'"
-        print(f"#   intra-node {kind:<9}: alpha {links[kind].latency_s * 1e6:8.3f} us, "
-              f"bandwidth {links[kind].bandwidth_Bps / 1e9:7.3f} GB/s ({src})")
-    net = INTERCONNECTS[args.interconnect]
-    net = Link(args.latency_us * 1e-6 if args.latency_us is not None else net.latency_s,
-               args.bandwidth_GBps * 1e9 if args.bandwidth_GBps is not None else net.bandwidth_Bps,
-               net.description)
-    print(f"#   inter-node {args.interconnect}: alpha {net.latency_s * 1e6:.2f} us, "
-          f"bandwidth {net.bandwidth_Bps / 1e9:.1f} GB/s ({net.description})")
-    network = Network(links["allreduce"], links["alltoallv"], net)
+    regimes = {}
+    for kind in ("allreduce", "alltoallv", "local_copy"):
+        reg, _ = fitted[kind]
+        regimes[kind] = reg if reg is not None or kind == "local_copy" else shm
+        src = "fitted" if reg is not None else ("no measurements: free" if kind == "local_copy"
+                                                else "no measurements; default 'shm'")
+        name = "alltoallv local copy" if kind == "local_copy" else f"intra-node {kind}"
+        print(f"#   {name} ({src}, key: "
+              f"{'buffer' if kind == 'allreduce' else 'bytes per peer'}):")
+        for line in (regimes[kind].describe() if regimes[kind] is not None else []):
+            print(f"#     {line}")
+    if args.net_regimes is not None:
+        net = args.net_regimes
+        print("#   inter-node (--net-regimes):")
+    else:
+        base = INTERCONNECTS[args.interconnect]
+        net = Regimes.of(Link(args.latency_us * 1e-6 if args.latency_us is not None
+                              else base.latency_s,
+                              args.bandwidth_GBps * 1e9 if args.bandwidth_GBps is not None
+                              else base.bandwidth_Bps, base.description))
+        print(f"#   inter-node {args.interconnect} ({base.description}):")
+    for line in net.describe():
+        print(f"#     {line}")
+    network = Network(regimes["allreduce"], regimes["alltoallv"], net, regimes["local_copy"])
 
-    points = fitted["allreduce"][1] + fitted["alltoallv"][1]
-    compute, u, train_points = fit_compute(docs, network, args)
-    points += train_points
+    points = fitted["local_copy"][1] + fitted["allreduce"][1] + fitted["alltoallv"][1]
+    compute, u, step_points = fit_compute(docs, network, args)
+    points += step_points
     print(f"#   compute per rank: {1e-9 / compute.s_per_flop:.3g} GFLOP/s dense, "
-          f"{compute.s_per_id * 1e9:.4g} ns per sparse id, {compute.s_fixed * 1e3:.3g} ms fixed; "
+          f"{compute.s_per_id * 1e9:.4g} ns per sparse id + {compute.s_fixed * 1e3:.3g} ms "
+          f"per step; sparse contention kappa {compute.contention_per_rank:.3f} per busy rank; "
           f"unique fraction {u:.3f}")
     if points:
-        print("# predicted vs measured, every measured point (* = more ranks than cores: "
-              "outside the model, not fitted)")
-        print_table(["benchmark", "ranks", "bytes/mode", "measured ms", "predicted ms", "error %"],
+        print("# predicted vs measured, every measured point (size: allreduce buffer, alltoallv "
+              "bytes per peer; * = more ranks than cores: outside the model, not fitted; "
+              "c = calibration point)")
+        print_table(["benchmark", "ranks", "size/mode", "measured ms", "predicted ms", "error %"],
                     [[pt["benchmark"], f"{pt['ranks']}{'*' if pt.get('oversubscribed') else ''}",
                       pt.get("bytes", pt.get("mode", "")), pt["measured_s"] * 1e3,
-                      pt["predicted_s"] * 1e3, f"{pt['rel_error'] * 100:+.1f}"] for pt in points])
-        for label, sel in (("cores >= ranks", False), ("oversubscribed", True)):
-            errs = np.abs([pt["rel_error"] for pt in points if bool(pt.get("oversubscribed")) == sel])
-            if errs.size:
-                print(f"# |error| {label}: median {np.median(errs) * 100:.1f}%, max "
-                      f"{errs.max() * 100:.1f}%, {(errs <= 0.25).mean() * 100:.0f}% of "
-                      f"{errs.size} points within 25%")
+                      pt["predicted_s"] * 1e3,
+                      f"{pt['rel_error'] * 100:+.1f}{' c' if pt.get('calibration') else ''}"]
+                     for pt in points])
+        for line in _summary(points):
+            print(line)
     workload = Workload(args.num_dense, args.features, args.ids_per_feature, args.dim,
                         args.bottom, args.top, u)
-    model = CostModel(network, compute, args.ranks_per_node,
-                      args.cores_per_node or args.ranks_per_node * (args.threads + args.data_threads),
-                      args.data_threads)
+    cores = args.cores_per_node or args.ranks_per_node * (args.threads + args.data_threads)
+    model = CostModel(network, compute, args.ranks_per_node, cores, args.data_threads)
     ranks = [2 ** k for k in range(int(math.log2(args.max_ranks)) + 1)]
     rows = model.sweep(workload, ranks, args.batch, args.mode)
     print(f"# prediction: DLRM {args.features} features x dim {args.dim}, "
           f"{workload.dense_params:,} dense parameters, {args.mode} scaling, batch {args.batch}"
           f"{' per rank' if args.mode == 'weak' else ' global'}, {args.ranks_per_node} ranks/node, "
-          f"{args.threads} thread(s)/rank, {args.interconnect}")
+          f"{args.threads} thread(s)/rank, "
+          f"{'--net-regimes' if args.net_regimes is not None else args.interconnect}")
     print_table(["ranks", "nodes", "compute ms", "allreduce ms", "alltoallv ms", "step ms",
                  "samples/s", "efficiency"],
                 [[r["ranks"], r["nodes"], r["compute_s"] * 1e3, r["allreduce_s"] * 1e3,
                   r["alltoallv_s"] * 1e3, r["step_s"] * 1e3, r["samples_per_s"],
                   f"{r['efficiency']:.3f}"] for r in rows])
     if args.json:
-        out = {"links": {k: dataclasses.asdict(v) for k, v in
-                         (("allreduce_node", network.allreduce_node),
-                          ("alltoallv_node", network.alltoallv_node), ("net", network.net))},
-               "compute": dataclasses.asdict(compute), "workload": dataclasses.asdict(workload),
-               "points": points, "prediction": rows, "args": vars(args)}
+        links = {"allreduce_node": network.allreduce_node.as_dicts(),
+                 "alltoallv_node": network.alltoallv_node.as_dicts(),
+                 "local_copy": network.local_copy.as_dicts() if network.local_copy else None,
+                 "net": network.net.as_dicts()}
+        out = {"links": links, "compute": dataclasses.asdict(compute),
+               "workload": dataclasses.asdict(workload), "points": points, "prediction": rows,
+               "args": {k: (v.as_dicts() if isinstance(v, Regimes) else v)
+                        for k, v in vars(args).items()}}
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -28,7 +28,8 @@ include "table_init.pxi"
 include "table_optim.pxi"
 include "table_admit.pxi"
 
-cdef double MAX_LOAD = 0.8           # index load that triggers a 1.25x rehash
+cdef double MAX_LOAD = 0.8           # index load that triggers a 1.125x rehash
+cdef int64_t INDEX_GROWTH_DIV = 8    # growth step of the index: 1/8 (see table_core.pxd)
 cdef double COUNTER_MAX_LOAD = 0.5   # exact admission counter map
 cdef int64_t MAX_ROWS = 2147483647   # row ids are int32 in the index
 cdef int64_t PF = 32                 # prefetch distance, in batch entries (measured best)
@@ -113,6 +114,13 @@ cdef inline void _copy_row(float* dst, const float* src, int64_t nbytes) noexcep
         memcpy(dst, src, 512)
     else:
         memcpy(dst, src, nbytes)
+
+
+cdef int64_t _check_step(int64_t step) except -1:
+    # last update steps are int32 in the row metadata; a negative one marks a free row
+    if step < 0 or step > HT_STEP_MAX:
+        raise ValueError(f"step {step} outside [0, 2^31 - 1] (row metadata holds int32 steps)")
+    return step
 
 
 cdef inline bint _has_nonfinite(const float* g, int64_t d) noexcept nogil:
@@ -243,7 +251,7 @@ cdef class TableCore:
         cdef int64_t need = self.index_used + n_more
         if need <= self.index_grow_at:
             return 0
-        return self._rehash(max(self.index_cap + self.index_cap // 4,
+        return self._rehash(max(self.index_cap + self.index_cap // INDEX_GROWTH_DIV,
                                 <int64_t>(need / MAX_LOAD) + 1))
 
     cdef int _grow_rows(self, int64_t new_cap) noexcept nogil:
@@ -412,7 +420,7 @@ cdef class TableCore:
             p = _probe(self.index, self.index_cap, key)
             if self.index[p].row1 != 0:  # a repeat of a key inserted earlier in this batch
                 r = <int64_t>self.index[p].row1 - 1
-                self.meta[r].access += 1
+                ht_atomic_inc_sat(&self.meta[r].access)
                 out[i] = r
                 continue
             if self.adm_kind != ADM_NONE:
@@ -436,7 +444,7 @@ cdef class TableCore:
             self.index_used += 1
             self.n_live += 1
             self.meta[r].access = 1
-            self.meta[r].last_step = step
+            self.meta[r].last_step = <int32_t>step
             new_rows[n_new] = r
             new_keys[n_new] = key
             n_new += 1
@@ -456,6 +464,7 @@ cdef class TableCore:
         cdef int64_t* new_rows = NULL
         cdef int64_t* new_keys = NULL
         cdef int status = 0
+        _check_step(step)
         if n < _par_min:
             nt = 1
         with nogil:
@@ -472,7 +481,7 @@ cdef class TableCore:
                         ht_prefetch_w(&meta[o[i + PF]])
                     r = o[i]
                     if r >= 0:
-                        ht_atomic_inc(&meta[r].access)
+                        ht_atomic_inc_sat(&meta[r].access)
             n_missing = n - n_found
             if n_missing > 0:
                 new_rows = <int64_t*>malloc(n_missing * sizeof(int64_t))
@@ -561,6 +570,7 @@ cdef class TableCore:
         cdef double lr = self.lr, mu = self.momentum, b1 = self.beta1, b2 = self.beta2
         cdef double eps = self.eps, l1 = self.l1, l2 = self.l2, lrp = self.lr_power
         cdef double wd = self.weight_decay
+        cdef int32_t step32 = <int32_t>_check_step(step)
         if n < _par_min:
             nt = 1
         with nogil:
@@ -607,7 +617,7 @@ cdef class TableCore:
                     else:
                         upd_ftrl(values + r * dim, slot0 + r * dim, slot1 + r * dim, gp + i * dim,
                                  dim, lr, l1, l2, lrp, wd)
-                    meta[r].last_step = step
+                    meta[r].last_step = step32
         return nbad, nnf
 
 

@@ -10,12 +10,16 @@ Memory layout of one table shard (``R`` = row capacity, ``S`` = index slots)::
                               0 upwards and freed rows are reused through ``free_rows``
     slot0   float32[R, w0]    first optimizer state (w0 = dim, or 1 for row-wise Adagrad)
     slot1   float32[R, w1]    second optimizer state (Adam, FTRL)
-    meta    ht_meta[R]        {int64 access count; int64 last update step}; step -1 = free row
+    meta    ht_meta[R]        {uint32 access count, saturating at 2^32 - 1; int32 last update
+                              step}: 8 bytes; a negative step marks a free row
     opt_step int64[R]         per-row update count (Adam's bias-correction step), Adam only
 
-The index and the row store grow independently: the index by 1.25x when its load passes
-0.8 (rehash, row ids unchanged); the row store to what a batch needs, at least 1/32 more
-(mremap moves pages without copying rows; 1/8 where rows must be copied).
+The index and the row store grow independently: the index by 1.125x when its load passes
+0.8 (rehash, row ids unchanged), so that its load stays in [0.71, 0.8]; the row store to
+what a batch needs, at least 1/128 more (mremap moves pages without copying rows; 1/8 where
+rows must be copied). Small growth steps keep the memory per stored row within the issue's
+bound 1.25 x (8 + 4 * floats per row) at dim 16 with SGD, where the bound leaves 18 bytes per
+row for the index (12 / 0.71 = 16.9 at most) and the row store's slack.
 """
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
 
@@ -26,7 +30,9 @@ cdef extern from *:
 
     typedef struct __attribute__((packed)) { int64_t key; uint32_t row1; } ht_slot;
     typedef struct __attribute__((packed)) { int64_t key; uint32_t count; } ht_cslot;
-    typedef struct { int64_t access; int64_t last_step; } ht_meta;
+    typedef struct { uint32_t access; int32_t last_step; } ht_meta;
+    #define HT_ACCESS_MAX 0xFFFFFFFFu
+    #define HT_STEP_MAX 0x7FFFFFFF
 
     #define HT_GAMMA 0x9E3779B97F4A7C15ULL
 
@@ -55,7 +61,15 @@ cdef extern from *:
     }
     static inline void ht_prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
     static inline void ht_prefetch_w(const void* p) { __builtin_prefetch(p, 1, 3); }
-    static inline void ht_atomic_inc(int64_t* p) { __atomic_fetch_add(p, 1, __ATOMIC_RELAXED); }
+    /* Access counts saturate at 2^32 - 1 instead of wrapping to 0 (which would make the
+       hottest row the first LFU victim). Rows are mostly unique within a batch, so the
+       compare-and-swap rarely retries. */
+    static inline void ht_atomic_inc_sat(uint32_t* p) {
+        uint32_t v = __atomic_load_n(p, __ATOMIC_RELAXED);
+        while (v != HT_ACCESS_MAX &&
+               !__atomic_compare_exchange_n(p, &v, v + 1, 1, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+        }
+    }
 
     /* Row arrays and the index live in their own anonymous mappings: page-aligned (a row of
        16 floats is one cache line), growable without copying (mremap), and eligible for
@@ -64,7 +78,7 @@ cdef extern from *:
        nothing, so a large initial capacity is not paid for until it is used. */
     #if defined(__linux__)
     #include <sys/mman.h>
-    #define HT_ROW_GROWTH_DIV 32   /* growth remaps pages, it never copies: grow in small steps */
+    #define HT_ROW_GROWTH_DIV 128  /* growth remaps pages, it never copies: grow in small steps */
     static inline void ht_advise(void* p, size_t bytes) {
     #ifdef MADV_HUGEPAGE
         if (bytes >= ((size_t)2 << 20)) madvise(p, bytes, MADV_HUGEPAGE);
@@ -111,8 +125,10 @@ cdef extern from *:
         int64_t key
         uint32_t count
     ctypedef struct ht_meta:
-        int64_t access
-        int64_t last_step
+        uint32_t access
+        int32_t last_step
+    uint32_t HT_ACCESS_MAX
+    int64_t HT_STEP_MAX
     uint64_t HT_GAMMA
     uint64_t ht_mix64(uint64_t z) noexcept nogil
     uint64_t ht_index_hash(int64_t key) noexcept nogil
@@ -120,7 +136,7 @@ cdef extern from *:
     int64_t ht_fastrange(uint64_t h, int64_t n) noexcept nogil
     void ht_prefetch(const void* p) noexcept nogil
     void ht_prefetch_w(const void* p) noexcept nogil
-    void ht_atomic_inc(int64_t* p) noexcept nogil
+    void ht_atomic_inc_sat(uint32_t* p) noexcept nogil
     int64_t HT_ROW_GROWTH_DIV
     void* ht_alloc(size_t bytes) noexcept nogil
     void* ht_realloc(void* p, size_t old_bytes, size_t new_bytes) noexcept nogil

@@ -35,7 +35,7 @@ def ttl_rows(TableCore t, int64_t step, int64_t ttl):
     cdef uint8_t[::1] kv = keep.view(np.uint8)
     cdef int64_t i
     for i in range(rows.shape[0]):
-        kv[i] = step - t.meta[rv[i]].last_step > ttl
+        kv[i] = step - <int64_t>t.meta[rv[i]].last_step > ttl
     return rows[keep]
 
 
@@ -107,7 +107,10 @@ def remove_rows(TableCore t, const int64_t[::1] rows):
 
 
 def import_keys(TableCore t, const int64_t[::1] keys):
-    """Rows of keys (unique), inserting absent ones without admission; rows to overwrite."""
+    """Rows of keys (unique), inserting absent ones without admission; rows to overwrite.
+
+    A key imported as a row stops waiting for admission (its pending count is dropped).
+    """
     cdef int64_t m = keys.shape[0], i, p, r
     out = np.empty(m, dtype=np.int64)
     cdef int64_t[::1] o = out
@@ -119,6 +122,8 @@ def import_keys(TableCore t, const int64_t[::1] keys):
             o[i] = <int64_t>t.index[p].row1 - 1
             continue
         r = t._alloc_row()
+        if t.adm_kind == ADM_EXACT:
+            _drop_pending(t, keys[i])
         t.index[p].key = keys[i]
         t.index[p].row1 = <uint32_t>(r + 1)
         t.index_used += 1
@@ -142,17 +147,23 @@ def write_rows(TableCore t, const int64_t[::1] rows, const float[:, ::1] values,
         s0 = slot0
     if t.w1 > 0:
         s1 = slot1
-    for i in range(m):
+    for i in range(m):  # check everything first: a rejected import changes nothing
         r = rows[i]
         if r < 0 or r >= t.row_high or t.meta[r].last_step < 0:
             raise ValueError(f"row {r} is not a stored row")
+        if access[i] < 0 or access[i] > HT_ACCESS_MAX:
+            raise ValueError(f"access count {access[i]} of row {r} outside [0, 2^32 - 1]")
+        if last_step[i] < 0 or last_step[i] > HT_STEP_MAX:
+            raise ValueError(f"last step {last_step[i]} of row {r} outside [0, 2^31 - 1]")
+    for i in range(m):
+        r = rows[i]
         memcpy(t.values + r * t.dim, &values[i, 0], t.dim * sizeof(float))
         if t.w0 > 0:
             memcpy(t.slot0 + r * t.w0, &s0[i, 0], t.w0 * sizeof(float))
         if t.w1 > 0:
             memcpy(t.slot1 + r * t.w1, &s1[i, 0], t.w1 * sizeof(float))
-        t.meta[r].access = access[i]
-        t.meta[r].last_step = last_step[i]
+        t.meta[r].access = <uint32_t>access[i]
+        t.meta[r].last_step = <int32_t>last_step[i]
         if t.opt_step != NULL:
             t.opt_step[r] = opt_step[i]
 
@@ -173,6 +184,86 @@ def nbytes(TableCore t):
 def pending_admission(TableCore t):
     """Keys counted but not yet admitted (exact counters only; -1 for a Bloom filter)."""
     return t.counter_used if t.adm_kind == ADM_EXACT else -1
+
+
+cdef void _drop_pending(TableCore t, int64_t key) noexcept:
+    cdef int64_t p = cmap_probe(t.counters, t.counter_cap, key)
+    if t.counters[p].count != 0:
+        cmap_delete(t.counters, t.counter_cap, p)
+        t.counter_used -= 1
+
+
+def pending_counts(TableCore t):
+    """(keys, counts) int64 arrays of the keys waiting for admission, in increasing key order.
+
+    Exact counters only; empty for a Bloom filter or a table without admission.
+    """
+    cdef int64_t m = t.counter_used if t.adm_kind == ADM_EXACT else 0, i, j = 0
+    keys = np.empty(m, dtype=np.int64)
+    counts = np.empty(m, dtype=np.int64)
+    cdef int64_t[::1] kv = keys, cv = counts
+    if m:
+        for i in range(t.counter_cap):
+            if t.counters[i].count != 0:
+                kv[j] = t.counters[i].key
+                cv[j] = t.counters[i].count
+                j += 1
+    order = np.argsort(keys, kind="stable")
+    return keys[order], counts[order]
+
+
+def set_pending(TableCore t, const int64_t[::1] keys, const int64_t[::1] counts):
+    """Restore pending admission counts (unique keys, counts in [1, 2^32 - 1]).
+
+    Exact counters: each key's count is set (replacing a count already there); keys stored as
+    rows are skipped, a key is either a row or pending. Bloom filter: each key is counted
+    ``count`` times (the filter never undercounts). No admission: nothing to restore.
+    Returns how many keys were restored.
+    """
+    cdef int64_t m = keys.shape[0], i, p, c, done = 0
+    for i in range(m):
+        if counts[i] < 1 or counts[i] > HT_ACCESS_MAX:
+            raise ValueError(f"pending count {counts[i]} of key {keys[i]} outside [1, 2^32 - 1]")
+    if t.adm_kind == ADM_NONE:
+        return 0
+    for i in range(m):
+        if _lookup(t.index, t.index_cap, keys[i]) >= 0:
+            continue
+        if t.adm_kind == ADM_BLOOM:
+            c = min(counts[i], 255)  # counters saturate at 255
+            while c > 0:
+                bloom_add(t.bloom, t.bloom_size, t.bloom_hashes, keys[i])
+                c -= 1
+        else:
+            if t.counter_used + 1 > t.counter_cap * COUNTER_MAX_LOAD:
+                if t._counter_grow() != 0:
+                    raise MemoryError("cannot grow the admission counter map")
+            p = cmap_probe(t.counters, t.counter_cap, keys[i])
+            if t.counters[p].count == 0:
+                t.counters[p].key = keys[i]
+                t.counter_used += 1
+            t.counters[p].count = <uint32_t>counts[i]
+        done += 1
+    return done
+
+
+def bloom_counters(TableCore t):
+    """A copy of the counting Bloom filter (uint8[bloom_size]); empty without one."""
+    if t.adm_kind != ADM_BLOOM:
+        return np.empty(0, dtype=np.uint8)
+    out = np.empty(t.bloom_size, dtype=np.uint8)
+    cdef uint8_t[::1] o = out
+    memcpy(&o[0], t.bloom, t.bloom_size)
+    return out
+
+
+def set_bloom_counters(TableCore t, const uint8_t[::1] counters):
+    """Replace the counting Bloom filter's counters (same size as the filter)."""
+    if t.adm_kind != ADM_BLOOM:
+        raise ValueError("the table has no Bloom filter")
+    if counters.shape[0] != t.bloom_size:
+        raise ValueError(f"Bloom filter has {t.bloom_size} counters; got {counters.shape[0]}")
+    memcpy(t.bloom, &counters[0], t.bloom_size)
 
 
 def check_invariants(TableCore t):

@@ -82,7 +82,8 @@ def test_readable_with_plain_h5py_at_documented_paths(tmp_path):
     manifest = json.load(open(os.path.join(path, "MANIFEST.json")))
     assert manifest["format"] == "hpctrain-checkpoint" and manifest["world_size"] == 1
     assert set(manifest["files"]) == {"dense.h5", "tables-00000-of-00001.h5"}
-    assert manifest["tables"]["user"] == {"table_id": 2, "dim": 4, "rows": [500]}
+    assert manifest["tables"]["user"] == {"table_id": 2, "dim": 4, "rows": [500],
+                                          "levels": {"admission/": [100]}}
     with h5py.File(os.path.join(path, "dense.h5"), "r") as f:
         assert f.attrs["step"] == 3 and f.attrs["kind"] == "dense"
         w = f["dense/params/bottom.0.weight"][...]

@@ -57,7 +57,12 @@ def read_dense(path):
 
 def read_tables(path, manifest, owner, comm, chunk_bytes):
     """This rank's rows of every table: its own old shard (``owner`` None) or, from every
-    old shard, the rows ``owner`` assigns to it, ordered by old rank then row."""
+    old shard, the rows ``owner`` assigns to it, ordered by old rank then row.
+
+    Returns:
+        (table name -> export dict, names of the tables whose shard-local state was left
+        out because the rows were resharded).
+    """
     names = list(manifest["tables"])
     world = manifest["world_size"]
     readers = {}
@@ -65,10 +70,11 @@ def read_tables(path, manifest, owner, comm, chunk_bytes):
         with _files.open_h5(os.path.join(path, _files.shard_file(old_rank, world)), "r") as h5:
             for name in names:
                 if name not in readers:
-                    readers[name] = _tables.TableReader(h5, name)
+                    readers[name] = _tables.TableReader(h5, name, shard_local=owner is None)
                 select = None if owner is None else _selector(owner, name, comm)
                 readers[name].add(h5, select, chunk_bytes)
-    return {name: readers[name].result() for name in names}
+    return ({name: readers[name].result() for name in names},
+            [name for name in names if readers[name].dropped])
 
 
 def shard_stays(path, manifest, owner, comm, chunk_bytes):
@@ -118,12 +124,25 @@ def check_tables(path, manifest, table_dims):
                                   f"{have[name]['dim']}, expected {dim}")
 
 
+def row_counts(tables):
+    """{table: {level path ("" for the table's rows): rows}} of loaded export dicts."""
+    return {name: {"": len(t["keys"]), **_tables.level_rows(t)} for name, t in tables.items()}
+
+
 def check_counts(path, manifest, gathered_counts, size):
-    """Raise CheckpointError when the ranks together did not keep every row exactly once."""
+    """Raise CheckpointError when the ranks together did not keep every row exactly once.
+
+    Checks the table rows and, where the manifest lists them (``levels``), the rows of
+    every nested keyed level (e.g. pending admission counts).
+    """
     for name, info in manifest["tables"].items():
-        got, want = sum(c[name] for c in gathered_counts), sum(info["rows"])
-        if got != want:
-            raise CheckpointError(
-                f"cannot load checkpoint {path}: table {name!r}: the ranks kept {got} rows "
-                f"in all, the checkpoint holds {want}; owner() must give every key exactly "
-                f"one rank in [0, {size}) and agree across ranks")
+        wanted = {"": sum(info["rows"])}
+        wanted.update({lv: sum(n) for lv, n in info.get("levels", {}).items()})
+        for level, want in wanted.items():
+            got = sum(c[name].get(level, 0) for c in gathered_counts)
+            if got != want:
+                what = f"rows of {level[:-1]}" if level else "rows"
+                raise CheckpointError(
+                    f"cannot load checkpoint {path}: table {name!r}: the ranks kept {got} "
+                    f"{what} in all, the checkpoint holds {want}; owner() must give every key "
+                    f"exactly one rank in [0, {size}) and agree across ranks")

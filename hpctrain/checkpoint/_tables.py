@@ -7,11 +7,18 @@ lists, but not into another keyed level) is row-aligned with it, i.e. has
 ``len(keys)`` rows. Scalars, strings and 0-d arrays are metadata. Resharding
 keeps the rows of each keyed level whose owner is this rank; metadata comes from
 the shard of old rank 0.
+
+The entry ``SHARD_STATE`` of a table export holds state of the writing shard as a whole
+that cannot be split by key (a counting Bloom filter): its arrays need not be row-aligned,
+and it is read back only by the rank that reads its own old shard (same world, same
+routing); a resharded load drops it (``TableReader.dropped``).
 """
 import numpy as np
 
 from hpctrain.checkpoint import _h5tree
 from hpctrain.errors import CheckpointError
+
+SHARD_STATE = "shard_state"
 
 
 def describe(tables):
@@ -39,11 +46,46 @@ def describe(tables):
         schema = []
         _walk(export, None, "", where, schema)
         out[name] = {"dim": int(values.shape[1]), "rows": int(len(export["keys"])),
-                     "schema": schema}
+                     "schema": schema, "levels": level_rows(export)}
     return out
 
 
+def level_rows(export):
+    """{path of each nested keyed level ("admission/"...): its number of rows}."""
+    out = {}
+
+    def visit(node, path):
+        if isinstance(node, dict):
+            if path and "keys" in node and hasattr(node["keys"], "__len__"):
+                out[path] = int(len(node["keys"]))
+            for key, item in node.items():
+                if not (path == "" and key == SHARD_STATE):
+                    visit(item, f"{path}{key}/")
+        elif isinstance(node, (list, tuple)):
+            for i, item in enumerate(node):
+                visit(item, f"{path}{i}/")
+
+    visit(export, "")
+    return out
+
+
+def _walk_shard_state(node, path, where, schema):
+    """Schema of the shard-local entry: any arrays, no row alignment."""
+    if isinstance(node, (dict, list, tuple)):
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, item in items:
+            _walk_shard_state(item, f"{path}{key}/", where, schema)
+    elif isinstance(node, np.ndarray):
+        _h5tree.check_array(node, f"{where}: {path[:-1]}")
+        schema.append((path[:-1], "shard", node.dtype.str, tuple(node.shape)))
+    else:
+        schema.append((path[:-1], "meta", type(node).__name__, ()))
+
+
 def _walk(node, rows, path, where, schema):
+    if path == SHARD_STATE + "/":
+        _walk_shard_state(node, path, where, schema)
+        return
     if isinstance(node, dict) and "keys" in node:
         keys = node["keys"]
         if not (isinstance(keys, np.ndarray) and keys.ndim == 1 and keys.dtype.kind in "iu"):
@@ -93,14 +135,24 @@ class _Rows:
         return self.pieces[0] if len(self.pieces) == 1 else np.concatenate(self.pieces)
 
 
-def _template(obj, levels, level):
+def _template(obj, levels, level, root=False, shard_local=True):
     """Value tree of ``obj`` with row datasets replaced by ``_Rows``; fills ``levels``.
 
     ``levels`` maps the HDF5 path (relative to the table group) of each keyed
-    level to {relative dataset path: _Rows}.
+    level to {relative dataset path: _Rows}. At the table group (``root``), the
+    shard-local entry is read whole when ``shard_local``, else left out.
     """
     import h5py
 
+    if root:  # the table group: a keyed level by construction (save checks "keys")
+        level = levels.setdefault(obj.name, {})
+        tree = {}
+        for link in obj:
+            if link != SHARD_STATE:
+                tree[_h5tree.unescape(link)] = _template(obj[link], levels, level)
+            elif shard_local:
+                tree[SHARD_STATE] = _h5tree.read(obj[link])
+        return tree
     if isinstance(obj, h5py.Group):
         kind = _h5tree.kind_of(obj)
         if not kind and "keys" in obj and isinstance(obj["keys"], h5py.Dataset):
@@ -158,12 +210,17 @@ class TableReader:
     Args:
         h5: the first shard file to read (its metadata and structure are used).
         name: table name.
+        shard_local: whether this rank reads its own old shard only; then the shard-local
+            entry of ``h5`` is kept, else it is left out and ``dropped`` says whether the
+            checkpoint had one.
     """
 
-    def __init__(self, h5, name):
+    def __init__(self, h5, name, shard_local=True):
         self.name = name
         self.levels = {}
-        self.tree = _template(h5["/tables/" + _h5tree.escape(name)], self.levels, None)
+        group = h5["/tables/" + _h5tree.escape(name)]
+        self.dropped = not shard_local and SHARD_STATE in group
+        self.tree = _template(group, self.levels, None, root=True, shard_local=shard_local)
 
     def add(self, h5, select, chunk_bytes):
         """Append the rows of ``h5`` that ``select(keys) -> bool mask`` keeps (None: all).

@@ -54,7 +54,7 @@ def _consistency(gathered):
             diff = sorted(set(tables) ^ set(tables0))
             return (f"ranks pass different tables: {', '.join(map(repr, diff))} "
                     f"on rank {rank} or rank 0 but not both")
-        for name, (dim, _, schema) in tables.items():
+        for name, (dim, _, schema, _) in tables.items():
             if dim != tables0[name][0]:
                 return f"table {name!r}: dim {dim} on rank {rank}, {tables0[name][0]} on rank 0"
             if schema != tables0[name][2]:
@@ -164,7 +164,8 @@ class CheckpointManager:
             if step < 0:
                 raise ValueError(f"step must be >= 0, got {step}")
             described = _tables.describe(tables)
-            summary = {n: (d["dim"], d["rows"], d["schema"]) for n, d in described.items()}
+            summary = {n: (d["dim"], d["rows"], d["schema"], d["levels"])
+                       for n, d in described.items()}
             ids = _table_ids(tables, table_ids)
             if comm.rank == 0:
                 os.makedirs(self.directory, exist_ok=True)
@@ -180,7 +181,7 @@ class CheckpointManager:
             if comm.rank == 0 and tmp:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(f"cannot save checkpoint of step {step}: {problem}") from cause
-        rows = [{name: desc[1] for name, desc in g[2].items()} for g in gathered]
+        rows = [{name: (desc[1], desc[3]) for name, desc in g[2].items()} for g in gathered]
 
         written = {}
         try:
@@ -254,9 +255,8 @@ class CheckpointManager:
             "step": step, "world_size": self.comm.size,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "dense_file": _files.DENSE_FILE,
-            "tables": {name: {"table_id": ids[name], "dim": dim,
-                              "rows": [r[name] for r in rows]}
-                       for name, (dim, _, _) in summary.items()},
+            "tables": {name: self._table_entry(ids[name], dim, [r[name] for r in rows])
+                       for name, (dim, _, _, _) in summary.items()},
             "files": files, "versions": _files.versions(),
         }
         _files.write_manifest(tmp, manifest)
@@ -271,6 +271,16 @@ class CheckpointManager:
         if old:
             shutil.rmtree(old, ignore_errors=True)
         return final
+
+    @staticmethod
+    def _table_entry(table_id, dim, per_rank):
+        """Manifest entry of a table: per-rank rows, and rows of each nested keyed level."""
+        entry = {"table_id": table_id, "dim": dim, "rows": [n for n, _ in per_rank]}
+        levels = per_rank[0][1]
+        if levels:
+            entry["levels"] = {lv: [lv_rows.get(lv, 0) for _, lv_rows in per_rank]
+                               for lv in levels}
+        return entry
 
     def _prune(self, final):
         """Delete checkpoints beyond ``keep_last`` (never ``final``) and stale scratch dirs.
@@ -364,16 +374,23 @@ class CheckpointManager:
             stays = False
         if all(comm.allgather_object(stays)):
             owner = None  # same world, same routing: every rank's rows are its old shard
-        error, cause, dense, state, tables = None, None, None, None, {}
+        error, cause, dense, state, tables, dropped = None, None, None, None, {}, []
         try:
             dense, state = _restore.read_dense(path)
-            tables = _restore.read_tables(path, manifest, owner, comm, self.chunk_bytes)
+            tables, dropped = _restore.read_tables(path, manifest, owner, comm,
+                                                   self.chunk_bytes)
         except Exception as exc:  # noqa: BLE001 - raised on every rank below
             error, cause = describe(exc), exc
-        counts = {name: len(t["keys"]) for name, t in tables.items()}
-        gathered = comm.allgather_object((error, counts))
+        gathered = comm.allgather_object((error, _restore.row_counts(tables)))
         fail([e for e, _ in gathered], f"cannot load checkpoint {path}: ", cause)
         _restore.check_counts(path, manifest, [c for _, c in gathered], comm.size)
+        if dropped and comm.rank == 0:
+            warnings.warn(f"checkpoint {path}: rows were resharded (written by "
+                          f"{manifest['world_size']} ranks, loaded on {comm.size}), so the "
+                          f"shard-local state of table(s) {', '.join(map(repr, dropped))} "
+                          f"(the Bloom filter of admission counts) is not restored; those "
+                          f"tables start counting admissions afresh", CheckpointWarning,
+                          stacklevel=2)
         return manifest["step"], dense, tables, state
 
     def _resolve(self, path):

@@ -9,10 +9,12 @@
 
 Storage (details in docs/embedding-table.md)::
 
-    hash index   {int64 key, int32 row} x slots   open addressing, linear probing, load <= 0.75
+    hash index   {int64 key, uint32 row} x slots  open addressing, linear probing, load 0.71-0.8
     values       float32[rows, dim]                densely packed, freed rows reused
     slots        float32[rows, width] per slot     optimizer state, parallel to values
-    meta         {int64 access count, int64 last update step} per row
+    meta         {uint32 access count, int32 last update step} per row (8 bytes)
+
+Access counts saturate at 2^32 - 1; steps must lie in [0, 2^31 - 1].
 
 Every batched operation uses ``hpctrain._kernels._openmp.get_num_threads()`` threads and
 gives bit-identical results for any thread count. The kernels release the GIL; a lock
@@ -35,7 +37,11 @@ from hpctrain.sparse.policies import Admission, Eviction
 _OPT_CODE = {kind: code for code, kind in enumerate(KINDS)}  # order of table_optim.pxi's enum
 _ADM_CODE = {"exact": 1, "bloom": 2}
 _META = ("access_count", "last_step", "opt_step")
-_MAX_STEP = (1 << 63) - 1
+# (largest value, what the row metadata stores it as) per metadata entry
+_META_MAX = {"access_count": ((1 << 32) - 1, "uint32, saturating"),
+             "last_step": ((1 << 31) - 1, "int32"), "opt_step": ((1 << 63) - 1, "int64")}
+_MAX_STEP = (1 << 31) - 1    # last update steps are int32 in the row metadata
+_MAX_COUNT = (1 << 32) - 1   # admission counts are uint32
 
 
 def as_int64(x, argname, *, uint64_bits=False):
@@ -86,12 +92,19 @@ def as_float32_2d(x, argname, shape):
 
 
 def as_step(step):
-    """A training step as a Python int in [0, 2^63 - 1]."""
+    """A training step as a Python int in [0, 2^31 - 1].
+
+    Raises:
+        TypeError: when ``step`` is not an integer.
+        ValueError: when it is outside [0, 2^31 - 1] (rows store their last update step as
+            int32; a larger step is refused rather than wrapped to a negative one, which
+            would mark the row as free).
+    """
     if isinstance(step, (bool, np.bool_)) or not hasattr(step, "__index__"):
         raise TypeError(f"step must be an integer; got {type(step).__name__} {step!r}")
     s = int(step)
     if not 0 <= s <= _MAX_STEP:
-        raise ValueError(f"step must be in [0, 2^63 - 1]; got {s}")
+        raise ValueError(f"step must be in [0, 2^31 - 1] (rows store int32 steps); got {s}")
     return s
 
 
@@ -311,9 +324,15 @@ class EmbeddingTable:
 
         Returns:
             ``{"keys": int64[n], "values": float32[n, dim], "slots": {name: float32[n, w]},
-            "access_count": int64[n], "last_step": int64[n], "opt_step": int64[n]}``;
-            ``opt_step`` is Adam's per-row update count (zeros for other optimizers).
-            Pending admission counts are not part of the state.
+            "access_count": int64[n], "last_step": int64[n], "opt_step": int64[n],
+            "admission": {"keys": int64[m], "counts": int64[m]}}``; ``opt_step`` is Adam's
+            per-row update count (zeros for other optimizers). ``admission`` holds the keys
+            the exact admission counter has seen fewer than ``min_count`` times and their
+            counts, in increasing key order (empty without an exact counter); it is a keyed
+            level of its own, row-aligned with its own ``keys``. A table counting with a
+            Bloom filter adds ``"shard_state": {"bloom_counters": uint8[bloom_size],
+            "bloom_hashes": int}``: the filter cannot be split by key, so it belongs to this
+            shard as a whole (checkpoints restore it only onto the same shard).
         """
         with self._lock:
             return self._export()
@@ -321,21 +340,36 @@ class EmbeddingTable:
     def _export(self):
         rows = _kernel.live_rows(self._core)
         access, last, ost = _kernel.meta_of(self._core, rows)
-        return {
+        pkeys, pcounts = _kernel.pending_counts(self._core)
+        state = {
             "keys": _kernel.keys_by_row(self._core)[rows],
             "values": _kernel.copy_rows(self._core, rows, 0),
             "slots": {name: _kernel.copy_rows(self._core, rows, i + 1)
                       for i, (name, _, _) in enumerate(self._slots)},
             "access_count": access, "last_step": last, "opt_step": ost,
+            "admission": {"keys": pkeys, "counts": pcounts},
         }
+        if self._core.adm_kind == _ADM_CODE["bloom"]:
+            state["shard_state"] = {"bloom_counters": _kernel.bloom_counters(self._core),
+                                    "bloom_hashes": int(self._core.bloom_hashes)}
+        return state
 
     def import_(self, state):
         """Store the rows of ``state`` (as ``export`` returns it, possibly filtered or
         concatenated row-wise), overwriting keys already present. Admission is bypassed.
 
+        Pending admission counts (``state["admission"]``, optional) are restored after the
+        rows: with an exact counter each key gets its count (replacing one already there),
+        with a Bloom filter each key is counted that many times, without admission they are
+        dropped (every key is admitted at first sight). A key stored as a row is never also
+        pending. ``state["shard_state"]`` (optional) replaces the Bloom filter's counters.
+        Nothing is changed when the state is rejected.
+
         Raises:
             TypeError, ValueError: naming the entry that is missing, mistyped or misshapen,
-                a slot this optimizer does not have, or a repeated key.
+                a slot this optimizer does not have, a repeated key, a metadata value or a
+                pending count out of range (with its key), or Bloom filter counters that do
+                not fit this table's filter.
         """
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict as export() returns; "
@@ -366,20 +400,73 @@ class EmbeddingTable:
                 a = as_int64(state[name], f"state[{name!r}]")
                 if a.shape != (n,):
                     raise ValueError(f"state[{name!r}] has shape {a.shape}; expected {(n,)}")
-                if n and a.min() < 0:
-                    raise ValueError(f"table {self._name!r}: state[{name!r}] holds negative "
-                                     f"value {a.min()}")
+                self._check_range(a, keys, 0, *_META_MAX[name], f"state[{name!r}]")
             else:
                 a = np.zeros(n, dtype=np.int64)
             meta.append(a)
-        if n > 1:
-            sk = np.sort(keys)
-            dup = sk[1:][sk[1:] == sk[:-1]]
-            if dup.size:
-                raise ValueError(f"table {self._name!r}: state['keys'] repeats key {dup[0]}")
+        self._check_unique_keys(keys, "state['keys']")
+        pkeys, pcounts = self._pending_of(state)
+        bloom = self._bloom_of(state)
         with self._lock:
             rows = _kernel.import_keys(self._core, keys)
             _kernel.write_rows(self._core, rows, values, arrs[0], arrs[1], *meta)
+            if bloom is not None:
+                _kernel.set_bloom_counters(self._core, bloom)
+            _kernel.set_pending(self._core, pkeys, pcounts)
+
+    def _check_range(self, a, keys, lo, hi, what, argname):
+        bad = np.flatnonzero((a < lo) | (a > hi))
+        if bad.size:
+            i = bad[0]
+            raise ValueError(f"table {self._name!r}: {argname}[{i}] = {a[i]} (key {keys[i]}) is "
+                             f"outside [{lo}, {hi}] ({what}); {bad.size} such value(s)")
+
+    def _check_unique_keys(self, keys, argname):
+        if keys.shape[0] > 1:
+            sk = np.sort(keys)
+            dup = sk[1:][sk[1:] == sk[:-1]]
+            if dup.size:
+                raise ValueError(f"table {self._name!r}: {argname} repeats key {dup[0]}")
+
+    def _pending_of(self, state):
+        """Validated (keys, counts) of ``state["admission"]`` (empty when absent)."""
+        adm = state.get("admission")
+        if adm is None:
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+        if not isinstance(adm, dict) or "keys" not in adm or "counts" not in adm:
+            raise ValueError(f"table {self._name!r}: state['admission'] must be a dict with "
+                             f"'keys' and 'counts'; got {type(adm).__name__} "
+                             f"{sorted(adm) if isinstance(adm, dict) else ''}")
+        pkeys = as_int64(adm["keys"], "state['admission']['keys']", uint64_bits=True)
+        pcounts = as_int64(adm["counts"], "state['admission']['counts']")
+        if pcounts.shape != pkeys.shape:
+            raise ValueError(f"state['admission']['counts'] has shape {pcounts.shape}; "
+                             f"expected {pkeys.shape} like its keys")
+        self._check_range(pcounts, pkeys, 1, _MAX_COUNT, "uint32 admission count",
+                          "state['admission']['counts']")
+        self._check_unique_keys(pkeys, "state['admission']['keys']")
+        return pkeys, pcounts
+
+    def _bloom_of(self, state):
+        """Validated Bloom filter counters of ``state["shard_state"]``, or None."""
+        shard = state.get("shard_state")
+        if shard is None or "bloom_counters" not in shard:
+            return None
+        counters = np.asarray(shard["bloom_counters"])
+        if self._core.adm_kind != _ADM_CODE["bloom"]:
+            if self._core.adm_kind == 0:
+                return None  # no admission: every key is admitted at first sight anyway
+            raise ValueError(f"table {self._name!r}: state holds Bloom filter counters but the "
+                             f"table counts admissions exactly; drop state['shard_state'] to "
+                             f"start counting afresh")
+        a = self._admission
+        hashes = shard.get("bloom_hashes")
+        if counters.dtype != np.uint8 or counters.shape != (a.bloom_size,) \
+                or hashes != a.bloom_hashes:
+            raise ValueError(f"table {self._name!r}: state['shard_state'] holds a Bloom filter "
+                             f"of {counters.dtype}{list(counters.shape)} with {hashes} hashes; "
+                             f"this table's is uint8[{a.bloom_size}] with {a.bloom_hashes}")
+        return np.ascontiguousarray(counters)
 
     def memory_stats(self):
         """Storage figures: row/slot counts, bytes per part, bytes per row and its bound.

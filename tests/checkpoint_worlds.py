@@ -165,3 +165,43 @@ def assert_tree_equal(got, want, where="tree"):
         assert np.array_equal(got, want, equal_nan=want.dtype.kind in "fc"), f"{where}: values differ"
     else:
         assert got == want, f"{where}: {got!r} != {want!r}"
+
+
+def admission_stream(seed, steps=6, batch=400, vocab=1500):
+    """Key batches of a training run whose keys repeat across steps (int64 arrays)."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(-vocab, vocab, size=batch).astype(np.int64) for _ in range(steps)]
+
+
+def admission_table(name, counter, table_id=3):
+    """A table with min_count=3 (exact counts or a small Bloom filter) and a fixed seed."""
+    from hpctrain.sparse.table import EmbeddingTable
+    return EmbeddingTable(name, 4, "adagrad", table_id=table_id, seed=5,
+                          admission={"min_count": 3, "counter": counter, "bloom_size": 4096})
+
+
+def train_owned(table, batches, rank, size, start=0, table_id=3):
+    """Feed this rank's keys of each batch (routing ``owner_of``) and update admitted rows with a
+    gradient that depends only on (key, step), so any sharding gives the same rows per key."""
+    from hpctrain.sparse.routing import owner_of
+    for i, keys in enumerate(batches):
+        step = start + i
+        mine = keys[owner_of(table_id, keys, size) == rank]
+        rows = table.find_or_insert(mine, step)
+        uniq, first = np.unique(mine, return_index=True)
+        r = rows[first]
+        g = np.cos(np.outer(uniq.astype(np.float64) + step, np.arange(1, table.dim + 1)))
+        table.apply_gradients(r, g.astype(np.float32), step)
+
+
+def pending_of(export):
+    """{key: pending admission count} of an export dict."""
+    adm = export["admission"]
+    return dict(zip(adm["keys"].tolist(), adm["counts"].tolist()))
+
+
+def rows_by_key(export):
+    """{key: (values row bytes, access count, last step)} of an export dict."""
+    return {k: (v.tobytes(), a, s) for k, v, a, s in zip(
+        export["keys"].tolist(), export["values"], export["access_count"].tolist(),
+        export["last_step"].tolist())}

@@ -13,8 +13,9 @@ import h5py
 import numpy as np
 import pytest
 
-from checkpoint_worlds import (assert_tree_equal, concat, global_tables, owner_fn, run_world,
-                               shard, take_sorted)
+from checkpoint_worlds import (admission_stream, admission_table, assert_tree_equal, concat,
+                               global_tables, owner_fn, pending_of, rows_by_key, run_world,
+                               shard, take_sorted, train_owned)
 from hpctrain.checkpoint import (CheckpointError, CheckpointManager, CheckpointWarning,
                                  export_model, verify)
 
@@ -351,3 +352,81 @@ def test_same_world_same_routing_reads_one_file_per_rank(tmp_path, monkeypatch):
         for rank, res in enumerate(results):
             for name, want in shard(tables, owner, 2, rank).items():
                 assert_tree_equal(take_sorted(res[2][name]), take_sorted(want), name)
+
+
+@pytest.mark.parametrize("counter", ["exact", "bloom"])
+def test_pending_admission_counts_survive_checkpoints(tmp_path, counter):
+    """Pending admission counts (exact) and the Bloom filter are saved with the rows; the same
+    world restores both, another world size reshards exact counts by key and drops the filter
+    with a warning naming the table; training on after the restore equals training through."""
+    from hpctrain.sparse.routing import owner_of
+    batches = admission_stream(21)
+    k = 4
+
+    def owner(size):
+        return lambda name, keys: owner_of(3, keys, size)
+
+    def write(comm):
+        t = admission_table("user", counter)
+        train_owned(t, batches[:k], comm.rank, comm.size)
+        export = t.export()
+        CheckpointManager(str(tmp_path), comm).save(k, {}, {"user": export}, {})
+        return export
+
+    saved, errors = run_world(2, write)
+    assert errors == [None, None], errors
+    if counter == "exact":
+        assert all(len(e["admission"]["keys"]) > 50 for e in saved)
+    else:
+        assert all(e["shard_state"]["bloom_counters"].sum() > 0 for e in saved)
+
+    def resume(comm):
+        _, _, tables, _ = CheckpointManager(str(tmp_path), comm).load(owner=owner(comm.size))
+        t = admission_table("user", counter)
+        t.import_(tables["user"])
+        restored = t.export()
+        train_owned(t, batches[k:], comm.rank, comm.size, start=k)
+        return tables["user"], restored, t.export()
+
+    def run_resume(size):
+        with warnings.catch_warnings(record=True) as caught:  # rank threads warn here
+            warnings.simplefilter("always")
+            results, errors = run_world(size, resume)
+        assert errors == [None] * size, errors
+        return results, [str(w.message) for w in caught
+                         if issubclass(w.category, CheckpointWarning)]
+
+    def through(comm):
+        t = admission_table("user", counter)
+        train_owned(t, batches, comm.rank, comm.size)
+        return t.export()
+
+    same, msgs = run_resume(2)
+    assert msgs == []
+    for rank, (loaded, restored, _) in enumerate(same):
+        assert_tree_equal(loaded, saved[rank], f"rank {rank}")
+        assert_tree_equal(take_sorted(restored), take_sorted(saved[rank]), f"rank {rank}")
+    want, _ = run_world(2, through)
+    for rank in range(2):
+        assert_tree_equal(take_sorted(same[rank][2]), take_sorted(want[rank]), f"rank {rank}")
+
+    other, msgs = run_resume(3)
+    want3, _ = run_world(3, through)
+    if counter == "bloom":  # one warning (rank 0's), naming the table
+        assert len(msgs) == 1 and "table(s) 'user'" in msgs[0] and "Bloom" in msgs[0], msgs
+    else:
+        assert msgs == []
+    union = {}
+    for rank, (loaded, restored, trained) in enumerate(other):
+        pending = pending_of(loaded)
+        assert all(owner_of(3, np.array(list(pending), np.int64), 3) == rank)
+        union.update(pending)
+        assert "shard_state" not in loaded
+        if counter == "exact":
+            assert rows_by_key(trained) == rows_by_key(want3[rank])
+            assert pending_of(trained) == pending_of(want3[rank])
+    saved_pending = {key: c for e in saved for key, c in pending_of(e).items()}
+    assert union == (saved_pending if counter == "exact" else {})
+    manifest = json.load(open(os.path.join(tmp_path, "step-00000004", "MANIFEST.json")))
+    assert manifest["tables"]["user"]["levels"] == {
+        "admission/": [len(e["admission"]["keys"]) for e in saved]}

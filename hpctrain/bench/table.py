@@ -18,6 +18,11 @@ Baselines in the same run: ``np.take`` of the same rows with precomputed indices
 memory-bandwidth ceiling) and a Python dict lookup. Goals: lookup+gather >= 0.7x np.take;
 full step at dim 64 with Adagrad >= 3 M ids/s. Bytes per stored row are reported with
 their bound 1.25 x (8 + 4 * dim * (1 + slots)).
+
+``--cycle-rows N`` adds ``find`` of stored and of absent keys at ``--cycle-points`` table
+sizes spread geometrically over [N, 1.25 N], one full growth cycle of the hash index, so that
+the probe cost is averaged over the index loads a growing table goes through (a single size
+sits at one arbitrary point of the cycle).
 """
 import numpy as np
 
@@ -154,6 +159,30 @@ def bench_dim(dim, args, warm, timed, kinds):
     return records, mem
 
 
+def bench_cycle(args, rng):
+    """find of stored / absent keys at table sizes over one index growth cycle (dim 16)."""
+    from hpctrain.sparse.table import EmbeddingTable
+    n0, points = args.cycle_rows, args.cycle_points
+    sizes = np.unique(np.geomspace(n0, 1.25 * n0, points).astype(np.int64))
+    keys = np.unique(rng.integers(0, 2**62, size=int(1.3 * n0)))
+    keys = rng.permutation(keys)[:sizes[-1]]
+    n_q = args.batch * args.features
+    t = EmbeddingTable("cycle", 16, "sgd", capacity=int(sizes[0]))
+    out, done = [], 0
+    for n in sizes:
+        t.find_or_insert(keys[done:n], 0)
+        done = n
+        hits = [keys[rng.integers(0, n, size=n_q)] for _ in range(4)]
+        misses = [rng.integers(2**62, 2**63 - 1, size=n_q) for _ in range(4)]  # never stored
+        times = interleaved({"hit": Cycle(lambda i: t.find(hits[i]), 4),
+                             "miss": Cycle(lambda i: t.find(misses[i]), 4)},
+                            args.warmup, max(4, args.repeat // 3))
+        out.append({"rows": int(n), "index_load": t.memory_stats()["index_load"],
+                    "find_hit_p50_s": common.stats(times["hit"])["p50"],
+                    "find_miss_p50_s": common.stats(times["miss"])["p50"], "ids": n_q})
+    return out
+
+
 def main(argv=None):
     from hpctrain._kernels import _openmp
     from hpctrain.sparse.optimizers import KINDS
@@ -167,6 +196,9 @@ def main(argv=None):
     p.add_argument("--batches", type=int, default=8, help="distinct timed batches (cycled)")
     p.add_argument("--optimizers", default=",".join(KINDS), help="comma-separated kinds")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cycle-rows", type=int, default=0,
+                   help="also time find over one index growth cycle from this many rows (0: no)")
+    p.add_argument("--cycle-points", type=int, default=10, help="table sizes in that cycle")
     args = p.parse_args(argv)
     _openmp.set_num_threads(args.threads or 2)
     comm = common.world()
@@ -180,6 +212,7 @@ def main(argv=None):
         r, m = bench_dim(dim, args, warm, timed, kinds)
         records += r
         memory[dim] = m
+    cycle = bench_cycle(args, rng) if args.cycle_rows > 0 else []
     if comm.rank == 0:
         print(f"# table: {args.batch}x{args.features} ids/batch, Zipf({args.zipf}) over "
               f"{args.vocab} ids/feature, {_openmp.get_num_threads()} threads")
@@ -190,17 +223,27 @@ def main(argv=None):
              for r in records])
         print("# memory per stored row (bytes) after the run")
         common.print_table(
-            ["dim", "optimizer", "rows", "bytes/row", "bound", "within"],
-            [[d, k, m["rows"], m["bytes_per_row"], m["bound_bytes_per_row"],
+            ["dim", "optimizer", "rows", "index load", "bytes/row", "bound", "within"],
+            [[d, k, m["rows"], m["index_load"], m["bytes_per_row"], m["bound_bytes_per_row"],
               "yes" if m["bytes_per_row"] <= m["bound_bytes_per_row"] else "NO"]
              for d, mk in memory.items() for k, m in mk.items()])
+        if cycle:
+            print("# find over one index growth cycle (dim 16): p50 ms per call")
+            rows = [[c["rows"], c["index_load"], c["find_hit_p50_s"] * 1e3,
+                     c["find_miss_p50_s"] * 1e3] for c in cycle]
+            rows.append(["mean", np.mean([c["index_load"] for c in cycle]),
+                         np.mean([c["find_hit_p50_s"] for c in cycle]) * 1e3,
+                         np.mean([c["find_miss_p50_s"] for c in cycle]) * 1e3])
+            common.print_table(["rows", "index load", "find stored", "find absent"], rows)
     common.write_json("table", {
         "config": {k: getattr(args, k) for k in ("batch", "features", "vocab", "zipf", "dims",
                                                  "warm_batches", "batches", "optimizers",
-                                                 "warmup", "repeat", "seed")},
+                                                 "warmup", "repeat", "seed", "cycle_rows",
+                                                 "cycle_points")},
         "goals": {"lookup_gather_vs_take": GOAL_LOOKUP_VS_TAKE,
                   "step_adagrad_dim64_ids_per_s": GOAL_STEP_ADAGRAD_64},
-        "results": records, "memory": memory, "peak_rss_bytes": common.peak_rss_bytes(),
+        "results": records, "memory": memory, "cycle": cycle,
+        "peak_rss_bytes": common.peak_rss_bytes(),
     }, path=args.json, comm=comm)
     return 0
 

@@ -390,13 +390,17 @@ cdef Py_ssize_t _group(const int64_t[::1] seg, int64_t nseg, int64_t* start,
 
 def segment_sum(const float[::1] src, const int64_t[::1] src_off, int64_t dim,
                 const int64_t[::1] segments, int64_t num_segments, const float[::1] scale=None,
-                out=None):
+                out=None, const int64_t[::1] out_off=None):
     """Deterministic ``out[segments[j]] += scale[j] * row_j``: float32[num_segments, dim].
 
     Row ``j`` is ``src[src_off[j] : src_off[j] + dim]``. Each segment's rows are
     added in increasing ``j`` (the order of ``np.add.at``), whatever the number
     of threads. ``scale`` (float32[n]) is optional; pass the bag offsets of each
     row (``src_off = bag_of_rows * dim``) to scatter pooled gradients to ids.
+
+    With ``out_off`` (int64[num_segments]) ``out`` is a flat float32 buffer and
+    segment ``s`` is written to ``out[out_off[s] : out_off[s] + dim]`` (straight
+    into an exchange buffer; destinations must not overlap); ``out`` is returned.
     """
     cdef Py_ssize_t n = segments.shape[0]
     if src_off.shape[0] != n:
@@ -407,8 +411,25 @@ def segment_sum(const float[::1] src, const int64_t[::1] src_off, int64_t dim,
     if num_segments < 0:
         raise ValueError(f"segment_sum: num_segments must be >= 0, got {num_segments}")
     _require_rows(src_off, dim, src.shape[0], "segment_sum")
-    out_arr = _out2d(out, num_segments, dim, "segment_sum")
-    cdef float[:, ::1] o = out_arr
+    cdef float[::1] flat_out
+    cdef float[:, ::1] o2
+    cdef float* base
+    cdef bint has_off = out_off is not None
+    if has_off:
+        if out is None:
+            raise ValueError("segment_sum: out_off needs out (a flat float32 buffer)")
+        if out_off.shape[0] != num_segments:
+            raise ValueError(f"segment_sum: out_off has {out_off.shape[0]} entries, "
+                             f"num_segments is {num_segments}")
+        out_arr = out
+        flat_out = out
+        _require_rows(out_off, dim, flat_out.shape[0], "segment_sum (out_off)")
+        base = &flat_out[0] if flat_out.shape[0] > 0 else NULL
+    else:
+        out_arr = _out2d(out, num_segments, dim, "segment_sum")
+        o2 = out_arr
+        base = &o2[0, 0] if num_segments > 0 and dim > 0 else NULL
+    cdef float* dst
     cdef int64_t* start = <int64_t*>malloc((num_segments + 1) * sizeof(int64_t))
     cdef int64_t* order = <int64_t*>malloc((n + 1) * sizeof(int64_t))
     cdef Py_ssize_t bad = -1, s, k, c
@@ -425,18 +446,19 @@ def segment_sum(const float[::1] src, const int64_t[::1] src_off, int64_t dim,
             bad = _group(segments, num_segments, start, order)
             if bad < 0 and dim > 0:
                 for s in prange(num_segments, num_threads=nt, schedule='static'):
+                    dst = base + (out_off[s] if has_off else s * dim)
                     for c in range(dim):
-                        o[s, c] = 0
+                        dst[c] = 0
                     for k in range(start[s], start[s + 1]):
                         j = order[k]
                         row = &src[src_off[j]]
                         if has_scale:
                             w = scale[j]
                             for c in range(dim):
-                                o[s, c] += w * row[c]
+                                dst[c] += w * row[c]
                         else:
                             for c in range(dim):
-                                o[s, c] += row[c]
+                                dst[c] += row[c]
     finally:
         free(start)
         free(order)

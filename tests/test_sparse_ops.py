@@ -109,6 +109,33 @@ def test_segment_sum_matches_add_at_exactly(threads):
     assert np.array_equal(so.segment_sum(src.ravel(), np.arange(n) * dim, dim, seg, nseg), ref2)
 
 
+def test_segment_sum_into_flat_buffer_at_offsets(threads):
+    """out_off writes each segment's sum at its own offset of a flat buffer, leaving the
+    rest untouched: the same bits as the 2-D result scattered there."""
+    rng = np.random.default_rng(8)
+    dim, n, nseg = 3, 500, 40
+    src = rng.standard_normal((n, dim)).astype(np.float32)
+    seg = rng.integers(0, nseg, size=n)
+    ref = so.segment_sum(src.ravel(), np.arange(n) * dim, dim, seg, nseg)
+    out = np.full(nseg * dim * 2 + 7, -9.0, np.float32)
+    out_off = rng.permutation(nseg * 2)[:nseg].astype(np.int64) * dim + 7
+    got = so.segment_sum(src.ravel(), np.arange(n) * dim, dim, seg, nseg, out=out,
+                         out_off=out_off)
+    assert got is out
+    expect = np.full_like(out, -9.0)
+    for s_, o in enumerate(out_off):
+        expect[o:o + dim] = ref[s_]
+    assert np.array_equal(out, expect)
+    with pytest.raises(ValueError, match="outside"):
+        so.segment_sum(src.ravel(), np.arange(n) * dim, dim, seg, nseg, out=out[:20],
+                       out_off=out_off)
+    with pytest.raises(ValueError, match="out_off has 3 entries"):
+        so.segment_sum(src.ravel(), np.arange(n) * dim, dim, seg, nseg, out=out,
+                       out_off=out_off[:3])
+    with pytest.raises(ValueError, match="needs out"):
+        so.segment_sum(src.ravel(), np.arange(n) * dim, dim, seg, nseg, out_off=out_off)
+
+
 @pytest.mark.parametrize("mean", [False, True])
 def test_pool_backward_via_bag_scatter_and_segment_sum(mean):
     rng = np.random.default_rng(6)

@@ -80,8 +80,12 @@ class TableBatch:
         pooled = pooled.reshape(len(names), self.batch_size, dim)
         return {n: pooled[i] for i, n in enumerate(names)}
 
-    def unique_grads(self, grads):
-        """float32[u, dim]: the gradient of every unique id, summed over its occurrences."""
+    def unique_grads(self, grads, out=None, out_off=None):
+        """float32[u, dim]: the gradient of every unique id, summed over its occurrences.
+
+        With ``out`` (flat float32) and ``out_off`` (int64[u]) unique id ``i``'s
+        gradient is written to ``out[out_off[i]:][:dim]`` instead (an exchange buffer).
+        """
         dim, b = self.spec.dim, self.batch_size
         if self.spec.pooling == "none":
             expect = self.counts
@@ -103,7 +107,8 @@ class TableBatch:
         else:
             src_off = sparse_ops.bag_of_rows(self.bag_offsets) * dim
             scale = sparse_ops.bag_scales(self.bag_offsets) if self.spec.pooling == "mean" else None
-        return sparse_ops.segment_sum(flat, src_off, dim, self.inverse, self.uniq.shape[0], scale)
+        return sparse_ops.segment_sum(flat, src_off, dim, self.inverse, self.uniq.shape[0], scale,
+                                      out=out, out_off=out_off)
 
 
 def split_batch(batch, specs, feature_to_table):

@@ -18,12 +18,20 @@ one gradient ``Alltoallv`` per backward (see docs/sharded-embedding.md)::
 
 The packed row buffers are flat float32 with each row at its own element
 offset, so tables of different widths travel in the same message.
+
+Ranks on one node skip the two large exchanges (``exchange="auto"``): owners
+write reply rows into an MPI-3 shared window and requesters of the node pool
+straight from it; gradients go the other way the same way (``hpctrain.sparse.shm``).
+Only peers on other nodes get rows and gradients by ``Alltoallv``. The arithmetic,
+and so every result, is the same in both modes.
 """
 import numpy as np
 
 from hpctrain._kernels import sparse_ops
 from hpctrain.sparse.collection import PhaseTimer, check_grads, make_table, split_batch
 from hpctrain.sparse.spec import resolve_specs
+
+EXCHANGES = ("auto", "alltoallv", "shm")
 
 
 class _Buffers:
@@ -64,11 +72,12 @@ class _Done:
 class _OwnerPart:
     """What an owner keeps of one table between lookup and backward."""
 
-    __slots__ = ("table", "elem_off", "inverse", "indices", "num_unique", "dim")
+    __slots__ = ("table", "elem_off", "inverse", "indices", "num_unique", "dim", "source")
 
-    def __init__(self, table, elem_off, inverse, indices, dim):
+    def __init__(self, table, elem_off, inverse, indices, dim, source):
         self.table, self.elem_off, self.inverse, self.indices = table, elem_off, inverse, indices
         self.num_unique, self.dim = indices.shape[0], dim
+        self.source = source       # int64[n] source rank of every received id
 
 
 class ShardedLookup:
@@ -84,7 +93,13 @@ class ShardedLookup:
         self.serve_elems = None    # floats this rank sends rows to / receives grads from each peer
         self.owner = None          # _OwnerPart per table (owner side)
         self.ids_handle = None     # the in-flight ids Alltoallv
+        self.recv_ids = None       # ids received by this rank as an owner
         self.from_peer_table = None
+        self.owners = None         # per table: int32[u] owner rank of each unique id
+        self.grad_base = None      # shared window: where this rank's gradient rows start
+        self.grad_shift = None     # shared window: per source rank, shift of its gradients
+        self.rgrads_base = None    # shared window: where gradients from other nodes land
+        self.layout = None         # shared window: every member's segment layout (gathering)
         self.train = True
         self.prefix = ""
 
@@ -100,6 +115,11 @@ class ShardedEmbedding:
         specs: list of ``TableSpec`` (``table_id`` defaults to the list index).
         comm: a ``hpctrain.comm`` communicator (NumPy buffers).
         seed: initialisation seed shared by every table.
+        exchange: how rows and gradients reach ranks of the same node: "shm" (an
+            MPI-3 shared window, no copies), "alltoallv" (always ``Alltoallv``), or
+            "auto" (shm when ``comm`` is an MPI communicator).
+        node_group_size: with shm, split each node into groups of this many ranks
+            sharing a window (default: the whole node).
 
     Attributes:
         tables: dict table name -> ``EmbeddingTable`` holding this rank's shard.
@@ -107,7 +127,7 @@ class ShardedEmbedding:
             lookup, rows_a2a, pool, grad_a2a, update); ``reset_timers()`` zeroes them.
     """
 
-    def __init__(self, specs, comm, seed=0):
+    def __init__(self, specs, comm, seed=0, exchange="auto", node_group_size=None):
         self.specs, self.feature_to_table = resolve_specs(specs)
         self.comm = comm
         self.rank, self.size = comm.rank, comm.size
@@ -119,6 +139,29 @@ class ShardedEmbedding:
         self._pending = None
         self._last = None
         self._ones = np.ones(self.size, dtype=np.int64)
+        self._arena = self._make_arena(exchange, node_group_size)
+
+    def _make_arena(self, exchange, node_group_size):
+        if exchange not in EXCHANGES:
+            raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+        mpi_comm = getattr(self.comm, "mpi_comm", None)
+        if exchange == "alltoallv" or (exchange == "auto" and mpi_comm is None):
+            return None
+        if mpi_comm is None:
+            raise ValueError(f"exchange='shm' needs an MPI communicator, got "
+                             f"{type(self.comm).__name__}")
+        from hpctrain.sparse.shm import SharedArena
+        return SharedArena(mpi_comm, node_group_size)
+
+    @property
+    def exchange(self):
+        """"shm" while rows and gradients of node-local peers go through shared memory."""
+        return "shm" if self._arena is not None and self._arena.enabled else "alltoallv"
+
+    def close(self):
+        """Free the shared window (collective; the object stays usable, it makes a new one)."""
+        if self._arena is not None:
+            self._arena.close()
 
     @property
     def timers(self):
@@ -128,8 +171,8 @@ class ShardedEmbedding:
         self._timer.reset()
 
     def buffer_bytes(self):
-        """Bytes held by the reusable exchange buffers of this rank."""
-        return self._buf.nbytes()
+        """Bytes held by the reusable exchange buffers of this rank (shared window included)."""
+        return self._buf.nbytes() + (self._arena.nbytes() if self._arena is not None else 0)
 
     # -- forward -------------------------------------------------------------------------
     def start_lookup(self, batch, step, train=True):
@@ -173,6 +216,7 @@ class ShardedEmbedding:
             o = sparse_ops.route(p.uniq, p.spec.table_id, P)
             per_table[:, i] = np.bincount(o, minlength=P)
             owners.append(o)
+        look.owners = owners
         owners = np.concatenate(owners) if T > 1 else owners[0]
         to_peer, perm = sparse_ops.bucket_by_owner(owners, P)
         keys = np.concatenate([p.uniq for p in plans]) if T > 1 else plans[0].uniq
@@ -202,21 +246,25 @@ class ShardedEmbedding:
             look.ids_handle = self.comm.ialltoallv(send_ids, to_peer, from_peer,
                                                    recvbuf=recv_ids)
         look.from_peer_table, look.train, look.prefix = from_peer_table, train, pre
+        if train and self.exchange == "shm":
+            self._shm_post_layout(look)
         t.lap("ids_a2a")
         if train:
             self._pending = look
         return look
 
-    def _serve(self, recv_ids, from_peer_table, step, train=True, pre=""):
+    def _serve(self, recv_ids, from_peer_table, step, train=True, pre="", reply=None):
         """Owner side: dedup received ids per table, find(-or-insert), gather into the reply."""
         P, T = from_peer_table.shape
         # Received ids are (source, table) blocks; group positions by table keeping
         # source order, so the dedup and later gradient sums go in source-rank order.
         table_of = np.repeat(np.tile(np.arange(T, dtype=np.int32), P), from_peer_table.ravel())
+        source = np.repeat(np.arange(P, dtype=np.int64), from_peer_table.sum(axis=1))
         per_table, order = sparse_ops.bucket_by_owner(table_of, T)
         elem_off = _exclusive_cumsum(self._dims[table_of])
         serve_elems = from_peer_table @ self._dims
-        reply = self._buf.get(pre + "reply", int(serve_elems.sum()), np.float32)
+        if reply is None:
+            reply = self._buf.get(pre + "reply", int(serve_elems.sum()), np.float32)
         parts, lo = [], 0
         for i, spec in enumerate(self.specs):
             pos = order[lo:lo + per_table[i]]
@@ -232,7 +280,7 @@ class ShardedEmbedding:
             rows = np.ascontiguousarray(table.gather(idx), dtype=np.float32)
             off = elem_off[pos]
             sparse_ops.scatter_rows(rows, inverse, reply, off)
-            parts.append(_OwnerPart(table, off, inverse, idx, spec.dim))
+            parts.append(_OwnerPart(table, off, inverse, idx, spec.dim, source[pos]))
         return serve_elems, reply, parts
 
     def wait_lookup(self, handle):
@@ -250,20 +298,98 @@ class ShardedEmbedding:
         recv_ids = handle.ids_handle.wait()
         handle.ids_handle = None
         t.lap("ids_a2a")
-        handle.serve_elems, reply, handle.owner = self._serve(
-            recv_ids, handle.from_peer_table, handle.step, handle.train, pre)
-        t.lap("lookup")
-        rows = self._buf.get(pre + "rows", int(handle.ask_elems.sum()), np.float32)
-        self.comm.alltoallv(reply, handle.serve_elems, handle.ask_elems, recvbuf=rows)
+        handle.recv_ids = recv_ids
+        if handle.layout is not None and self._shm_layout(handle):
+            rows, unique_off = self._shm_rows(handle)
+        else:
+            handle.serve_elems, reply, handle.owner = self._serve(
+                recv_ids, handle.from_peer_table, handle.step, handle.train, pre)
+            t.lap("lookup")
+            rows = self._buf.get(pre + "rows", int(handle.ask_elems.sum()), np.float32)
+            self.comm.alltoallv(reply, handle.serve_elems, handle.ask_elems, recvbuf=rows)
+            unique_off = handle.unique_off
         t.lap("rows_a2a")
         outputs = {}
-        for p, off in zip(handle.plans, handle.unique_off):
+        for p, off in zip(handle.plans, unique_off):
             outputs.update(p.pool(rows, off))
         t.lap("pool")
         if handle.train:
             self._pending = None
             self._last = handle
         return outputs
+
+    # -- shared-memory exchange ------------------------------------------------------------
+    # Segment of every group member (floats), two parts at fixed places:
+    #   forward  [reply S | remote rows A']     at base(k)
+    #   backward [grads A | remote grads S']    at bwd_base(k)
+    # S: rows this rank serves (source-major, like the Alltoallv reply), A: rows it
+    # asked for (owner-major); A' = A and S' = S only when some peer is on another node.
+    # The parts never overlap: after a step's gradient sync an owner writes its next
+    # reply while peers may still read its gradients. The remote parts receive the
+    # Alltoallv of other nodes' blocks at the plain exchange's displacements, so one
+    # shift per peer maps a plain-layout offset into the window.
+    _LAY = 5   # layout vector: [forward need, backward need, S, A', A] + ask_start + serve_start
+
+    def _shm_post_layout(self, look):
+        """Start gathering every member's segment layout (known once counts are in)."""
+        arena = self._arena
+        serve_elems = look.from_peer_table @ self._dims
+        S, A = int(serve_elems.sum()), int(look.ask_elems.sum())
+        rA, rS = (0, 0) if arena.all_local else (A, S)
+        look.ask_start = _exclusive_cumsum(look.ask_elems)
+        look.serve_start = _exclusive_cumsum(serve_elems)
+        m = arena.members
+        mine = np.concatenate([[S + rA, A + rS, S, rA, A], look.ask_start[m],
+                               look.serve_start[m]])
+        look.layout = arena.iallgather(mine)
+
+    def _shm_layout(self, look):
+        """Finish the layout exchange and make the window hold every member's segment."""
+        look.layout = look.layout.wait()
+        return self._arena.reserve(look.layout[:, 0], look.layout[:, 1])
+
+    def _shm_rows(self, look):
+        """Owners serve into the window; rows of other nodes come by Alltoallv."""
+        arena, t, P, L = self._arena, self._timer, self.size, self._LAY
+        g, me, lay = arena.size, arena.index, look.layout
+        S, A = int(lay[me, 2]), int(lay[me, 4])
+        base = arena.base(me)
+        if self._last is not None:
+            # the previous lookup had no backward (whose gradient sync would have told
+            # this rank that every peer is done pooling its reply): wait for them here
+            arena.sync()
+        reply = arena.flat[base:base + S]
+        look.serve_elems, _, look.owner = self._serve(
+            look.recv_ids, look.from_peer_table, look.step, True, "", reply=reply)
+        t.lap("lookup")
+        if not arena.all_local:
+            self._remote_alltoallv(arena.flat, base, look.serve_elems, look.serve_start,
+                                   base + S, look.ask_elems, look.ask_start)
+        arena.sync()
+        # requester: my block of owner o starts at o's serve_start[me] in o's reply
+        shift = np.full(P, base + S, dtype=np.int64)        # other nodes: my remote rows
+        for j, o in enumerate(arena.members):
+            shift[o] = arena.base(j) + lay[j, L + g + me] - look.ask_start[o]
+        unique_off = [u + shift[o] for u, o in zip(look.unique_off, look.owners)]
+        # owner: source s's gradients for me start at s's ask_start[me] in s's grads
+        look.grad_base = arena.bwd_base(me)
+        look.rgrads_base = look.grad_base + A
+        gshift = np.full(P, look.rgrads_base, dtype=np.int64)  # other nodes: remote grads
+        for j, s in enumerate(arena.members):
+            gshift[s] = arena.bwd_base(j) + lay[j, L + me] - look.serve_start[s]
+        look.grad_shift = gshift
+        return arena.flat, unique_off
+
+    def _remote_alltoallv(self, flat, send_at, send_counts, send_displ, recv_at, recv_counts,
+                          recv_displ):
+        """``Alltoallv`` of the blocks for other nodes, window to window (local blocks: 0)."""
+        from mpi4py import MPI
+        local = self._arena.local_index >= 0
+        sc = np.where(local, 0, send_counts)
+        rc = np.where(local, 0, recv_counts)
+        self.comm.mpi_comm.Alltoallv(
+            [flat[send_at:], (sc, send_displ), MPI.FLOAT],
+            [flat[recv_at:], (rc, recv_displ), MPI.FLOAT])
 
     def forward(self, batch, step, train=True):
         """``wait_lookup(start_lookup(batch, step, train))``, with a blocking ids exchange."""
@@ -286,16 +412,32 @@ class ShardedEmbedding:
         check_grads(grads, look.plans)
         t = self._timer
         t.start()
-        send = self._buf.get("grad_send", int(look.ask_elems.sum()), np.float32)
-        for p, off in zip(look.plans, look.unique_off):
-            sparse_ops.scatter_rows(p.unique_grads(grads), None, send, off)
-        t.lap("pool")
-        recv = self._buf.get("grad_recv", int(look.serve_elems.sum()), np.float32)
-        self.comm.alltoallv(send, look.ask_elems, look.serve_elems, recvbuf=recv)
-        t.lap("grad_a2a")
+        if look.grad_base is not None:
+            # shared window: gradients go straight into this rank's segment
+            arena = self._arena
+            flat = arena.flat
+            for p, off in zip(look.plans, look.unique_off):
+                p.unique_grads(grads, out=flat, out_off=off + look.grad_base)
+            t.lap("pool")
+            if not arena.all_local:
+                self._remote_alltoallv(flat, look.grad_base, look.ask_elems, look.ask_start,
+                                       look.rgrads_base, look.serve_elems, look.serve_start)
+            arena.sync()
+            recv = flat
+            t.lap("grad_a2a")
+        else:
+            send = self._buf.get("grad_send", int(look.ask_elems.sum()), np.float32)
+            for p, off in zip(look.plans, look.unique_off):
+                p.unique_grads(grads, out=send, out_off=off)
+            t.lap("pool")
+            recv = self._buf.get("grad_recv", int(look.serve_elems.sum()), np.float32)
+            self.comm.alltoallv(send, look.ask_elems, look.serve_elems, recvbuf=recv)
+            t.lap("grad_a2a")
         for part in look.owner:
-            g = sparse_ops.segment_sum(recv, part.elem_off, part.dim, part.inverse,
-                                       part.num_unique)
+            src_off = part.elem_off
+            if look.grad_shift is not None:
+                src_off = src_off + look.grad_shift[part.source]
+            g = sparse_ops.segment_sum(recv, src_off, part.dim, part.inverse, part.num_unique)
             part.table.apply_gradients(part.indices, g, step)
         t.lap("update")
         self._last = None

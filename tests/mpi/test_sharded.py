@@ -275,3 +275,66 @@ def test_errors_name_features(comm):
         sharded.backward({"u": out["u"], "i": out["i"]}, 0)
     with pytest.raises(ValueError, match="must be float32"):
         sharded.backward({**out, "u": out["u"][:1]}, 0)
+
+
+def _run_mode(comm, specs, exchange, group, steps=4, overlap=False):
+    """Train one ShardedEmbedding on growing batches; outputs per step and the export."""
+    rng = np.random.default_rng(21)
+    sharded = ShardedEmbedding(specs, comm, seed=5, exchange=exchange, node_group_size=group)
+    pooling = specs[0].pooling
+    features = [f for s in specs for f in s.features]
+    # the batch grows step by step, so the shared window has to grow too
+    batches = [_global_batch(rng, comm.size, vocab=30 * (k + 1), maxlen=2 + 3 * k,
+                             features=features) for k in range(steps)]
+    outs = []
+    pending = sharded.start_lookup(_rank_slice(batches[0], comm), 0) if overlap else None
+    for step, gb in enumerate(batches):
+        if overlap:
+            out = sharded.wait_lookup(pending)
+            if step + 1 < steps:
+                pending = sharded.start_lookup(_rank_slice(batches[step + 1], comm), step + 1)
+        else:
+            if step == 1:
+                # a training lookup nobody differentiates: the next one must wait for
+                # peers still pooling from this rank's reply
+                sharded.forward(_rank_slice(batches[0], comm), step)
+            out = sharded.forward(_rank_slice(gb, comm), step)
+        outs.append(out)
+        # an eval lookup between training steps takes the plain path and changes nothing
+        sharded.forward(_rank_slice(gb, comm), step, train=False)
+        sharded.backward({f: (np.cos(o * 7 + step) * 0.1).astype(np.float32)
+                          for f, o in out.items()}, step)
+    state = {n: t.export() for n, t in sharded.tables.items()}
+    mode = sharded.exchange
+    sharded.close()
+    return outs, state, mode
+
+
+@pytest.mark.parametrize("exchange,group,pooling,opt,overlap", [
+    ("shm", None, "sum", "adagrad", False), ("shm", 1, "none", "adam", True),
+    ("shm", 2, "mean", "ftrl", False), ("shm", 2, "sum", "rowwise_adagrad", True)])
+def test_exchange_modes_give_identical_bits(comm, exchange, group, pooling, opt, overlap):
+    """Shared-memory exchange gives the plain Alltoallv path's outputs and tables bit for
+    bit (same rows, same order of sums): one window per node; windows of one rank (every
+    peer remote); windows of two (shared memory and Alltoallv mixed at 4 ranks)."""
+    specs = _specs(opt, pooling)
+    ref_outs, ref_state, ref_mode = _run_mode(comm, specs, "alltoallv", None, overlap=overlap)
+    outs, state, mode = _run_mode(comm, specs, exchange, group, overlap=overlap)
+    assert ref_mode == "alltoallv" and mode == "shm"
+    for got, ref in zip(outs, ref_outs):
+        _assert_outputs_equal(got, ref, exact=True)
+    for name, ref in ref_state.items():
+        got = state[name]
+        for field in ("keys", "values", "access_count", "last_step"):
+            assert np.array_equal(got[field], ref[field]), f"{name}.{field}"
+        for slot, arr in ref["slots"].items():
+            assert np.array_equal(got["slots"][slot], arr), f"{name}.{slot}"
+
+
+def test_exchange_argument_is_checked(comm):
+    with pytest.raises(ValueError, match="exchange must be one of"):
+        ShardedEmbedding(_specs("sgd", "sum"), comm, exchange="nvlink")
+    from hpctrain.comm.null import NullCommunicator
+    with pytest.raises(ValueError, match="needs an MPI communicator"):
+        ShardedEmbedding(_specs("sgd", "sum"), NullCommunicator(), exchange="shm")
+    assert ShardedEmbedding(_specs("sgd", "sum"), NullCommunicator()).exchange == "alltoallv"

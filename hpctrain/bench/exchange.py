@@ -159,21 +159,21 @@ def _raw_exchange(mpi_comm, calls):
     return total
 
 
-def _interleaved(mpi, fa, fb, warmup, repeat):
-    """Alternate ``fa()`` and ``fb()`` (each between barriers, max over ranks): two lists."""
+def _interleaved(mpi, fns, warmup, repeat):
+    """Run ``fns`` in turn (each between barriers, max over ranks): one list of seconds each."""
     for _ in range(warmup):
-        fa()
-        fb()
-    ta, tb = [], []
+        for f in fns:
+            f()
+    out = [[] for _ in fns]
+    order = list(range(len(fns)))
     for i in range(repeat):
-        # ABBA order, so neither side always runs right after the other
-        pairs = ((fa, ta), (fb, tb)) if i % 2 == 0 else ((fb, tb), (fa, ta))
-        for f, out in pairs:
+        # forwards, then backwards (ABBA...), so no function always runs right after another
+        for k in (order if i % 2 == 0 else order[::-1]):
             mpi.Barrier()
             t0 = time.perf_counter()
-            f()
-            out.append(mpi.allreduce(time.perf_counter() - t0, op=_max()))
-    return ta, tb
+            fns[k]()
+            out[k].append(mpi.allreduce(time.perf_counter() - t0, op=_max()))
+    return out
 
 
 def _max():
@@ -190,23 +190,33 @@ def _run_dim(args, comm, dim, batches):
 
     # 1. the sharded step (phase breakdown) interleaved with every rank stepping alone
     #    (a world of one; all ranks at once, so the machine is as loaded as when sharded)
-    emb = ShardedEmbedding(specs, comm, seed=0)
+    #    and with the same step exchanging everything by Alltoallv
+    emb = ShardedEmbedding(specs, comm, seed=0, exchange=args.exchange)
+    plain = ShardedEmbedding(specs, comm, seed=0, exchange="alltoallv")
     alone = create_communicator("mpi", mpi_comm=mpi.Split(comm.rank, 0))
-    solo = ShardedEmbedding(specs, alone, seed=0)
+    solo = ShardedEmbedding(specs, alone, seed=0, exchange=args.exchange)
     step, solo_step = _Stepper(emb, batches, dim), _Stepper(solo, batches, dim)
+    plain_step = _Stepper(plain, batches, dim)
     for _ in range(args.warmup):
         step()
     emb.reset_timers()
-    times, solo_times = _interleaved(mpi, step, solo_step, 0, args.repeat)
+    times, solo_times, plain_times = _interleaved(mpi, [step, solo_step, plain_step],
+                                                  args.warmup, args.repeat)
     phases = {k: max(mpi.allgather(v / args.repeat)) for k, v in emb.timers.items()}
     table_rows = mpi.allreduce(sum(len(t) for t in emb.tables.values()))
-    del emb, solo, step, solo_step
+    mode = emb.exchange
+    for e in (emb, plain):
+        e.close()
+    solo.close()
+    del emb, plain, solo, step, solo_step, plain_step
 
-    # 2. the same steps over our communicator and over raw mpi4py (_RawComm), interleaved;
-    #    every exchange starts after a barrier and is timed to completion
+    # 2. the Alltoallv path (what crosses nodes) over our communicator and over raw mpi4py
+    #    (_RawComm), interleaved; every exchange starts after a barrier, timed to completion
     timed, timed_raw = _TimedComm(comm), _TimedComm(_RawComm(mpi))
-    stepper = _Stepper(ShardedEmbedding(specs, timed, seed=0), batches, dim)
-    raw_stepper = _Stepper(ShardedEmbedding(specs, timed_raw, seed=0), batches, dim)
+    stepper = _Stepper(ShardedEmbedding(specs, timed, seed=0, exchange="alltoallv"),
+                       batches, dim)
+    raw_stepper = _Stepper(ShardedEmbedding(specs, timed_raw, seed=0, exchange="alltoallv"),
+                           batches, dim)
     for _ in range(args.warmup):
         stepper()
         raw_stepper()
@@ -225,13 +235,15 @@ def _run_dim(args, comm, dim, batches):
                 for dt, tail, sc, _, _ in timed.record)
     del stepper, raw_stepper
 
-    st, so = stats(times), stats(solo_times)
+    st, so, sp = stats(times), stats(solo_times), stats(plain_times)
     o50, r50 = float(np.median(ours)), float(np.median(raw))
     # pairs ran back to back, so their ratio cancels most of the machine's load swings
     pair_weak = float(np.median(np.array(solo_times) / np.array(times)))
     pair_ex = float(np.median(np.array(raw) / np.array(ours)))
     return {
-        "dim": dim, "ranks": comm.size, "step": st, "step_alone": so,
+        "dim": dim, "ranks": comm.size, "exchange": mode, "step": st, "step_alone": so,
+        "step_alltoallv": sp,
+        "alltoallv_over_step": float(np.median(np.array(plain_times) / np.array(times))),
         "samples_per_s_per_rank": args.batch / st["p50"],
         "alone_samples_per_s": args.batch / so["p50"],
         "weak_ratio": pair_weak, "weak_ratio_p50s": so["p50"] / st["p50"],
@@ -257,6 +269,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--exchange-repeat", type=int, default=40,
                    help="steps whose exchanges are paired with raw Alltoallv")
+    p.add_argument("--exchange", default="auto", choices=["auto", "shm", "alltoallv"],
+                   help="how the timed step exchanges rows with ranks of its node")
     args = p.parse_args(argv)
     from hpctrain._kernels import _openmp
     from hpctrain.comm import create_communicator
@@ -269,12 +283,17 @@ def main(argv=None):
     if comm.rank == 0:
         print(f"# exchange: {comm.size} rank(s), {args.batch} samples x {args.features} "
               f"features per rank, Zipf({args.zipf}) over {args.vocab}, "
-              f"{_openmp.get_num_threads()} thread(s), {args.optimizer}")
-        print("# weak ratio, raw/ours: median over back-to-back pairs; (min): of the fastest")
+              f"{_openmp.get_num_threads()} thread(s), {args.optimizer}, "
+              f"exchange {results[0]['exchange']}")
+        print("# weak ratio, raw/ours: median over back-to-back pairs; (min): of the fastest;")
+        print("# a2a step: the same step with every exchange by Alltoallv; a2a ours/raw: its "
+              "exchanges")
         print_table(["dim", "step p50 ms", "samples/s/rank", "alone ms", "weak ratio",
-                     "(min)", "a2a ours ms", "a2a raw ms", "raw/ours", "(min)", "replay ms"],
+                     "(min)", "a2a step ms", "a2a ours ms", "a2a raw ms", "raw/ours", "(min)",
+                     "replay ms"],
                     [[r["dim"], r["step"]["p50"] * 1e3, r["samples_per_s_per_rank"],
                       r["step_alone"]["p50"] * 1e3, r["weak_ratio"], r["weak_ratio_min"],
+                      r["step_alltoallv"]["p50"] * 1e3,
                       r["exchange_ours_s"] * 1e3, r["exchange_raw_s"] * 1e3,
                       r["exchange_ratio"], r["exchange_ratio_min"],
                       r["exchange_replay_s"] * 1e3] for r in results])

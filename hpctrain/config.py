@@ -8,7 +8,8 @@ impossible value -- raises ``ConfigError`` naming the file and the key path::
 
 Every key is described in docs/configuration.md. The layout::
 
-    seed, mode, overlap, threads, global_batch | batch_per_rank, steps, epochs
+    seed, mode, overlap, exchange, node_group_size, threads,
+    global_batch | batch_per_rank, steps, epochs
     [model]            kind = "dlrm" | "wide_deep" | "deepfm", layer sizes
     [[tables]]         name, features, dim, optimizer, admission, eviction, pooling, init
     [dense_optimizer]  kind, lr, hyper-parameters
@@ -41,6 +42,7 @@ DATA_FORMATS = ("criteo", "csv", "hdf5", "synthetic")
 POOLINGS = ("sum", "mean", "none")
 INITS = ("uniform", "normal")
 DENSE_TRANSFORMS = ("none", "log1p", "standardize")
+EXCHANGES = ("auto", "shm", "alltoallv")
 
 # Names and defaults are those of hpctrain.sparse.optimizers.SparseOptimizer.
 SPARSE_OPTIMIZER_DEFAULTS = {
@@ -260,6 +262,8 @@ class Config:
         seed: the run's seed (initialisation, shuffling; synthetic data unless ``data.seed``).
         threads: OpenMP threads per rank (None: the environment's default).
         mode: "collective". overlap: overlap next batch's exchange with this batch's dense work.
+        exchange, node_group_size: how embedding rows reach ranks of the same node
+            (``ShardedEmbedding``'s arguments of those names).
         source: the file the config came from ("<dict>"/"<string>" otherwise).
         text: the original TOML text (None for ``config_from_dict``), for checkpoints.
         raw: the parsed dict before validation (plain TOML types).
@@ -279,6 +283,8 @@ class Config:
     threads: int = None
     mode: str = "collective"
     overlap: bool = False
+    exchange: str = "auto"
+    node_group_size: int = None
     source: str = "<dict>"
     text: str = None
     raw: dict = field(default_factory=dict, repr=False)
@@ -777,6 +783,8 @@ def parse_config_dict(d, source):
         raise root.error("mode", f"expected \"collective\", got {mode!r}")
     out["mode"] = mode
     out["overlap"] = root.boolean("overlap", False)
+    out["exchange"] = root.string("exchange", "auto", choices=EXCHANGES)
+    out["node_group_size"] = root.integer("node_group_size", None, lo=1)
     out["threads"] = root.integer("threads", None, lo=1)
     gb, bpr = root.integer("global_batch", None, lo=1), root.integer("batch_per_rank", None, lo=1)
     if (gb is None) == (bpr is None):

@@ -71,7 +71,8 @@ class Trainer:
         self.table_ids = {s.name: s.table_id for s in self.specs}
         self.features, _, _ = feature_order(cfg)
         self.jagged = BatchFeatures(cfg)
-        self.emb = ShardedEmbedding(self.specs, self.comm, seed=cfg.seed)
+        self.emb = ShardedEmbedding(self.specs, self.comm, seed=cfg.seed, exchange=cfg.exchange,
+                                    node_group_size=cfg.node_group_size)
         self.reader = self._reader("train", self.global_batch)
         num_dense = cfg.data.num_dense()
         if num_dense is None:

@@ -91,6 +91,14 @@ cdef inline int64_t _probe(const ht_slot* idx, int64_t cap, int64_t key) noexcep
     return p
 
 
+cdef inline void _prefetch_slot(const ht_slot* s) noexcept nogil:
+    # A probe reads about 2.5 slots (30 bytes) at load 0.75 and 12-byte slots straddle cache
+    # lines, so it often runs into the next line: fetch both. (Past the end of the index
+    # the second address is never read; prefetches do not fault.)
+    ht_prefetch(s)
+    ht_prefetch(<const char*>s + 64)
+
+
 cdef inline void _prefetch_bytes(const void* p, int64_t nbytes, bint write) noexcept nogil:
     cdef const char* c = <const char*>p
     cdef int64_t off = 0
@@ -405,7 +413,7 @@ cdef class TableCore:
         with nogil:
             for i in prange(n, num_threads=nt, schedule='guided', chunksize=512):
                 if i + PF < n:
-                    ht_prefetch(&idx[ht_fastrange(ht_index_hash(k[i + PF]), cap)])
+                    _prefetch_slot(&idx[ht_fastrange(ht_index_hash(k[i + PF]), cap)])
                 o[i] = _lookup(idx, cap, k[i])
 
     cdef int64_t _insert_missing(self, const int64_t* keys, int64_t* out, int64_t n, int64_t step,
@@ -470,7 +478,7 @@ cdef class TableCore:
         with nogil:
             for i in prange(n, num_threads=nt, schedule='guided', chunksize=512):
                 if i + PF < n:
-                    ht_prefetch(&idx[ht_fastrange(ht_index_hash(k[i + PF]), cap)])
+                    _prefetch_slot(&idx[ht_fastrange(ht_index_hash(k[i + PF]), cap)])
                 r = _lookup(idx, cap, k[i])
                 o[i] = r
                 if r >= 0:

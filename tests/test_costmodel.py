@@ -419,3 +419,34 @@ def test_contention_factor_in_the_step():
     # the node's sparse throughput r / c(r) saturates at 1 / kappa = 5 ranks' worth
     assert model.step(w, 8, 1000)["compute"] == pytest.approx(dense + 1.6 * sparse)
     assert model.step(w, 1, 1000)["compute"] == pytest.approx(dense + sparse)
+
+
+def test_shared_window_exchange_inside_the_node():
+    copy, node, remote = cm.Link(4e-6, 40e9), cm.Link(5e-6, 6e9), cm.Link(1e-6, 20e9)
+    net = cm.Network(node, node, remote, local_copy=copy)
+    nb = cm.sparse_exchange_bytes(26, 16, 2, 1000)
+    assert nb == {"counts": 416.0, "ids": 8000.0, "rows": 64000.0, "grads": 64000.0}
+
+    def a2a(m, p, r):
+        s = m / p
+        return 4e-6 + s / 40e9 + (r - 1) * (5e-6 + s / 6e9)
+    plain = sum(a2a(m, 2, 2) for m in nb.values())
+    assert cm.sparse_exchange_time(net, nb, 2, 2) == pytest.approx(plain)
+    # shm: counts and ids by Alltoallv, rows and grads only synchronise inside the node
+    shm = a2a(416, 2, 2) + a2a(8000, 2, 2) + 2 * 5e-6
+    assert cm.sparse_exchange_time(net, nb, 2, 2, "shm") == pytest.approx(shm)
+    # across nodes the rows still travel: 16 ranks, 8 per node
+    s = 64000 / 16
+    assert net.alltoallv(64000, 16, 8, node_shm=True) == pytest.approx(
+        7 * 5e-6 + 8 * 1e-6 + 8 * 8 * s / 20e9)
+    with pytest.raises(ValueError, match="node_exchange"):
+        cm.sparse_exchange_time(net, nb, 2, 2, "rdma")
+
+
+def test_exchange_runs_in_both_modes():
+    doc = _exchange_doc(2, 2048, 0.010, 0.012)
+    doc["results"][0].update(exchange="shm", step_alltoallv={"p50": 0.011})
+    runs = cm.exchange_runs([doc])
+    assert [(r["node_exchange"], r["step"], r["primary"]) for r in runs] == [
+        ("shm", 0.010, True), ("alltoallv", 0.011, False)]
+    assert runs[0]["unique"] == pytest.approx(2048 * 26 * 0.75)

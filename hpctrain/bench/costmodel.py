@@ -166,17 +166,22 @@ class Network:
         ca, cb = allreduce_terms(nbytes, nodes)
         return t + ca * ln.latency_s + cb * ln.beta
 
-    def alltoallv(self, nbytes, p, ranks_per_node):
-        """Seconds of one alltoallv where each rank sends ``nbytes`` spread over all ranks."""
+    def alltoallv(self, nbytes, p, ranks_per_node, node_shm=False):
+        """Seconds of one alltoallv where each rank sends ``nbytes`` spread over all ranks.
+
+        ``node_shm``: the node's ranks exchange through a shared window instead (owners
+        write rows where the requesters read them): no copy and no bytes inside the node,
+        only one synchronisation, costed as a zero-byte exchange.
+        """
         s = nbytes / p
         t = 0.0
-        if self.local_copy is not None:
+        if self.local_copy is not None and not node_shm:
             t += _copy_cost(self.local_copy, s)
         if p <= 1:
             return t
         r = min(p, ranks_per_node)
-        ln = self.alltoallv_node.at(s)
-        t += (r - 1) * (ln.latency_s + s * ln.beta)
+        ln = self.alltoallv_node.at(0.0 if node_shm else s)
+        t += (r - 1) * (ln.latency_s + (0.0 if node_shm else s * ln.beta))
         if p > r:
             ln = self.net.at(s)
             t += (p - r) * ln.latency_s + r * (p - r) * s * ln.beta
@@ -445,6 +450,19 @@ def sparse_exchange_bytes(features, dim, p, unique):
             "grads": 4.0 * dim * unique}
 
 
+def sparse_exchange_time(network, nbytes, p, ranks_per_node, node_exchange="alltoallv"):
+    """Seconds of the four exchanges of a sparse step (``nbytes``: sparse_exchange_bytes).
+
+    With ``node_exchange="shm"`` rows and gradients cross only the network by Alltoallv;
+    inside the node they go through a shared window (:meth:`Network.alltoallv`).
+    """
+    if node_exchange not in ("alltoallv", "shm"):
+        raise ValueError(f"node_exchange must be 'alltoallv' or 'shm', got {node_exchange!r}")
+    shm = node_exchange == "shm"
+    return sum(network.alltoallv(b, p, ranks_per_node, shm and k in ("rows", "grads"))
+               for k, b in nbytes.items())
+
+
 @dataclasses.dataclass
 class ComputeRates:
     """Measured compute costs of one rank (at ``threads`` threads, machine not oversubscribed).
@@ -486,12 +504,15 @@ class CostModel:
         data_threads: busy threads per rank besides the compute threads (the reader's
             prefetch thread, 1 when ``data.prefetch > 0``): free while the node has idle
             cores, a share of the cores when it has none.
+        node_exchange: how rows and gradients reach ranks of the same node: "alltoallv"
+            or "shm" (a shared window; ``ShardedEmbedding(exchange=...)``).
     """
     network: Network
     compute: ComputeRates
     ranks_per_node: int = 1
     cores_per_node: int = 1
     data_threads: int = 0
+    node_exchange: str = "alltoallv"
 
     def oversubscription(self, p):
         """Compute slow-down when a node's ranks run more busy threads than it has cores."""
@@ -503,8 +524,8 @@ class CostModel:
         r = min(p, self.ranks_per_node)
         t = {"compute": self.compute.step(workload, batch_per_rank, r) * self.oversubscription(p),
              "allreduce": self.network.allreduce(4.0 * workload.dense_params, p, r),
-             "alltoallv": sum(self.network.alltoallv(b, p, r)
-                              for b in workload.exchange_bytes(batch_per_rank, p).values())}
+             "alltoallv": sparse_exchange_time(self.network, workload.exchange_bytes(
+                 batch_per_rank, p), p, r, self.node_exchange)}
         t["step"] = sum(t.values())
         return t
 
@@ -571,10 +592,12 @@ def dense_rate_and_points(docs, network):
 
 
 def exchange_runs(docs):
-    """One dict per (exchange benchmark run, width): ranks, ids and unique ids per rank, times.
+    """One dict per (exchange benchmark run, width, step kind): ranks, ids, unique ids, times.
 
-    The unique ids per rank and step come from the bytes rank 0 sent:
-    ``8 F p + (8 + 8 dim) u`` (counts, ids, rows and gradients).
+    ``node_exchange`` is the mode of the timed step ("alltoallv" or "shm"); a result that
+    also timed the same step with every exchange by Alltoallv (``step_alltoallv``) gives a
+    second run. The unique ids per rank and step come from the bytes rank 0 sent in the
+    all-Alltoallv step: ``8 F p + (8 + 8 dim) u`` (counts, ids, rows and gradients).
     """
     runs = []
     for d in docs:
@@ -583,20 +606,24 @@ def exchange_runs(docs):
         c, p = d["config"], int(d["world_size"])
         for res in d.get("results") or []:
             dim, f = int(res["dim"]), int(c["features"])
-            runs.append({"doc": d, "ranks": p, "ranks_per_node": int(d.get("ranks_per_node", p)),
-                         "dim": dim, "features": f, "ids": float(c["batch"] * f),
-                         "unique": (res["exchange_bytes_sent_rank0"] - 8.0 * f * p) / (8 + 8 * dim),
-                         "step": float(res["step"]["p50"]),
-                         "alone": (res.get("step_alone") or {}).get("p50"),
-                         "oversubscribed": oversubscribed(d)})
+            base = {"doc": d, "ranks": p, "ranks_per_node": int(d.get("ranks_per_node", p)),
+                    "dim": dim, "features": f, "ids": float(c["batch"] * f),
+                    "unique": (res["exchange_bytes_sent_rank0"] - 8.0 * f * p) / (8 + 8 * dim),
+                    "alone": (res.get("step_alone") or {}).get("p50"),
+                    "oversubscribed": oversubscribed(d)}
+            runs.append(dict(base, step=float(res["step"]["p50"]), primary=True,
+                             node_exchange=res.get("exchange") or "alltoallv"))
+            if res.get("step_alltoallv") and res.get("exchange") not in (None, "alltoallv"):
+                runs.append(dict(base, step=float(res["step_alltoallv"]["p50"]), primary=False,
+                                 node_exchange="alltoallv"))
     return runs
 
 
 def exchange_comm(network, run):
     """Modelled seconds of the four exchanges of one exchange-benchmark step."""
-    return sum(network.alltoallv(b, run["ranks"], run["ranks_per_node"]) for b in
-               sparse_exchange_bytes(run["features"], run["dim"], run["ranks"],
-                                     run["unique"]).values())
+    nbytes = sparse_exchange_bytes(run["features"], run["dim"], run["ranks"], run["unique"])
+    return sparse_exchange_time(network, nbytes, run["ranks"], run["ranks_per_node"],
+                                run.get("node_exchange", "alltoallv"))
 
 
 def _fixed_and_per_id(runs, seconds):
@@ -621,32 +648,39 @@ def sparse_rates_and_points(docs, network):
       ``alone`` column, the oversubscription factor;
     * the exchanges are the four alltoallv of :func:`sparse_exchange_bytes`.
 
+    Each exchange mode (Alltoallv, shared window) is fitted on its own 1-rank steps.
+
     Returns:
-        (dict dim -> (fixed s, s per id), kappa of ComputeRates.contention, points).
+        (dict dim -> (fixed s, s per id) of the shared-window mode where measured, else of
+        Alltoallv; kappa of ComputeRates.contention; points).
     """
     runs = exchange_runs(docs)
     rates, points, kappas = {}, [], []
-    for dim in sorted({r["dim"] for r in runs}):
-        group = [r for r in runs if r["dim"] == dim]
+    for dim, mode in sorted({(r["dim"], r["node_exchange"]) for r in runs}):
+        # each exchange mode has its own compute (packing, copies): its own 1-rank rates
+        group = [r for r in runs if r["dim"] == dim and r["node_exchange"] == mode]
         ones = [r for r in group if r["ranks"] == 1 and not r["oversubscribed"]]
         if not ones:
             continue
-        rates[dim] = _fixed_and_per_id(ones, [r["step"] - exchange_comm(network, r) for r in ones])
+        rate = _fixed_and_per_id(ones, [r["step"] - exchange_comm(network, r) for r in ones])
+        if mode == "shm" or dim not in rates:
+            rates[dim] = rate
         alone1 = None
         if all(r["alone"] for r in ones):
             alone1 = _fixed_and_per_id(ones, [r["alone"] for r in ones])
         for r in group:
-            fixed, per_id = rates[dim]
+            fixed, per_id = rate
             if alone1 is not None and r["alone"]:
                 c = r["alone"] / (alone1[0] + alone1[1] * r["ids"])
             else:
                 c = _oversub(r["doc"])
             r["contention"] = c
-            if r["ranks"] > 1 and not r["oversubscribed"]:
+            if r["ranks"] > 1 and not r["oversubscribed"] and r["primary"]:
                 kappas.append((c - 1.0) / (min(r["ranks"], r["ranks_per_node"]) - 1))
             pred = (fixed + per_id * r["ids"]) * c + exchange_comm(network, r)
-            pt = _point(r["doc"], "exchange", r["step"], pred, calibration=r["ranks"] == 1)
-            pt.update(dim=dim, contention=c)
+            kind = "exchange" if r["node_exchange"] == "alltoallv" else "exchange-shm"
+            pt = _point(r["doc"], kind, r["step"], pred, calibration=r["ranks"] == 1)
+            pt.update(dim=dim, contention=c, node_exchange=r["node_exchange"])
             points.append(pt)
     kappa = max(float(np.mean(kappas)), 0.0) if kappas else 0.0
     return rates, kappa, points
@@ -676,7 +710,7 @@ def _train_workload(res, u):
                     (512, 256, 1), u)
 
 
-def train_rates_and_points(docs, network, rates, u):
+def train_rates_and_points(docs, network, rates, u, node_exchange="shm"):
     """Calibrate ``rates`` on the 1-rank train runs; predict every train run.
 
     The split between dense FLOPs and sparse ids keeps the ratio the dense and
@@ -690,7 +724,7 @@ def train_rates_and_points(docs, network, rates, u):
     for d in ones:
         res = d["results"][0]
         model = CostModel(network, dataclasses.replace(rates, threads=_threads(d)), 1,
-                          _cores(d), TRAIN_DATA_THREADS)
+                          _cores(d), TRAIN_DATA_THREADS, node_exchange)
         t = model.step(_train_workload(res, u), 1, res["global_batch"])
         scale.append((res["median_step_s"] - t["allreduce"] - t["alltoallv"]) / t["compute"])
     k = float(np.mean(scale))
@@ -700,7 +734,8 @@ def train_rates_and_points(docs, network, rates, u):
     for d in runs:
         res, p = d["results"][0], d["world_size"]
         model = CostModel(network, dataclasses.replace(rates, threads=_threads(d)),
-                          d.get("ranks_per_node", p), _cores(d), TRAIN_DATA_THREADS)
+                          d.get("ranks_per_node", p), _cores(d), TRAIN_DATA_THREADS,
+                          node_exchange)
         pred = model.step(_train_workload(res, u), p, res["global_batch"] / p)["step"]
         points.append(_point(d, "train", res["median_step_s"], pred, calibration=p == 1))
     return rates, points
@@ -727,7 +762,7 @@ def fit_compute(docs, network, args):
         rates.contention_per_rank = kappa
     u = args.unique_fraction if args.unique_fraction is not None else unique_fraction(docs)
     u = 1.0 if u is None else u
-    rates, train_pts = train_rates_and_points(docs, network, rates, u)
+    rates, train_pts = train_rates_and_points(docs, network, rates, u, args.node_exchange)
     if args.gflops is not None:
         rates.s_per_flop = 1e-9 / args.gflops
     if args.ns_per_id is not None:
@@ -803,6 +838,9 @@ def parse_args(argv):
     p.add_argument("--threads", type=int, default=1, help="compute threads per rank")
     p.add_argument("--data-threads", type=int, default=1,
                    help="reader prefetch threads per rank (0 with data.prefetch = 0)")
+    p.add_argument("--node-exchange", choices=["shm", "alltoallv"], default="shm",
+                   help="how rows and gradients reach ranks of the same node (the sparse "
+                        "exchange config; shm = shared window, hpctrain's default with MPI)")
     p.add_argument("--max-ranks", type=int, default=1024)
     p.add_argument("--mode", choices=["weak", "strong"], default="weak")
     p.add_argument("--batch", type=int, default=4096,
@@ -900,7 +938,8 @@ def main(argv=None):
     workload = Workload(args.num_dense, args.features, args.ids_per_feature, args.dim,
                         args.bottom, args.top, u)
     cores = args.cores_per_node or args.ranks_per_node * (args.threads + args.data_threads)
-    model = CostModel(network, compute, args.ranks_per_node, cores, args.data_threads)
+    model = CostModel(network, compute, args.ranks_per_node, cores, args.data_threads,
+                      args.node_exchange)
     ranks = [2 ** k for k in range(int(math.log2(args.max_ranks)) + 1)]
     rows = model.sweep(workload, ranks, args.batch, args.mode)
     print(f"# prediction: DLRM {args.features} features x dim {args.dim}, "

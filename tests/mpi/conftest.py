@@ -7,6 +7,8 @@ their next collective.
 """
 import sys
 
+import pytest
+
 from mpi4py import MPI
 
 
@@ -17,3 +19,9 @@ def pytest_runtest_logreport(report):
                          f"{report.longreprtext}\n")
         sys.stderr.flush()
         comm.Abort(1)
+
+
+@pytest.fixture
+def shared_dir(comm, tmp_path):
+    """One directory for every rank (rank 0's tmp_path); ``comm`` is the test module's."""
+    return comm.bcast(str(tmp_path) if comm.rank == 0 else None, root=0)

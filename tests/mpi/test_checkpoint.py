@@ -21,12 +21,6 @@ def comm():
     return create_communicator("mpi", debug=False)
 
 
-@pytest.fixture
-def shared_dir(comm, tmp_path):
-    """One directory for every rank (rank 0's tmp_path)."""
-    return comm.bcast(str(tmp_path) if comm.rank == 0 else None, root=0)
-
-
 def dense(step):
     return {"params": {"w": np.arange(12, dtype=np.float32).reshape(3, 4) * step},
             "optimizer": {"step": step, "accum": np.full(3, 0.5)}}

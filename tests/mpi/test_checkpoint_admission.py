@@ -19,12 +19,6 @@ def comm():
     return create_communicator("mpi", debug=False)
 
 
-@pytest.fixture
-def shared_dir(comm, tmp_path):
-    """One directory for every rank (rank 0's tmp_path)."""
-    return comm.bcast(str(tmp_path) if comm.rank == 0 else None, root=0)
-
-
 def owner(size):
     return lambda name, keys: owner_of(3, keys, size)
 

@@ -450,3 +450,65 @@ def test_exchange_runs_in_both_modes():
     assert [(r["node_exchange"], r["step"], r["primary"]) for r in runs] == [
         ("shm", 0.010, True), ("alltoallv", 0.011, False)]
     assert runs[0]["unique"] == pytest.approx(2048 * 26 * 0.75)
+
+
+# --------------------------------------------------------------------------- reader load
+
+def _train_doc(p, step_s, share=None, batch=2048):
+    res = {"dim": 16, "bag": 1, "global_batch": batch, "median_step_s": step_s}
+    if share is not None:
+        res["reader_busy_share"] = share
+    return {"benchmark": "train", "world_size": p, "ranks_per_node": p,
+            "versions": {"threads": 1, "cpu_count": 2}, "results": [res]}
+
+
+def test_reader_load_is_read_from_the_calibration_run():
+    docs = [_train_doc(1, 0.080, 0.08), _train_doc(1, 0.082, 0.12), _train_doc(2, 0.090, 0.9)]
+    share, src = cm.train_data_threads(docs)
+    assert share == pytest.approx(0.10) and "2 1-rank train run(s)" in src   # 2-rank run unused
+    share, src = cm.train_data_threads([_train_doc(1, 0.080), _train_doc(2, 0.090)])
+    assert share == cm.TRAIN_DATA_THREADS and "not measured" in src
+
+
+def test_reader_load_sets_the_oversubscription_of_the_train_step():
+    net, rates = _network(), cm.ComputeRates(s_per_flop=1e-10, s_per_id=100e-9, s_fixed=1e-3)
+    docs = [_train_doc(1, 0.080, 0.1), _train_doc(2, 0.090, 0.3)]
+    _, pts = cm.train_rates_and_points(docs, net, rates, 1.0)
+    assert pts[0]["calibration"] and pts[0]["predicted_s"] == pytest.approx(0.080)
+    # 2 ranks on 2 cores, 1 compute thread + 0.1 of a core reading: 2 (1 + 0.1) / 2 = 1.1
+    fitted, _ = cm.train_rates_and_points(docs, net, rates, 1.0, data_threads=0.1)
+    w = cm._train_workload(docs[1]["results"][0], 1.0)
+    model = cm.CostModel(net, fitted, 2, 2, 0.1, "shm")
+    assert model.oversubscription(2) == pytest.approx(1.1)
+    t = model.step(w, 2, 1024)
+    assert t["compute"] == pytest.approx(fitted.step(w, 1024, 2) * 1.1)
+    assert pts[1]["predicted_s"] == pytest.approx(t["step"])
+    # the old constant (a fully busy thread) doubles the compute instead
+    old = [dict(d, results=[{k: v for k, v in d["results"][0].items()
+                             if k != "reader_busy_share"}]) for d in docs]
+    _, pts_old = cm.train_rates_and_points(old, net, rates, 1.0)
+    comm = t["allreduce"] + t["alltoallv"]
+    assert (pts_old[1]["predicted_s"] - comm) == pytest.approx(
+        (pts[1]["predicted_s"] - comm) * 2.0 / 1.1)
+
+
+def test_data_threads_option_takes_a_share(tmp_path, capsys):
+    import json
+    for i, d in enumerate([_train_doc(1, 0.080, 0.25), _train_doc(2, 0.090, 0.3)]):
+        (tmp_path / f"train-{i}.json").write_text(json.dumps(d))
+    out = tmp_path / "model.json"
+    args = ["--results", str(tmp_path), "--ranks-per-node", "8", "--cores-per-node", "8",
+            "--max-ranks", "8", "--json", str(out)]
+    assert cm.main(args) == 0
+    model = json.loads(out.read_text())
+    assert model["data_threads"]["share"] == pytest.approx(0.25)
+    assert "reader load: 0.250 of a core per rank (measured" in capsys.readouterr().out
+    # 8 ranks on 8 cores, each 1 + 0.25 busy: compute x 1.25 against 4 ranks (factor 1)
+    c = {r["ranks"]: r["compute_s"] for r in model["prediction"]}
+    assert c[8] / c[4] == pytest.approx(1.25)
+    assert cm.main(args + ["--data-threads", "0.5"]) == 0
+    c = {r["ranks"]: r["compute_s"] for r in json.loads(out.read_text())["prediction"]}
+    assert c[8] / c[4] == pytest.approx(1.5)
+    with pytest.raises(SystemExit):
+        cm.parse_args(["--data-threads", "1.5"])
+    assert "share of a core in [0, 1]" in capsys.readouterr().err

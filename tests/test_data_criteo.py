@@ -157,6 +157,24 @@ def test_close_stops_prefetch_thread(tmp_path):
     assert threading.active_count() == before
 
 
+def test_prefetch_thread_reports_its_busy_seconds(tmp_path):
+    # the prefetch thread's CPU time parsing batches is the reader's load on the cores
+    write_criteo(tmp_path / "a.tsv", 400, seed=3)
+    cfg = criteo_cfg([tmp_path / "a.tsv"])
+    with make_reader(cfg, "train", 0, 1, 16, 0, epochs=1, prefetch=2) as r:
+        assert r.busy_seconds == 0.0               # no thread before the first batch
+        n = sum(1 for _ in r)
+        assert n == 25 and r.busy_seconds > 0.0
+        first = r.busy_seconds
+        r.reset()                                  # stops the thread, keeps its seconds
+        assert r.busy_seconds == first
+        next(r)
+        assert r.busy_seconds >= first
+    assert r.busy_seconds >= first                 # still readable after close
+    with make_reader(cfg, "train", 0, 1, 16, 0, epochs=1, prefetch=0) as r:
+        assert sum(1 for _ in r) == 25 and r.busy_seconds == 0.0
+
+
 def test_empty_missing_and_header_only_files(tmp_path):
     (tmp_path / "empty.tsv").write_text("")
     with pytest.raises(DataError, match=r"empty.tsv: empty file"):

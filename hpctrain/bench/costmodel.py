@@ -4,14 +4,16 @@
 
 One step on ``p`` ranks (``r`` per node, ``N = p / r`` nodes), local batch ``b``:
 
-    T(p) = [T_dense(b) + T_sparse(b) * c(r)] * max(1, r * busy threads / cores)
+    T(p) = [T_dense(b) + T_sparse(b) * c(r)] * max(1, r * (threads + d) / cores)
          + T_allreduce(4 * dense_params, p)                 (one fused allreduce)
          + sum over the exchanges of T_alltoallv(bytes, p)   (counts, ids, rows, grads)
 
 ``c(r)`` is the memory contention of ``r`` busy ranks on a node, measured by the exchange
-benchmark. The collectives are piecewise alpha-beta: every message-size regime (eager,
-rendezvous, ...) has its own latency ``a`` and seconds per byte ``B``, with ``s`` the
-bytes per peer of an alltoallv (``m`` bytes sent per rank in all):
+benchmark; ``d`` is the reader's load, the share of a core its prefetch thread keeps busy
+per rank (measured by the 1-rank train run as ``reader_busy_share``). The collectives are
+piecewise alpha-beta: every message-size regime (eager, rendezvous, ...) has its own
+latency ``a`` and seconds per byte ``B``, with ``s`` the bytes per peer of an alltoallv
+(``m`` bytes sent per rank in all):
 
     T_allreduce(n) = [r > 1] (2 ceil(log2 r) a_node(n) + 2 (r-1)/r n B_node(n))
                    + [N > 1] (2 ceil(log2 N) a_net(n)  + 2 (N-1)/N n B_net(n))
@@ -501,9 +503,10 @@ class CostModel:
     """Predicts step time, throughput and efficiency of a workload at any rank count.
 
     Attributes:
-        data_threads: busy threads per rank besides the compute threads (the reader's
-            prefetch thread, 1 when ``data.prefetch > 0``): free while the node has idle
-            cores, a share of the cores when it has none.
+        data_threads: busy thread-share per rank besides the compute threads: the share
+            of a core the reader's prefetch thread keeps busy (0 with ``data.prefetch = 0``,
+            at most 1; measured as the train benchmark's ``reader_busy_share``). Free while
+            the node has idle cores, a share of the cores when it has none.
         node_exchange: how rows and gradients reach ranks of the same node: "alltoallv"
             or "shm" (a shared window; ``ShardedEmbedding(exchange=...)``).
     """
@@ -511,7 +514,7 @@ class CostModel:
     compute: ComputeRates
     ranks_per_node: int = 1
     cores_per_node: int = 1
-    data_threads: int = 0
+    data_threads: float = 0.0
     node_exchange: str = "alltoallv"
 
     def oversubscription(self, p):
@@ -692,8 +695,29 @@ def unique_fraction(docs):
     return float(np.median(fr)) if fr else None
 
 
-#: The train benchmark's reader prefetches synthetic batches in one background thread.
-TRAIN_DATA_THREADS = 1
+#: The reader's load when no train run measured it: its prefetch thread fully busy.
+TRAIN_DATA_THREADS = 1.0
+
+
+def train_data_threads(docs):
+    """The reader's busy share of a core per rank, from the 1-rank (calibration) train runs.
+
+    The mean ``reader_busy_share`` of the 1-rank train runs (CPU seconds of the prefetch
+    thread over the wall seconds of the fit); :data:`TRAIN_DATA_THREADS` when none
+    recorded it (train results from before the reader measured its load).
+
+    Returns:
+        (share, where it comes from: a line for the report).
+    """
+    shares = [float(d["results"][0]["reader_busy_share"]) for d in docs
+              if d.get("benchmark") == "train" and d.get("world_size") == 1 and d.get("results")
+              and d["results"][0].get("reader_busy_share") is not None]
+    if not shares:
+        return TRAIN_DATA_THREADS, (f"not measured (no 1-rank train run with "
+                                    f"reader_busy_share): {TRAIN_DATA_THREADS:g}, a fully busy "
+                                    f"prefetch thread")
+    return float(np.mean(shares)), (f"measured by {len(shares)} 1-rank train run(s), "
+                                    f"reader_busy_share")
 
 
 def _threads(doc):
@@ -710,12 +734,15 @@ def _train_workload(res, u):
                     (512, 256, 1), u)
 
 
-def train_rates_and_points(docs, network, rates, u, node_exchange="shm"):
+def train_rates_and_points(docs, network, rates, u, node_exchange="shm", data_threads=None):
     """Calibrate ``rates`` on the 1-rank train runs; predict every train run.
 
     The split between dense FLOPs and sparse ids keeps the ratio the dense and
     exchange benchmarks measured; both are scaled so the 1-rank DLRM step is exact.
+    ``data_threads`` is the reader's load per rank (default: :func:`train_data_threads`).
     """
+    if data_threads is None:
+        data_threads = train_data_threads(docs)[0]
     runs = [d for d in docs if d.get("benchmark") == "train" and d.get("results")]
     ones = [d for d in runs if d["world_size"] == 1]
     if not ones:
@@ -724,7 +751,7 @@ def train_rates_and_points(docs, network, rates, u, node_exchange="shm"):
     for d in ones:
         res = d["results"][0]
         model = CostModel(network, dataclasses.replace(rates, threads=_threads(d)), 1,
-                          _cores(d), TRAIN_DATA_THREADS, node_exchange)
+                          _cores(d), data_threads, node_exchange)
         t = model.step(_train_workload(res, u), 1, res["global_batch"])
         scale.append((res["median_step_s"] - t["allreduce"] - t["alltoallv"]) / t["compute"])
     k = float(np.mean(scale))
@@ -734,7 +761,7 @@ def train_rates_and_points(docs, network, rates, u, node_exchange="shm"):
     for d in runs:
         res, p = d["results"][0], d["world_size"]
         model = CostModel(network, dataclasses.replace(rates, threads=_threads(d)),
-                          d.get("ranks_per_node", p), _cores(d), TRAIN_DATA_THREADS,
+                          d.get("ranks_per_node", p), _cores(d), data_threads,
                           node_exchange)
         pred = model.step(_train_workload(res, u), p, res["global_batch"] / p)["step"]
         points.append(_point(d, "train", res["median_step_s"], pred, calibration=p == 1))
@@ -742,14 +769,16 @@ def train_rates_and_points(docs, network, rates, u, node_exchange="shm"):
 
 
 def fit_compute(docs, network, args):
-    """Compute rates, unique fraction and the predicted-vs-measured step points of ``docs``.
+    """Compute rates, unique fraction, reader load and the predicted-vs-measured step points.
 
     Rates come from the command line first, else from the runs measured here (dense:
     seconds per FLOP; exchange: sparse fixed cost, seconds per id and contention; both
     calibrated on the end-to-end train step), else the defaults of :class:`ComputeRates`.
+    The reader's load comes from the 1-rank train runs (:func:`train_data_threads`); the
+    train points always use that, ``--data-threads`` replaces it for the prediction only.
 
     Returns:
-        (ComputeRates, unique fraction, list of point dicts).
+        (ComputeRates, unique fraction, list of point dicts, (reader load, its source)).
     """
     rates = ComputeRates(threads=args.threads)
     s_per_flop, dense_pts = dense_rate_and_points(docs, network)
@@ -762,7 +791,11 @@ def fit_compute(docs, network, args):
         rates.contention_per_rank = kappa
     u = args.unique_fraction if args.unique_fraction is not None else unique_fraction(docs)
     u = 1.0 if u is None else u
-    rates, train_pts = train_rates_and_points(docs, network, rates, u, args.node_exchange)
+    data = train_data_threads(docs)
+    rates, train_pts = train_rates_and_points(docs, network, rates, u, args.node_exchange,
+                                              data[0])
+    if args.data_threads is not None:
+        data = (args.data_threads, "--data-threads")
     if args.gflops is not None:
         rates.s_per_flop = 1e-9 / args.gflops
     if args.ns_per_id is not None:
@@ -771,7 +804,7 @@ def fit_compute(docs, network, args):
         rates.s_fixed = args.fixed_ms * 1e-3
     if args.contention is not None:
         rates.contention_per_rank = args.contention
-    return rates, u, dense_pts + sparse_pts + train_pts
+    return rates, u, dense_pts + sparse_pts + train_pts, data
 
 
 # --------------------------------------------------------------------------- command line
@@ -813,6 +846,18 @@ def parse_net_regimes(text):
     return Regimes(tuple(ln for _, ln in parts), tuple(lo for lo, _ in parts[1:]))
 
 
+def _share(text):
+    """A share of one core in [0, 1] (``--data-threads``)."""
+    import argparse
+    try:
+        v = float(text)
+    except ValueError:
+        v = None
+    if v is None or not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share of a core in [0, 1], got {text!r}")
+    return v
+
+
 def _ints(text):
     return tuple(int(x) for x in text.split(",") if x)
 
@@ -834,10 +879,13 @@ def parse_args(argv):
                    help="most message-size regimes fitted per intra-node collective")
     p.add_argument("--ranks-per-node", type=int, default=8)
     p.add_argument("--cores-per-node", type=int, default=None,
-                   help="default: ranks-per-node x (threads + data threads): no oversubscription")
+                   help="default: ranks-per-node x (threads + data threads), rounded up: no "
+                        "oversubscription")
     p.add_argument("--threads", type=int, default=1, help="compute threads per rank")
-    p.add_argument("--data-threads", type=int, default=1,
-                   help="reader prefetch threads per rank (0 with data.prefetch = 0)")
+    p.add_argument("--data-threads", type=_share, default=None,
+                   help="share of a core the reader's prefetch thread keeps busy per rank, "
+                        "0..1 (0 with data.prefetch = 0; default: the 1-rank train run's "
+                        f"reader_busy_share, else {TRAIN_DATA_THREADS:g})")
     p.add_argument("--node-exchange", choices=["shm", "alltoallv"], default="shm",
                    help="how rows and gradients reach ranks of the same node (the sparse "
                         "exchange config; shm = shared window, hpctrain's default with MPI)")
@@ -917,12 +965,13 @@ def main(argv=None):
     network = Network(regimes["allreduce"], regimes["alltoallv"], net, regimes["local_copy"])
 
     points = fitted["local_copy"][1] + fitted["allreduce"][1] + fitted["alltoallv"][1]
-    compute, u, step_points = fit_compute(docs, network, args)
+    compute, u, step_points, (data_threads, data_src) = fit_compute(docs, network, args)
     points += step_points
     print(f"#   compute per rank: {1e-9 / compute.s_per_flop:.3g} GFLOP/s dense, "
           f"{compute.s_per_id * 1e9:.4g} ns per sparse id + {compute.s_fixed * 1e3:.3g} ms "
           f"per step; sparse contention kappa {compute.contention_per_rank:.3f} per busy rank; "
           f"unique fraction {u:.3f}")
+    print(f"#   reader load: {data_threads:.3f} of a core per rank ({data_src})")
     if points:
         print("# predicted vs measured, every measured point (size: allreduce buffer, alltoallv "
               "bytes per peer; * = more ranks than cores: outside the model, not fitted; "
@@ -937,8 +986,8 @@ def main(argv=None):
             print(line)
     workload = Workload(args.num_dense, args.features, args.ids_per_feature, args.dim,
                         args.bottom, args.top, u)
-    cores = args.cores_per_node or args.ranks_per_node * (args.threads + args.data_threads)
-    model = CostModel(network, compute, args.ranks_per_node, cores, args.data_threads,
+    cores = args.cores_per_node or math.ceil(args.ranks_per_node * (args.threads + data_threads))
+    model = CostModel(network, compute, args.ranks_per_node, cores, data_threads,
                       args.node_exchange)
     ranks = [2 ** k for k in range(int(math.log2(args.max_ranks)) + 1)]
     rows = model.sweep(workload, ranks, args.batch, args.mode)
@@ -959,6 +1008,7 @@ def main(argv=None):
                  "net": network.net.as_dicts()}
         out = {"links": links, "compute": dataclasses.asdict(compute),
                "workload": dataclasses.asdict(workload), "points": points, "prediction": rows,
+               "data_threads": {"share": data_threads, "source": data_src},
                "args": {k: (v.as_dicts() if isinstance(v, Regimes) else v)
                         for k, v in vars(args).items()}}
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -3,9 +3,11 @@
 Workload (per rank): batch 4096, 26 categorical features drawn Zipf(1.05) over
 10^6 ids each, 13 dense features, bottom MLP 13-512-256-64-d, top 512-256-1,
 Adagrad for embeddings and dense layers. Reports samples/s of the median step,
-per-phase times and peak RSS per rank. The baseline measured in the same run is
-the dense model alone on the same batches (what the step would cost if the
-sparse side were free), so the sparse overhead is a ratio.
+per-phase times, peak RSS per rank and the reader's load (``reader_busy_share``:
+CPU seconds of the prefetch thread over the wall seconds of the fit, max over ranks).
+The baseline measured in the same run is the dense model alone on the same
+batches (what the step would cost if the sparse side were free), so the sparse
+overhead is a ratio.
 
     mpiexec -n 2 python -m mpi4py -m hpctrain.bench train --dim 16 --dim 64
 """
@@ -63,11 +65,15 @@ def run_one(dim, bag, steps, warmup, comm, threads, batch_per_rank=4096):
     t0 = time.perf_counter()
     trainer.fit()
     wall = time.perf_counter() - t0
+    # the prefetch thread's CPU seconds during the fit: the reader's load on the cores
+    busy = trainer.reader.busy_seconds
     step_times = np.array(clock.times[warmup:] or clock.times)
     phases = dict(trainer.phase_totals)
     mpi = comm.mpi_comm
     med = mpi.allreduce(float(np.median(step_times)), op=_max())
     gb = trainer.global_batch
+    busy_max = mpi.allreduce(busy, op=_max())
+    share_max = mpi.allreduce(busy / max(wall, 1e-12), op=_max())
     rss = mpi.gather(common.peak_rss_bytes(), root=0)
     rows = mpi.gather(sum(len(t) for t in trainer.emb.tables.values()), root=0)
     # Baseline: the dense model alone on one batch of the same shape, same run.
@@ -76,7 +82,8 @@ def run_one(dim, bag, steps, warmup, comm, threads, batch_per_rank=4096):
             "median_step_s": med, "samples_per_s": gb / med,
             "samples_per_s_per_rank": gb / med / comm.size,
             "dense_only_step_s": dense_s, "dense_share": dense_s / med,
-            "wall_s": wall, "phases_s": phases, "peak_rss_bytes": rss,
+            "wall_s": wall, "reader_busy_s": busy_max, "reader_busy_share": share_max,
+            "phases_s": phases, "peak_rss_bytes": rss,
             "peak_rss_sum_gb": (sum(rss) / 1e9) if rss else None, "table_rows": rows}
 
 
@@ -129,10 +136,12 @@ def main(argv=None):
               f"{results[0]['global_batch'] // comm.size}/rank, 26 features")
         common.print_table(
             ["dim", "bag", "samples/s", "per rank", "step ms", "dense-only ms", "dense share",
-             "RSS sum GB"],
+             "reader share", "RSS sum GB"],
             [[r["dim"], r["bag"], r["samples_per_s"], r["samples_per_s_per_rank"],
               1e3 * r["median_step_s"], 1e3 * r["dense_only_step_s"], r["dense_share"],
-              r["peak_rss_sum_gb"]] for r in results])
+              r["reader_busy_share"], r["peak_rss_sum_gb"]] for r in results])
+        print("# reader share: CPU seconds of the prefetch thread / wall seconds of the fit "
+              "(max over ranks)")
         names = sorted({k for r in results for k in r["phases_s"]})
         print("# per-phase seconds over the run (rank 0)")
         common.print_table(["dim", "bag", *names],

@@ -18,6 +18,7 @@ reads it, so the global batch stays world-size independent).
 """
 import queue
 import threading
+import time
 
 import numpy as np
 
@@ -32,12 +33,22 @@ _DEFAULT = object()
 
 
 class _Prefetcher:
-    """Runs a generator in a daemon thread, ``depth`` items ahead, through a bounded queue."""
+    """Runs a generator in a daemon thread, ``depth`` items ahead, through a bounded queue.
+
+    ``busy_seconds`` is the CPU time the thread spent producing items (not waiting
+    for room in the queue): the reader's load on the cores.
+    """
 
     def __init__(self, gen, depth):
         self._gen, self._q, self._stop = gen, queue.Queue(maxsize=depth), threading.Event()
+        self._busy = 0.0     # written by the thread only; a float store is atomic
         self._thread = threading.Thread(target=self._run, name="hpctrain-data", daemon=True)
         self._thread.start()
+
+    @property
+    def busy_seconds(self):
+        """CPU seconds the thread has spent producing items so far."""
+        return self._busy
 
     def _put(self, item):
         while not self._stop.is_set():
@@ -50,7 +61,15 @@ class _Prefetcher:
 
     def _run(self):
         try:
-            for item in self._gen:
+            while True:
+                # thread CPU time, so waits on the queue and on the GIL are not counted
+                t0 = time.thread_time()
+                try:
+                    item = next(self._gen, _END)
+                finally:
+                    self._busy += time.thread_time() - t0
+                if item is _END:
+                    break
                 if not self._put(item):
                     return
             self._put((_END, None))
@@ -96,6 +115,7 @@ class Reader:
                          "offset": -1, "line": 0}
         self._state = dict(self._initial)
         self._source = None          # a _Prefetcher or a generator, started on demand
+        self._busy_closed = 0.0      # busy seconds of prefetch threads already stopped
         self._done = False
         self._order = (None, None)
 
@@ -224,6 +244,17 @@ class Reader:
         """Go back to the first batch of the first epoch."""
         self.restore(self._initial)
 
+    @property
+    def busy_seconds(self):
+        """CPU seconds the prefetch thread(s) spent producing batches (0 without prefetch).
+
+        Counts producing work only, not waits for a free queue slot, over every
+        prefetch thread this reader has run (a ``restore`` or ``reset`` starts a new one).
+        """
+        src = self._source
+        live = src.busy_seconds if isinstance(src, _Prefetcher) else 0.0
+        return self._busy_closed + live
+
     def stats(self):
         """Counters of this rank: lines parsed and bad lines skipped (text formats)."""
         b = self.bad_lines
@@ -234,6 +265,8 @@ class Reader:
         src, self._source = self._source, None
         if src is not None:      # a _Prefetcher (joins its thread) or a generator
             src.close()
+            if isinstance(src, _Prefetcher):
+                self._busy_closed += src.busy_seconds
 
     def close(self):
         """Stop the prefetch thread and close the files."""

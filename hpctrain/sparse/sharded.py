@@ -93,7 +93,6 @@ class ShardedLookup:
         self.serve_elems = None    # floats this rank sends rows to / receives grads from each peer
         self.owner = None          # _OwnerPart per table (owner side)
         self.ids_handle = None     # the in-flight ids Alltoallv
-        self.recv_ids = None       # ids received by this rank as an owner
         self.from_peer_table = None
         self.owners = None         # per table: int32[u] owner rank of each unique id
         self.grad_base = None      # shared window: where this rank's gradient rows start
@@ -246,6 +245,7 @@ class ShardedEmbedding:
             look.ids_handle = self.comm.ialltoallv(send_ids, to_peer, from_peer,
                                                    recvbuf=recv_ids)
         look.from_peer_table, look.train, look.prefix = from_peer_table, train, pre
+        look.serve_elems = from_peer_table @ self._dims
         if train and self.exchange == "shm":
             self._shm_post_layout(look)
         t.lap("ids_a2a")
@@ -253,18 +253,20 @@ class ShardedEmbedding:
             self._pending = look
         return look
 
-    def _serve(self, recv_ids, from_peer_table, step, train=True, pre="", reply=None):
-        """Owner side: dedup received ids per table, find(-or-insert), gather into the reply."""
+    def _serve(self, recv_ids, from_peer_table, step, train, reply, with_source=False):
+        """Owner side: dedup received ids per table, find(-or-insert), gather into ``reply``.
+
+        Returns one ``_OwnerPart`` per table (with the source rank of every received
+        id when ``with_source``: the shared window reads gradients from the sources).
+        """
         P, T = from_peer_table.shape
         # Received ids are (source, table) blocks; group positions by table keeping
         # source order, so the dedup and later gradient sums go in source-rank order.
         table_of = np.repeat(np.tile(np.arange(T, dtype=np.int32), P), from_peer_table.ravel())
-        source = np.repeat(np.arange(P, dtype=np.int64), from_peer_table.sum(axis=1))
+        source = (np.repeat(np.arange(P, dtype=np.int64), from_peer_table.sum(axis=1))
+                  if with_source else None)
         per_table, order = sparse_ops.bucket_by_owner(table_of, T)
         elem_off = _exclusive_cumsum(self._dims[table_of])
-        serve_elems = from_peer_table @ self._dims
-        if reply is None:
-            reply = self._buf.get(pre + "reply", int(serve_elems.sum()), np.float32)
         parts, lo = [], 0
         for i, spec in enumerate(self.specs):
             pos = order[lo:lo + per_table[i]]
@@ -280,8 +282,9 @@ class ShardedEmbedding:
             rows = np.ascontiguousarray(table.gather(idx), dtype=np.float32)
             off = elem_off[pos]
             sparse_ops.scatter_rows(rows, inverse, reply, off)
-            parts.append(_OwnerPart(table, off, inverse, idx, spec.dim, source[pos]))
-        return serve_elems, reply, parts
+            parts.append(_OwnerPart(table, off, inverse, idx, spec.dim,
+                                    None if source is None else source[pos]))
+        return parts
 
     def wait_lookup(self, handle):
         """Finish a started lookup: owners read rows, rows come back, bags are pooled.
@@ -298,12 +301,12 @@ class ShardedEmbedding:
         recv_ids = handle.ids_handle.wait()
         handle.ids_handle = None
         t.lap("ids_a2a")
-        handle.recv_ids = recv_ids
         if handle.layout is not None and self._shm_layout(handle):
-            rows, unique_off = self._shm_rows(handle)
+            rows, unique_off = self._shm_rows(handle, recv_ids)
         else:
-            handle.serve_elems, reply, handle.owner = self._serve(
-                recv_ids, handle.from_peer_table, handle.step, handle.train, pre)
+            reply = self._buf.get(pre + "reply", int(handle.serve_elems.sum()), np.float32)
+            handle.owner = self._serve(recv_ids, handle.from_peer_table, handle.step,
+                                       handle.train, reply)
             t.lap("lookup")
             rows = self._buf.get(pre + "rows", int(handle.ask_elems.sum()), np.float32)
             self.comm.alltoallv(reply, handle.serve_elems, handle.ask_elems, recvbuf=rows)
@@ -333,11 +336,10 @@ class ShardedEmbedding:
     def _shm_post_layout(self, look):
         """Start gathering every member's segment layout (known once counts are in)."""
         arena = self._arena
-        serve_elems = look.from_peer_table @ self._dims
-        S, A = int(serve_elems.sum()), int(look.ask_elems.sum())
+        S, A = int(look.serve_elems.sum()), int(look.ask_elems.sum())
         rA, rS = (0, 0) if arena.all_local else (A, S)
         look.ask_start = _exclusive_cumsum(look.ask_elems)
-        look.serve_start = _exclusive_cumsum(serve_elems)
+        look.serve_start = _exclusive_cumsum(look.serve_elems)
         m = arena.members
         mine = np.concatenate([[S + rA, A + rS, S, rA, A], look.ask_start[m],
                                look.serve_start[m]])
@@ -348,7 +350,7 @@ class ShardedEmbedding:
         look.layout = look.layout.wait()
         return self._arena.reserve(look.layout[:, 0], look.layout[:, 1])
 
-    def _shm_rows(self, look):
+    def _shm_rows(self, look, recv_ids):
         """Owners serve into the window; rows of other nodes come by Alltoallv."""
         arena, t, P, L = self._arena, self._timer, self.size, self._LAY
         g, me, lay = arena.size, arena.index, look.layout
@@ -359,8 +361,8 @@ class ShardedEmbedding:
             # this rank that every peer is done pooling its reply): wait for them here
             arena.sync()
         reply = arena.flat[base:base + S]
-        look.serve_elems, _, look.owner = self._serve(
-            look.recv_ids, look.from_peer_table, look.step, True, "", reply=reply)
+        look.owner = self._serve(recv_ids, look.from_peer_table, look.step, True, reply,
+                                 with_source=True)
         t.lap("lookup")
         if not arena.all_local:
             self._remote_alltoallv(arena.flat, base, look.serve_elems, look.serve_start,

@@ -82,7 +82,6 @@ class SharedArena:
         self.flat = None
         self.seg = None
         self._win = None
-        self._caps = np.zeros(node.size, dtype=np.int64)
         self._fcap = np.zeros(node.size, dtype=np.int64)
         self._bcap = np.zeros(node.size, dtype=np.int64)
 
@@ -90,15 +89,8 @@ class SharedArena:
     def size(self):
         return self.group.size
 
-    def allgather(self, vec):
-        """int64[g, len(vec)]: every member's ``vec`` (one small collective over the group)."""
-        send = np.ascontiguousarray(vec, dtype=np.int64)
-        out = np.empty((self.group.size, send.shape[0]), dtype=np.int64)
-        self.group.Allgather([send, self._MPI.INT64_T], [out, self._MPI.INT64_T])
-        return out
-
     def iallgather(self, vec):
-        """Start ``allgather``; the handle's ``wait()`` returns the int64[g, len(vec)] array."""
+        """Start gathering every member's int64 ``vec``; ``wait()`` returns int64[g, len(vec)]."""
         send = np.ascontiguousarray(vec, dtype=np.int64)
         out = np.empty((self.group.size, send.shape[0]), dtype=np.int64)
         req = self.group.Iallgather([send, self._MPI.INT64_T], [out, self._MPI.INT64_T])
@@ -112,7 +104,7 @@ class SharedArena:
         step sizes them anew, and a part must never spill into the other, since
         peers may still read the other part of the previous step (see
         docs/sharded-embedding.md). ``fwd`` and ``bwd`` must be the same on every
-        member (from ``allgather``). Grows by half again what is needed so that
+        member (from ``iallgather``). Grows by half again what is needed so that
         growth is rare; a grown window is a new window, and views of the old one
         must not be used after this call.
 
@@ -168,12 +160,6 @@ class SharedArena:
         self.seg = np.array([(a - base) // 4 for a in addrs], dtype=np.int64)
         win.Lock_all(MPI.MODE_NOCHECK)
         self._win = win
-        self._caps = np.asarray(caps, dtype=np.int64).copy()
-
-    def segment(self, k=None):
-        """Member ``k``'s whole segment (default: this rank's) as a flat float32 view."""
-        k = self.index if k is None else k
-        return self.flat[self.seg[k]:self.seg[k] + self._caps[k]]
 
     def sync(self):
         """Make every member's writes visible to every member (fence, barrier, fence)."""
@@ -183,7 +169,7 @@ class SharedArena:
 
     def nbytes(self):
         """Bytes of this rank's segment."""
-        return int(self._caps[self.index]) * 4 if self._win is not None else 0
+        return int(self._fcap[self.index] + self._bcap[self.index]) * 4
 
     def close(self):
         """Free the window (collective over the group); ``reserve`` makes a new one."""
@@ -192,7 +178,6 @@ class SharedArena:
             self._win.Unlock_all()
             self._win.Free()
             self._win = None
-            self._caps = np.zeros(self.group.size, dtype=np.int64)
             self._fcap = np.zeros(self.group.size, dtype=np.int64)
             self._bcap = np.zeros(self.group.size, dtype=np.int64)
 

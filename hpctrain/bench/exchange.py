@@ -9,6 +9,10 @@ table per feature, for each width in ``--dims`` (16, 64). Measured in one run:
 * ``step``: full ``ShardedEmbedding`` forward + backward + update over all ranks, with
   the per-phase breakdown (``ShardedEmbedding.timers``, mean seconds per step, max over
   ranks);
+* ``one_rank``: the weak-scaling baseline, in the same run: every rank in turn steps alone
+  (a world of one) while the others sleep, interleaved step by step with the sharded step;
+  ``weak_ratio_one_rank`` is the median over steps of (mean 1-rank step) / (sharded step),
+  i.e. per-rank throughput at N ranks over the 1-rank throughput;
 * ``weak``: the same step by every rank alone (a world of one, all ranks at once so the
   machine is as loaded as in the sharded run), interleaved step by step with the sharded
   one: per-rank throughput ratio sharded/alone (p50, and of the fastest steps);
@@ -176,6 +180,28 @@ def _interleaved(mpi, fns, warmup, repeat):
     return out
 
 
+class _IdleTurns:
+    """Every rank in turn runs ``stepper`` while the others sleep: a 1-rank run on a quiet
+    machine, measured in the same run (step by step between the sharded ones).
+
+    ``own`` collects this rank's step seconds (one per call).
+    """
+
+    def __init__(self, mpi, stepper):
+        self.mpi, self.stepper, self.own = mpi, stepper, []
+
+    def __call__(self):
+        for r in range(self.mpi.size):
+            if r == self.mpi.rank:
+                t0 = time.perf_counter()
+                self.stepper()
+                self.own.append(time.perf_counter() - t0)
+            # sleep instead of a polling barrier: a waiting rank takes no core
+            req = self.mpi.Ibarrier()
+            while not req.Test():
+                time.sleep(2e-4)
+
+
 def _max():
     from mpi4py import MPI
     return MPI.MAX
@@ -197,11 +223,15 @@ def _run_dim(args, comm, dim, batches):
     solo = ShardedEmbedding(specs, alone, seed=0, exchange=args.exchange)
     step, solo_step = _Stepper(emb, batches, dim), _Stepper(solo, batches, dim)
     plain_step = _Stepper(plain, batches, dim)
+    idle = _IdleTurns(mpi, solo_step)
     for _ in range(args.warmup):
         step()
     emb.reset_timers()
-    times, solo_times, plain_times = _interleaved(mpi, [step, solo_step, plain_step],
-                                                  args.warmup, args.repeat)
+    times, solo_times, plain_times, _ = _interleaved(mpi, [step, solo_step, plain_step, idle],
+                                                     args.warmup, args.repeat)
+    # 1-rank baseline of the same run: every rank's own step while its peers slept
+    idle_own = np.array(mpi.allgather(idle.own[args.warmup:]))   # [ranks, repeat]
+    idle_times = idle_own.mean(axis=0)
     phases = {k: max(mpi.allgather(v / args.repeat)) for k, v in emb.timers.items()}
     table_rows = mpi.allreduce(sum(len(t) for t in emb.tables.values()))
     mode = emb.exchange
@@ -235,7 +265,7 @@ def _run_dim(args, comm, dim, batches):
                 for dt, tail, sc, _, _ in timed.record)
     del stepper, raw_stepper
 
-    st, so, sp = stats(times), stats(solo_times), stats(plain_times)
+    st, so, sp, si = stats(times), stats(solo_times), stats(plain_times), stats(idle_times)
     o50, r50 = float(np.median(ours)), float(np.median(raw))
     # pairs ran back to back, so their ratio cancels most of the machine's load swings
     pair_weak = float(np.median(np.array(solo_times) / np.array(times)))
@@ -246,6 +276,8 @@ def _run_dim(args, comm, dim, batches):
         "alltoallv_over_step": float(np.median(np.array(plain_times) / np.array(times))),
         "samples_per_s_per_rank": args.batch / st["p50"],
         "alone_samples_per_s": args.batch / so["p50"],
+        "step_one_rank": si, "one_rank_samples_per_s": args.batch / si["p50"],
+        "weak_ratio_one_rank": float(np.median(idle_times / np.array(times))),
         "weak_ratio": pair_weak, "weak_ratio_p50s": so["p50"] / st["p50"],
         "weak_ratio_min": so["min"] / st["min"],
         "phases": {k: phases[k] for k in PHASES},
@@ -285,13 +317,17 @@ def main(argv=None):
               f"features per rank, Zipf({args.zipf}) over {args.vocab}, "
               f"{_openmp.get_num_threads()} thread(s), {args.optimizer}, "
               f"exchange {results[0]['exchange']}")
-        print("# weak ratio, raw/ours: median over back-to-back pairs; (min): of the fastest;")
+        print("# 1-rank: each rank's step alone while its peers sleep; weak/1-rank: median "
+              "over steps of its mean / the sharded step")
+        print("# alone: all ranks step alone at once; weak ratio, raw/ours: median over "
+              "back-to-back pairs; (min): of the fastest;")
         print("# a2a step: the same step with every exchange by Alltoallv; a2a ours/raw: its "
               "exchanges")
-        print_table(["dim", "step p50 ms", "samples/s/rank", "alone ms", "weak ratio",
-                     "(min)", "a2a step ms", "a2a ours ms", "a2a raw ms", "raw/ours", "(min)",
+        print_table(["dim", "step p50 ms", "samples/s/rank", "1-rank ms", "weak/1-rank",
+                     "alone ms", "weak ratio", "(min)", "a2a step ms", "a2a ours ms", "a2a raw ms", "raw/ours", "(min)",
                      "replay ms"],
                     [[r["dim"], r["step"]["p50"] * 1e3, r["samples_per_s_per_rank"],
+                      r["step_one_rank"]["p50"] * 1e3, r["weak_ratio_one_rank"],
                       r["step_alone"]["p50"] * 1e3, r["weak_ratio"], r["weak_ratio_min"],
                       r["step_alltoallv"]["p50"] * 1e3,
                       r["exchange_ours_s"] * 1e3, r["exchange_raw_s"] * 1e3,

@@ -116,6 +116,93 @@ def unique_inverse(const int64_t[::1] keys):
     return uniq_arr[:nu].copy(), inverse_arr
 
 
+def unique_blocks(const int64_t[::1] keys, const int64_t[::1] starts,
+                  const int64_t[::1] counts):
+    """``unique_inverse`` of the blocks ``keys[starts[b] : starts[b] + counts[b]]`` in order.
+
+    What an owner receives for one table is one such block per source rank,
+    scattered through the receive buffer; this deduplicates them without first
+    gathering them into one array.
+
+    Returns:
+        ``(uniq int64[u], inverse int64[n])``, ``n = counts.sum()``: the same as
+        ``unique_inverse(np.concatenate(blocks))``.
+    """
+    cdef Py_ssize_t nb = starts.shape[0], b, m = keys.shape[0]
+    if counts.shape[0] != nb:
+        raise ValueError(f"unique_blocks: {nb} starts but {counts.shape[0]} counts")
+    cdef int64_t n = 0
+    for b in range(nb):
+        if counts[b] < 0 or starts[b] < 0 or starts[b] + counts[b] > m:
+            raise ValueError(f"unique_blocks: block {b} [{starts[b]}, "
+                             f"{starts[b] + counts[b]}) is outside keys[0:{m}]")
+        n += counts[b]
+    cdef uint64_t cap = 16
+    while cap < <uint64_t>(2 * n):
+        cap <<= 1
+    uniq_arr = np.empty(n, dtype=np.int64)
+    inverse_arr = np.empty(n, dtype=np.int64)
+    cdef int64_t[::1] uniq = uniq_arr
+    cdef int64_t[::1] inverse = inverse_arr
+    cdef int64_t nu = 0, j = 0, k, s, i
+    cdef uint64_t h, mask = cap - 1
+    cdef int64_t* tkeys = <int64_t*>malloc(cap * sizeof(int64_t))
+    cdef int64_t* tidx = <int64_t*>malloc(cap * sizeof(int64_t))
+    if tkeys == NULL or tidx == NULL:
+        free(tkeys)
+        free(tidx)
+        raise MemoryError(f"unique_blocks: cannot allocate a {cap}-slot hash table")
+    try:
+        with nogil:
+            memset(tidx, 0xFF, cap * sizeof(int64_t))
+            for b in range(nb):
+                for i in range(starts[b], starts[b] + counts[b]):
+                    k = keys[i]
+                    h = hp_dedup_hash(k) & mask
+                    while True:
+                        s = tidx[h]
+                        if s < 0:
+                            tidx[h] = nu
+                            tkeys[h] = k
+                            uniq[nu] = k
+                            inverse[j] = nu
+                            nu += 1
+                            break
+                        if tkeys[h] == k:
+                            inverse[j] = s
+                            break
+                        h = (h + 1) & mask
+                    j += 1
+    finally:
+        free(tkeys)
+        free(tidx)
+    return uniq_arr[:nu].copy(), inverse_arr
+
+
+def block_offsets(const int64_t[::1] starts, const int64_t[::1] counts, int64_t dim):
+    """int64[counts.sum()]: ``starts[b] + k * dim`` for ``k < counts[b]``, block after block.
+
+    The element offsets of rows laid out in blocks (one block per source rank).
+    """
+    cdef Py_ssize_t nb = starts.shape[0], b
+    if counts.shape[0] != nb:
+        raise ValueError(f"block_offsets: {nb} starts but {counts.shape[0]} counts")
+    cdef int64_t n = 0, k, j = 0, st
+    for b in range(nb):
+        if counts[b] < 0:
+            raise ValueError(f"block_offsets: counts[{b}] = {counts[b]} < 0")
+        n += counts[b]
+    out_arr = np.empty(n, dtype=np.int64)
+    cdef int64_t[::1] o = out_arr
+    with nogil:
+        for b in range(nb):
+            st = starts[b]
+            for k in range(counts[b]):
+                o[j] = st + k * dim
+                j += 1
+    return out_arr
+
+
 # ----------------------------------------------------------------------------- routing
 
 def route(const int64_t[::1] keys, int64_t table_id, int64_t world_size):
@@ -388,6 +475,38 @@ cdef Py_ssize_t _group(const int64_t[::1] seg, int64_t nseg, int64_t* start,
     return -1
 
 
+cdef Py_ssize_t _scatter_add(const float[::1] src, const int64_t[::1] src_off, int64_t dim,
+                             const int64_t[::1] seg, int64_t nseg, const float[::1] scale,
+                             float* base, const int64_t[::1] out_off) noexcept nogil:
+    """Serial ``out[seg[j]] += scale[j] * row_j`` in increasing j; -1 or the first bad j."""
+    cdef Py_ssize_t i, n = seg.shape[0]
+    cdef int64_t s, c
+    cdef bint has_off = out_off is not None, has_scale = scale is not None
+    cdef float* dst
+    cdef const float* row
+    cdef float w
+    for i in range(n):
+        if seg[i] < 0 or seg[i] >= nseg:
+            return i
+    if dim == 0:
+        return -1
+    for s in range(nseg):
+        dst = base + (out_off[s] if has_off else s * dim)
+        memset(dst, 0, dim * sizeof(float))
+    for i in range(n):
+        s = seg[i]
+        dst = base + (out_off[s] if has_off else s * dim)
+        row = &src[src_off[i]]
+        if has_scale:
+            w = scale[i]
+            for c in range(dim):
+                dst[c] += w * row[c]
+        else:
+            for c in range(dim):
+                dst[c] += row[c]
+    return -1
+
+
 def segment_sum(const float[::1] src, const int64_t[::1] src_off, int64_t dim,
                 const int64_t[::1] segments, int64_t num_segments, const float[::1] scale=None,
                 out=None, const int64_t[::1] out_off=None):
@@ -430,21 +549,30 @@ def segment_sum(const float[::1] src, const int64_t[::1] src_off, int64_t dim,
         o2 = out_arr
         base = &o2[0, 0] if num_segments > 0 and dim > 0 else NULL
     cdef float* dst
-    cdef int64_t* start = <int64_t*>malloc((num_segments + 1) * sizeof(int64_t))
-    cdef int64_t* order = <int64_t*>malloc((n + 1) * sizeof(int64_t))
+    cdef int nt = get_num_threads()
+    cdef int64_t* start = NULL
+    cdef int64_t* order = NULL
     cdef Py_ssize_t bad = -1, s, k, c
     cdef int64_t j
     cdef const float* row
     cdef float w
-    cdef int nt = get_num_threads()
-    if start == NULL or order == NULL:
+    if nt > 1:
+        start = <int64_t*>malloc((num_segments + 1) * sizeof(int64_t))
+        order = <int64_t*>malloc((n + 1) * sizeof(int64_t))
+    if nt > 1 and (start == NULL or order == NULL):
         free(start)
         free(order)
         raise MemoryError("segment_sum: out of memory")
     try:
         with nogil:
-            bad = _group(segments, num_segments, start, order)
-            if bad < 0 and dim > 0:
+            if nt <= 1:
+                # one thread: scatter-add in input order (each segment still adds its
+                # rows in increasing j, so the bits equal the grouped parallel pass)
+                bad = _scatter_add(src, src_off, dim, segments, num_segments, scale, base,
+                                   out_off)
+            else:
+                bad = _group(segments, num_segments, start, order)
+            if bad < 0 and dim > 0 and nt > 1:
                 for s in prange(num_segments, num_threads=nt, schedule='static'):
                     dst = base + (out_off[s] if has_off else s * dim)
                     for c in range(dim):

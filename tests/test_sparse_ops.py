@@ -45,6 +45,59 @@ def test_unique_inverse_matches_numpy(n, threads):
     assert (uniq[inv] == keys).all()
 
 
+def test_unique_blocks_equals_unique_of_the_concatenated_blocks():
+    rng = np.random.default_rng(3)
+    keys = _zipf_keys(rng, 4000)
+    counts = np.array([700, 0, 1300, 1, 999], dtype=np.int64)
+    starts = np.array([2500, 9, 0, 3999, 1400], dtype=np.int64)   # any order, may overlap
+    blocks = np.concatenate([keys[s:s + c] for s, c in zip(starts, counts)])
+    uniq, inv = so.unique_blocks(keys, starts, counts)
+    ref_u, ref_inv = _unique_first_occurrence(blocks)
+    assert uniq.tolist() == ref_u.tolist()
+    assert inv.tolist() == ref_inv.tolist()
+    u0, i0 = so.unique_blocks(keys, starts[:0], counts[:0])
+    assert u0.shape == (0,) and i0.shape == (0,)
+    with pytest.raises(ValueError, match="block 1 .* outside"):
+        so.unique_blocks(keys, np.array([0, 3990]), np.array([5, 20]))
+    with pytest.raises(ValueError, match="2 starts but 1 counts"):
+        so.unique_blocks(keys, np.array([0, 1]), np.array([5]))
+
+
+def test_block_offsets():
+    starts = np.array([100, 7, 0], dtype=np.int64)
+    counts = np.array([3, 0, 2], dtype=np.int64)
+    got = so.block_offsets(starts, counts, 4)
+    assert got.tolist() == [100, 104, 108, 0, 4]
+    with pytest.raises(ValueError, match=r"counts\[1\] = -1"):
+        so.block_offsets(starts, np.array([1, -1, 0]), 4)
+
+
+def test_segment_sum_same_bits_serial_and_parallel():
+    """One thread scatter-adds in input order, several group by segment first: same bits."""
+    from hpctrain._kernels._openmp import get_num_threads, set_num_threads
+    rng = np.random.default_rng(11)
+    dim, n, nseg = 16, 20000, 3000
+    src = rng.standard_normal((n, dim)).astype(np.float32)
+    seg = rng.integers(0, nseg, size=n)
+    scale = rng.random(n).astype(np.float32)
+    off = rng.permutation(n).astype(np.int64) * dim
+    before = get_num_threads()
+    got = {}
+    try:
+        for nt in (1, 3):
+            set_num_threads(nt)
+            got[nt] = (so.segment_sum(src.ravel(), off, dim, seg, nseg, scale),
+                       so.segment_sum(src.ravel(), off, dim, seg, nseg))
+            with pytest.raises(ValueError, match=r"segments\[5\] = 3000 is outside"):
+                bad = seg.copy()
+                bad[5] = nseg
+                so.segment_sum(src.ravel(), off, dim, bad, nseg)
+    finally:
+        set_num_threads(before)
+    for a, b in zip(got[1], got[3]):
+        assert np.array_equal(a, b)
+
+
 def test_route_matches_reference_and_spreads(threads):
     rng = np.random.default_rng(1)
     keys = rng.integers(-2**63, 2**63 - 1, size=20000, dtype=np.int64)

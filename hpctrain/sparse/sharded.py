@@ -72,12 +72,14 @@ class _Done:
 class _OwnerPart:
     """What an owner keeps of one table between lookup and backward."""
 
-    __slots__ = ("table", "elem_off", "inverse", "indices", "num_unique", "dim", "source")
+    __slots__ = ("table", "elem_off", "elem_start", "counts", "inverse", "indices",
+                 "num_unique", "dim")
 
-    def __init__(self, table, elem_off, inverse, indices, dim, source):
+    def __init__(self, table, elem_off, elem_start, counts, inverse, indices, dim):
         self.table, self.elem_off, self.inverse, self.indices = table, elem_off, inverse, indices
+        self.elem_start = elem_start   # int64[P] where source s's block of rows starts
+        self.counts = counts           # int64[P] ids received from source s
         self.num_unique, self.dim = indices.shape[0], dim
-        self.source = source       # int64[n] source rank of every received id
 
 
 class ShardedLookup:
@@ -253,37 +255,34 @@ class ShardedEmbedding:
             self._pending = look
         return look
 
-    def _serve(self, recv_ids, from_peer_table, step, train, reply, with_source=False):
+    def _serve(self, recv_ids, from_peer_table, step, train, reply):
         """Owner side: dedup received ids per table, find(-or-insert), gather into ``reply``.
 
-        Returns one ``_OwnerPart`` per table (with the source rank of every received
-        id when ``with_source``: the shared window reads gradients from the sources).
+        Returns one ``_OwnerPart`` per table.
         """
-        P, T = from_peer_table.shape
-        # Received ids are (source, table) blocks; group positions by table keeping
-        # source order, so the dedup and later gradient sums go in source-rank order.
-        table_of = np.repeat(np.tile(np.arange(T, dtype=np.int32), P), from_peer_table.ravel())
-        source = (np.repeat(np.arange(P, dtype=np.int64), from_peer_table.sum(axis=1))
-                  if with_source else None)
-        per_table, order = sparse_ops.bucket_by_owner(table_of, T)
-        elem_off = _exclusive_cumsum(self._dims[table_of])
-        parts, lo = [], 0
+        # Received ids are (source, table) blocks: table i's ids are one block per
+        # source, deduplicated (and later their gradients summed) in source-rank order.
+        counts = np.ascontiguousarray(from_peer_table.T)               # [T, P]
+        id_start = _exclusive_cumsum(from_peer_table.ravel()).reshape(from_peer_table.shape)
+        elem_start = _exclusive_cumsum((from_peer_table * self._dims).ravel()).reshape(
+            from_peer_table.shape)
+        id_start, elem_start = id_start.T.copy(), elem_start.T.copy()  # [T, P]
+        parts = []
         for i, spec in enumerate(self.specs):
-            pos = order[lo:lo + per_table[i]]
-            lo += per_table[i]
-            if np.count_nonzero(from_peer_table[:, i]) <= 1:
+            c = counts[i]
+            if np.count_nonzero(c) <= 1:
                 # one source: its ids are already unique (deduplicated before routing)
-                uniq = recv_ids[pos]
+                s = int(id_start[i][c > 0][0]) if c.any() else 0
+                uniq = recv_ids[s:s + int(c.sum())]
                 inverse = np.arange(uniq.shape[0], dtype=np.int64)
             else:
-                uniq, inverse = sparse_ops.unique_inverse(recv_ids[pos])
+                uniq, inverse = sparse_ops.unique_blocks(recv_ids, id_start[i], c)
             table = self.tables[spec.name]
             idx = table.find_or_insert(uniq, step) if train else table.find(uniq)
             rows = np.ascontiguousarray(table.gather(idx), dtype=np.float32)
-            off = elem_off[pos]
+            off = sparse_ops.block_offsets(elem_start[i], c, spec.dim)
             sparse_ops.scatter_rows(rows, inverse, reply, off)
-            parts.append(_OwnerPart(table, off, inverse, idx, spec.dim,
-                                    None if source is None else source[pos]))
+            parts.append(_OwnerPart(table, off, elem_start[i], c, inverse, idx, spec.dim))
         return parts
 
     def wait_lookup(self, handle):
@@ -361,8 +360,7 @@ class ShardedEmbedding:
             # this rank that every peer is done pooling its reply): wait for them here
             arena.sync()
         reply = arena.flat[base:base + S]
-        look.owner = self._serve(recv_ids, look.from_peer_table, look.step, True, reply,
-                                 with_source=True)
+        look.owner = self._serve(recv_ids, look.from_peer_table, look.step, True, reply)
         t.lap("lookup")
         if not arena.all_local:
             self._remote_alltoallv(arena.flat, base, look.serve_elems, look.serve_start,
@@ -438,7 +436,8 @@ class ShardedEmbedding:
         for part in look.owner:
             src_off = part.elem_off
             if look.grad_shift is not None:
-                src_off = src_off + look.grad_shift[part.source]
+                src_off = sparse_ops.block_offsets(part.elem_start + look.grad_shift,
+                                                   part.counts, part.dim)
             g = sparse_ops.segment_sum(recv, src_off, part.dim, part.inverse, part.num_unique)
             part.table.apply_gradients(part.indices, g, step)
         t.lap("update")

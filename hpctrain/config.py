@@ -261,6 +261,8 @@ class Config:
         steps, epochs: at least one is set; training stops at whichever comes first.
         seed: the run's seed (initialisation, shuffling; synthetic data unless ``data.seed``).
         threads: OpenMP threads per rank (None: the environment's default).
+        malloc: "tuned" (fixed glibc mmap/trim thresholds, ``hpctrain.memory``) or
+            "default" (the allocator as the process found it).
         mode: "collective". overlap: overlap next batch's exchange with this batch's dense work.
         exchange, node_group_size: how embedding rows reach ranks of the same node
             (``ShardedEmbedding``'s arguments of those names).
@@ -281,6 +283,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     seed: int = 0
     threads: int = None
+    malloc: str = "tuned"
     mode: str = "collective"
     overlap: bool = False
     exchange: str = "auto"
@@ -786,6 +789,7 @@ def parse_config_dict(d, source):
     out["exchange"] = root.string("exchange", "auto", choices=EXCHANGES)
     out["node_group_size"] = root.integer("node_group_size", None, lo=1)
     out["threads"] = root.integer("threads", None, lo=1)
+    out["malloc"] = root.string("malloc", "tuned", choices=("tuned", "default"))
     gb, bpr = root.integer("global_batch", None, lo=1), root.integer("batch_per_rank", None, lo=1)
     if (gb is None) == (bpr is None):
         raise root.error("global_batch" if gb is not None else None,

@@ -100,6 +100,8 @@ ERRORS = [
     ("node_group_size", 0, "node_group_size: expected an integer >= 1, got 0"),
     ("exchange", "alltoallv", None),
     ("threads", 0, "threads: expected an integer >= 1, got 0"),
+    ("malloc", "jemalloc", "malloc: expected one of 'tuned', 'default', got 'jemalloc'"),
+    ("malloc", "default", None),
     ("epochs", 2, None),      # valid: a finite synthetic split
     ("data.train.num_samples", DELETE, None),
     ("data.format", "parquet", "data.format: expected one of 'criteo', 'csv', 'hdf5', 'synthetic'"),
@@ -225,7 +227,7 @@ def test_values_and_defaults():
     assert a.eviction == {"ttl": 100, "max_rows": None}
     assert cfg.dense_optimizer == {"kind": "adam", "lr": 0.001}
     assert (cfg.mode, cfg.overlap, cfg.threads, cfg.seed) == ("collective", False, None, 1)
-    assert (cfg.exchange, cfg.node_group_size) == ("auto", None)
+    assert (cfg.exchange, cfg.node_group_size, cfg.malloc) == ("auto", None, "tuned")
     assert cfg.checkpoint.keep_last == 3 and cfg.checkpoint.every_minutes is None
     assert os.path.isabs(cfg.checkpoint.directory) and os.path.isabs(cfg.metrics.path)
     assert cfg.data.synthetic.vocab == [1000] * 3 and cfg.data.prefetch == 2

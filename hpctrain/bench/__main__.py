@@ -17,6 +17,9 @@ def main(argv=None):
     if not argv or argv[0] not in names:
         print(f"usage: python -m hpctrain.bench {{{'|'.join(names)}}} [options]", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
+    # the allocator settings of a training process (HPCTRAIN_MALLOC=default: glibc's own)
+    from hpctrain.memory import tune_malloc
+    tune_malloc()
     return importlib.import_module(f"hpctrain.bench.{argv[0]}").main(argv[1:]) or 0
 
 

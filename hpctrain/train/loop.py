@@ -66,6 +66,9 @@ class Trainer:
         self.cfg = cfg
         self.comm = comm if comm is not None else create_communicator("mpi")
         self.threads = _set_threads(cfg.threads, self.comm.local_size)
+        if cfg.malloc == "tuned":
+            from hpctrain.memory import tune_malloc
+            tune_malloc()
         self.global_batch, self.local_batch = cfg.batch_sizes(self.comm.size)
         self.specs = table_specs(cfg)
         self.table_ids = {s.name: s.table_id for s in self.specs}

@@ -103,6 +103,10 @@ class ShardedLookup:
         self.layout = None         # shared window: every member's segment layout (gathering)
         self.train = True
         self.prefix = ""
+        self.board = False         # requests posted on the node's board (no collectives)
+        self.request = None        # board: what this rank posted
+        self.per_table = None      # int64[P, T] ids this rank asks of each owner per table
+        self.id_start = None       # board: int64[T, P] where table i's ids from s start
 
 
 class ShardedEmbedding:
@@ -222,7 +226,15 @@ class ShardedEmbedding:
         to_peer, perm = sparse_ops.bucket_by_owner(owners, P)
         keys = np.concatenate([p.uniq for p in plans]) if T > 1 else plans[0].uniq
         total = keys.shape[0]
-        send_ids = self._buf.get(pre + "send_ids", total, np.int64)
+        board = train and self.exchange == "shm" and self._arena.all_local
+        if board:
+            # the request posted on the node's board: [ask_elems P | id start per
+            # owner P | per_table P*T | ids]; owners read it there (no collective)
+            head = 2 * P + P * T
+            request = self._buf.get("request", head + total, np.int64)
+            send_ids = request[head:]
+        else:
+            send_ids = self._buf.get(pre + "send_ids", total, np.int64)
         np.take(keys, perm, out=send_ids)
         widths = np.repeat(self._dims, n_unique)[perm]
         unique_off = np.empty(total, dtype=np.int64)
@@ -231,6 +243,19 @@ class ShardedEmbedding:
         look.unique_off = [unique_off[bounds[i]:bounds[i + 1]] for i in range(T)]
         look.ask_elems = per_table @ self._dims
         t.lap("route")
+
+        if board:
+            request[:P] = look.ask_elems
+            request[P:2 * P] = _exclusive_cumsum(to_peer)
+            request[2 * P:head] = per_table.ravel()
+            self._arena.post(request)
+            look.ask_ids, look.per_table, look.train, look.prefix = to_peer, per_table, train, pre
+            look.request = request
+            look.ids_handle = _Done(None)
+            look.board = True
+            t.lap("ids_a2a")
+            self._pending = look
+            return look
 
         from_peer_table = self.comm.alltoallv(per_table, self._ones, self._ones)
         from_peer = from_peer_table.sum(axis=1)
@@ -255,18 +280,21 @@ class ShardedEmbedding:
             self._pending = look
         return look
 
-    def _serve(self, recv_ids, from_peer_table, step, train, reply):
+    def _serve(self, recv_ids, from_peer_table, step, train, reply, id_start=None):
         """Owner side: dedup received ids per table, find(-or-insert), gather into ``reply``.
 
-        Returns one ``_OwnerPart`` per table.
+        ``id_start[i, s]``: where source ``s``'s ids of table ``i`` start in
+        ``recv_ids`` (default: the packed ``Alltoallv`` layout). Returns one
+        ``_OwnerPart`` per table.
         """
         # Received ids are (source, table) blocks: table i's ids are one block per
         # source, deduplicated (and later their gradients summed) in source-rank order.
         counts = np.ascontiguousarray(from_peer_table.T)               # [T, P]
-        id_start = _exclusive_cumsum(from_peer_table.ravel()).reshape(from_peer_table.shape)
+        if id_start is None:
+            id_start = _exclusive_cumsum(from_peer_table.ravel()).reshape(
+                from_peer_table.shape).T.copy()                        # [T, P]
         elem_start = _exclusive_cumsum((from_peer_table * self._dims).ravel()).reshape(
-            from_peer_table.shape)
-        id_start, elem_start = id_start.T.copy(), elem_start.T.copy()  # [T, P]
+            from_peer_table.shape).T.copy()
         parts = []
         for i, spec in enumerate(self.specs):
             c = counts[i]
@@ -297,6 +325,8 @@ class ShardedEmbedding:
             raise RuntimeError("wait_lookup: this lookup was already waited for")
         t, pre = self._timer, handle.prefix
         t.start()
+        if handle.board:
+            self._board_requests(handle)
         recv_ids = handle.ids_handle.wait()
         handle.ids_handle = None
         t.lap("ids_a2a")
@@ -305,7 +335,11 @@ class ShardedEmbedding:
         else:
             reply = self._buf.get(pre + "reply", int(handle.serve_elems.sum()), np.float32)
             handle.owner = self._serve(recv_ids, handle.from_peer_table, handle.step,
-                                       handle.train, reply)
+                                       handle.train, reply, handle.id_start)
+            if handle.id_start is not None:
+                # requests came by the board but the row window found no room: the
+                # exchange is off from now on, give the board back
+                self._arena.close()
             t.lap("lookup")
             rows = self._buf.get(pre + "rows", int(handle.ask_elems.sum()), np.float32)
             self.comm.alltoallv(reply, handle.serve_elems, handle.ask_elems, recvbuf=rows)
@@ -331,6 +365,49 @@ class ShardedEmbedding:
     # Alltoallv of other nodes' blocks at the plain exchange's displacements, so one
     # shift per peer maps a plain-layout offset into the window.
     _LAY = 5   # layout vector: [forward need, backward need, S, A', A] + ask_start + serve_start
+
+    def _board_requests(self, look):
+        """Read the node's requests from the board (node-local world, training lookups).
+
+        Every member posted ``[ask_elems | id start per owner | per_table | ids]`` in
+        ``start_lookup``; after one synchronisation each rank reads what it serves and
+        every member's layout, which replaces the counts, ids and layout collectives.
+        Falls back to those collectives when the board finds no room.
+        """
+        arena, P, T = self._arena, self.size, len(self.specs)
+        head, me = 2 * P + P * T, self.rank
+        if not arena.settle():
+            send_ids = look.request[head:]
+            look.from_peer_table = self.comm.alltoallv(look.per_table, self._ones, self._ones)
+            look.serve_ids = look.from_peer_table.sum(axis=1)
+            recv_ids = self._buf.get("recv_ids", int(look.serve_ids.sum()), np.int64)
+            look.ids_handle = _Done(self.comm.alltoallv(send_ids, look.ask_ids, look.serve_ids,
+                                                        recvbuf=recv_ids))
+            look.serve_elems = look.from_peer_table @ self._dims
+            look.board = False
+            return
+        board = arena.board
+        at = np.array([arena.board_base(k) for k in range(P)], dtype=np.int64)[:, None]
+        elems = board[at + np.arange(P)]                              # [source, owner]
+        id_at = board[at[:, 0] + P + me]                               # [source]
+        fpt = board[at + (2 * P + me * T) + np.arange(T)]              # [source, table]
+        look.from_peer_table, look.serve_ids = fpt, fpt.sum(axis=1)
+        look.serve_elems = elems[:, me].copy()
+        look.ask_start = _exclusive_cumsum(look.ask_elems)
+        look.serve_start = _exclusive_cumsum(look.serve_elems)
+        # table i of source s: after s's request head, at s's start for this owner
+        within = np.zeros((P, T), dtype=np.int64)
+        np.cumsum(fpt[:, :-1], axis=1, out=within[:, 1:])
+        look.id_start = (at + head + id_at[:, None] + within).T.copy()   # [T, P]
+        # every member's layout, as _shm_post_layout would have gathered it
+        ask_start = np.zeros((P, P), dtype=np.int64)                   # [member, owner]
+        np.cumsum(elems[:, :-1], axis=1, out=ask_start[:, 1:])
+        serve_start = np.zeros((P, P), dtype=np.int64)                 # [source, member]
+        np.cumsum(elems[:-1], axis=0, out=serve_start[1:])
+        S, A = elems.sum(axis=0), elems.sum(axis=1)
+        zero = np.zeros(P, dtype=np.int64)
+        look.layout = _Done(np.column_stack([S, A, S, zero, A, ask_start, serve_start.T]))
+        look.ids_handle = _Done(board)
 
     def _shm_post_layout(self, look):
         """Start gathering every member's segment layout (known once counts are in)."""
@@ -360,7 +437,8 @@ class ShardedEmbedding:
             # this rank that every peer is done pooling its reply): wait for them here
             arena.sync()
         reply = arena.flat[base:base + S]
-        look.owner = self._serve(recv_ids, look.from_peer_table, look.step, True, reply)
+        look.owner = self._serve(recv_ids, look.from_peer_table, look.step, True, reply,
+                                 look.id_start)
         t.lap("lookup")
         if not arena.all_local:
             self._remote_alltoallv(arena.flat, base, look.serve_elems, look.serve_start,

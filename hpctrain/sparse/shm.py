@@ -58,6 +58,8 @@ class SharedArena:
         all_local: True when the group is the whole world (no ``Alltoallv`` needed).
         flat: float32 view of the whole window (None before the first ``reserve``).
         seg: int64[g] element offset of every member's segment in ``flat``.
+        board: int64 view of the request board (None before the first ``settle``),
+            where each member posts the ids it asks of the group's owners.
         enabled: False once the group fell back to plain ``Alltoallv`` (no room).
     """
 
@@ -84,6 +86,11 @@ class SharedArena:
         self._win = None
         self._fcap = np.zeros(node.size, dtype=np.int64)
         self._bcap = np.zeros(node.size, dtype=np.int64)
+        self._board_win = None
+        self.board = None
+        self.board_seg = None
+        self._rcap = 0
+        self._request = None
 
     @property
     def size(self):
@@ -126,9 +133,9 @@ class SharedArena:
                         "free in /dev/shm; rows and gradients go through Alltoallv",
                         total / 2**20, free / 2**20)
             self.enabled = False
-            self.close()
+            self._close_rows()
             return False
-        self.close()
+        self._close_rows()
         self._allocate(fcap + bcap)
         self._fcap, self._bcap = fcap, bcap
         return True
@@ -142,24 +149,29 @@ class SharedArena:
         return int(self.seg[k] + self._fcap[k])
 
     def _allocate(self, caps):
+        self._win, self.flat, self.seg = self._map(int(caps[self.index]), np.float32)
+
+    def _map(self, count, dtype):
+        """Allocate ``count`` items of this member (collective): (window, flat view, offsets)."""
         MPI = self._MPI
+        size = np.dtype(dtype).itemsize
         try:
-            win = MPI.Win.Allocate_shared(int(caps[self.index]) * 4, 4, comm=self.group)
+            win = MPI.Win.Allocate_shared(count * size, size, comm=self.group)
         except MPI.Exception as e:
             raise CommError(f"rank {self.members[self.index]}: cannot allocate a "
-                            f"{int(caps[self.index]) * 4} byte shared window: {e}") from e
-        addrs = []
+                            f"{count * size} byte shared window: {e}") from e
+        spans = []
         for k in range(self.group.size):
-            buf, unit = win.Shared_query(k)
-            addrs.append(buf.address)
-        if any(a % 4 for a in addrs):
-            raise CommError("shared window segments are not float aligned")
-        base = min(addrs)
-        end = max(a + int(c) * 4 for a, c in zip(addrs, caps))
-        self.flat = np.ctypeslib.as_array((ctypes.c_float * ((end - base) // 4)).from_address(base))
-        self.seg = np.array([(a - base) // 4 for a in addrs], dtype=np.int64)
+            buf, _ = win.Shared_query(k)
+            spans.append((buf.address, len(buf)))
+        if any(a % size for a, _ in spans):
+            raise CommError(f"shared window segments are not {size}-byte aligned")
+        base = min(a for a, _ in spans)
+        end = max(a + n for a, n in spans)
+        ctype = np.ctypeslib.as_ctypes_type(dtype)
+        flat = np.ctypeslib.as_array((ctype * ((end - base) // size)).from_address(base))
         win.Lock_all(MPI.MODE_NOCHECK)
-        self._win = win
+        return win, flat, np.array([(a - base) // size for a, _ in spans], dtype=np.int64)
 
     def sync(self):
         """Make every member's writes visible to every member (fence, barrier, fence)."""
@@ -168,11 +180,93 @@ class SharedArena:
         self._win.Sync()
 
     def nbytes(self):
-        """Bytes of this rank's segment."""
-        return int(self._fcap[self.index] + self._bcap[self.index]) * 4
+        """Bytes of this rank's segment (and of its part of the request board)."""
+        return int(self._fcap[self.index] + self._bcap[self.index]) * 4 + self._rcap * 8
+
+    # -- request board: what every member asks of the group's owners ----------------------
+    # Member k's part (int64, in ``board``, from ``board_base(k)``): a status word, then
+    # the caller's request (header and ids). Status n > 0: the request of n words is
+    # there; -n: it did not fit the part (``settle`` grows the board and it is written
+    # again). The board is a window of its own: growing the row window (``reserve``)
+    # between reading requests and serving them must not lose them.
+
+    def post(self, request):
+        """Write this rank's request (an int64 array) into its part of the board.
+
+        Nothing is synchronised: peers may read it after ``settle``. ``request`` must
+        stay unchanged until then (it is written again if the board grows).
+        """
+        self._request = request
+        self._write_request()
+
+    def _write_request(self):
+        n = self._request.shape[0]
+        if self._board_win is None:
+            return
+        b = int(self.board_seg[self.index])
+        if n + 1 <= self._rcap:
+            self.board[b + 1:b + 1 + n] = self._request
+            self.board[b] = n
+        else:
+            self.board[b] = -n
+
+    def settle(self):
+        """Make every member's posted request readable (collective over the group).
+
+        Grows the board when a request did not fit (every member sees the same
+        statuses, so all grow together) and has it written again.
+
+        Returns:
+            False when the board cannot be had (too little shared memory; decided
+            alike by every member): the exchange is off, the caller exchanges the
+            requests by MPI collectives.
+        """
+        if self._board_win is not None:
+            self._board_sync()
+            st = self.board[self.board_seg]
+            if np.all(st >= 0):
+                return True
+        need = self._request.shape[0] + 1
+        cap = max(self._rcap, need + need // 2, _MIN_FLOATS)
+        free = shm_available_bytes()
+        fits = free is None or cap * 8 * self.group.size <= 0.2 * free
+        if not self.group.allreduce(fits, op=self._MPI.LAND):
+            log.warning("node exchange: a request board of %.1f MB per rank does not fit "
+                        "/dev/shm; rows and gradients go through Alltoallv", cap * 8 / 2**20)
+            self.enabled = False
+            self.close()
+            return False
+        self._close_board()
+        self._board_win, self.board, self.board_seg = self._map(cap, np.int64)
+        self._rcap = cap
+        self._write_request()
+        self._board_sync()
+        return True
+
+    def board_base(self, k):
+        """Index in ``board`` of member ``k``'s request (after its status word)."""
+        return int(self.board_seg[k]) + 1
+
+    def _board_sync(self):
+        self._board_win.Sync()
+        self.group.Barrier()
+        self._board_win.Sync()
+
+    def _close_board(self):
+        if self._board_win is not None:
+            self.board = None
+            self._board_win.Unlock_all()
+            self._board_win.Free()
+            self._board_win = None
+            self._rcap = 0
 
     def close(self):
-        """Free the window (collective over the group); ``reserve`` makes a new one."""
+        """Free the windows (collective over the group); ``reserve`` / ``settle`` make new
+        ones."""
+        self._close_board()
+        self._close_rows()
+
+    def _close_rows(self):
         if self._win is not None:
             self.flat = None
             self._win.Unlock_all()

@@ -338,3 +338,32 @@ def test_exchange_argument_is_checked(comm):
     with pytest.raises(ValueError, match="needs an MPI communicator"):
         ShardedEmbedding(_specs("sgd", "sum"), NullCommunicator(), exchange="shm")
     assert ShardedEmbedding(_specs("sgd", "sum"), NullCommunicator()).exchange == "alltoallv"
+
+
+@pytest.mark.parametrize("short_of", ["requests", "rows"])
+def test_exchange_falls_back_to_alltoallv_without_shared_memory(comm, monkeypatch, caplog,
+                                                               short_of):
+    """With too little /dev/shm for the request board (or, the board placed, for the row
+    window) every rank of the node falls back to Alltoallv in the same step, with one
+    warning, and the results stay those of the plain path."""
+    import inspect
+
+    from hpctrain.sparse import shm
+
+    def free_bytes(path="/dev/shm"):
+        asking = inspect.stack()[1].function       # "settle" (board) or "reserve" (rows)
+        return 1 << 10 if asking == {"requests": "settle", "rows": "reserve"}[short_of] \
+            else 1 << 40
+
+    specs = _specs("adagrad", "sum")
+    ref_outs, ref_state, _ = _run_mode(comm, specs, "alltoallv", None)
+    monkeypatch.setattr(shm, "shm_available_bytes", free_bytes)
+    with caplog.at_level("WARNING", logger="hpctrain.sparse.shm"):
+        outs, state, mode = _run_mode(comm, specs, "shm", None)
+    assert mode == "alltoallv"
+    assert len([r for r in caplog.records if "Alltoallv" in r.getMessage()]) == 1
+    for got, ref in zip(outs, ref_outs):
+        _assert_outputs_equal(got, ref, exact=True)
+    for name, ref in ref_state.items():
+        for field in ("keys", "values", "access_count", "last_step"):
+            assert np.array_equal(state[name][field], ref[field]), f"{name}.{field}"

@@ -432,9 +432,16 @@ def test_shared_window_exchange_inside_the_node():
         return 4e-6 + s / 40e9 + (r - 1) * (5e-6 + s / 6e9)
     plain = sum(a2a(m, 2, 2) for m in nb.values())
     assert cm.sparse_exchange_time(net, nb, 2, 2) == pytest.approx(plain)
-    # shm: counts and ids by Alltoallv, rows and grads only synchronise inside the node
-    shm = a2a(416, 2, 2) + a2a(8000, 2, 2) + 2 * 5e-6
-    assert cm.sparse_exchange_time(net, nb, 2, 2, "shm") == pytest.approx(shm)
+    # shm on one node: counts and ids posted on the board (one synchronisation), rows and
+    # grads only synchronise
+    assert cm.sparse_exchange_time(net, nb, 2, 2, "shm") == pytest.approx(3 * 5e-6)
+    # shm over two nodes: counts and ids by Alltoallv, rows and grads cross the network only
+    nb4 = cm.sparse_exchange_bytes(26, 16, 4, 1000)
+    a2a4 = sum(4e-6 + m / 4 / 40e9 + (5e-6 + m / 4 / 6e9) + 2 * 1e-6 + 2 * 2 * m / 4 / 20e9
+               for k, m in nb4.items() if k in ("counts", "ids"))
+    rows4 = sum(5e-6 + 2 * 1e-6 + 2 * 2 * m / 4 / 20e9
+                for k, m in nb4.items() if k in ("rows", "grads"))
+    assert cm.sparse_exchange_time(net, nb4, 4, 2, "shm") == pytest.approx(a2a4 + rows4)
     # across nodes the rows still travel: 16 ranks, 8 per node
     s = 64000 / 16
     assert net.alltoallv(64000, 16, 8, node_shm=True) == pytest.approx(

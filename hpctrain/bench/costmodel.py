@@ -456,13 +456,20 @@ def sparse_exchange_time(network, nbytes, p, ranks_per_node, node_exchange="allt
     """Seconds of the four exchanges of a sparse step (``nbytes``: sparse_exchange_bytes).
 
     With ``node_exchange="shm"`` rows and gradients cross only the network by Alltoallv;
-    inside the node they go through a shared window (:meth:`Network.alltoallv`).
+    inside the node they go through a shared window (:meth:`Network.alltoallv`). When the
+    world is one node, counts and ids go through the request board too: one
+    synchronisation for both, no bytes by MPI.
     """
     if node_exchange not in ("alltoallv", "shm"):
         raise ValueError(f"node_exchange must be 'alltoallv' or 'shm', got {node_exchange!r}")
     shm = node_exchange == "shm"
-    return sum(network.alltoallv(b, p, ranks_per_node, shm and k in ("rows", "grads"))
-               for k, b in nbytes.items())
+    board = shm and p <= ranks_per_node
+    t = 0.0
+    for k, b in nbytes.items():
+        if board and k == "ids":
+            continue                     # posted with the counts, read after their sync
+        t += network.alltoallv(b, p, ranks_per_node, shm and (board or k in ("rows", "grads")))
+    return t
 
 
 @dataclasses.dataclass

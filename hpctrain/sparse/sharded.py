@@ -22,6 +22,8 @@ offset, so tables of different widths travel in the same message.
 Ranks on one node skip the two large exchanges (``exchange="auto"``): owners
 write reply rows into an MPI-3 shared window and requesters of the node pool
 straight from it; gradients go the other way the same way (``hpctrain.sparse.shm``).
+When the whole world is one node, counts and ids skip their collectives too: each
+rank posts them on a shared request board that owners read after one barrier.
 Only peers on other nodes get rows and gradients by ``Alltoallv``. The arithmetic,
 and so every result, is the same in both modes.
 """

@@ -7,6 +7,10 @@ window and the requesters of the node pool straight from it; a requester writes
 its per-id gradients into its segment and the owners of the node sum them from
 there. Only peers on other nodes still go through ``Alltoallv``.
 
+A second window, the request board (int64), carries what each member asks of the
+group's owners (counts, layout, ids) when the group is the whole world, so a step
+needs no collective at all for its requests (``post`` / ``settle``).
+
 Every member's segment is addressed through one flat float32 view of the whole
 window (``flat``, with ``seg[k]`` the element offset of member ``k``), so the
 pooling and segment-sum kernels read rows of any member by element offset, as

@@ -56,29 +56,60 @@ def route_salt(int64_t table_id):
 
 # ----------------------------------------------------------------------------- dedup
 
-cdef int _unique(const int64_t[::1] keys, int64_t* tkeys, int64_t* tidx, uint64_t mask,
-                 int64_t[::1] uniq, int64_t[::1] inverse, int64_t* n_unique) noexcept nogil:
-    cdef Py_ssize_t i, n = keys.shape[0]
+cdef void _unique_block(const int64_t[::1] keys, Py_ssize_t lo, Py_ssize_t hi,
+                        int64_t* tkeys, int64_t* tidx, uint64_t mask, int64_t[::1] uniq,
+                        int64_t[::1] inverse, int64_t* nu, int64_t* j) noexcept nogil:
+    """Dedup ``keys[lo:hi]`` into the open-addressing table, continuing at ``nu`` uniques
+    and inverse position ``j`` (both advanced)."""
+    cdef Py_ssize_t i
     cdef uint64_t h
-    cdef int64_t k, s, nu = 0
-    for i in range(n):
+    cdef int64_t k, s
+    for i in range(lo, hi):
         k = keys[i]
         h = hp_dedup_hash(k) & mask
         while True:
             s = tidx[h]
             if s < 0:
-                tidx[h] = nu
+                tidx[h] = nu[0]
                 tkeys[h] = k
-                uniq[nu] = k
-                inverse[i] = nu
-                nu += 1
+                uniq[nu[0]] = k
+                inverse[j[0]] = nu[0]
+                nu[0] += 1
                 break
             if tkeys[h] == k:
-                inverse[i] = s
+                inverse[j[0]] = s
                 break
             h = (h + 1) & mask
-    n_unique[0] = nu
-    return 0
+        j[0] += 1
+
+
+cdef tuple _unique_of_blocks(const int64_t[::1] keys, const int64_t[::1] starts,
+                             const int64_t[::1] counts, int64_t n, str who):
+    cdef Py_ssize_t b, nb = starts.shape[0]
+    cdef uint64_t cap = 16
+    while cap < <uint64_t>(2 * n):
+        cap <<= 1
+    uniq_arr = np.empty(n, dtype=np.int64)
+    inverse_arr = np.empty(n, dtype=np.int64)
+    cdef int64_t[::1] uniq = uniq_arr
+    cdef int64_t[::1] inverse = inverse_arr
+    cdef int64_t nu = 0, j = 0
+    cdef int64_t* tkeys = <int64_t*>malloc(cap * sizeof(int64_t))
+    cdef int64_t* tidx = <int64_t*>malloc(cap * sizeof(int64_t))
+    if tkeys == NULL or tidx == NULL:
+        free(tkeys)
+        free(tidx)
+        raise MemoryError(f"{who}: cannot allocate a {cap}-slot hash table")
+    try:
+        with nogil:
+            memset(tidx, 0xFF, cap * sizeof(int64_t))  # every slot -1 (empty)
+            for b in range(nb):
+                _unique_block(keys, starts[b], starts[b] + counts[b], tkeys, tidx, cap - 1,
+                              uniq, inverse, &nu, &j)
+    finally:
+        free(tkeys)
+        free(tidx)
+    return uniq_arr[:nu].copy(), inverse_arr
 
 
 def unique_inverse(const int64_t[::1] keys):
@@ -91,29 +122,8 @@ def unique_inverse(const int64_t[::1] keys):
         ``(uniq int64[u], inverse int64[n])`` with ``uniq[inverse] == keys`` and
         ``uniq`` ordered by first occurrence in ``keys`` (deterministic).
     """
-    cdef Py_ssize_t n = keys.shape[0]
-    cdef uint64_t cap = 16
-    while cap < <uint64_t>(2 * n):
-        cap <<= 1
-    uniq_arr = np.empty(n, dtype=np.int64)
-    inverse_arr = np.empty(n, dtype=np.int64)
-    cdef int64_t[::1] uniq = uniq_arr
-    cdef int64_t[::1] inverse = inverse_arr
-    cdef int64_t nu = 0
-    cdef int64_t* tkeys = <int64_t*>malloc(cap * sizeof(int64_t))
-    cdef int64_t* tidx = <int64_t*>malloc(cap * sizeof(int64_t))
-    if tkeys == NULL or tidx == NULL:
-        free(tkeys)
-        free(tidx)
-        raise MemoryError(f"unique_inverse: cannot allocate a {cap}-slot hash table")
-    try:
-        with nogil:
-            memset(tidx, 0xFF, cap * sizeof(int64_t))  # every slot -1 (empty)
-            _unique(keys, tkeys, tidx, cap - 1, uniq, inverse, &nu)
-    finally:
-        free(tkeys)
-        free(tidx)
-    return uniq_arr[:nu].copy(), inverse_arr
+    cdef int64_t[::1] whole = np.array([0, keys.shape[0]], dtype=np.int64)
+    return _unique_of_blocks(keys, whole[:1], whole[1:], keys.shape[0], "unique_inverse")
 
 
 def unique_blocks(const int64_t[::1] keys, const int64_t[::1] starts,
@@ -137,46 +147,7 @@ def unique_blocks(const int64_t[::1] keys, const int64_t[::1] starts,
             raise ValueError(f"unique_blocks: block {b} [{starts[b]}, "
                              f"{starts[b] + counts[b]}) is outside keys[0:{m}]")
         n += counts[b]
-    cdef uint64_t cap = 16
-    while cap < <uint64_t>(2 * n):
-        cap <<= 1
-    uniq_arr = np.empty(n, dtype=np.int64)
-    inverse_arr = np.empty(n, dtype=np.int64)
-    cdef int64_t[::1] uniq = uniq_arr
-    cdef int64_t[::1] inverse = inverse_arr
-    cdef int64_t nu = 0, j = 0, k, s, i
-    cdef uint64_t h, mask = cap - 1
-    cdef int64_t* tkeys = <int64_t*>malloc(cap * sizeof(int64_t))
-    cdef int64_t* tidx = <int64_t*>malloc(cap * sizeof(int64_t))
-    if tkeys == NULL or tidx == NULL:
-        free(tkeys)
-        free(tidx)
-        raise MemoryError(f"unique_blocks: cannot allocate a {cap}-slot hash table")
-    try:
-        with nogil:
-            memset(tidx, 0xFF, cap * sizeof(int64_t))
-            for b in range(nb):
-                for i in range(starts[b], starts[b] + counts[b]):
-                    k = keys[i]
-                    h = hp_dedup_hash(k) & mask
-                    while True:
-                        s = tidx[h]
-                        if s < 0:
-                            tidx[h] = nu
-                            tkeys[h] = k
-                            uniq[nu] = k
-                            inverse[j] = nu
-                            nu += 1
-                            break
-                        if tkeys[h] == k:
-                            inverse[j] = s
-                            break
-                        h = (h + 1) & mask
-                    j += 1
-    finally:
-        free(tkeys)
-        free(tidx)
-    return uniq_arr[:nu].copy(), inverse_arr
+    return _unique_of_blocks(keys, starts, counts, n, "unique_blocks")
 
 
 def block_offsets(const int64_t[::1] starts, const int64_t[::1] counts, int64_t dim):
@@ -475,6 +446,18 @@ cdef Py_ssize_t _group(const int64_t[::1] seg, int64_t nseg, int64_t* start,
     return -1
 
 
+cdef inline void _add_row(float* dst, const float* row, int64_t dim, float w,
+                          bint scaled) noexcept nogil:
+    """``dst += w * row`` (``dst += row`` unscaled: no multiply, exact)."""
+    cdef int64_t c
+    if scaled:
+        for c in range(dim):
+            dst[c] += w * row[c]
+    else:
+        for c in range(dim):
+            dst[c] += row[c]
+
+
 cdef Py_ssize_t _scatter_add(const float[::1] src, const int64_t[::1] src_off, int64_t dim,
                              const int64_t[::1] seg, int64_t nseg, const float[::1] scale,
                              float* base, const int64_t[::1] out_off) noexcept nogil:
@@ -495,15 +478,8 @@ cdef Py_ssize_t _scatter_add(const float[::1] src, const int64_t[::1] src_off, i
         memset(dst, 0, dim * sizeof(float))
     for i in range(n):
         s = seg[i]
-        dst = base + (out_off[s] if has_off else s * dim)
-        row = &src[src_off[i]]
-        if has_scale:
-            w = scale[i]
-            for c in range(dim):
-                dst[c] += w * row[c]
-        else:
-            for c in range(dim):
-                dst[c] += row[c]
+        _add_row(base + (out_off[s] if has_off else s * dim), &src[src_off[i]], dim,
+                 scale[i] if has_scale else 1.0, has_scale)
     return -1
 
 
@@ -579,14 +555,8 @@ def segment_sum(const float[::1] src, const int64_t[::1] src_off, int64_t dim,
                         dst[c] = 0
                     for k in range(start[s], start[s + 1]):
                         j = order[k]
-                        row = &src[src_off[j]]
-                        if has_scale:
-                            w = scale[j]
-                            for c in range(dim):
-                                dst[c] += w * row[c]
-                        else:
-                            for c in range(dim):
-                                dst[c] += row[c]
+                        _add_row(dst, &src[src_off[j]], dim, scale[j] if has_scale else 1.0,
+                                 has_scale)
     finally:
         free(start)
         free(order)

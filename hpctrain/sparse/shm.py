@@ -259,8 +259,7 @@ class SharedArena:
     def _close_board(self):
         if self._board_win is not None:
             self.board = None
-            self._board_win.Unlock_all()
-            self._board_win.Free()
+            _free(self._board_win)
             self._board_win = None
             self._rcap = 0
 
@@ -273,11 +272,16 @@ class SharedArena:
     def _close_rows(self):
         if self._win is not None:
             self.flat = None
-            self._win.Unlock_all()
-            self._win.Free()
+            _free(self._win)
             self._win = None
             self._fcap = np.zeros(self.group.size, dtype=np.int64)
             self._bcap = np.zeros(self.group.size, dtype=np.int64)
+
+
+def _free(win):
+    """End the passive epoch ``_map`` opened and free the window (collective)."""
+    win.Unlock_all()
+    win.Free()
 
 
 class _Gathering:

@@ -34,6 +34,7 @@ def _extensions():
         exts.append(Extension(
             f"hpctrain._kernels.{name}", [path],
             include_dirs=[numpy.get_include(), "kernels"],
+            depends=glob.glob(os.path.join("kernels", "*.h")),
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
             extra_compile_args=compile_args, extra_link_args=link_args))
     directives = {"language_level": 3, "boundscheck": debug, "wraparound": False,

@@ -17,14 +17,9 @@ import numpy as np
 
 cdef extern from *:
     """
-    #include <stdint.h>
-    static inline uint64_t hp_synth_mix64(uint64_t z) {
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-        return z ^ (z >> 31);
-    }
+    #include "hp_mix64.h"
     static inline uint64_t hp_mix_add(uint64_t h, uint64_t x) {
-        return hp_synth_mix64(h + x * 0x9E3779B97F4A7C15ULL);
+        return hp_mix64(h + x * 0x9E3779B97F4A7C15ULL);
     }
     static inline double hp_unit(uint64_t h) {
         return (double)(h >> 11) * (1.0 / 9007199254740992.0);

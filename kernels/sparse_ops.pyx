@@ -23,13 +23,7 @@ from hpctrain._kernels._openmp import get_num_threads
 
 cdef extern from *:
     """
-    #include <stdint.h>
-    /* splitmix64's finaliser (Steele, Lea, Flood 2014): a bijection of 2^64. */
-    static inline uint64_t hp_mix64(uint64_t z) {
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-        return z ^ (z >> 31);
-    }
+    #include "hp_mix64.h"
     /* Per-table salt of the routing hash: mix64((table_id + 1) * golden gamma). */
     static inline uint64_t hp_route_salt(int64_t table_id) {
         return hp_mix64(((uint64_t)table_id + 1ULL) * 0x9E3779B97F4A7C15ULL);

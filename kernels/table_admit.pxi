@@ -16,7 +16,7 @@ cdef inline int64_t bloom_add(uint8_t* bloom, int64_t size, int k, int64_t key) 
     is the minimum of the key's k counters, which never undercounts.
     """
     cdef uint64_t h1 = ht_bloom_hash(key)
-    cdef uint64_t h2 = ht_mix64(h1) | 1
+    cdef uint64_t h2 = hp_mix64(h1) | 1
     cdef int64_t p, est = 255
     cdef int i
     cdef uint8_t c

@@ -36,12 +36,9 @@ cdef extern from *:
 
     #define HT_GAMMA 0x9E3779B97F4A7C15ULL
 
-    /* splitmix64's output function (Steele, Lea, Flood 2014): a bijection of 2^64. */
-    static inline uint64_t ht_mix64(uint64_t z) {
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-        return z ^ (z >> 31);
-    }
+    /* splitmix64's finaliser, hp_mix64 (kernels/hp_mix64.h), for row initialisation and
+       the Bloom filter */
+    #include "hp_mix64.h"
     /* Index hash: MurmurHash3's fmix64 of a salted key, unrelated to the routing hash
        (splitmix64), so that the keys one shard owns still spread over its whole index. */
     static inline uint64_t ht_index_hash(int64_t key) {
@@ -52,7 +49,7 @@ cdef extern from *:
     }
     /* Bloom filter hashes: a second, independent pair of mixes of the key. */
     static inline uint64_t ht_bloom_hash(int64_t key) {
-        return ht_mix64((uint64_t)key ^ 0x6A09E667F3BCC909ULL);
+        return hp_mix64((uint64_t)key ^ 0x6A09E667F3BCC909ULL);
     }
     /* Lemire's multiply-shift range reduction: maps h to [0, n) with the high bits of h,
        so capacities need not be powers of two. */
@@ -130,7 +127,7 @@ cdef extern from *:
     uint32_t HT_ACCESS_MAX
     int64_t HT_STEP_MAX
     uint64_t HT_GAMMA
-    uint64_t ht_mix64(uint64_t z) noexcept nogil
+    uint64_t hp_mix64(uint64_t z) noexcept nogil
     uint64_t ht_index_hash(int64_t key) noexcept nogil
     uint64_t ht_bloom_hash(int64_t key) noexcept nogil
     int64_t ht_fastrange(uint64_t h, int64_t n) noexcept nogil

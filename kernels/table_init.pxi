@@ -23,23 +23,23 @@ cdef double _TWO_PI = 6.283185307179586
 
 cdef inline uint64_t init_table_key(uint64_t seed, uint64_t table_id) noexcept nogil:
     """The per-table constant t of the init formula."""
-    return ht_mix64(ht_mix64(seed + HT_GAMMA) ^ (table_id + 2 * HT_GAMMA))
+    return hp_mix64(hp_mix64(seed + HT_GAMMA) ^ (table_id + 2 * HT_GAMMA))
 
 
 cdef inline void init_values(float* w, int64_t dim, uint64_t tkey, int64_t key,
                              bint normal, double scale) noexcept nogil:
     """Write the initial values of `key`'s row into w[0:dim]."""
-    cdef uint64_t r = ht_mix64(tkey ^ (<uint64_t>key + 3 * HT_GAMMA))
+    cdef uint64_t r = hp_mix64(tkey ^ (<uint64_t>key + 3 * HT_GAMMA))
     cdef int64_t c
     cdef double u, u1, u2
     if not normal:
         for c in range(dim):
-            u = <double>(ht_mix64(r + <uint64_t>(c + 1) * HT_GAMMA) >> 40) * _TWO_M24
+            u = <double>(hp_mix64(r + <uint64_t>(c + 1) * HT_GAMMA) >> 40) * _TWO_M24
             w[c] = <float>(scale * (2.0 * u - 1.0))
     else:
         for c in range(dim):
-            u1 = (<double>(ht_mix64(r + <uint64_t>(2 * c + 1) * HT_GAMMA) >> 11) + 1.0) * _TWO_M53
-            u2 = <double>(ht_mix64(r + <uint64_t>(2 * c + 2) * HT_GAMMA) >> 11) * _TWO_M53
+            u1 = (<double>(hp_mix64(r + <uint64_t>(2 * c + 1) * HT_GAMMA) >> 11) + 1.0) * _TWO_M53
+            u2 = <double>(hp_mix64(r + <uint64_t>(2 * c + 2) * HT_GAMMA) >> 11) * _TWO_M53
             w[c] = <float>(scale * (sqrt(-2.0 * log(u1)) * cos(_TWO_PI * u2)))
 
 

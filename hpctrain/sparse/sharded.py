@@ -246,41 +246,39 @@ class ShardedEmbedding:
         look.ask_elems = per_table @ self._dims
         t.lap("route")
 
+        look.ask_ids, look.per_table, look.train, look.prefix = to_peer, per_table, train, pre
         if board:
             request[:P] = look.ask_elems
             request[P:2 * P] = _exclusive_cumsum(to_peer)
             request[2 * P:head] = per_table.ravel()
             self._arena.post(request)
-            look.ask_ids, look.per_table, look.train, look.prefix = to_peer, per_table, train, pre
             look.request = request
             look.ids_handle = _Done(None)
             look.board = True
-            t.lap("ids_a2a")
-            self._pending = look
-            return look
-
-        from_peer_table = self.comm.alltoallv(per_table, self._ones, self._ones)
-        from_peer = from_peer_table.sum(axis=1)
-        look.ask_ids, look.serve_ids = to_peer, from_peer
-        t.lap("counts")
-
-        recv_ids = self._buf.get(pre + "recv_ids", int(from_peer.sum()), np.int64)
-        if blocking:
-            # forward() waits at once: the blocking collective avoids the progress
-            # engine's polling (and yielding) of a non-blocking one
-            look.ids_handle = _Done(
-                self.comm.alltoallv(send_ids, to_peer, from_peer, recvbuf=recv_ids))
         else:
-            look.ids_handle = self.comm.ialltoallv(send_ids, to_peer, from_peer,
-                                                   recvbuf=recv_ids)
-        look.from_peer_table, look.train, look.prefix = from_peer_table, train, pre
-        look.serve_elems = from_peer_table @ self._dims
-        if train and self.exchange == "shm":
-            self._shm_post_layout(look)
+            self._exchange_requests(look, send_ids, blocking)
+            if train and self.exchange == "shm":
+                self._shm_post_layout(look)
         t.lap("ids_a2a")
         if train:
             self._pending = look
         return look
+
+    def _exchange_requests(self, look, send_ids, blocking):
+        """Counts by ``Alltoall``, then start the ids ``Alltoallv`` (``look.ids_handle``)."""
+        look.from_peer_table = self.comm.alltoallv(look.per_table, self._ones, self._ones)
+        look.serve_ids = look.from_peer_table.sum(axis=1)
+        look.serve_elems = look.from_peer_table @ self._dims
+        self._timer.lap("counts")
+        recv_ids = self._buf.get(look.prefix + "recv_ids", int(look.serve_ids.sum()), np.int64)
+        if blocking:
+            # forward() waits at once: the blocking collective avoids the progress
+            # engine's polling (and yielding) of a non-blocking one
+            look.ids_handle = _Done(self.comm.alltoallv(send_ids, look.ask_ids, look.serve_ids,
+                                                        recvbuf=recv_ids))
+        else:
+            look.ids_handle = self.comm.ialltoallv(send_ids, look.ask_ids, look.serve_ids,
+                                                   recvbuf=recv_ids)
 
     def _serve(self, recv_ids, from_peer_table, step, train, reply, id_start=None):
         """Owner side: dedup received ids per table, find(-or-insert), gather into ``reply``.
@@ -379,13 +377,7 @@ class ShardedEmbedding:
         arena, P, T = self._arena, self.size, len(self.specs)
         head, me = 2 * P + P * T, self.rank
         if not arena.settle():
-            send_ids = look.request[head:]
-            look.from_peer_table = self.comm.alltoallv(look.per_table, self._ones, self._ones)
-            look.serve_ids = look.from_peer_table.sum(axis=1)
-            recv_ids = self._buf.get("recv_ids", int(look.serve_ids.sum()), np.int64)
-            look.ids_handle = _Done(self.comm.alltoallv(send_ids, look.ask_ids, look.serve_ids,
-                                                        recvbuf=recv_ids))
-            look.serve_elems = look.from_peer_table @ self._dims
+            self._exchange_requests(look, look.request[head:], blocking=True)
             look.board = False
             return
         board = arena.board

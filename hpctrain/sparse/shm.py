@@ -179,9 +179,12 @@ class SharedArena:
 
     def sync(self):
         """Make every member's writes visible to every member (fence, barrier, fence)."""
-        self._win.Sync()
+        self._sync(self._win)
+
+    def _sync(self, win):
+        win.Sync()
         self.group.Barrier()
-        self._win.Sync()
+        win.Sync()
 
     def nbytes(self):
         """Bytes of this rank's segment (and of its part of the request board)."""
@@ -226,7 +229,7 @@ class SharedArena:
             requests by MPI collectives.
         """
         if self._board_win is not None:
-            self._board_sync()
+            self._sync(self._board_win)
             st = self.board[self.board_seg]
             if np.all(st >= 0):
                 return True
@@ -244,17 +247,12 @@ class SharedArena:
         self._board_win, self.board, self.board_seg = self._map(cap, np.int64)
         self._rcap = cap
         self._write_request()
-        self._board_sync()
+        self._sync(self._board_win)
         return True
 
     def board_base(self, k):
         """Index in ``board`` of member ``k``'s request (after its status word)."""
         return int(self.board_seg[k]) + 1
-
-    def _board_sync(self):
-        self._board_win.Sync()
-        self.group.Barrier()
-        self._board_win.Sync()
 
     def _close_board(self):
         if self._board_win is not None:

@@ -16,6 +16,7 @@ Every key is described in docs/configuration.md. The layout::
     [data]             format, prefetch, shuffle, seed, bad_lines,
                        [data.train] [data.eval] [data.schema] (csv) [data.synthetic]
     [eval] [checkpoint] [metrics]
+    [ps]               servers, groups, consistency, staleness, ... (mode = "hybrid" only)
 
 Checkpoints keep ``Config.text`` (the original TOML) and rebuild the config
 with ``loads_config(text)``; no TOML writer is involved.
@@ -43,6 +44,9 @@ POOLINGS = ("sum", "mean", "none")
 INITS = ("uniform", "normal")
 DENSE_TRANSFORMS = ("none", "log1p", "standardize")
 EXCHANGES = ("auto", "shm", "alltoallv")
+MODES = ("collective", "hybrid")
+PS_CONSISTENCIES = ("bsp", "ssp", "asp")
+PS_PLACEMENTS = ("first", "per_node")
 
 # Names and defaults are those of hpctrain.sparse.optimizers.SparseOptimizer.
 SPARSE_OPTIMIZER_DEFAULTS = {
@@ -251,6 +255,27 @@ class MetricsConfig:
 
 
 @dataclass
+class PsConfig:
+    """Parameter servers of mode = "hybrid" (``[ps]``); see ``Config.ps_layout``.
+
+    ``consistency``: "bsp" (every worker waits for all others each clock), "ssp" (a worker
+    may run ``staleness`` clocks ahead of the slowest) or "asp" (no waiting; ``staleness`` is
+    None). ``placement``: servers are the first ranks ("first") or spread one per node
+    ("per_node"). ``dense_on_servers``: dense parameters live on the servers too (else they
+    are allreduced among workers). ``timeout_s``: how long a worker waits for a server
+    reply before raising. ``every_clocks_log``: servers log their state every this many clocks.
+    """
+    servers: int = 1
+    groups: int = 1
+    consistency: str = "bsp"
+    staleness: int = 0
+    placement: str = "first"
+    dense_on_servers: bool = True
+    timeout_s: float = 300.0
+    every_clocks_log: int = 100
+
+
+@dataclass
 class Config:
     """A validated run configuration.
 
@@ -263,7 +288,9 @@ class Config:
         threads: OpenMP threads per rank (None: the environment's default).
         malloc: "tuned" (fixed glibc mmap/trim thresholds, ``hpctrain.memory``) or
             "default" (the allocator as the process found it).
-        mode: "collective". overlap: overlap next batch's exchange with this batch's dense work.
+        mode: "collective" or "hybrid" (parameter servers and worker groups, see ``ps``).
+        overlap: overlap next batch's exchange with this batch's dense work.
+        ps: the ``PsConfig`` of mode "hybrid"; None in collective mode.
         exchange, node_group_size: how embedding rows reach ranks of the same node
             (``ShardedEmbedding``'s arguments of those names).
         source: the file the config came from ("<dict>"/"<string>" otherwise).
@@ -288,12 +315,16 @@ class Config:
     overlap: bool = False
     exchange: str = "auto"
     node_group_size: int = None
+    ps: PsConfig = None
     source: str = "<dict>"
     text: str = None
     raw: dict = field(default_factory=dict, repr=False)
 
     def batch_sizes(self, world_size):
         """``(global_batch, batch_per_rank)`` on ``world_size`` ranks.
+
+        In mode "hybrid" only workers take batches: pass the worker count
+        (``ps_layout(world)[1]``), not the world size.
 
         Raises:
             ConfigError: ``global_batch`` is not divisible by ``world_size``.
@@ -306,6 +337,28 @@ class Config:
             raise ConfigError(f"{self.source}: global_batch: {self.global_batch} is not divisible "
                               f"by the world size {world_size}")
         return self.global_batch, self.global_batch // world_size
+
+    def ps_layout(self, world_size):
+        """``(servers, workers, workers_per_group)`` of mode "hybrid" on ``world_size`` ranks.
+
+        Raises:
+            ConfigError: not mode "hybrid"; no rank left for workers (``ps.servers``); the
+                workers do not split evenly into ``ps.groups``.
+        """
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if self.ps is None:
+            raise ConfigError(f"{self.source}: mode: parameter servers need mode = \"hybrid\", "
+                              f"got {self.mode!r}")
+        servers, groups = self.ps.servers, self.ps.groups
+        workers = world_size - servers
+        if workers < 1:
+            raise ConfigError(f"{self.source}: ps.servers: {servers} servers leave no worker "
+                              f"on a world of {world_size} ranks (servers must be < world size)")
+        if workers % groups:
+            raise ConfigError(f"{self.source}: ps.groups: world {world_size} - servers {servers} "
+                              f"= {workers} workers do not split into {groups} equal groups")
+        return servers, workers, workers // groups
 
     def table(self, name):
         """The ``TableConfig`` called ``name`` (KeyError if there is none)."""
@@ -725,6 +778,23 @@ def _data(n):
     return d
 
 
+def _ps(n):
+    p = PsConfig(servers=n.integer("servers", 1, lo=1), groups=n.integer("groups", 1, lo=1))
+    p.consistency = n.string("consistency", "bsp", choices=PS_CONSISTENCIES)
+    p.staleness = n.integer("staleness", 1 if p.consistency == "ssp" else 0, lo=0)
+    if p.consistency == "bsp" and p.staleness != 0:
+        raise n.error("staleness", f"consistency \"bsp\" waits every clock (staleness 0), got "
+                                   f"{p.staleness}; use consistency = \"ssp\"")
+    if p.consistency == "asp":
+        p.staleness = None      # asp never waits: any staleness is ignored
+    p.placement = n.string("placement", "first", choices=PS_PLACEMENTS)
+    p.dense_on_servers = n.boolean("dense_on_servers", True)
+    p.timeout_s = n.number("timeout_s", 300.0, lo=0.0, lo_incl=False)
+    p.every_clocks_log = n.integer("every_clocks_log", 100, lo=1)
+    n.finish()
+    return p
+
+
 def _check_model_tables(root, cfg):
     m, tables = cfg.model, cfg.tables
     names = [t.name for t in tables]
@@ -778,13 +848,13 @@ def parse_config_dict(d, source):
     """Validate ``d`` into the keyword arguments of ``Config`` (without source/text/raw)."""
     root = _Node(d, "", source)
     out = {"seed": root.integer("seed", 0, lo=0)}
-    mode = root.string("mode", "collective")
-    if mode == "hybrid":
-        raise root.error("mode", "mode \"hybrid\" (parameter servers with worker groups) is not "
-                                 "available yet; use mode = \"collective\"")
-    if mode != "collective":
-        raise root.error("mode", f"expected \"collective\", got {mode!r}")
-    out["mode"] = mode
+    mode = out["mode"] = root.string("mode", "collective", choices=MODES)
+    ps = root.node("ps")
+    if (ps is None) == (mode == "hybrid"):
+        raise root.error("ps", "required with mode = \"hybrid\" (the parameter servers)"
+                         if mode == "hybrid" else
+                         f"only mode = \"hybrid\" takes parameter servers, not {mode!r}")
+    out["ps"] = _ps(ps) if ps is not None else None
     out["overlap"] = root.boolean("overlap", False)
     out["exchange"] = root.string("exchange", "auto", choices=EXCHANGES)
     out["node_group_size"] = root.integer("node_group_size", None, lo=1)

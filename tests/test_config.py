@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from hpctrain.config import Config, config_from_dict, load_config, loads_config
+from hpctrain.config import Config, PsConfig, config_from_dict, load_config, loads_config
 from hpctrain.errors import ConfigError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -92,9 +92,9 @@ ERRORS = [
     ("batch_per_rank", 32, "global_batch: set exactly one of global_batch and batch_per_rank"),
     ("global_batch", DELETE, "<top level>: set exactly one of global_batch and batch_per_rank"),
     ("steps", DELETE, "<top level>: set steps and/or epochs"),
-    ("mode", "hybrid", "mode: mode \"hybrid\" (parameter servers with worker groups) is not "
-                       "available yet; use mode = \"collective\""),
-    ("mode", "async", "mode: expected \"collective\", got 'async'"),
+    ("mode", "hybrid", "ps: required with mode = \"hybrid\""),
+    ("mode", "async", "mode: expected one of 'collective', 'hybrid', got 'async'"),
+    ("ps", {"servers": 1}, "ps: only mode = \"hybrid\" takes parameter servers"),
     ("overlap", "yes", "overlap: expected true or false, got a string 'yes'"),
     ("exchange", "nvlink", "exchange: expected one of 'auto', 'shm', 'alltoallv', got 'nvlink'"),
     ("node_group_size", 0, "node_group_size: expected an integer >= 1, got 0"),
@@ -146,6 +146,67 @@ def test_errors_name_file_and_key(path, value, message):
         config_from_dict(d, source="/some/dir/run.toml")
     assert str(e.value).startswith("/some/dir/run.toml: ")
     assert message in str(e.value)
+
+
+HYBRID = dict(BASE, mode="hybrid", ps={})
+
+PS_ERRORS = [
+    ("ps.servers", 0, "ps.servers: expected an integer >= 1, got 0"),
+    ("ps.groups", 0, "ps.groups: expected an integer >= 1, got 0"),
+    ("ps.consistency", "eventual",
+     "ps.consistency: expected one of 'bsp', 'ssp', 'asp', got 'eventual'"),
+    ("ps.staleness", -1, "ps.staleness: expected an integer >= 0, got -1"),
+    ("ps.staleness", 2, "ps.staleness: consistency \"bsp\" waits every clock"),
+    ("ps.placement", "last", "ps.placement: expected one of 'first', 'per_node', got 'last'"),
+    ("ps.dense_on_servers", 1, "ps.dense_on_servers: expected true or false"),
+    ("ps.timeout_s", 0, "ps.timeout_s: expected a finite number > 0, got 0.0"),
+    ("ps.every_clocks_log", 0, "ps.every_clocks_log: expected an integer >= 1, got 0"),
+    ("ps.sever", 2, "ps.sever: unknown key; did you mean 'servers'?"),
+    ("ps", 3, "ps: expected a table, got an integer 3"),
+]
+
+
+@pytest.mark.parametrize("path,value,message", PS_ERRORS,
+                         ids=[f"{p}={v!r}" for p, v, _ in PS_ERRORS])
+def test_ps_errors_name_the_key(path, value, message):
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(mutate(HYBRID, path, value), source="ps.toml")
+    assert str(e.value).startswith("ps.toml: ") and message in str(e.value)
+
+
+def test_ps_values_and_defaults():
+    assert config_from_dict(BASE).ps is None
+    ps = config_from_dict(HYBRID).ps
+    assert ps == PsConfig(servers=1, groups=1, consistency="bsp", staleness=0, placement="first",
+                          dense_on_servers=True, timeout_s=300.0, every_clocks_log=100)
+    assert config_from_dict(mutate(HYBRID, "ps", {"consistency": "ssp"})).ps.staleness == 1
+    ssp = config_from_dict(mutate(HYBRID, "ps", {"consistency": "ssp", "staleness": 3,
+                                                 "servers": 2, "groups": 3,
+                                                 "placement": "per_node", "timeout_s": 5,
+                                                 "dense_on_servers": False,
+                                                 "every_clocks_log": 7})).ps
+    assert (ssp.consistency, ssp.staleness, ssp.servers, ssp.groups, ssp.placement) == \
+        ("ssp", 3, 2, 3, "per_node")
+    assert (ssp.timeout_s, ssp.dense_on_servers, ssp.every_clocks_log) == (5.0, False, 7)
+    asp = config_from_dict(mutate(HYBRID, "ps", {"consistency": "asp", "staleness": 4})).ps
+    assert asp.staleness is None
+
+
+def test_ps_layout():
+    cfg = config_from_dict(mutate(HYBRID, "ps", {"servers": 2, "groups": 3}))
+    assert cfg.ps_layout(8) == (2, 6, 2)
+    servers, workers, per_group = cfg.ps_layout(5)
+    assert (servers, workers, per_group) == (2, 3, 1)
+    two = config_from_dict(mutate(HYBRID, "ps", {"servers": 2, "groups": 2}))
+    assert two.batch_sizes(two.ps_layout(6)[1]) == (64, 16)    # workers take the batches
+    with pytest.raises(ConfigError, match=r"run.toml: ps.servers: 2 servers leave no worker on "
+                                          r"a world of 2 ranks"):
+        config_from_dict(mutate(HYBRID, "ps", {"servers": 2}), source="run.toml").ps_layout(2)
+    with pytest.raises(ConfigError, match=r"ps.groups: world 7 - servers 2 = 5 workers do not "
+                                          r"split into 3 equal groups"):
+        cfg.ps_layout(7)
+    with pytest.raises(ConfigError, match=r"mode: parameter servers need mode = \"hybrid\""):
+        config_from_dict(BASE).ps_layout(4)
 
 
 def test_endless_synthetic_split_cannot_have_epochs():

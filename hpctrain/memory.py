@@ -1,4 +1,4 @@
-"""Process-wide allocator settings for training processes (glibc malloc).
+"""Process memory: allocator settings for training processes (glibc malloc), peak RSS.
 
 A training step allocates and frees the same few hundred arrays of 0.1-10 MB
 every step (pooled outputs, exchange plans, gradients). glibc serves a block
@@ -20,6 +20,8 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import resource
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -84,3 +86,9 @@ def tune_malloc(mmap_threshold=MMAP_THRESHOLD, trim_threshold=TRIM_THRESHOLD):
 def malloc_tuned():
     """True / False once ``tune_malloc`` ran (whether it set the thresholds), else None."""
     return _state["tuned"]
+
+
+def peak_rss_bytes():
+    """Peak resident set size of this process, in bytes (``getrusage``'s ``ru_maxrss``)."""
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(kb) * (1 if sys.platform == "darwin" else 1024)

@@ -11,6 +11,7 @@ ranks, and the ratio hpctrain/raw of bus bandwidth (= raw time / hpctrain time).
 import numpy as np
 
 from hpctrain.bench import common
+from hpctrain.memory import peak_rss_bytes
 
 GOAL = 0.95          # hpctrain busbw / raw mpi4py busbw, for sizes >= GOAL_FROM bytes
 GOAL_FROM = 1 << 20
@@ -127,6 +128,6 @@ def main(argv=None):
     common.write_json("allreduce", {"dtype": str(dtype), "op": args.op,
                                     "nonblocking": args.nonblocking, "busbw_factor": factor,
                                     "rows": rows, "summary": summary,
-                                    "peak_rss_bytes": common.peak_rss_bytes()},
+                                    "peak_rss_bytes": peak_rss_bytes()},
                       path=args.json, comm=comm)
     return 0

@@ -13,6 +13,7 @@ import numpy as np
 
 from hpctrain.bench import common
 from hpctrain.bench.allreduce import add_size_args, compare, print_rows, sizes, summarize
+from hpctrain.memory import peak_rss_bytes
 
 GOAL = 0.9
 
@@ -74,6 +75,6 @@ def main(argv=None):
         print_rows(rows, summary, GOAL)
     common.write_json("alltoallv", {"dim": args.dim, "uneven": args.uneven,
                                     "nonblocking": args.nonblocking, "rows": rows,
-                                    "summary": summary, "peak_rss_bytes": common.peak_rss_bytes()},
+                                    "summary": summary, "peak_rss_bytes": peak_rss_bytes()},
                       path=args.json, comm=comm)
     return 0

@@ -6,13 +6,13 @@ figures hold on a noisy, oversubscribed machine.
 import argparse
 import json
 import os
-import platform
-import resource
 import socket
 import sys
 import time
 
 import numpy as np
+
+from hpctrain.versions import versions
 
 
 def world():
@@ -53,28 +53,6 @@ def stats(times):
     a = np.asarray(times, dtype=np.float64)
     return {"p50": float(np.median(a)), "p90": float(np.percentile(a, 90)),
             "min": float(a.min()), "mean": float(a.mean()), "n": int(a.size)}
-
-
-def peak_rss_bytes():
-    """Peak resident set size of this process."""
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(kb) * (1 if sys.platform == "darwin" else 1024)
-
-
-def versions():
-    """Versions of everything that shapes a figure."""
-    import numpy
-    from mpi4py import MPI
-
-    import hpctrain
-    from hpctrain._kernels import _openmp
-    return {
-        "hpctrain": hpctrain.__version__, "python": platform.python_version(),
-        "numpy": numpy.__version__, "mpi4py": __import__("mpi4py").__version__,
-        "mpi": MPI.Get_library_version().splitlines()[0].strip(),
-        "openmp": _openmp.openmp_enabled(), "threads": _openmp.get_num_threads(),
-        "machine": platform.machine(), "cpu_count": os.cpu_count(),
-    }
 
 
 def layout(comm=None):

@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from hpctrain.bench import common
+from hpctrain.memory import peak_rss_bytes
 
 GOAL = 1.15
 NUM_DENSE = 13
@@ -194,6 +195,6 @@ def main(argv=None):
               r["gemm_gflops"], r["step_gflops_all_ranks"]] for r in rows])
     common.write_json("dense", {"backend": args.backend, "optimizer": args.optimizer,
                                 "blas_threads": threads, "rows": rows,
-                                "peak_rss_bytes": common.peak_rss_bytes()},
+                                "peak_rss_bytes": peak_rss_bytes()},
                       path=args.json, comm=comm)
     return 0

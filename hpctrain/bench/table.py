@@ -27,6 +27,7 @@ sits at one arbitrary point of the cycle).
 import numpy as np
 
 from hpctrain.bench import common
+from hpctrain.memory import peak_rss_bytes
 
 GOAL_LOOKUP_VS_TAKE = 0.7
 GOAL_STEP_ADAGRAD_64 = 3.0e6
@@ -243,7 +244,7 @@ def main(argv=None):
         "goals": {"lookup_gather_vs_take": GOAL_LOOKUP_VS_TAKE,
                   "step_adagrad_dim64_ids_per_s": GOAL_STEP_ADAGRAD_64},
         "results": records, "memory": memory, "cycle": cycle,
-        "peak_rss_bytes": common.peak_rss_bytes(),
+        "peak_rss_bytes": peak_rss_bytes(),
     }, path=args.json, comm=comm)
     return 0
 

@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from hpctrain.bench import common
+from hpctrain.memory import peak_rss_bytes
 
 
 def workload(dim, batch_per_rank=4096, bag=1, steps=40, vocab=10**6, threads=None, seed=0):
@@ -74,7 +75,7 @@ def run_one(dim, bag, steps, warmup, comm, threads, batch_per_rank=4096):
     gb = trainer.global_batch
     busy_max = mpi.allreduce(busy, op=_max())
     share_max = mpi.allreduce(busy / max(wall, 1e-12), op=_max())
-    rss = mpi.gather(common.peak_rss_bytes(), root=0)
+    rss = mpi.gather(peak_rss_bytes(), root=0)
     rows = mpi.gather(sum(len(t) for t in trainer.emb.tables.values()), root=0)
     # Baseline: the dense model alone on one batch of the same shape, same run.
     dense_s = _dense_only(trainer, comm)

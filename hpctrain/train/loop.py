@@ -249,7 +249,7 @@ class Trainer:
 
     def _report(self, log, step, window_loss, samples_per_s):
         """Live line and one JSON-lines record (phase times: max over ranks)."""
-        from hpctrain.bench.common import peak_rss_bytes
+        from hpctrain.memory import peak_rss_bytes
         phases = self.timer.take()
         phases.update({f"sparse.{k}": v for k, v in self.emb.timers.items()})
         self.emb.reset_timers()
@@ -307,7 +307,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self):
         """Write a checkpoint of the current step; returns its path (all ranks)."""
-        from hpctrain.bench.common import versions
+        from hpctrain.versions import versions
         if self.ckpt is None:
             raise ConfigError(f"{self.cfg.source}: no [checkpoint] section: nowhere to save")
         with self.timer("checkpoint"):

@@ -1,0 +1,23 @@
+"""Versions of everything that shapes a figure or a checkpoint, as one dict.
+
+Benchmarks write it into every JSON result and the trainer into every checkpoint, so a
+number or a saved state can be traced to the software and machine that produced it.
+"""
+import os
+import platform
+
+
+def versions():
+    """hpctrain, Python, NumPy, mpi4py and MPI library versions, OpenMP, threads, machine."""
+    import numpy
+    from mpi4py import MPI
+
+    import hpctrain
+    from hpctrain._kernels import _openmp
+    return {
+        "hpctrain": hpctrain.__version__, "python": platform.python_version(),
+        "numpy": numpy.__version__, "mpi4py": __import__("mpi4py").__version__,
+        "mpi": MPI.Get_library_version().splitlines()[0].strip(),
+        "openmp": _openmp.openmp_enabled(), "threads": _openmp.get_num_threads(),
+        "machine": platform.machine(), "cpu_count": os.cpu_count(),
+    }

@@ -1,42 +1,17 @@
 """Metrics: one live line on rank 0's terminal and a JSON-lines file per run.
 
-Per-phase times are accumulated on every rank; ``report()`` reduces them (max
-over ranks: the slowest rank sets the step time) and only rank 0 writes.
+Per-phase times are accumulated on every rank by a ``PhaseTimer`` (``hpctrain.timing``,
+re-exported here); the trainer reduces them (max over ranks: the slowest rank sets the
+step time) and only rank 0 writes.
 """
 import json
 import os
 import sys
 import time
-from collections import defaultdict
 
+from hpctrain.timing import PhaseTimer
 
-class PhaseTimer:
-    """Accumulates wall seconds per named phase: ``with timer("dense"): ...``."""
-
-    def __init__(self):
-        self.totals = defaultdict(float)
-        self._name = None
-        self._t0 = 0.0
-
-    def __call__(self, name):
-        self._name = name
-        return self
-
-    def __enter__(self):
-        self._t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.totals[self._name] += time.perf_counter() - self._t0
-        return False
-
-    def add(self, name, seconds):
-        self.totals[name] += seconds
-
-    def take(self):
-        """Return the totals and start over."""
-        out, self.totals = dict(self.totals), defaultdict(float)
-        return out
+__all__ = ["MetricsLogger", "PhaseTimer"]
 
 
 def _fmt_eta(seconds):

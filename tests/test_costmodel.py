@@ -484,7 +484,7 @@ def test_reader_load_sets_the_oversubscription_of_the_train_step():
     assert pts[0]["calibration"] and pts[0]["predicted_s"] == pytest.approx(0.080)
     # 2 ranks on 2 cores, 1 compute thread + 0.1 of a core reading: 2 (1 + 0.1) / 2 = 1.1
     fitted, _ = cm.train_rates_and_points(docs, net, rates, 1.0, data_threads=0.1)
-    w = cm._train_workload(docs[1]["results"][0], 1.0)
+    w = cm.train_workload(docs[1]["results"][0], 1.0)
     model = cm.CostModel(net, fitted, 2, 2, 0.1, "shm")
     assert model.oversubscription(2) == pytest.approx(1.1)
     t = model.step(w, 2, 1024)

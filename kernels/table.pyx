@@ -32,13 +32,10 @@ cdef double MAX_LOAD = 0.8           # index load that triggers a 1.125x rehash
 cdef int64_t INDEX_GROWTH_DIV = 8    # growth step of the index: 1/8 (see table_core.pxd)
 cdef double COUNTER_MAX_LOAD = 0.5   # exact admission counter map
 cdef int64_t MAX_ROWS = 2147483647   # row ids are int32 in the index
-cdef int64_t PF = 32                 # prefetch distance, in batch entries (measured best)
-cdef int64_t PF_UPDATE = 32          # prefetch distance of the optimizer update, in rows
 
-
-def _set_prefetch(int64_t keys, int64_t rows):
-    global PF, PF_UPDATE
-    PF, PF_UPDATE = keys, rows
+cdef enum:
+    PF = 32                          # prefetch distance, in batch entries (measured best)
+    PF_UPDATE = 32                   # prefetch distance of the optimizer update, in rows
 
 cdef int64_t _par_min = 1024         # batches smaller than this run on one thread
 

@@ -71,6 +71,10 @@ ERRORS = [
     ("tables.0.admission.counter", "cms", "tables[0].admission.counter: expected one of"),
     ("tables.0.admission.bloom_hashes", 40,
      "tables[0].admission.bloom_hashes: expected an integer in [1, 16], got 40"),
+    ("tables.0.admission.min_count", 300,      # the Bloom filter's counters are 8-bit
+     "tables[0].admission.min_count: expected an integer in [1, 255], got 300"),
+    ("tables.0.admission.bloom_size", 4,
+     "tables[0].admission.bloom_size: expected an integer in [8, 1099511627776], got 4"),
     ("tables.0.eviction.ttl", 0, "tables[0].eviction.ttl: expected an integer >= 1"),
     ("tables.0.eviction.lru", 5, "tables[0].eviction.lru: unknown key"),
     ("tables.0.pooling", "max", "tables[0].pooling: expected one of 'sum', 'mean', 'none'"),
@@ -96,7 +100,7 @@ ERRORS = [
     ("mode", "async", "mode: expected one of 'collective', 'hybrid', got 'async'"),
     ("ps", {"servers": 1}, "ps: only mode = \"hybrid\" takes parameter servers"),
     ("overlap", "yes", "overlap: expected true or false, got a string 'yes'"),
-    ("exchange", "nvlink", "exchange: expected one of 'auto', 'shm', 'alltoallv', got 'nvlink'"),
+    ("exchange", "nvlink", "exchange: expected one of 'auto', 'alltoallv', 'shm', got 'nvlink'"),
     ("node_group_size", 0, "node_group_size: expected an integer >= 1, got 0"),
     ("exchange", "alltoallv", None),
     ("threads", 0, "threads: expected an integer >= 1, got 0"),
@@ -298,6 +302,19 @@ def test_values_and_defaults():
         cfg.batch_sizes(3)
     per_rank = config_from_dict(mutate(mutate(BASE, "global_batch", DELETE), "batch_per_rank", 8))
     assert per_rank.batch_sizes(3) == (24, 8)
+
+
+def test_what_the_config_accepts_the_sparse_side_accepts():
+    from hpctrain.sparse.optimizers import SparseOptimizer
+    from hpctrain.sparse.policies import Admission, Eviction
+    edge = mutate(mutate(BASE, "tables.0.admission", {"min_count": 255, "counter": "bloom",
+                                                      "bloom_size": 8, "bloom_hashes": 16}),
+                  "tables.0.optimizer", {"kind": "ftrl", "lr_power": 0.0, "l1": 0.0})
+    for cfg in [config_from_dict(edge)] + [load_config(p) for p in EXAMPLES]:
+        for t in cfg.tables:
+            SparseOptimizer(**t.optimizer)
+            Admission.from_any(t.admission)
+            Eviction.from_any(t.eviction)
 
 
 def test_relative_paths_resolve_against_the_working_directory(tmp_path, monkeypatch):

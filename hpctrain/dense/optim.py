@@ -17,6 +17,7 @@ adam           m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
 adamw          p *= 1 - lr * weight_decay, then adam with g = grad
 =============  ===========================================================================
 """
+import inspect
 import math
 
 import numpy as np
@@ -218,6 +219,10 @@ class AdamW(Adam):
 
 OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "nesterov": Momentum, "adagrad": Adagrad,
               "adam": Adam, "adamw": AdamW}
+# The hyper-parameters (keyword arguments) each kind takes, read off the constructors.
+HYPERPARAMETERS = {kind: tuple(p for p in inspect.signature(cls).parameters
+                               if p not in ("params", "nesterov", "decoupled"))
+                   for kind, cls in OPTIMIZERS.items()}
 
 
 def make_optimizer(kind, params, **kwargs):

@@ -38,6 +38,25 @@ from hpctrain.sparse.policies import from_fields
 
 KINDS = ("sgd", "momentum", "nesterov", "adagrad", "rowwise_adagrad", "adam", "ftrl")
 
+# The hyper-parameters each kind's update reads (the table above); the others are ignored.
+HYPERPARAMETERS = {
+    "sgd": ("lr", "weight_decay"),
+    "momentum": ("lr", "momentum", "weight_decay"),
+    "nesterov": ("lr", "momentum", "weight_decay"),
+    "adagrad": ("lr", "eps", "initial_accumulator", "weight_decay"),
+    "rowwise_adagrad": ("lr", "eps", "initial_accumulator", "weight_decay"),
+    "adam": ("lr", "beta1", "beta2", "eps", "weight_decay"),
+    "ftrl": ("lr", "l1", "l2", "lr_power", "initial_accumulator"),
+}
+# Valid values of each hyper-parameter: (low, low included, high, high included); None: unbounded.
+RANGES = {
+    "lr": (0.0, False, None, False), "momentum": (0.0, True, 1.0, False),
+    "beta1": (0.0, True, 1.0, False), "beta2": (0.0, True, 1.0, False),
+    "eps": (0.0, False, None, False), "initial_accumulator": (0.0, True, None, False),
+    "l1": (0.0, True, None, False), "l2": (0.0, True, None, False),
+    "lr_power": (None, False, 0.0, True), "weight_decay": (0.0, True, None, False),
+}
+
 # slot names per kind, in storage order (slot0, slot1); "row" marks a one-float-per-row slot
 _SLOTS = {
     "sgd": (),
@@ -85,25 +104,17 @@ class SparseOptimizer:
         if self.kind not in KINDS:
             raise ConfigError(f"optimizer kind must be one of {', '.join(KINDS)}; "
                               f"got {self.kind!r}")
-        for name in ("lr", "momentum", "beta1", "beta2", "eps", "initial_accumulator", "l1",
-                     "l2", "lr_power", "weight_decay"):
+        for name, (lo, lo_incl, hi, hi_incl) in RANGES.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
                 raise ConfigError(f"optimizer {name} must be a number; got {v!r}")
             if not math.isfinite(float(v)):
                 raise ConfigError(f"optimizer {name} must be finite; got {v!r}")
-            object.__setattr__(self, name, float(v))
-        _check(self.lr > 0, "lr", self.lr, "> 0")
-        _check(0 <= self.momentum < 1, "momentum", self.momentum, "in [0, 1)")
-        _check(0 <= self.beta1 < 1, "beta1", self.beta1, "in [0, 1)")
-        _check(0 <= self.beta2 < 1, "beta2", self.beta2, "in [0, 1)")
-        _check(self.eps > 0, "eps", self.eps, "> 0")
-        _check(self.initial_accumulator >= 0, "initial_accumulator", self.initial_accumulator,
-               ">= 0")
-        _check(self.l1 >= 0, "l1", self.l1, ">= 0")
-        _check(self.l2 >= 0, "l2", self.l2, ">= 0")
-        _check(self.lr_power <= 0, "lr_power", self.lr_power, "<= 0")
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, ">= 0")
+            v = float(v)
+            object.__setattr__(self, name, v)
+            ok = (lo is None or v > lo or (lo_incl and v == lo)) and \
+                (hi is None or v < hi or (hi_incl and v == hi))
+            _check(ok, name, v, range_text(lo, lo_incl, hi, hi_incl))
 
     @classmethod
     def from_any(cls, spec):
@@ -132,6 +143,15 @@ class SparseOptimizer:
     def slot_floats(self, dim):
         """Optimizer state floats per row (the ``slots * dim`` term of the memory bound)."""
         return sum(w for _, w, _ in self.slot_specs(dim))
+
+
+def range_text(lo, lo_incl, hi, hi_incl):
+    """A ``RANGES`` entry in words: "> 0", "in [0, 1)", "<= 0"."""
+    if lo is not None and hi is not None:
+        return f"in {'[' if lo_incl else '('}{lo:g}, {hi:g}{']' if hi_incl else ')'}"
+    if lo is not None:
+        return f"{'>=' if lo_incl else '>'} {lo:g}"
+    return f"{'<=' if hi_incl else '<'} {hi:g}"
 
 
 def _check(ok, name, value, want):

@@ -17,6 +17,10 @@ import dataclasses
 from hpctrain.errors import ConfigError
 
 COUNTERS = ("exact", "bloom")
+# Valid (low, high) of the integer fields (None: no upper bound). min_count is at most 255
+# because the Bloom filter's counters are 8-bit.
+ADMISSION_LIMITS = {"min_count": (1, 255), "bloom_size": (8, 1 << 40), "bloom_hashes": (1, 16)}
+EVICTION_LIMITS = {"ttl": (0, None), "max_rows": (0, None)}
 
 
 def _int_field(owner, name, value, lo, hi=None, allow_none=False):
@@ -52,16 +56,12 @@ class Admission:
     bloom_hashes: int = 4
 
     def __post_init__(self):
-        # at most 255: the Bloom filter's counters are 8-bit
-        object.__setattr__(self, "min_count",
-                           _int_field("admission", "min_count", self.min_count, 1, 255))
+        for name, (lo, hi) in ADMISSION_LIMITS.items():
+            object.__setattr__(self, name, _int_field("admission", name, getattr(self, name),
+                                                      lo, hi))
         if self.counter not in COUNTERS:
             raise ConfigError(f"admission counter must be one of {', '.join(COUNTERS)}; "
                               f"got {self.counter!r}")
-        object.__setattr__(self, "bloom_size",
-                           _int_field("admission", "bloom_size", self.bloom_size, 8, 1 << 40))
-        object.__setattr__(self, "bloom_hashes",
-                           _int_field("admission", "bloom_hashes", self.bloom_hashes, 1, 16))
 
     @classmethod
     def from_any(cls, spec):
@@ -85,10 +85,9 @@ class Eviction:
     max_rows: int = None
 
     def __post_init__(self):
-        object.__setattr__(self, "ttl",
-                           _int_field("eviction", "ttl", self.ttl, 0, allow_none=True))
-        object.__setattr__(self, "max_rows",
-                           _int_field("eviction", "max_rows", self.max_rows, 0, allow_none=True))
+        for name, (lo, hi) in EVICTION_LIMITS.items():
+            object.__setattr__(self, name, _int_field("eviction", name, getattr(self, name),
+                                                      lo, hi, allow_none=True))
 
     @classmethod
     def from_any(cls, spec):

@@ -22,13 +22,13 @@ serialises calls on one table from several Python threads (e.g. a lookup overlap
 an update), so that no call sees the storage while another one grows it.
 """
 import math
-import os
 import threading
 
 import numpy as np
 
 from hpctrain._kernels import table as _kernel
 from hpctrain._kernels._openmp import get_num_threads
+from hpctrain.comm import debug_enabled
 from hpctrain.errors import NonFiniteError
 from hpctrain.sparse.init import INITS, default_scale
 from hpctrain.sparse.optimizers import KINDS, SparseOptimizer
@@ -132,7 +132,7 @@ class EmbeddingTable:
         admission: Admission, dict or None (admit every key at once).
         eviction: Eviction, dict or None (``evict`` removes nothing).
         debug: extra checks: duplicate indices in ``apply_gradients``, freed rows in
-            ``gather``. Also on when the environment has ``HPCTRAIN_DEBUG=1``.
+            ``gather``. Also on when ``HPCTRAIN_DEBUG`` is set true (``debug_enabled``).
 
     Raises:
         ConfigError: on invalid optimizer, admission or eviction settings.
@@ -167,7 +167,7 @@ class EmbeddingTable:
         self._eviction = Eviction.from_any(eviction)
         self._init = init
         self._init_scale = default_scale(self._dim) if init_scale is None else float(init_scale)
-        self._debug = bool(debug) or os.environ.get("HPCTRAIN_DEBUG") == "1"
+        self._debug = bool(debug) or debug_enabled()
         self._slots = self._opt.slot_specs(self._dim)
         widths = [w for _, w, _ in self._slots] + [0, 0]
         inits = [v for _, _, v in self._slots] + [0.0, 0.0]

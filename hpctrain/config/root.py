@@ -1,0 +1,208 @@
+"""The whole run: top-level keys, ``Config``, and the entry points that parse a file.
+
+``parse_config_dict`` reads the top-level keys itself and hands every section to the
+parser of its module (``model``, ``tables``, ``optim``, ``data``, ``run``, ``ps``), then
+checks what spans sections (``model.check_model_tables``).
+"""
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from hpctrain.config._node import Node, kind_of
+from hpctrain.config.data import DataConfig, parse_data
+from hpctrain.config.model import ModelConfig, check_model_tables, parse_model
+from hpctrain.config.optim import DENSE_OPTIMIZER_KEYS, parse_optimizer
+from hpctrain.config.ps import PsConfig, parse_ps, ps_layout
+from hpctrain.config.run import (CheckpointConfig, EvalConfig, MetricsConfig, parse_checkpoint,
+                                 parse_eval, parse_metrics)
+from hpctrain.config.tables import parse_table
+from hpctrain.errors import ConfigError
+from hpctrain.sparse.sharded import EXCHANGES
+
+try:  # Python >= 3.11
+    import tomllib
+except ImportError:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+MODES = ("collective", "hybrid")
+MALLOCS = ("tuned", "default")
+
+
+@dataclass
+class Config:
+    """A validated run configuration.
+
+    Attributes:
+        model, tables, dense_optimizer, data, eval, checkpoint, metrics: the sections
+            (``checkpoint`` is None when not configured).
+        global_batch, batch_per_rank: exactly one is set; see ``batch_sizes``.
+        steps, epochs: at least one is set; training stops at whichever comes first.
+        seed: the run's seed (initialisation, shuffling; synthetic data unless ``data.seed``).
+        threads: OpenMP threads per rank (None: the environment's default).
+        malloc: "tuned" (fixed glibc mmap/trim thresholds, ``hpctrain.memory``) or
+            "default" (the allocator as the process found it).
+        mode: "collective" or "hybrid" (parameter servers and worker groups, see ``ps``).
+        overlap: overlap next batch's exchange with this batch's dense work.
+        ps: the ``PsConfig`` of mode "hybrid"; None in collective mode.
+        exchange, node_group_size: how embedding rows reach ranks of the same node
+            (``ShardedEmbedding``'s arguments of those names).
+        source: the file the config came from ("<dict>"/"<string>" otherwise).
+        text: the original TOML text (None for ``config_from_dict``), for checkpoints.
+    """
+    model: ModelConfig
+    tables: list
+    dense_optimizer: dict
+    data: DataConfig
+    global_batch: int = None
+    batch_per_rank: int = None
+    steps: int = None
+    epochs: int = None
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = None
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    seed: int = 0
+    threads: int = None
+    malloc: str = "tuned"
+    mode: str = "collective"
+    overlap: bool = False
+    exchange: str = "auto"
+    node_group_size: int = None
+    ps: PsConfig = None
+    source: str = "<dict>"
+    text: str = None
+
+    def batch_sizes(self, world_size):
+        """``(global_batch, batch_per_rank)`` on ``world_size`` ranks.
+
+        In mode "hybrid" only workers take batches: pass the worker count
+        (``ps_layout(world)[1]``), not the world size.
+
+        Raises:
+            ConfigError: ``global_batch`` is not divisible by ``world_size``.
+        """
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        if self.batch_per_rank is not None:
+            return self.batch_per_rank * world_size, self.batch_per_rank
+        if self.global_batch % world_size:
+            raise ConfigError(f"{self.source}: global_batch: {self.global_batch} is not divisible "
+                              f"by the world size {world_size}")
+        return self.global_batch, self.global_batch // world_size
+
+    def ps_layout(self, world_size):
+        """``(servers, workers, workers_per_group)`` of mode "hybrid" on ``world_size`` ranks.
+
+        Raises:
+            ConfigError: not mode "hybrid"; no rank left for workers (``ps.servers``); the
+                workers do not split evenly into ``ps.groups``.
+        """
+        if self.ps is None:
+            raise ConfigError(f"{self.source}: mode: parameter servers need mode = \"hybrid\", "
+                              f"got {self.mode!r}")
+        return ps_layout(self.ps, world_size, self.source)
+
+    def table(self, name):
+        """The ``TableConfig`` called ``name`` (KeyError if there is none)."""
+        for t in self.tables:
+            if t.name == name:
+                return t
+        raise KeyError(f"no table {name!r}; tables are {[t.name for t in self.tables]}")
+
+    def replace(self, **changes):
+        """A copy with top-level fields replaced (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)
+
+
+def parse_config_dict(d, source):
+    """Validate ``d`` into the keyword arguments of ``Config`` (without source/text)."""
+    root = Node(d, "", source)
+    out = {"seed": root.integer("seed", 0, lo=0)}
+    mode = out["mode"] = root.string("mode", "collective", choices=MODES)
+    ps = root.node("ps")
+    if (ps is None) == (mode == "hybrid"):
+        raise root.error("ps", "required with mode = \"hybrid\" (the parameter servers)"
+                         if mode == "hybrid" else
+                         f"only mode = \"hybrid\" takes parameter servers, not {mode!r}")
+    out["ps"] = parse_ps(ps) if ps is not None else None
+    out["overlap"] = root.boolean("overlap", False)
+    out["exchange"] = root.string("exchange", "auto", choices=EXCHANGES)
+    out["node_group_size"] = root.integer("node_group_size", None, lo=1)
+    out["threads"] = root.integer("threads", None, lo=1)
+    out["malloc"] = root.string("malloc", "tuned", choices=MALLOCS)
+    gb, bpr = root.integer("global_batch", None, lo=1), root.integer("batch_per_rank", None, lo=1)
+    if (gb is None) == (bpr is None):
+        raise root.error("global_batch" if gb is not None else None,
+                         "set exactly one of global_batch and batch_per_rank" +
+                         (", not both" if gb is not None else " (the batch size)"))
+    out["global_batch"], out["batch_per_rank"] = gb, bpr
+    out["steps"] = root.integer("steps", None, lo=1)
+    out["epochs"] = root.integer("epochs", None, lo=1)
+    if out["steps"] is None and out["epochs"] is None:
+        raise root.error(None, "set steps and/or epochs (the length of training)")
+    out["model"] = parse_model(root.node("model", required=True))
+    out["tables"] = [parse_table(t) for t in root.nodes("tables")]
+    if not out["tables"]:
+        raise root.error("tables", "at least one [[tables]] entry is required")
+    out["dense_optimizer"] = parse_optimizer(root, "dense_optimizer", DENSE_OPTIMIZER_KEYS,
+                                             fill_all=False)
+    data = out["data"] = parse_data(root.node("data", required=True))
+    if data.train is None:
+        raise root.error("data.train", "training needs a train split")
+    if out["epochs"] is not None and data.format == "synthetic" and data.train.num_samples is None:
+        raise root.error("data.train.num_samples", "epochs need a finite synthetic train split")
+    out["eval"] = parse_eval(root.node("eval"))
+    if root.has("eval") and data.eval is None:
+        raise root.error("eval", "evaluation needs an eval split ([data.eval])")
+    out["checkpoint"] = parse_checkpoint(root.node("checkpoint"))
+    out["metrics"] = parse_metrics(root.node("metrics"))
+    root.finish()
+    check_model_tables(root, Config(**out))
+    return out
+
+
+# --------------------------------------------------------------------------- entry points
+
+def config_from_dict(d, source="<dict>", text=None):
+    """Validate a parsed config dict into a ``Config``.
+
+    Args:
+        d: the dict, as ``tomllib.load`` returns it; it is not modified.
+        source: the name used in error messages (a file name, or "<dict>").
+        text: the original TOML text, kept as ``Config.text``.
+
+    Raises:
+        ConfigError: naming ``source`` and the key path of the first problem found.
+    """
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: the configuration must be a table, got {kind_of(d)}")
+    return Config(**parse_config_dict(d, source), source=source, text=text)
+
+
+def loads_config(text, source="<string>"):
+    """Parse and validate TOML ``text`` (e.g. ``Config.text`` stored in a checkpoint)."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
+    try:
+        d = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: invalid TOML: {e}") from None
+    return config_from_dict(d, source=source, text=text)
+
+
+def load_config(path):
+    """Read and validate the TOML configuration file at ``path``.
+
+    Raises:
+        ConfigError: the file is missing, unreadable, not UTF-8, not TOML, or invalid.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the configuration file: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
+    return loads_config(text, source=path)

@@ -1,0 +1,64 @@
+"""``[eval]``, ``[checkpoint]`` and ``[metrics]``: what a run does besides training steps."""
+from dataclasses import dataclass
+
+from hpctrain.config._node import resolve
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation on the whole ``data.eval`` split every ``interval`` steps (0: only at the end)."""
+    interval: int = 0
+    global_batch: int = None
+    at_end: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints every ``every_steps`` steps and/or ``every_minutes`` minutes; keep the last K."""
+    directory: str
+    every_steps: int = None
+    every_minutes: float = None
+    keep_last: int = 3
+    resume: bool = False
+
+
+@dataclass
+class MetricsConfig:
+    """JSON-lines metrics file (None: none) and the live-line/metrics interval in steps."""
+    path: str = None
+    every_steps: int = 10
+
+
+def parse_eval(e):
+    """Validate ``[eval]`` (a ``Node``, or None: the defaults) into an ``EvalConfig``."""
+    if e is None:
+        return EvalConfig()
+    out = EvalConfig(e.integer("interval", 0, lo=0), e.integer("global_batch", None, lo=1),
+                     e.boolean("at_end", True))
+    e.finish()
+    return out
+
+
+def parse_checkpoint(c):
+    """Validate ``[checkpoint]`` into a ``CheckpointConfig`` (None: no checkpoints)."""
+    if c is None:
+        return None
+    directory = c.string("directory")
+    if not directory:
+        raise c.error("directory", "must not be empty")
+    out = CheckpointConfig(
+        resolve(directory), c.integer("every_steps", None, lo=1),
+        c.number("every_minutes", None, lo=0.0, lo_incl=False), c.integer("keep_last", 3, lo=1),
+        c.boolean("resume", False))
+    c.finish()
+    return out
+
+
+def parse_metrics(m):
+    """Validate ``[metrics]`` (a ``Node``, or None: the defaults) into a ``MetricsConfig``."""
+    if m is None:
+        return MetricsConfig()
+    path = m.string("path", None)
+    out = MetricsConfig(resolve(path) if path else None, m.integer("every_steps", 10, lo=1))
+    m.finish()
+    return out

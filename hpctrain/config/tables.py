@@ -1,0 +1,64 @@
+"""``[[tables]]``: one embedding table each (``hpctrain.sparse``'s ``TableSpec``).
+
+Names and limits come from the sparse side: ``POOLINGS`` (``hpctrain.sparse.spec``),
+``INITS`` (``hpctrain.sparse.init``), the admission counters, limits and defaults
+(``hpctrain.sparse.policies``), the optimizers (``hpctrain.config.optim``).
+"""
+import dataclasses
+from dataclasses import dataclass
+
+from hpctrain.config.optim import SPARSE_OPTIMIZER_KEYS, parse_optimizer
+from hpctrain.sparse.init import INITS
+from hpctrain.sparse.policies import ADMISSION_LIMITS, COUNTERS, EVICTION_LIMITS, Admission
+from hpctrain.sparse.spec import POOLINGS
+
+_ADMISSION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Admission)}
+
+
+@dataclass
+class TableConfig:
+    """One embedding table; ``optimizer`` holds every ``SparseOptimizer`` field, ``admission``
+    and ``eviction`` the ``Admission``/``Eviction`` fields (None: admit all / never evict)."""
+    name: str
+    features: list
+    dim: int
+    optimizer: dict
+    admission: dict = None
+    eviction: dict = None
+    pooling: str = "sum"
+    init: str = "uniform"
+    init_scale: float = None
+
+
+def _admission(a):
+    out = {k: a.integer(k, _ADMISSION_DEFAULTS[k], *ADMISSION_LIMITS[k]) for k in ADMISSION_LIMITS}
+    out["counter"] = a.string("counter", _ADMISSION_DEFAULTS["counter"], choices=COUNTERS)
+    a.finish()
+    return out
+
+
+def _eviction(e):
+    # The policy takes 0 (ttl = 0: evict every row not updated this very step; max_rows = 0:
+    # evict everything); in a config file that is a mistake, so ask for >= 1.
+    out = {k: e.integer(k, None, lo=max(1, lo), hi=hi) for k, (lo, hi) in EVICTION_LIMITS.items()}
+    e.finish()
+    return out
+
+
+def parse_table(n):
+    """Validate one ``[[tables]]`` entry into a ``TableConfig``."""
+    name = n.string("name")
+    if not name:
+        raise n.error("name", "must not be empty")
+    features = n.strings("features", nonempty=True)
+    dim = n.integer("dim", lo=1)
+    optimizer = parse_optimizer(n, "optimizer", SPARSE_OPTIMIZER_KEYS, fill_all=True)
+    a, e = n.node("admission"), n.node("eviction")
+    t = TableConfig(name=name, features=features, dim=dim, optimizer=optimizer,
+                    admission=_admission(a) if a is not None else None,
+                    eviction=_eviction(e) if e is not None else None,
+                    pooling=n.string("pooling", "sum", choices=POOLINGS),
+                    init=n.string("init", "uniform", choices=INITS),
+                    init_scale=n.number("init_scale", None, lo=0.0, lo_incl=False))
+    n.finish()
+    return t

@@ -138,9 +138,16 @@ cdef inline bint _has_nonfinite(const float* g, int64_t d) noexcept nogil:
     return bad != 0
 
 
+include "table_params.pxi"
+
+
 cdef class TableCore:
-    """C storage and batched kernels of one table shard (layout in table_core.pxd)."""
+    """C storage and batched kernels of one table shard (layout in table_core.pxd).
+
+    Built from one ``TableParams``: ``TableCore(TableParams(dim=16, capacity=1024, ...))``.
+    """
     # configuration
+    cdef readonly TableParams params
     cdef readonly int64_t dim
     cdef readonly int opt_kind
     cdef double lr, momentum, beta1, beta2, eps, l1, l2, lr_power, weight_decay
@@ -177,29 +184,25 @@ cdef class TableCore:
     cdef readonly int64_t counter_cap
     cdef readonly int64_t counter_used
 
-    def __cinit__(self, int64_t dim, int opt_kind, double lr, double momentum, double beta1,
-                  double beta2, double eps, double l1, double l2, double lr_power,
-                  double weight_decay, int64_t w0, int64_t w1, float init0, float init1,
-                  bint has_opt_step, uint64_t seed, uint64_t table_id, bint init_normal,
-                  double init_scale, int64_t capacity, int64_t min_count, int adm_kind,
-                  int64_t bloom_size, int bloom_hashes):
-        if dim < 1 or w0 < 0 or w1 < 0 or capacity < 1 or capacity > MAX_ROWS:
-            raise ValueError(f"TableCore: bad sizes dim={dim} w0={w0} w1={w1} capacity={capacity}")
-        if not (OPT_SGD <= opt_kind <= OPT_FTRL and ADM_NONE <= adm_kind <= ADM_BLOOM):
-            raise ValueError(f"TableCore: bad optimizer {opt_kind} or admission {adm_kind} code")
-        self.dim = dim
-        self.opt_kind = opt_kind
-        self.lr, self.momentum, self.beta1, self.beta2, self.eps = lr, momentum, beta1, beta2, eps
-        self.l1, self.l2, self.lr_power, self.weight_decay = l1, l2, lr_power, weight_decay
-        self.w0, self.w1, self.init0, self.init1 = w0, w1, init0, init1
-        self.has_opt_step = has_opt_step
-        self.init_key = init_table_key(seed, table_id)
-        self.init_normal = init_normal
-        self.init_scale = init_scale
-        self.min_count = min_count
-        self.adm_kind = adm_kind if min_count > 1 else ADM_NONE
-        self.bloom_size = bloom_size
-        self.bloom_hashes = bloom_hashes
+    def __cinit__(self, TableParams params not None):
+        params.check()
+        self.params = params
+        cdef int64_t capacity = params.capacity
+        self.dim = params.dim
+        self.opt_kind = params.opt_kind
+        self.lr, self.momentum, self.beta1 = params.lr, params.momentum, params.beta1
+        self.beta2, self.eps, self.l1, self.l2 = params.beta2, params.eps, params.l1, params.l2
+        self.lr_power, self.weight_decay = params.lr_power, params.weight_decay
+        self.w0, self.w1 = params.slot0_width, params.slot1_width
+        self.init0, self.init1 = params.slot0_init, params.slot1_init
+        self.has_opt_step = params.has_opt_step
+        self.init_key = init_table_key(params.seed, params.table_id)
+        self.init_normal = params.init_normal
+        self.init_scale = params.init_scale
+        self.min_count = params.min_count
+        self.adm_kind = params.adm_kind if params.min_count > 1 else ADM_NONE
+        self.bloom_size = params.bloom_size
+        self.bloom_hashes = params.bloom_hashes
 
         self.index_cap = max(16, <int64_t>(capacity / MAX_LOAD) + 1)
         self.index = <ht_slot*>ht_alloc(self.index_cap * sizeof(ht_slot))
@@ -207,13 +210,11 @@ cdef class TableCore:
             raise MemoryError(f"cannot allocate a {self.index_cap}-slot hash index")
         self.index_grow_at = <int64_t>(self.index_cap * MAX_LOAD)
         if self._grow_rows(capacity) != 0:
-            raise MemoryError(f"cannot allocate {capacity} rows of dim {dim}")
+            raise MemoryError(f"cannot allocate {capacity} rows of dim {self.dim}")
         if self.adm_kind == ADM_BLOOM:
-            if bloom_size < 1 or bloom_hashes < 1:
-                raise ValueError(f"bad Bloom filter size {bloom_size} / hashes {bloom_hashes}")
-            self.bloom = <uint8_t*>ht_alloc(bloom_size)
+            self.bloom = <uint8_t*>ht_alloc(self.bloom_size)
             if self.bloom == NULL:
-                raise MemoryError(f"cannot allocate a {bloom_size}-counter Bloom filter")
+                raise MemoryError(f"cannot allocate a {self.bloom_size}-counter Bloom filter")
         elif self.adm_kind == ADM_EXACT:
             self.counter_cap = 1024
             self.counters = <ht_cslot*>ht_alloc(self.counter_cap * sizeof(ht_cslot))

@@ -272,3 +272,30 @@ def _assert_state_equal(a, b, where="state"):
             assert a[k].dtype == b[k].dtype, f"{where}[{k!r}]"
         else:
             assert a[k] == b[k], f"{where}[{k!r}]"
+
+
+def test_core_is_built_from_named_parameters():
+    t = EmbeddingTable("t", 8, {"kind": "adam", "lr": 0.01}, table_id=3, seed=-1,
+                       init="normal", capacity=100,
+                       admission={"min_count": 2, "counter": "bloom", "bloom_size": 64})
+    p = t._core.params
+    assert (p.dim, p.capacity, p.slot0_width, p.slot1_width, p.has_opt_step) == (8, 100, 8, 8, True)
+    assert p.seed == 2**64 - 1 and p.table_id == 3 and p.init_normal and p.lr == 0.01
+    assert (p.min_count, p.adm_kind, p.bloom_size) == (2, 2, 64)
+    again = kernel.TableParams(**p.as_dict())
+    assert again.as_dict() == p.as_dict() and "bloom_hashes=4" in repr(again)
+    core = kernel.TableCore(again)
+    assert (core.dim, core.w0, core.w1, core.adm_kind) == (8, 8, 8, 2)
+    with pytest.raises(AttributeError):
+        p.dim = 4                                   # read-only once made
+    with pytest.raises(TypeError):
+        kernel.TableParams(8, 100, 0, 0.1, init_scale=0.1)  # keywords only
+    for bad in ({"dim": 0}, {"capacity": 2**31}, {"opt_kind": 7}, {"adm_kind": 3},
+                {"slot0_width": -1}, {"min_count": 2, "adm_kind": 2, "bloom_size": 0}):
+        with pytest.raises(ValueError):
+            kernel.TableParams(**{"dim": 4, "capacity": 10, "opt_kind": 0, "lr": 0.1,
+                                  "init_scale": 0.5, **bad})
+    with pytest.raises(ValueError):                 # parameters that skipped their checks
+        kernel.TableCore(kernel.TableParams.__new__(kernel.TableParams))
+    with pytest.raises(TypeError):
+        kernel.TableCore(None)

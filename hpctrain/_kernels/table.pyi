@@ -10,6 +10,42 @@ def parallel_threshold() -> int: ...
 def init_rows_reference(keys: I64, dim: int, seed: int, table_id: int, normal: bool,
                         scale: float) -> F32: ...
 
+class TableParams:
+    dim: int
+    capacity: int
+    opt_kind: int
+    lr: float
+    momentum: float
+    beta1: float
+    beta2: float
+    eps: float
+    l1: float
+    l2: float
+    lr_power: float
+    weight_decay: float
+    slot0_width: int
+    slot1_width: int
+    slot0_init: float
+    slot1_init: float
+    has_opt_step: bool
+    seed: int
+    table_id: int
+    init_normal: bool
+    init_scale: float
+    min_count: int
+    adm_kind: int
+    bloom_size: int
+    bloom_hashes: int
+    def __init__(self, *, dim: int, capacity: int, opt_kind: int, lr: float,
+                 momentum: float = ..., beta1: float = ..., beta2: float = ...,
+                 eps: float = ..., l1: float = ..., l2: float = ..., lr_power: float = ...,
+                 weight_decay: float = ..., slot0_width: int = ..., slot1_width: int = ...,
+                 slot0_init: float = ..., slot1_init: float = ..., has_opt_step: bool = ...,
+                 seed: int = ..., table_id: int = ..., init_normal: bool = ...,
+                 init_scale: float, min_count: int = ..., adm_kind: int = ...,
+                 bloom_size: int = ..., bloom_hashes: int = ...) -> None: ...
+    def as_dict(self) -> dict[str, int | float | bool]: ...
+
 class TableCore:
     dim: int
     opt_kind: int
@@ -31,12 +67,8 @@ class TableCore:
     bloom_hashes: int
     counter_cap: int
     counter_used: int
-    def __init__(self, dim: int, opt_kind: int, lr: float, momentum: float, beta1: float,
-                 beta2: float, eps: float, l1: float, l2: float, lr_power: float,
-                 weight_decay: float, w0: int, w1: int, init0: float, init1: float,
-                 has_opt_step: bool, seed: int, table_id: int, init_normal: bool,
-                 init_scale: float, capacity: int, min_count: int, adm_kind: int,
-                 bloom_size: int, bloom_hashes: int) -> None: ...
+    params: TableParams
+    def __init__(self, params: TableParams) -> None: ...
     def find(self, keys: I64, out: I64, nt: int) -> None: ...
     def find_or_insert(self, keys: I64, out: I64, step: int, nt: int) -> int: ...
     def gather(self, rows: I64, out: F32, nt: int, check_alive: bool) -> int: ...

@@ -173,12 +173,16 @@ class EmbeddingTable:
         inits = [v for _, _, v in self._slots] + [0.0, 0.0]
         o, a = self._opt, self._admission
         self._lock = threading.Lock()
-        self._core = _kernel.TableCore(
-            self._dim, _OPT_CODE[o.kind], o.lr, o.momentum, o.beta1, o.beta2, o.eps, o.l1, o.l2,
-            o.lr_power, o.weight_decay, widths[0], widths[1], inits[0], inits[1],
-            o.kind == "adam", _as_u64(seed, "seed"), _as_u64(table_id, "table_id"),
-            init == "normal", self._init_scale, int(capacity), a.min_count,
-            _ADM_CODE[a.counter], a.bloom_size, a.bloom_hashes)
+        self._core = _kernel.TableCore(_kernel.TableParams(
+            dim=self._dim, capacity=int(capacity),
+            opt_kind=_OPT_CODE[o.kind], lr=o.lr, momentum=o.momentum, beta1=o.beta1,
+            beta2=o.beta2, eps=o.eps, l1=o.l1, l2=o.l2, lr_power=o.lr_power,
+            weight_decay=o.weight_decay, slot0_width=widths[0], slot1_width=widths[1],
+            slot0_init=inits[0], slot1_init=inits[1], has_opt_step=o.kind == "adam",
+            seed=_as_u64(seed, "seed"), table_id=_as_u64(table_id, "table_id"),
+            init_normal=init == "normal", init_scale=self._init_scale,
+            min_count=a.min_count, adm_kind=_ADM_CODE[a.counter], bloom_size=a.bloom_size,
+            bloom_hashes=a.bloom_hashes))
 
     # ------------------------------------------------------------------ properties
 

@@ -12,19 +12,11 @@ import pkgutil
 import platform
 import sys
 
-_THREAD_LEVELS = ("MPI_THREAD_SINGLE", "MPI_THREAD_FUNNELED", "MPI_THREAD_SERIALIZED",
-                  "MPI_THREAD_MULTIPLE")
-
-
 def _mpi_facts():
-    import mpi4py
-    from mpi4py import MPI
-    provided = MPI.Query_thread()
-    return {"mpi4py": mpi4py.__version__,
-            "mpi_library": " ".join(MPI.Get_library_version().split()[:3]).rstrip(","),
-            "mpi_standard": "%d.%d" % MPI.Get_version(),
-            "thread_level": _THREAD_LEVELS[provided] if 0 <= provided < 4 else str(provided),
-            "thread_level_requested": str(mpi4py.rc.thread_level)}
+    from hpctrain.comm.world import library_facts
+    facts = library_facts()
+    facts.pop("mpi_library_line")
+    return facts
 
 
 def _h5py_facts():
@@ -122,11 +114,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="hpctrain info", description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="print the facts as JSON")
     args = p.parse_args(argv)
-    from mpi4py import MPI
-
     from hpctrain.comm.topology import check_launch
+    from hpctrain.comm.world import mpi_world
     from hpctrain.errors import CommError
-    comm = MPI.COMM_WORLD
+    comm = mpi_world()
     try:
         check_launch(comm)
     except CommError as exc:

@@ -10,14 +10,14 @@ import platform
 def versions():
     """hpctrain, Python, NumPy, mpi4py and MPI library versions, OpenMP, threads, machine."""
     import numpy
-    from mpi4py import MPI
 
     import hpctrain
     from hpctrain._kernels import _openmp
+    from hpctrain.comm.world import library_facts
+    mpi = library_facts()
     return {
         "hpctrain": hpctrain.__version__, "python": platform.python_version(),
-        "numpy": numpy.__version__, "mpi4py": __import__("mpi4py").__version__,
-        "mpi": MPI.Get_library_version().splitlines()[0].strip(),
+        "numpy": numpy.__version__, "mpi4py": mpi["mpi4py"], "mpi": mpi["mpi_library_line"],
         "openmp": _openmp.openmp_enabled(), "threads": _openmp.get_num_threads(),
         "machine": platform.machine(), "cpu_count": os.cpu_count(),
     }

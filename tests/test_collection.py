@@ -132,12 +132,12 @@ def _run(opt, pooling, steps=4, admission=None, vocab=12):
     rng = np.random.default_rng(hash((opt, pooling)) % 2**32)
     for step in range(steps):
         batch = _batch(rng, vocab)
-        out = twin.forward(batch, step)
+        out, ticket = twin.forward(batch, step)
         ref_out, occ = ref_forward(ref, twin.feature_to_table, batch)
         for f in FEATURES:
             np.testing.assert_allclose(out[f], ref_out[f], rtol=1e-5, atol=1e-6, err_msg=f)
         grads = {f: rng.standard_normal(v.shape).astype(np.float32) for f, v in out.items()}
-        twin.backward(grads, step)
+        twin.backward(ticket, grads, step)
         ref_backward(ref, occ, grads)
     return twin, ref
 
@@ -167,12 +167,12 @@ def test_mean_of_empty_bag_is_zero_and_none_pooling_shapes():
     twin = EmbeddingCollection(specs)
     lengths = np.zeros(len(FEATURES) * B, np.int64)
     lengths[0] = 2
-    out = twin.forward(JaggedBatch(FEATURES, [3, 4], lengths), 0)
+    out, _ = twin.forward(JaggedBatch(FEATURES, [3, 4], lengths), 0)
     assert (out["a"][1:] == 0).all() and (out["b"] == 0).all() and np.abs(out["a"][0]).sum() > 0
     specs, _ = _specs("sgd", "none")
     twin = EmbeddingCollection(specs)
     lengths[:] = 1
-    out = twin.forward(JaggedBatch(FEATURES, np.arange(lengths.sum()), lengths), 0)
+    out, _ = twin.forward(JaggedBatch(FEATURES, np.arange(lengths.sum()), lengths), 0)
     assert out["a"].shape == (B, 4) and out["c"].shape == (B, 3)
 
 
@@ -180,12 +180,12 @@ def test_start_wait_equals_forward_and_one_update_per_id():
     specs, _ = _specs("sgd", "sum")
     t1, t2 = EmbeddingCollection(specs), EmbeddingCollection(specs)
     batch = JaggedBatch(FEATURES, [7] * (len(FEATURES) * B), np.ones(len(FEATURES) * B, np.int64))
-    o1 = t1.forward(batch, 0)
+    o1, ticket = t1.forward(batch, 0)
     o2 = t2.wait_lookup(t2.start_lookup(batch, 0))
     for f in FEATURES:
         assert np.array_equal(o1[f], o2[f])
     before = t1.tables["ab"].gather(t1.tables["ab"].find(np.array([7])))
-    t1.backward({f: np.ones_like(o) for f, o in o1.items()}, 0)
+    t1.backward(ticket, {f: np.ones_like(o) for f, o in o1.items()}, 0)
     after = t1.tables["ab"].gather(t1.tables["ab"].find(np.array([7])))
     # id 7 appears 2 * B times in table "ab": one sgd step with the summed gradient
     # (plus the specs' weight decay 0.001 * w)
@@ -214,5 +214,16 @@ def test_unknown_and_missing_features():
         twin.forward(JaggedBatch(["a", "b"], [], np.zeros(2 * B, np.int64)), 0)
     with pytest.raises(ValueError, match=r"\['zz'\] belong to no table"):
         twin.forward(JaggedBatch(FEATURES + ["zz"], [], np.zeros(4 * B, np.int64)), 0)
-    with pytest.raises(RuntimeError, match="before any forward"):
-        twin.backward({}, 0)
+    batch = JaggedBatch(FEATURES, [7] * (len(FEATURES) * B), np.ones(len(FEATURES) * B, np.int64))
+    ticket = twin.start_lookup(batch, 0)
+    with pytest.raises(RuntimeError, match="needs a ticket returned by wait_lookup"):
+        twin.backward(ticket, {f: None for f in FEATURES}, 0)
+    out = twin.wait_lookup(ticket)
+    with pytest.raises(RuntimeError, match="already waited"):
+        twin.wait_lookup(ticket)
+    twin.backward(ticket, {f: np.ones_like(o) for f, o in out.items()}, 0)
+    with pytest.raises(RuntimeError, match="ticket of step 0 is applied"):
+        twin.backward(ticket, {f: np.ones_like(o) for f, o in out.items()}, 0)
+    _, evaluation = twin.forward(batch, 1, train=False)
+    with pytest.raises(RuntimeError, match="evaluation lookup"):
+        twin.backward(evaluation, {f: np.ones_like(o) for f, o in out.items()}, 1)

@@ -42,6 +42,31 @@ def test_loss_falls_and_same_seed_repeats():
     assert np.mean(a.losses[-10:]) < np.mean(a.losses[:10])
 
 
+def test_fit_eval_checkpoint_and_resume_on_the_null_communicator(tmp_path):
+    """Every trainer path works without MPI: the null communicator is a world of one,
+    and its run equals the same run on a 1-rank MPI communicator bit for bit."""
+    from hpctrain.comm import create_communicator
+    cfg = small_config(str(tmp_path / "null"), steps=6, eval_at_end=True, overlap=True)
+    null = Trainer(cfg, create_communicator("null"), stream=io.StringIO())
+    result = null.fit()
+    assert result["stopped"] == "done" and result["step"] == 6
+    assert 0.0 < result["eval"]["auc"] <= 1.0 and result["eval"]["count"] == 256
+    assert os.path.isdir(result["checkpoint"])
+    lines = [json.loads(x) for x in open(tmp_path / "null" / "metrics.jsonl")]
+    assert [x["step"] for x in lines if "loss" in x] == [2, 4, 6]
+    resumed = Trainer(cfg.replace(steps=8), create_communicator("null"), stream=io.StringIO())
+    assert resumed.restore() == 6
+    assert resumed.evaluate() == result["eval"]
+    ref = Trainer(small_config(str(tmp_path / "mpi"), steps=6, eval_at_end=True, overlap=True),
+                  create_communicator("mpi", _self_world()), stream=io.StringIO())
+    assert ref.fit()["eval"] == result["eval"] and ref.losses == null.losses
+
+
+def _self_world():
+    from hpctrain.comm.world import mpi_world
+    return mpi_world().Split(mpi_world().rank, 0)
+
+
 def _write_config(tmp_path, steps=6):
     text = SMALL_DLRM.format(steps=steps, overlap="true", sparse_opt="adagrad",
                              eval_at_end="true", extra=f"""

@@ -55,8 +55,8 @@ class _Stepper:
 
     def __call__(self):
         batch = self.batches[self.step % len(self.batches)]
-        self.emb.forward(batch, self.step)
-        self.emb.backward(self.grads, self.step)
+        _, ticket = self.emb.forward(batch, self.step)
+        self.emb.backward(ticket, self.grads, self.step)
         self.step += 1
 
 

@@ -76,7 +76,7 @@ def run_one(dim, bag, steps, warmup, comm, threads, batch_per_rank=4096):
     busy_max = mpi.allreduce(busy, op=_max())
     share_max = mpi.allreduce(busy / max(wall, 1e-12), op=_max())
     rss = mpi.gather(peak_rss_bytes(), root=0)
-    rows = mpi.gather(sum(len(t) for t in trainer.emb.tables.values()), root=0)
+    rows = mpi.gather(sum(trainer.emb.stats()["rows"].values()), root=0)
     # Baseline: the dense model alone on one batch of the same shape, same run.
     dense_s = _dense_only(trainer, comm)
     return {"dim": dim, "bag": bag, "steps": len(step_times), "global_batch": gb,

@@ -7,6 +7,8 @@ sparse side send ids (1-D) and embedding rows (2-D) through one call.
 """
 from abc import ABC, abstractmethod
 
+import numpy as np
+
 
 class Handle(ABC):
     """A started non-blocking collective; ``wait()`` completes it and returns its result."""
@@ -35,6 +37,11 @@ class Communicator(ABC):
     local_rank: int
     local_size: int
     mpi_comm: object
+
+    #: What the backend can do beyond the collectives, asked by callers instead of
+    #: guessing from class names: "device_buffers" (collectives on CuPy arrays),
+    #: "shared_window" (``shared_arena``: node-local MPI-3 shared memory).
+    capabilities = frozenset()
 
     @abstractmethod
     def allreduce(self, buf, op="sum"):
@@ -75,3 +82,29 @@ class Communicator(ABC):
     def allgather_object(self, obj):
         """List of ``obj`` from every rank (small Python objects only)."""
         return self.mpi_comm.allgather(obj)
+
+    def allgatherv(self, local):
+        """1-D NumPy array: every rank's ``local`` (1-D, same dtype) concatenated in rank order.
+
+        The default goes through ``allgather_object``; backends with a typed
+        ``Allgatherv`` override it.
+        """
+        parts = self.allgather_object(_host_1d(local))
+        return np.concatenate(parts) if parts else _host_1d(local)[:0]
+
+    def any_true(self, flag):
+        """True on every rank when ``flag`` is true on any rank (collective)."""
+        buf = np.array([1 if flag else 0], dtype=np.int64)
+        return bool(self.allreduce(buf, op="sum")[0] > 0)
+
+    def shared_arena(self, group_size=None):
+        """A node-local shared-memory arena over this communicator (collective).
+
+        Only backends with the "shared_window" capability have one.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no shared window "
+                                  f"(capabilities: {sorted(self.capabilities) or 'none'})")
+
+
+def _host_1d(a):
+    return np.ascontiguousarray(a).reshape(-1)

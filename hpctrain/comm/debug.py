@@ -84,9 +84,18 @@ class DebugCommunicator(Communicator):
         self.rank, self.size = inner.rank, inner.size
         self.local_rank, self.local_size = inner.local_rank, inner.local_size
         self.mpi_comm = inner.mpi_comm
+        self.capabilities = inner.capabilities
 
     def __repr__(self):
         return f"DebugCommunicator({self.inner!r})"
+
+    def shared_arena(self, group_size=None):
+        """The backend's shared arena (windows are not collectives: nothing to check)."""
+        return self.inner.shared_arena(group_size)
+
+    def allgatherv(self, local):
+        """The backend's ``allgatherv``."""
+        return self.inner.allgatherv(local)
 
     def __getattr__(self, name):  # backend extras (hosts, chunk_limit, ...)
         if name == "inner":  # not yet set: no recursion

@@ -312,3 +312,22 @@ class MpiCommunicator(Communicator):
         if sub == MPI.COMM_NULL:
             return None
         return type(self)(sub, chunk_limit=self._chunk_limit)
+
+    # -- capabilities ----------------------------------------------------------------------
+    capabilities = frozenset({"shared_window"})
+
+    def shared_arena(self, group_size=None):
+        """A ``hpctrain.comm.shm.SharedArena`` over the ranks of this node (collective)."""
+        from hpctrain.comm.shm import SharedArena
+        return SharedArena(self.mpi_comm, group_size)
+
+    def allgatherv(self, local):
+        """Every rank's 1-D ``local`` concatenated in rank order (typed ``Allgatherv``)."""
+        local = np.ascontiguousarray(local).reshape(-1)
+        counts = np.asarray(self.mpi_comm.allgather(local.size), dtype=np.int64)
+        full = np.empty(int(counts.sum()), dtype=local.dtype)
+        if counts.sum() > self.chunk_limit:
+            return np.concatenate(self.mpi_comm.allgather(local))
+        self.mpi_comm.Allgatherv([local, mpi_type(local.dtype)],
+                                 [full, (counts, displacements(counts)), mpi_type(local.dtype)])
+        return full

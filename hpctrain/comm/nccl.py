@@ -77,6 +77,8 @@ class NcclCommunicator(Communicator):
         CommError: CuPy/NCCL unavailable, or no visible device.
     """
 
+    capabilities = frozenset({"device_buffers"})
+
     def __init__(self, mpi_comm=None, device=None):
         try:
             import cupy

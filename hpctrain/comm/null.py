@@ -103,3 +103,7 @@ class NullCommunicator(Communicator):
     def allgather_object(self, obj):
         """``[obj]``."""
         return [obj]
+
+    def allgatherv(self, local):
+        """A copy of ``local`` as a 1-D array (the only rank's part)."""
+        return np.array(local).reshape(-1)

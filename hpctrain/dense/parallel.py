@@ -27,17 +27,9 @@ def debug_enabled(debug=None):
 
 
 def takes_device_buffers(comm):
-    """Whether ``comm`` can reduce CuPy arrays directly (NCCL, CUDA-aware MPI).
-
-    A communicator says so with a ``device_buffers`` attribute; without one, NCCL
-    communicators (by class name) are assumed to and every other one is not.
-    """
-    flag = getattr(comm, "device_buffers", None)
-    if flag is not None:
-        return bool(flag)
-    while getattr(comm, "inner", None) is not None:  # debug wrappers
-        comm = comm.inner
-    return "nccl" in type(comm).__name__.lower()
+    """Whether ``comm`` can reduce CuPy arrays directly (NCCL, CUDA-aware MPI): its
+    "device_buffers" capability (``hpctrain.comm.base.Communicator.capabilities``)."""
+    return "device_buffers" in getattr(comm, "capabilities", ())
 
 
 _STAGING = {}

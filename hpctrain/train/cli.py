@@ -14,13 +14,12 @@ from hpctrain.errors import HpctrainError
 
 def _fail_job(exc):
     """Report ``exc`` and end the job; returns the exit code for a 1-rank run."""
-    from mpi4py import MPI
-    world = MPI.COMM_WORLD
+    from hpctrain.comm.world import abort_world, rank_and_size
+    rank, size = rank_and_size()
     sys.stdout.flush()
-    sys.stderr.write(f"hpctrain: rank {world.rank}/{world.size}: {type(exc).__name__}: {exc}\n")
+    sys.stderr.write(f"hpctrain: rank {rank}/{size}: {type(exc).__name__}: {exc}\n")
     sys.stderr.flush()
-    if world.size > 1:
-        world.Abort(1)
+    abort_world(1)
     return 1
 
 
@@ -105,9 +104,10 @@ def export_main(argv):
     p.add_argument("out", help="output HDF5 file")
     args = p.parse_args(argv)
     from hpctrain.checkpoint import export_model
-    from mpi4py import MPI
-    if MPI.COMM_WORLD.rank == 0:
+    from hpctrain.comm.world import mpi_world
+    world = mpi_world()
+    if world.rank == 0:
         export_model(args.checkpoint, args.out)
         print(f"hpctrain: wrote {args.out}", flush=True)
-    MPI.COMM_WORLD.Barrier()
+    world.Barrier()
     return 0

@@ -49,21 +49,12 @@ def gather_eval(comm, labels, logits):
     """Concatenate every rank's labels and logits on all ranks (rank order).
 
     Args:
-        comm: an hpctrain Communicator.
+        comm: an hpctrain Communicator (any backend, the null one included).
         labels, logits: this rank's float arrays of equal length.
     """
-    from mpi4py import MPI
-    mpi = comm.mpi_comm
     labels = np.ascontiguousarray(labels, dtype=np.float64).ravel()
     logits = np.ascontiguousarray(logits, dtype=np.float64).ravel()
-    counts = np.asarray(mpi.allgather(labels.size), dtype=np.int64)
-    displs = np.r_[0, np.cumsum(counts)[:-1]]
-    out = []
-    for local in (labels, logits):
-        full = np.empty(int(counts.sum()), dtype=np.float64)
-        mpi.Allgatherv(local, [full, (counts, displs), MPI.DOUBLE])
-        out.append(full)
-    return out[0], out[1]
+    return comm.allgatherv(labels), comm.allgatherv(logits)
 
 
 def evaluate_arrays(labels, logits):

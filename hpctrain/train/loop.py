@@ -45,6 +45,13 @@ def _set_threads(configured, ranks_on_host):
 class Trainer:
     """Trains the model a ``Config`` describes on the ranks of ``comm``.
 
+    The sparse side is an ``EmbeddingStore`` used only through its interface
+    (tickets), so a subclass changes where rows live by overriding two hooks:
+    ``_make_store()`` (default: ``ShardedEmbedding`` over ``comm``) and
+    ``_apply_dense(step)`` (default: allreduce the flat gradient over ``comm``,
+    then the dense optimizer). The hybrid mode's workers do exactly that
+    (``hpctrain.train.hybrid``).
+
     Args:
         cfg: a validated ``hpctrain.config.Config``.
         comm: a ``hpctrain.comm`` communicator (default: MPI over COMM_WORLD).
@@ -53,16 +60,19 @@ class Trainer:
     Attributes:
         step: the number of completed steps.
         losses: global mean loss of every step run by this trainer (all ranks).
-        emb: the ``ShardedEmbedding``; model: the dense model; opt: its optimizer.
+        emb: the ``EmbeddingStore``; model: the dense model; opt: its optimizer.
     """
+
+    #: The config ``mode`` this class trains.
+    MODE = "collective"
 
     def __init__(self, cfg, comm=None, *, stream=None):
         from hpctrain.comm import create_communicator
         from hpctrain.dense.parallel import broadcast_parameters
-        from hpctrain.sparse.sharded import ShardedEmbedding
 
-        if cfg.mode != "collective":
-            raise ConfigError(f"{cfg.source}: mode: only \"collective\" is implemented")
+        if cfg.mode != self.MODE:
+            raise ConfigError(f"{cfg.source}: mode: {cfg.mode!r} is trained by "
+                              f"hpctrain.train.create_trainer, not by {type(self).__name__}")
         self.cfg = cfg
         self.comm = comm if comm is not None else create_communicator("mpi")
         self.threads = _set_threads(cfg.threads, self.comm.local_size)
@@ -74,8 +84,7 @@ class Trainer:
         self.table_ids = {s.name: s.table_id for s in self.specs}
         self.features, _, _ = feature_order(cfg)
         self.jagged = BatchFeatures(cfg)
-        self.emb = ShardedEmbedding(self.specs, self.comm, seed=cfg.seed, exchange=cfg.exchange,
-                                    node_group_size=cfg.node_group_size)
+        self.emb = self._make_store()
         self.reader = self._reader("train", self.global_batch)
         num_dense = cfg.data.num_dense()
         if num_dense is None:
@@ -96,6 +105,22 @@ class Trainer:
         self._reader_state = self.reader.state()
         self._ckpt_step = None
 
+    # ------------------------------------------------------------------ hooks
+    def _make_store(self):
+        """The embedding store of this trainer (collective: rows sharded over ``comm``)."""
+        from hpctrain.sparse.sharded import ShardedEmbedding
+        return ShardedEmbedding(self.specs, self.comm, seed=self.cfg.seed,
+                                exchange=self.cfg.exchange,
+                                node_group_size=self.cfg.node_group_size)
+
+    def _apply_dense(self, step):
+        """Average the flat dense gradient over ``comm`` and take the optimizer step."""
+        from hpctrain.dense.parallel import allreduce_gradients
+        with self.timer("allreduce"):
+            allreduce_gradients(self.model.params, self.comm)
+        with self.timer("dense"):
+            self.opt.step()
+
     # ------------------------------------------------------------------ pieces
     def _reader(self, split, global_batch):
         from hpctrain.data import make_reader
@@ -115,7 +140,6 @@ class Trainer:
         Returns ``(loss, d_pooled, flags)`` where flags are summed over ranks.
         """
         from hpctrain.dense.loss import bce_with_logits
-        from hpctrain.dense.parallel import allreduce_gradients
         t, comm = self.timer, self.comm
         with t("dense"):
             if self.model.dropouts():
@@ -136,10 +160,7 @@ class Trainer:
         with t("dense"):
             d_logits *= 1.0 / n
             d_embs = self.model.backward(d_logits)
-        with t("allreduce"):
-            allreduce_gradients(self.model.params, comm)
-        with t("dense"):
-            self.opt.step()
+        self._apply_dense(step)
         return loss, dict(zip(self.features, d_embs)), red[2:]
 
     # ------------------------------------------------------------------ training
@@ -174,29 +195,30 @@ class Trainer:
         steps_this_call = 0
         try:
             batch, state = (None, None) if self._done(0) else self._next_batch(it)
-            handle = None
+            next_ticket = None
             if batch is not None:
                 with t("exchange"):
-                    handle = self.emb.start_lookup(self.jagged(batch), self.step + 1)
+                    next_ticket = self.emb.start_lookup(self.jagged(batch), self.step + 1)
             while batch is not None:
                 step = self.step + 1
+                ticket = next_ticket
                 with t("exchange"):
-                    pooled = self.emb.wait_lookup(handle)
+                    pooled = self.emb.wait_lookup(ticket)
                 steps_this_call += 1
                 last_step = self._done(step) or (max_steps is not None
                                                  and steps_this_call >= max_steps)
-                nxt, nxt_state, handle = None, None, None
+                nxt, nxt_state, next_ticket = None, None, None
                 if not last_step:
                     nxt, nxt_state = self._next_batch(it)
                 if cfg.overlap and nxt is not None:
                     with t("exchange"):
-                        handle = self.emb.start_lookup(self.jagged(nxt), step + 1)
+                        next_ticket = self.emb.start_lookup(self.jagged(nxt), step + 1)
                 ckpt_due = (comm.rank == 0 and ck is not None and ck.every_minutes is not None
                             and time.monotonic() - last_ckpt_time >= 60.0 * ck.every_minutes)
                 loss, d_pooled, flags = self._dense_step(
                     batch, pooled, step, (float(watcher.signalled), float(ckpt_due)))
                 with t("sparse_update"):
-                    self.emb.backward(d_pooled, step)
+                    self.emb.backward(ticket, d_pooled, step)
                     if any(s.eviction is not None for s in self.specs):
                         self.emb.evict(step)
                 self.step, self._reader_state = step, state
@@ -206,7 +228,7 @@ class Trainer:
                 preempted = flags[0] > 0
                 if nxt is not None and not cfg.overlap and not preempted:
                     with t("exchange"):
-                        handle = self.emb.start_lookup(self.jagged(nxt), step + 1)
+                        next_ticket = self.emb.start_lookup(self.jagged(nxt), step + 1)
                 if step % mcfg.every_steps == 0 or nxt is None or preempted:
                     dt = time.perf_counter() - window_t0
                     self._report(log, step, window_loss, window_samples / max(dt, 1e-9))
@@ -256,7 +278,7 @@ class Trainer:
         for k, v in phases.items():
             self.phase_totals[k] = self.phase_totals.get(k, 0.0) + v
         per_rank = self.comm.allgather_object(
-            (phases, {n: len(tb) for n, tb in self.emb.tables.items()}, peak_rss_bytes()))
+            (phases, self.emb.stats()["rows"], peak_rss_bytes()))
         names = sorted({k for p, _, _ in per_rank for k in p})
         loss = float(np.mean(window_loss))
         log.live(step, loss, samples_per_s)
@@ -285,7 +307,7 @@ class Trainer:
         reader = self._reader(split, gb)
         labels, logits = [], []
         for batch in reader:
-            pooled = self.emb.forward(self.jagged(batch), self.step, train=False)
+            pooled, _ = self.emb.forward(self.jagged(batch), self.step, train=False)
             z = self.model.forward(batch.dense, [pooled[f] for f in self.features],
                                    training=False)
             labels.append(np.asarray(batch.labels, dtype=np.float64))
@@ -312,7 +334,7 @@ class Trainer:
             raise ConfigError(f"{self.cfg.source}: no [checkpoint] section: nowhere to save")
         with self.timer("checkpoint"):
             dense = {"params": self.model.state_dict(), "optimizer": self.opt.state_dict()}
-            tables = {name: tb.export() for name, tb in self.emb.tables.items()}
+            tables = self.emb.export()
             state = {"step": self.step, "reader": self._reader_state, "config": self.cfg.text,
                      "versions": versions(), "world_size": self.comm.size,
                      "seed": self.cfg.seed, "losses_tail": self.losses[-5:]}
@@ -330,22 +352,19 @@ class Trainer:
             The checkpoint's step, or None when ``missing_ok`` and there is none.
         """
         from hpctrain.errors import CheckpointError
-        from hpctrain.sparse.routing import owner_of
         if self.ckpt is None:
             raise ConfigError(f"{self.cfg.source}: resuming needs a [checkpoint] section")
         if path is None and missing_ok and self.ckpt.latest() is None:
             return None
-        size = self.comm.size
         step, dense, tables, state = self.ckpt.load(
-            path, owner=lambda name, keys: owner_of(self.table_ids[name], keys, size),
+            path, owner=self.emb.owner_of,
             table_dims={s.name: s.dim for s in self.specs})
         try:
             self.model.load_state_dict(dense["params"])
             self.opt.load_state_dict(dense["optimizer"])
         except KeyError as e:
             raise CheckpointError(f"checkpoint of step {step}: missing dense entry {e}") from None
-        for name, rows in tables.items():
-            self.emb.tables[name].import_(rows)
+        self.emb.import_(tables)
         if state.get("reader") is not None:
             self.reader.restore(state["reader"])
             self._reader_state = state["reader"]

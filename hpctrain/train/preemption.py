@@ -23,7 +23,6 @@ import signal
 import threading
 import warnings
 
-import numpy as np
 
 #: Signals watched by default: Slurm's warning signal and the termination signal.
 DEFAULT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -125,19 +124,15 @@ class PreemptionWatcher:
         allreduce (MAX) of one int, True on all ranks when any rank was signalled.
 
         Args:
-            comm: a hpctrain ``Communicator`` (its ``mpi_comm`` is used, so NCCL
-                communicators need no device buffer), an ``mpi4py`` communicator,
-                or None for a single process.
+            comm: a hpctrain ``Communicator`` or None for a single process.
 
         Returns:
             bool, identical on every rank of ``comm``.
         """
         if self.stopped:
             return True
-        flag = np.array([1 if self.signum is not None else 0], dtype=np.int32)
-        mpi_comm = getattr(comm, "mpi_comm", comm)
-        if mpi_comm is not None and mpi_comm.Get_size() > 1:
-            from mpi4py import MPI
-            mpi_comm.Allreduce(MPI.IN_PLACE, flag, op=MPI.MAX)
-        self.stopped = bool(flag[0])
+        flag = self.signum is not None
+        if comm is not None and comm.size > 1:
+            flag = comm.any_true(flag)
+        self.stopped = bool(flag)
         return self.stopped

@@ -12,12 +12,9 @@ pytestmark = pytest.mark.mpi
 
 
 def _comms():
-    comms = [("mpi4py", MPI.COMM_WORLD)]
-    try:
-        from hpctrain.comm import create_communicator
-    except ImportError:
-        return comms
-    return comms + [("communicator", create_communicator("mpi", MPI.COMM_WORLD))]
+    from hpctrain.comm import create_communicator
+    return [("mpi", create_communicator("mpi", MPI.COMM_WORLD)),
+            ("debug", create_communicator("mpi", MPI.COMM_WORLD, debug=True))]
 
 
 @pytest.mark.parametrize("name", [n for n, _ in _comms()])

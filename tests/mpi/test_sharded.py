@@ -123,17 +123,18 @@ def _train(comm, specs, steps=3, seed=0, overlap=False):
     batches = [_global_batch(rng, comm.size, features=features) for _ in range(steps)]
     pending = sharded.start_lookup(_rank_slice(batches[0], comm), 0) if overlap else None
     for step, gb in enumerate(batches):
-        ref = twin.forward(gb, step)
+        ref, ref_t = twin.forward(gb, step)
         if overlap:
-            out = sharded.wait_lookup(pending)
+            ticket = pending
+            out = sharded.wait_lookup(ticket)
             if step + 1 < steps:
                 pending = sharded.start_lookup(_rank_slice(batches[step + 1], comm), step + 1)
         else:
-            out = sharded.forward(_rank_slice(gb, comm), step)
+            out, ticket = sharded.forward(_rank_slice(gb, comm), step)
         _assert_outputs_equal(out, _local_part(gb, ref, comm, pooling), exact=step == 0)
         grads = _grads(rng, ref)
-        twin.backward(grads, step)
-        sharded.backward(_local_part(gb, grads, comm, pooling), step)
+        twin.backward(ref_t, grads, step)
+        sharded.backward(ticket, _local_part(gb, grads, comm, pooling), step)
     return twin, sharded
 
 
@@ -145,8 +146,8 @@ def test_matches_twin_for_every_optimizer(comm, pooling):
     # a final lookup sees the trained rows identically
     gb = _global_batch(np.random.default_rng(99), comm.size,
                        features=[f for s in specs for f in s.features])
-    _assert_outputs_equal(sharded.forward(_rank_slice(gb, comm), 9),
-                          _local_part(gb, twin.forward(gb, 9), comm, pooling), exact=False)
+    _assert_outputs_equal(sharded.forward(_rank_slice(gb, comm), 9)[0],
+                          _local_part(gb, twin.forward(gb, 9)[0], comm, pooling), exact=False)
 
 
 def test_dyadic_gradients_give_identical_bits(comm):
@@ -158,13 +159,13 @@ def test_dyadic_gradients_give_identical_bits(comm):
         lengths = rng.choice([0, 1, 2, 4], size=len(FEATURES) * PER_RANK * comm.size)
         values = rng.integers(0, 20, size=int(lengths.sum()))
         gb = JaggedBatch(FEATURES, values, lengths)
-        ref = twin.forward(gb, step)
-        _assert_outputs_equal(sharded.forward(_rank_slice(gb, comm), step),
-                              _local_part(gb, ref, comm, "mean"))
+        ref, ref_t = twin.forward(gb, step)
+        out, ticket = sharded.forward(_rank_slice(gb, comm), step)
+        _assert_outputs_equal(out, _local_part(gb, ref, comm, "mean"))
         grads = {f: (rng.integers(-64, 64, size=o.shape) / 1024).astype(np.float32)
                  for f, o in ref.items()}
-        twin.backward(grads, step)
-        sharded.backward(_local_part(gb, grads, comm, "mean"), step)
+        twin.backward(ref_t, grads, step)
+        sharded.backward(ticket, _local_part(gb, grads, comm, "mean"), step)
     _assert_tables_equal(comm, twin, sharded, rtol=0)
 
 
@@ -180,12 +181,12 @@ def test_eval_lookup_inserts_nothing(comm):
     gb = _global_batch(np.random.default_rng(4), comm.size)
     # an eval lookup may run while a training lookup is in flight
     pending = sharded.start_lookup(_rank_slice(gb, comm), 0)
-    out = sharded.forward(_rank_slice(gb, comm), 0, train=False)
+    out, _ = sharded.forward(_rank_slice(gb, comm), 0, train=False)
     assert all((o == 0).all() for o in out.values())
     assert comm.mpi_comm.allreduce(sum(len(t) for t in sharded.tables.values())) == 0
     got = sharded.wait_lookup(pending)
-    _assert_outputs_equal(got, _local_part(gb, twin.forward(gb, 0), comm, "sum"))
-    again = sharded.forward(_rank_slice(gb, comm), 1, train=False)
+    _assert_outputs_equal(got, _local_part(gb, twin.forward(gb, 0)[0], comm, "sum"))
+    again, _ = sharded.forward(_rank_slice(gb, comm), 1, train=False)
     _assert_outputs_equal(again, got)
 
 
@@ -200,11 +201,11 @@ def test_shards_partition_rows_and_memory(comm):
         lengths = np.full(len(FEATURES) * per_rank * comm.size, 2)
         gb = JaggedBatch(FEATURES, rng.integers(0, 10**6, size=lengths.sum()), lengths)
         lo, hi = comm.rank * per_rank, (comm.rank + 1) * per_rank
-        ref = twin.forward(gb, step)
-        sharded.forward(gb.slice_samples(lo, hi), step)
+        ref, ref_t = twin.forward(gb, step)
+        _, ticket = sharded.forward(gb.slice_samples(lo, hi), step)
         g = _grads(rng, ref)
-        twin.backward(g, step)
-        sharded.backward({f: g[f][lo:hi] for f in g}, step)
+        twin.backward(ref_t, g, step)
+        sharded.backward(ticket, {f: g[f][lo:hi] for f in g}, step)
     for name, t in twin.tables.items():
         rows = comm.mpi_comm.allreduce(len(sharded.tables[name]))
         assert rows == len(t)
@@ -226,12 +227,12 @@ def test_mean_pooling_of_empty_bags_is_zero(comm):
     lengths = np.zeros(len(FEATURES) * PER_RANK, dtype=np.int64)
     lengths[1] = 2                                   # feature "u", sample 1
     batch = JaggedBatch(FEATURES, [4, 5], lengths)
-    out = sharded.forward(batch, 0)
+    out, ticket = sharded.forward(batch, 0)
     assert out["u"].shape == (PER_RANK, 4) and out["s"].shape == (PER_RANK, 3)
     empty = [0, 2, 3, 4]
     assert (out["u"][empty] == 0).all() and (out["i"] == 0).all() and (out["s"] == 0).all()
     assert np.abs(out["u"][1]).sum() > 0
-    sharded.backward({f: np.ones_like(o) for f, o in out.items()}, 0)
+    sharded.backward(ticket, {f: np.ones_like(o) for f, o in out.items()}, 0)
 
 
 def test_not_admitted_ids_give_default_and_no_update(comm):
@@ -242,16 +243,16 @@ def test_not_admitted_ids_give_default_and_no_update(comm):
     values = np.full(lengths.size, 7, dtype=np.int64)
     gb = JaggedBatch(FEATURES, values, lengths)
     for step in range(2):
-        ref = twin.forward(gb, step)
-        out = sharded.forward(_rank_slice(gb, comm), step)
+        ref, ref_t = twin.forward(gb, step)
+        out, ticket = sharded.forward(_rank_slice(gb, comm), step)
         _assert_outputs_equal(out, _local_part(gb, ref, comm, "sum"))
         if step == 0:       # first sighting: not admitted, default (zero) rows
             assert all((o == 0).all() for o in out.values())
         else:               # second sighting: admitted, initialised rows
             assert all(np.abs(o).sum() > 0 for o in out.values())
         g = {f: np.ones_like(o) for f, o in ref.items()}
-        twin.backward(g, step)
-        sharded.backward(_local_part(gb, g, comm, "sum"), step)
+        twin.backward(ref_t, g, step)
+        sharded.backward(ticket, _local_part(gb, g, comm, "sum"), step)
         if step == 0:
             assert comm.mpi_comm.allreduce(sum(len(t) for t in sharded.tables.values())) == 0
     _assert_tables_equal(comm, twin, sharded)
@@ -269,12 +270,12 @@ def test_errors_name_features(comm):
     bad = JaggedBatch(["u", "i"], [1, 2], [1, 1])
     with pytest.raises(ValueError, match=r"unknown feature names \['s'\]"):
         sharded.forward(bad, 0)
-    out = sharded.forward(_rank_slice(_global_batch(np.random.default_rng(0), comm.size),
-                                      comm), 0)
+    out, ticket = sharded.forward(_rank_slice(_global_batch(np.random.default_rng(0),
+                                                            comm.size), comm), 0)
     with pytest.raises(ValueError, match=r"missing for features \['s'\]"):
-        sharded.backward({"u": out["u"], "i": out["i"]}, 0)
+        sharded.backward(ticket, {"u": out["u"], "i": out["i"]}, 0)
     with pytest.raises(ValueError, match="must be float32"):
-        sharded.backward({**out, "u": out["u"][:1]}, 0)
+        sharded.backward(ticket, {**out, "u": out["u"][:1]}, 0)
 
 
 def _run_mode(comm, specs, exchange, group, steps=4, overlap=False):
@@ -290,7 +291,8 @@ def _run_mode(comm, specs, exchange, group, steps=4, overlap=False):
     pending = sharded.start_lookup(_rank_slice(batches[0], comm), 0) if overlap else None
     for step, gb in enumerate(batches):
         if overlap:
-            out = sharded.wait_lookup(pending)
+            ticket = pending
+            out = sharded.wait_lookup(ticket)
             if step + 1 < steps:
                 pending = sharded.start_lookup(_rank_slice(batches[step + 1], comm), step + 1)
         else:
@@ -298,13 +300,13 @@ def _run_mode(comm, specs, exchange, group, steps=4, overlap=False):
                 # a training lookup nobody differentiates: the next one must wait for
                 # peers still pooling from this rank's reply
                 sharded.forward(_rank_slice(batches[0], comm), step)
-            out = sharded.forward(_rank_slice(gb, comm), step)
+            out, ticket = sharded.forward(_rank_slice(gb, comm), step)
         outs.append(out)
         # an eval lookup between training steps takes the plain path and changes nothing
         sharded.forward(_rank_slice(gb, comm), step, train=False)
-        sharded.backward({f: (np.cos(o * 7 + step) * 0.1).astype(np.float32)
-                          for f, o in out.items()}, step)
-    state = {n: t.export() for n, t in sharded.tables.items()}
+        sharded.backward(ticket, {f: (np.cos(o * 7 + step) * 0.1).astype(np.float32)
+                                  for f, o in out.items()}, step)
+    state = sharded.export()
     mode = sharded.exchange
     sharded.close()
     return outs, state, mode
@@ -348,7 +350,7 @@ def test_exchange_falls_back_to_alltoallv_without_shared_memory(comm, monkeypatc
     warning, and the results stay those of the plain path."""
     import inspect
 
-    from hpctrain.sparse import shm
+    from hpctrain.comm import shm
 
     def free_bytes(path="/dev/shm"):
         asking = inspect.stack()[1].function       # "settle" (board) or "reserve" (rows)
@@ -358,7 +360,7 @@ def test_exchange_falls_back_to_alltoallv_without_shared_memory(comm, monkeypatc
     specs = _specs("adagrad", "sum")
     ref_outs, ref_state, _ = _run_mode(comm, specs, "alltoallv", None)
     monkeypatch.setattr(shm, "shm_available_bytes", free_bytes)
-    with caplog.at_level("WARNING", logger="hpctrain.sparse.shm"):
+    with caplog.at_level("WARNING", logger="hpctrain.comm.shm"):
         outs, state, mode = _run_mode(comm, specs, "shm", None)
     assert mode == "alltoallv"
     assert len([r for r in caplog.records if "Alltoallv" in r.getMessage()]) == 1

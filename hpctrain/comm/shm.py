@@ -45,7 +45,9 @@ def shm_available_bytes(path="/dev/shm"):
 class SharedArena:
     """Growable MPI-3 shared window over the ranks of one node (or a group within it).
 
-    Construction is collective over ``mpi_comm``.
+    Construction is collective over ``mpi_comm``; outside ``hpctrain.comm`` an arena
+    is had from a communicator with the "shared_window" capability
+    (``comm.shared_arena(group_size)``).
 
     Args:
         mpi_comm: the ``mpi4py`` communicator of the sharded embedding.
@@ -70,6 +72,7 @@ class SharedArena:
     def __init__(self, mpi_comm, group_size=None):
         from mpi4py import MPI
         self._MPI = MPI
+        self._world = mpi_comm
         node = mpi_comm.Split_type(MPI.COMM_TYPE_SHARED, key=mpi_comm.rank)
         if group_size is not None:
             if int(group_size) < 1:
@@ -143,6 +146,20 @@ class SharedArena:
         self._allocate(fcap + bcap)
         self._fcap, self._bcap = fcap, bcap
         return True
+
+    def alltoallv_remote(self, send_at, send_counts, send_displ, recv_at, recv_counts,
+                         recv_displ):
+        """``Alltoallv`` over the whole communicator of the blocks for ranks of *other*
+        groups, window to window: ``flat[send_at + send_displ[p]:]`` to peer ``p``,
+        received at ``flat[recv_at + recv_displ[p]:]`` (float32 elements). Blocks for
+        members of this group are left out (count 0): they are read in place.
+        """
+        MPI = self._MPI
+        local = self.local_index >= 0
+        sc = np.where(local, 0, send_counts)
+        rc = np.where(local, 0, recv_counts)
+        self._world.Alltoallv([self.flat[send_at:], (sc, send_displ), MPI.FLOAT],
+                              [self.flat[recv_at:], (rc, recv_displ), MPI.FLOAT])
 
     def base(self, k):
         """Element offset in ``flat`` of member ``k``'s forward part."""

@@ -1,0 +1,209 @@
+"""The plan of a lookup, shared by every embedding store: dedup, routing, pooling, gradient sums.
+
+Per table, for one batch (``TableBatch``)::
+
+    ids of the table's features ──unique_inverse──> uniq (first-occurrence order) + inverse
+    rows of uniq (from wherever the store keeps them) ──pool per bag──> outputs per feature
+    d outputs ──scatter to ids, segment sum by inverse──> one gradient per unique id
+
+and, for a store whose rows live on other ranks (``route``)::
+
+    uniq of every table ──owner_of(table, id)──> owner per id
+    stable bucket sort by owner ──> ids in (owner, table, first occurrence) order:
+    the layout of every request and reply message; ``unique_off`` says where each
+    unique id's row sits in the owner-major packed row buffer.
+
+The twin (``EmbeddingCollection``), the sharded store and the parameter-server
+client all use these, so their arithmetic cannot drift apart.
+"""
+import numpy as np
+
+from hpctrain._kernels import sparse_ops
+
+
+def make_table(spec, seed):
+    """The ``EmbeddingTable`` a spec describes (one shard of it when sharded)."""
+    from hpctrain.sparse.table import EmbeddingTable
+    return EmbeddingTable(spec.name, spec.dim, optimizer=spec.optimizer, table_id=spec.table_id,
+                          seed=seed, init=spec.init, init_scale=spec.init_scale,
+                          admission=spec.admission, eviction=spec.eviction)
+
+
+class TableBatch:
+    """The ids one table sees in one batch, deduplicated, with what pooling needs.
+
+    Attributes:
+        spec: the table's ``TableSpec``.
+        names: the table's features, in spec order.
+        batch_size: samples in the batch.
+        counts: ids per feature (int list).
+        keys: int64[n] the features' ids concatenated in ``names`` order.
+        uniq, inverse: ``unique_inverse(keys)`` (first-occurrence order).
+        bag_offsets: int64[len(names) * B + 1] bags of the concatenated ids.
+    """
+
+    def __init__(self, spec, batch):
+        self.spec = spec
+        self.names = spec.features
+        self.batch_size = batch.batch_size
+        parts = [batch.feature(n) for n in self.names]
+        self.counts = [p.values.shape[0] for p in parts]
+        self.keys = (parts[0].values if len(parts) == 1
+                     else np.concatenate([p.values for p in parts]))
+        lengths = (parts[0].lengths if len(parts) == 1
+                   else np.concatenate([p.lengths for p in parts]))
+        self.bag_offsets = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
+        np.cumsum(lengths, out=self.bag_offsets[1:])
+        self.uniq, self.inverse = sparse_ops.unique_inverse(self.keys)
+
+    def pool(self, src, unique_off):
+        """Outputs per feature from rows of the unique ids.
+
+        Args:
+            src: flat float32 buffer holding the rows.
+            unique_off: int64[u] where unique id ``i``'s row starts in ``src``.
+
+        Returns:
+            dict feature -> float32 ``[B, dim]`` (or ``[n_ids, dim]`` for "none").
+        """
+        dim, names = self.spec.dim, self.names
+        row_off = unique_off[self.inverse]
+        if self.spec.pooling == "none":
+            rows = sparse_ops.gather_rows(src, row_off, dim)
+            bounds = np.cumsum([0] + self.counts)
+            return {n: rows[bounds[i]:bounds[i + 1]] for i, n in enumerate(names)}
+        pooled = sparse_ops.pool(src, row_off, dim, self.bag_offsets,
+                                 self.spec.pooling == "mean")
+        pooled = pooled.reshape(len(names), self.batch_size, dim)
+        return {n: pooled[i] for i, n in enumerate(names)}
+
+    def unique_grads(self, grads, out=None, out_off=None):
+        """float32[u, dim]: the gradient of every unique id, summed over its occurrences.
+
+        With ``out`` (flat float32) and ``out_off`` (int64[u]) unique id ``i``'s
+        gradient is written to ``out[out_off[i]:][:dim]`` instead (an exchange buffer).
+        """
+        dim, b = self.spec.dim, self.batch_size
+        if self.spec.pooling == "none":
+            expect = self.counts
+        else:
+            expect = [b] * len(self.names)
+        parts = []
+        for name, n in zip(self.names, expect):
+            g = grads[name]
+            if not isinstance(g, np.ndarray) or g.shape != (n, dim):
+                got = f"{g.dtype}{list(g.shape)}" if isinstance(g, np.ndarray) else type(g).__name__
+                raise ValueError(f"gradient of feature {name!r} (table {self.spec.name!r}) must "
+                                 f"be float32[{n}, {dim}], got {got}")
+            parts.append(g)
+        flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        flat = np.ascontiguousarray(flat, dtype=np.float32).reshape(-1)
+        if self.spec.pooling == "none":
+            src_off = np.arange(self.keys.shape[0], dtype=np.int64) * dim
+            scale = None
+        else:
+            src_off = sparse_ops.bag_of_rows(self.bag_offsets) * dim
+            scale = sparse_ops.bag_scales(self.bag_offsets) if self.spec.pooling == "mean" else None
+        return sparse_ops.segment_sum(flat, src_off, dim, self.inverse, self.uniq.shape[0], scale,
+                                      out=out, out_off=out_off)
+
+
+def split_batch(batch, specs, feature_to_table):
+    """One ``TableBatch`` per spec; ``ValueError`` naming missing or unclaimed features."""
+    wanted = [f for s in specs for f in s.features]
+    batch.check_features(wanted)
+    extra = [f for f in batch.features if f not in feature_to_table]
+    if extra:
+        raise ValueError(f"batch features {extra} belong to no table; tables take {wanted}")
+    return [TableBatch(s, batch) for s in specs]
+
+
+def check_grads(grads, plans):
+    """``ValueError`` naming gradient features that are missing or unknown."""
+    wanted = [n for p in plans for n in p.names]
+    missing = [n for n in wanted if n not in grads]
+    extra = [n for n in grads if n not in wanted]
+    if missing or extra:
+        raise ValueError(f"backward: gradients missing for features {missing}, unknown "
+                         f"features {extra}; the last forward produced {wanted}")
+
+
+
+def exclusive_cumsum(a):
+    """int64 exclusive prefix sum of a 1-D array."""
+    out = np.zeros(a.shape[0], dtype=np.int64)
+    if a.shape[0] > 1:
+        np.cumsum(a[:-1], out=out[1:])
+    return out
+
+
+class Route:
+    """Where a batch's unique ids go: one owner per id, requests packed owner-major.
+
+    Attributes:
+        owners: per table, int32[u] owner of each unique id.
+        per_table: int64[P, T] ids asked of each owner per table.
+        to_peer: int64[P] ids asked of each owner.
+        ask_elems: int64[P] floats of rows coming back from each owner.
+        unique_off: per table, int64[u] element offset of each unique id's row in the
+            owner-major packed row buffer (also where its gradient goes back).
+        total: number of ids sent.
+    """
+
+    __slots__ = ("owners", "per_table", "to_peer", "ask_elems", "unique_off", "total",
+                 "_keys", "_perm")
+
+    def fill_ids(self, out):
+        """Write the ids in (owner, table, first occurrence) order into ``out`` (int64[total])."""
+        np.take(self._keys, self._perm, out=out)
+        return out
+
+
+def route(plans, dims, num_owners):
+    """``Route`` of the unique ids of ``plans`` (one ``TableBatch`` per table) to
+    ``num_owners`` owners by ``sparse_ops.route`` (hash of table id and id).
+
+    Args:
+        plans: list of ``TableBatch`` in table order.
+        dims: int64[T] row width of each table.
+        num_owners: number of owners (ranks of the store, or servers).
+    """
+    P, T = num_owners, len(plans)
+    r = Route()
+    n_unique = np.array([p.uniq.shape[0] for p in plans], dtype=np.int64)
+    r.per_table = np.empty((P, T), dtype=np.int64)
+    owners = []
+    for i, p in enumerate(plans):
+        o = sparse_ops.route(p.uniq, p.spec.table_id, P)
+        r.per_table[:, i] = np.bincount(o, minlength=P)
+        owners.append(o)
+    r.owners = owners
+    flat = np.concatenate(owners) if T > 1 else owners[0]
+    r.to_peer, r._perm = sparse_ops.bucket_by_owner(flat, P)
+    r._keys = np.concatenate([p.uniq for p in plans]) if T > 1 else plans[0].uniq
+    r.total = r._keys.shape[0]
+    widths = np.repeat(dims, n_unique)[r._perm]
+    unique_off = np.empty(r.total, dtype=np.int64)
+    unique_off[r._perm] = exclusive_cumsum(widths)
+    bounds = np.concatenate([[0], np.cumsum(n_unique)])
+    r.unique_off = [unique_off[bounds[i]:bounds[i + 1]] for i in range(T)]
+    r.ask_elems = r.per_table @ dims
+    return r
+
+
+class Buffers:
+    """Named buffers reused across steps and grown geometrically when too small."""
+
+    def __init__(self):
+        self._bufs = {}
+
+    def get(self, name, n, dtype):
+        buf = self._bufs.get(name)
+        if buf is None or buf.shape[0] < n:
+            old = 0 if buf is None else buf.shape[0]
+            buf = np.empty(max(n, old + old // 2, 1024), dtype=dtype)
+            self._bufs[name] = buf
+        return buf[:n]
+
+    def nbytes(self):
+        return sum(b.nbytes for b in self._bufs.values())

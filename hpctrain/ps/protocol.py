@@ -1,0 +1,70 @@
+"""Messages between workers and parameter servers: kinds (MPI tags) and the int64 header.
+
+Every message is an int64 header plus arrays (``hpctrain.comm.p2p``); its kind is
+the tag. Clocks travel in headers, never in tags (a tag only has to reach 32767)::
+
+    header  [clock, worker, group, aux, n_0, ..., n_{T-1}]
+            clock   the training step the message belongs to (1, 2, ...)
+            worker  sender's worker index (-1 from servers)
+            group   sender's group (-1 from servers)
+            aux     replies: ``applied`` (clocks the server has applied);
+                    DONE: the worker's last clock
+            n_t     ids of table t in the message (table-major id / row arrays)
+
+    kind    from -> to        arrays                        answered
+    PULL    worker -> server  ids int64                     ROWS when applied >= clock - 1 - s
+    ROWS    server -> worker  rows float32 (flat)
+    PUSH    worker -> server  ids int64, grads float32      -- (every clock, even with no ids)
+    EVAL    worker -> server  ids int64                     EROWS when applied >= clock
+    EROWS   server -> worker  rows float32
+    DINIT   worker 0 -> srv   dense slice float32           -- (initial dense values)
+    DPUSH   leader -> server  dense gradient slice float32  -- (every clock)
+    DPULL   leader -> server  (none)                        DROWS when applied >= clock - 1 - s
+    DROWS   server -> leader  dense slice float32
+    DONE    worker -> server  (none)                        -- (the worker has finished)
+
+Rows and gradients of a message are the ids' rows back to back, table-major,
+each ``dim_t`` floats wide, in the order of the ids.
+"""
+import numpy as np
+
+PULL, ROWS, PUSH, EVAL, EROWS, DINIT, DPUSH, DPULL, DROWS, DONE = range(1, 11)
+
+NAMES = {PULL: "PULL", ROWS: "ROWS", PUSH: "PUSH", EVAL: "EVAL", EROWS: "EROWS",
+         DINIT: "DINIT", DPUSH: "DPUSH", DPULL: "DPULL", DROWS: "DROWS", DONE: "DONE"}
+
+H_CLOCK, H_WORKER, H_GROUP, H_AUX, H_COUNTS = range(5)
+
+
+def header(clock, worker=-1, group=-1, aux=0, counts=()):
+    """The int64 header of a message (see the module docstring)."""
+    h = np.empty(H_COUNTS + len(counts), dtype=np.int64)
+    h[H_CLOCK], h[H_WORKER], h[H_GROUP], h[H_AUX] = clock, worker, group, aux
+    h[H_COUNTS:] = counts
+    return h
+
+
+def counts_of(h, num_tables):
+    """int64[T]: ids per table of a message's header."""
+    c = h[H_COUNTS:H_COUNTS + num_tables]
+    if c.shape[0] != num_tables:
+        raise ValueError(f"header {h.tolist()} has {c.shape[0]} table counts, expected "
+                         f"{num_tables}")
+    return c
+
+
+def table_splits(counts, dims):
+    """``(id_bounds, elem_bounds)``: where table t's ids and floats start and end."""
+    counts = np.asarray(counts, dtype=np.int64)
+    ids = np.zeros(counts.shape[0] + 1, dtype=np.int64)
+    np.cumsum(counts, out=ids[1:])
+    elems = np.zeros(counts.shape[0] + 1, dtype=np.int64)
+    np.cumsum(counts * np.asarray(dims, dtype=np.int64), out=elems[1:])
+    return ids, elems
+
+
+def describe(tag, h):
+    """A short human description of a message, for errors and logs."""
+    name = NAMES.get(tag, f"tag {tag}")
+    return f"{name} of clock {int(h[H_CLOCK])}" + (
+        f" from worker {int(h[H_WORKER])}" if h[H_WORKER] >= 0 else "")

@@ -63,6 +63,8 @@ class _Stepper:
 class _TimedComm:
     """Delegates to a communicator; times each alltoall(v) from a barrier to completion."""
 
+    capabilities = frozenset()   # collectives only: the embedding runs exchange="alltoallv"
+
     def __init__(self, comm):
         self._c = comm
         self.rank, self.size, self.mpi_comm = comm.rank, comm.size, comm.mpi_comm
@@ -103,6 +105,8 @@ class _RawComm:
     A ``ShardedEmbedding`` over it runs the very same step with raw MPI exchanges, so the
     two can be compared in the same conditions (caches, load) as they occur in a step.
     """
+
+    capabilities = frozenset()
 
     def __init__(self, mpi_comm):
         from mpi4py import MPI

@@ -13,38 +13,16 @@ up together)::
 ``ShardedEmbedding`` must give the same outputs and the same tables (up to
 float rounding in the order gradients from different ranks are added).
 """
-import time
-
 import numpy as np
 
 from hpctrain.sparse.plan import (TableBatch, check_grads, make_table,  # noqa: F401
                                   split_batch)
 from hpctrain.sparse.spec import resolve_specs
 from hpctrain.sparse.store import EmbeddingStore, Ticket
+from hpctrain.timing import PhaseTimer
 
 PHASES = ("dedup", "route", "counts", "ids_a2a", "lookup", "rows_a2a", "pool", "grad_a2a",
           "update")
-
-
-class PhaseTimer:
-    """Accumulated seconds per phase of the lookup / update path."""
-
-    def __init__(self):
-        self.seconds = dict.fromkeys(PHASES, 0.0)
-        self._t = 0.0
-
-    def start(self):
-        self._t = time.perf_counter()
-
-    def lap(self, phase):
-        """Add the time since the last ``start``/``lap`` to ``phase``."""
-        now = time.perf_counter()
-        self.seconds[phase] += now - self._t
-        self._t = now
-
-    def reset(self):
-        for k in self.seconds:
-            self.seconds[k] = 0.0
 
 
 class _Lookup(Ticket):
@@ -74,7 +52,7 @@ class EmbeddingCollection(EmbeddingStore):
         self.specs, self.feature_to_table = resolve_specs(specs)
         self.seed = seed
         self.tables = {s.name: make_table(s, seed) for s in self.specs}
-        self._timer = PhaseTimer()
+        self._timer = PhaseTimer(PHASES)
 
     @property
     def timers(self):

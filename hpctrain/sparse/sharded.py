@@ -17,12 +17,13 @@ every result, is the same whatever the exchange (see docs/sharded-embedding.md).
 """
 import numpy as np
 
-from hpctrain.sparse.collection import PhaseTimer
+from hpctrain.sparse.collection import PHASES
 from hpctrain.sparse.owner import OwnerSide
 from hpctrain.sparse.plan import Buffers, check_grads, make_table, route, split_batch
 from hpctrain.sparse.routing import owner_of
 from hpctrain.sparse.spec import resolve_specs
 from hpctrain.sparse.store import EmbeddingStore, Ticket
+from hpctrain.timing import PhaseTimer
 
 EXCHANGES = ("auto", "alltoallv", "shm")
 
@@ -79,7 +80,7 @@ class ShardedEmbedding(EmbeddingStore):
         self.seed = seed
         self.tables = {s.name: make_table(s, seed) for s in self.specs}
         self._dims = np.array([s.dim for s in self.specs], dtype=np.int64)
-        self._timer = PhaseTimer()
+        self._timer = PhaseTimer(PHASES)
         self._in_flight = None
         self._owner = OwnerSide(self.specs, self.tables)
         self._buf = Buffers()

@@ -101,15 +101,19 @@ class DenseClient:
             self.sends.append(self.p2p.send(k, P.DPUSH, h, [grad[lo:hi]]))
         self.sends = [s for s in self.sends if not s.test()]
 
-    def start_pull(self, clock):
-        """Leader: ask every server for its slice of the parameters to use at ``clock``."""
+    def start_pull(self, clock, fresh=False):
+        """Leader: ask every server for its slice of the parameters to use at ``clock``.
+
+        With ``fresh`` the servers answer once every clock up to ``clock`` is applied
+        (evaluation), else under the staleness bound (training).
+        """
         if not self.leader:
             return
-        h = P.header(clock, self.worker, self.group)
+        h = P.header(clock, self.worker, self.group, aux=P.FRESH if fresh else 0)
         for k in self.servers:
             self.sends.append(self.p2p.send(k, P.DPULL, h))
 
-    def wait_pull(self, clock, out):
+    def wait_pull(self, clock, out, fresh=False):
         """Fill ``out`` with the parameters for ``clock`` (leader receives, group broadcast)."""
         if self.leader:
             t0 = time.perf_counter()
@@ -126,7 +130,8 @@ class DenseClient:
                 out[lo:hi] = msg.arrays[0]
                 applied = int(msg.header[P.H_AUX])
                 oldest = applied if oldest is None else min(oldest, applied)
-            self.staleness.append(clock - 1 - oldest)
+            if not fresh:
+                self.staleness.append(clock - 1 - oldest)
             self.wait_s += time.perf_counter() - t0
         if self.group_comm.size > 1:
             self.group_comm.bcast(out, root=0)

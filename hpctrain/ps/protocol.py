@@ -8,7 +8,7 @@ the tag. Clocks travel in headers, never in tags (a tag only has to reach 32767)
             worker  sender's worker index (-1 from servers)
             group   sender's group (-1 from servers)
             aux     replies: ``applied`` (clocks the server has applied);
-                    DONE: the worker's last clock
+                    DPULL: FRESH asks for every clock up to ``clock`` (evaluation)
             n_t     ids of table t in the message (table-major id / row arrays)
 
     kind    from -> to        arrays                        answered
@@ -20,6 +20,7 @@ the tag. Clocks travel in headers, never in tags (a tag only has to reach 32767)
     DINIT   worker 0 -> srv   dense slice float32           -- (initial dense values)
     DPUSH   leader -> server  dense gradient slice float32  -- (every clock)
     DPULL   leader -> server  (none)                        DROWS when applied >= clock - 1 - s
+                                                            (aux FRESH: when applied >= clock)
     DROWS   server -> leader  dense slice float32
     DONE    worker -> server  (none)                        -- (the worker has finished)
 
@@ -34,6 +35,9 @@ NAMES = {PULL: "PULL", ROWS: "ROWS", PUSH: "PUSH", EVAL: "EVAL", EROWS: "EROWS",
          DINIT: "DINIT", DPUSH: "DPUSH", DPULL: "DPULL", DROWS: "DROWS", DONE: "DONE"}
 
 H_CLOCK, H_WORKER, H_GROUP, H_AUX, H_COUNTS = range(5)
+
+#: ``aux`` of a DPULL that must see every clock up to its own (evaluation reads).
+FRESH = 1
 
 
 def header(clock, worker=-1, group=-1, aux=0, counts=()):

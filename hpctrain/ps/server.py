@@ -216,11 +216,12 @@ class Server:
                             f"{self.worker_clock})")
 
     # ------------------------------------------------------------------ reads
-    def _servable(self, tag, clock):
-        if tag == P.EVAL:
-            return self.applied >= clock
+    def _servable(self, msg):
+        tag, clock = msg.tag, int(msg.header[P.H_CLOCK])
         if tag == P.DPULL and not self.dense.ready:
             return False
+        if tag == P.EVAL or (tag == P.DPULL and msg.header[P.H_AUX] == P.FRESH):
+            return self.applied >= clock
         return self.asp or self.applied >= clock - 1 - self.s
 
     def _on_pull(self, msg):
@@ -236,7 +237,7 @@ class Server:
         self._read(msg)
 
     def _read(self, msg):
-        if self._servable(msg.tag, int(msg.header[P.H_CLOCK])):
+        if self._servable(msg):
             self._answer(msg)
         else:
             self.stats.deferred += 1
@@ -248,7 +249,8 @@ class Server:
         clock = int(h[P.H_CLOCK])
         reply = P.header(clock, aux=self.applied)
         if tag == P.DPULL:
-            self._check_staleness(clock, msg)
+            if h[P.H_AUX] != P.FRESH:
+                self._check_staleness(clock, msg)
             self._sends.append(self.p2p.send(msg.source, P.DROWS, reply,
                                              [self.dense.params.data]))
             return
@@ -269,8 +271,9 @@ class Server:
     def _check_staleness(self, clock, msg):
         stale = clock - 1 - self.applied
         if not self.asp and stale > self.s:
-            raise AssertionError(f"server {self.index}: would serve {P.describe(msg.tag, msg.header)}"
-                                 f" with staleness {stale} > s = {self.s}")
+            raise AssertionError(f"server {self.index}: would serve "
+                                 f"{P.describe(msg.tag, msg.header)} with staleness {stale} > "
+                                 f"s = {self.s}")
         self.stats.pulls += 1
         self.stats.staleness_hist[stale] = self.stats.staleness_hist.get(stale, 0) + 1
 
@@ -279,7 +282,7 @@ class Server:
             return
         keep = []
         for msg in self._waiting:
-            if self._servable(msg.tag, int(msg.header[P.H_CLOCK])):
+            if self._servable(msg):
                 self._answer(msg)
             else:
                 keep.append(msg)

@@ -62,6 +62,28 @@ def test_fit_eval_checkpoint_and_resume_on_the_null_communicator(tmp_path):
     assert ref.fit()["eval"] == result["eval"] and ref.losses == null.losses
 
 
+def test_resume_of_a_finished_run_trains_nothing_and_repeats_its_metrics(tmp_path):
+    """A requeue or resubmission after the last step: no step 7, no new checkpoint, the
+    same final evaluation, exit as done."""
+    cfg = small_config(str(tmp_path), steps=6, eval_at_end=True, checkpoint_every=3)
+    first = Trainer(cfg, stream=io.StringIO()).fit()
+    again_out = io.StringIO()
+    again = Trainer(cfg, stream=again_out).fit(resume=True)
+    assert again["step"] == 6 and again["stopped"] == "done"
+    assert again["eval"] == first["eval"] and again["loss"] == first["loss"]
+    assert "already reached" in again_out.getvalue()
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["step-00000003", "step-00000006"]
+
+
+def test_resume_drops_metric_records_of_rolled_back_steps(tmp_path):
+    cfg = small_config(str(tmp_path), steps=6, checkpoint_every=4)
+    Trainer(cfg, stream=io.StringIO()).fit()
+    resumed = Trainer(cfg, stream=io.StringIO())
+    resumed.fit(resume=str(tmp_path / "ckpt" / "step-00000004"))
+    steps = [json.loads(x)["step"] for x in open(tmp_path / "metrics.jsonl")]
+    assert steps == [2, 4, 6], steps
+
+
 def _self_world():
     from hpctrain.comm.world import mpi_world
     return mpi_world().Split(mpi_world().rank, 0)

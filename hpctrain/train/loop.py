@@ -104,6 +104,7 @@ class Trainer:
                                           keep_last=cfg.checkpoint.keep_last)
         self._reader_state = self.reader.state()
         self._ckpt_step = None
+        self._last_loss = float("nan")
 
     # ------------------------------------------------------------------ hooks
     def _make_store(self):
@@ -186,7 +187,8 @@ class Trainer:
         watcher = watcher or PreemptionWatcher()
         mcfg = cfg.metrics
         total = cfg.steps
-        log = MetricsLogger(mcfg.path, comm, total, stream=self.stream)
+        log = MetricsLogger(mcfg.path, comm, total, stream=self.stream,
+                            start_step=self.step if resume else 0)
         ck = cfg.checkpoint
         last_ckpt_time, last_ckpt = time.monotonic(), None
         stopped, loss = "done", float("nan")
@@ -194,7 +196,13 @@ class Trainer:
         window_t0, window_samples, window_loss = time.perf_counter(), 0, []
         steps_this_call = 0
         try:
-            batch, state = (None, None) if self._done(0) else self._next_batch(it)
+            if self._done(self.step):
+                # a resubmitted or requeued run whose step count is reached: nothing to
+                # train; the final evaluation (if any) is that of the same model
+                log.message(f"step {self.step} of {cfg.steps} already reached: nothing to "
+                            f"train")
+                loss = self._last_loss
+            batch, state = (None, None) if self._done(self.step) else self._next_batch(it)
             next_ticket = None
             if batch is not None:
                 with t("exchange"):
@@ -370,4 +378,6 @@ class Trainer:
             self._reader_state = state["reader"]
         self.step = int(step)
         self._ckpt_step = self.step
+        tail = state.get("losses_tail") or []
+        self._last_loss = float(tail[-1]) if tail else float("nan")
         return self.step

@@ -31,8 +31,9 @@ class MetricsLogger:
         stream: where the live line goes (default stdout); a progress bar when it is a TTY.
     """
 
-    def __init__(self, path, comm, total_steps, stream=None):
+    def __init__(self, path, comm, total_steps, stream=None, start_step=0):
         self.comm = comm
+        self.start_step = int(start_step)
         self.path = path
         self.total_steps = None if total_steps is None else max(1, int(total_steps))
         self.stream = stream or sys.stdout
@@ -41,6 +42,8 @@ class MetricsLogger:
         self._file = None
         if comm.rank == 0 and path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            if self.start_step and os.path.exists(path):
+                _drop_after(path, self.start_step)
             self._file = open(path, "a", buffering=1)
 
     def write(self, record):
@@ -56,7 +59,7 @@ class MetricsLogger:
         if self.total_steps is None:   # epochs-bound run: length unknown up front
             text = f"step {step}  loss {loss:.5f}  {samples_per_s:,.0f} samples/s"
         else:
-            eta = elapsed / max(step, 1) * (self.total_steps - step)
+            eta = elapsed / max(step - self.start_step, 1) * (self.total_steps - step)
             text = (f"step {step}/{self.total_steps}  loss {loss:.5f}  "
                     f"{samples_per_s:,.0f} samples/s  ETA {_fmt_eta(eta)}")
         if self.interactive and self.total_steps is not None:
@@ -79,3 +82,27 @@ class MetricsLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _drop_after(path, step):
+    """Rewrite ``path`` without the records of steps after ``step`` (atomically).
+
+    A run resumed from the checkpoint of ``step`` trains the later steps again; their
+    old records were rolled back with the model, so a reader sees one record per step.
+    """
+    keep, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                rec_step = json.loads(line).get("step")
+            except ValueError:
+                rec_step = None
+            if isinstance(rec_step, int) and rec_step > step:
+                dropped += 1
+            else:
+                keep.append(line)
+    if dropped:
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)

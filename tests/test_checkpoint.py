@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import re
+import stat
 import subprocess
 import sys
 import textwrap
@@ -40,7 +41,9 @@ def dense_tree(seed=0):
 
 
 def state_dict():
-    return {"reader": {"epoch": 1, "position": 4096, "files": ["a.tsv", "b.tsv"]},
+    return {"reader": {"version": 1, "epoch": 1, "row": 4096, "file": 0, "offset": -1,
+                       "line": 0},
+            "files": ["a.tsv", "b.tsv"],
             "rng": {"bit_generator": "PCG64",
                     "state": {"state": 2**127 + 12345, "inc": 2**64 + 1}},
             "config": "[model]\nkind = \"dlrm\"\n# ünïcode\n", "versions": {"hpctrain": "0.1"},
@@ -430,3 +433,91 @@ def test_pending_admission_counts_survive_checkpoints(tmp_path, counter):
     manifest = json.load(open(os.path.join(tmp_path, "step-00000004", "MANIFEST.json")))
     assert manifest["tables"]["user"]["levels"] == {
         "admission/": [len(e["admission"]["keys"]) for e in saved]}
+
+
+def test_latest_strict_names_every_rejected_checkpoint(tmp_path):
+    """--resume must not start afresh over a run whose checkpoints all fail to verify."""
+    mgr = CheckpointManager(tmp_path)
+    assert mgr.latest(strict=True) is None  # no checkpoint at all: a fresh start is right
+    _, first, _ = simple(tmp_path, 1)
+    _, second, _ = simple(tmp_path, 2, seed=1)
+    os.truncate(os.path.join(second, "dense.h5"), 100)
+    os.unlink(os.path.join(first, "MANIFEST.json"))
+    os.mkdir(tmp_path / ".step-00000003.tmp-0123abcd")  # a save in progress is not one
+    with pytest.warns(CheckpointWarning):
+        assert mgr.latest() is None  # the lenient form keeps its meaning
+    with pytest.warns(CheckpointWarning), pytest.raises(CheckpointError) as info:
+        mgr.latest(strict=True)
+    text = str(info.value)
+    assert "none of the 2 checkpoint(s)" in text and "\n" not in text
+    assert re.search(r"step-00000002: dense.h5: size 100 bytes, manifest says \d+ \(truncated\); "
+                     r"step-00000001: no MANIFEST.json", text), text
+    with pytest.warns(CheckpointWarning), pytest.raises(CheckpointError, match="none of the 2"):
+        mgr.load()
+
+
+def test_directory_writable_by_others_is_refused(tmp_path):
+    """Anyone who can write to the directory could plant a checkpoint that resume loads."""
+    directory = tmp_path / "ckpt"
+    mgr, path, _ = simple(directory, 1)
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700  # created private
+    assert stat.S_IMODE(os.stat(path).st_mode) & 0o022 == 0
+    os.chmod(directory, 0o777)
+    for call in (mgr.latest, mgr.load, lambda: mgr.save(2, {}, global_tables(0), {})):
+        with pytest.raises(CheckpointError, match=r"ckpt is writable by every user \(mode 777\)"
+                                                  r".*chmod go-w"):
+            call()
+    os.chmod(directory, 0o770)
+    with pytest.warns(CheckpointWarning, match=r"ckpt is writable by its group"):
+        assert mgr.latest() == path
+    os.chmod(directory, 0o755)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert mgr.latest() == path
+
+
+def test_manifest_is_never_written_through_a_symlink(tmp_path):
+    from hpctrain.checkpoint import _files
+    victim = tmp_path / "victim"
+    victim.write_text("mine")
+    (tmp_path / "d").mkdir()
+    os.symlink(victim, tmp_path / "d" / "MANIFEST.json")
+    with pytest.raises(OSError):
+        _files.write_manifest(str(tmp_path / "d"), {"format": "x"})
+    assert victim.read_text() == "mine"
+
+
+def test_counter_ranges_are_the_tables():
+    """What a checkpoint may hold is what EmbeddingTable stores (hpctrain/sparse/table.py)."""
+    from hpctrain.checkpoint._validate import COUNTER_RANGES
+    from hpctrain.sparse import table
+    for name, (hi, _) in table._META_MAX.items():
+        assert COUNTER_RANGES[name] == (0, hi), name
+    assert COUNTER_RANGES["admission/counts"] == (1, table._MAX_COUNT)
+
+
+def test_dense_like_and_read_dense(tmp_path):
+    """load(dense_like=...) compares names, shapes and dtypes; read_dense checks by itself."""
+    from hpctrain.checkpoint import read_dense
+    mgr = CheckpointManager(tmp_path)
+    dense = {"params": {"w": np.ones((2, 3), np.float32), "b": np.zeros(3, np.float32)},
+             "optimizer": {"step": np.asarray(4, np.int64), "sum": np.ones(9, np.float32)}}
+    path = mgr.save(4, dense, global_tables(0, specs=(("t", 2, 10),)), {"step": 4})
+    like = {"params": {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)},
+            "optimizer": {"step": np.asarray(0, np.int64), "sum": np.zeros(9, np.float32)}}
+    assert mgr.load(dense_like=like)[0] == 4
+    got, state = read_dense(path)
+    assert_tree_equal(got, dense)
+    assert state == {"step": 4}
+    for change, problem in [
+            (lambda d: d["params"].update(w=np.zeros((3, 2), np.float32)),
+             r"/dense/params/w: shape \[2, 3\], the model expects \[3, 2\]"),
+            (lambda d: d["params"].update(w=np.zeros((2, 3), np.float16)),
+             r"/dense/params/w: dtype float32, the model expects float16"),
+            (lambda d: d["params"].update(extra=np.zeros(1, np.float32)),
+             r"/dense/params: names differ from the model's: missing \['extra'\]"),
+            (lambda d: d.update(ema={}), r"/dense/ema: missing \(the model has it\)")]:
+        want = {k: dict(v) for k, v in like.items()}
+        change(want)
+        with pytest.raises(CheckpointError, match=problem):
+            mgr.load(dense_like=want)

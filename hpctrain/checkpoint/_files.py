@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 
 import h5py
 import numpy as np
@@ -113,7 +114,10 @@ def write_manifest(directory, doc):
     doc = dict(doc)
     doc["checksum"] = "sha256:" + hashlib.sha256(_canonical(doc)).hexdigest()
     path = os.path.join(directory, MANIFEST)
-    with open(path, "w", encoding="utf-8") as fh:
+    # never through a symlink, never over an existing file
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
         json.dump(doc, fh, indent=1)
         fh.write("\n")
         fh.flush()
@@ -121,30 +125,94 @@ def write_manifest(directory, doc):
     return path
 
 
+# Sanity bounds on manifest values, checked before anything is sized by them: a manifest
+# is only as trustworthy as whoever could write to the directory.
+MAX_WORLD_SIZE = 1 << 20
+MAX_DIM = 1 << 20
+MAX_STEP = (1 << 63) - 1
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _is_int(value, lo=0, hi=MAX_STEP):
+    return type(value) is int and lo <= value <= hi
+
+
 def parse_manifest(text):
-    """Validated manifest dict from its JSON text; raises ValueError describing the problem."""
+    """Validated manifest dict from its JSON text; raises ValueError describing the problem.
+
+    Besides format, version and self-checksum, every value that sizes later work is
+    checked here first: step, world size (at most ``MAX_WORLD_SIZE``, and exactly one
+    shard file listed per rank), file entries, and each table's id, dim and per-rank
+    row counts, whose bytes must fit in the listed size of each shard file.
+    """
     try:
         doc = json.loads(text)
     except ValueError as exc:
         raise ValueError(f"{MANIFEST}: not valid JSON ({exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise ValueError(f"{MANIFEST}: not an {FORMAT} manifest")
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{MANIFEST}: format_version {doc.get('format_version')!r} "
+    version = doc.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:
+        raise ValueError(f"{MANIFEST}: format_version {version!r} "
                          f"is not supported (this hpctrain reads {FORMAT_VERSION})")
     expected = "sha256:" + hashlib.sha256(_canonical(doc)).hexdigest()
     if doc.get("checksum") != expected:
         raise ValueError(f"{MANIFEST}: checksum mismatch (content altered)")
+    if not _is_int(doc.get("step")):
+        raise ValueError(f"{MANIFEST}: step {doc.get('step')!r} is not an integer in "
+                         f"[0, 2^63 - 1]")
     world = doc.get("world_size")
+    if not _is_int(world, 1, MAX_WORLD_SIZE):
+        raise ValueError(f"{MANIFEST}: world_size {world!r} is not an integer in "
+                         f"[1, {MAX_WORLD_SIZE}]")
     files = doc.get("files")
-    if not isinstance(world, int) or world < 1 or not isinstance(files, dict):
-        raise ValueError(f"{MANIFEST}: bad world_size or files entry")
+    if not isinstance(files, dict):
+        raise ValueError(f"{MANIFEST}: 'files' is not an object")
+    if len(files) != world + 1:
+        raise ValueError(f"{MANIFEST}: lists {len(files)} files; world_size {world} means "
+                         f"{world + 1} ({DENSE_FILE} and one shard file per rank)")
     required = [DENSE_FILE] + [shard_file(r, world) for r in range(world)]
     missing = [name for name in required if name not in files]
     if missing:
-        raise ValueError(f"{MANIFEST}: does not list {', '.join(missing)}")
+        raise ValueError(f"{MANIFEST}: does not list {', '.join(missing[:3])}"
+                         + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""))
     for name, entry in files.items():
-        if (os.path.basename(name) != name or not isinstance(entry, dict)
-                or not isinstance(entry.get("size"), int) or not isinstance(entry.get("sha256"), str)):
+        if (not isinstance(entry, dict) or not _is_int(entry.get("size"))
+                or not isinstance(entry.get("sha256"), str) or not _SHA256.match(entry["sha256"])):
             raise ValueError(f"{MANIFEST}: bad entry for file {name!r}")
+    if doc.get("dense_file", DENSE_FILE) != DENSE_FILE:
+        raise ValueError(f"{MANIFEST}: dense_file {doc['dense_file']!r}, expected {DENSE_FILE!r}")
+    _check_tables(doc.get("tables"), world, files)
     return doc
+
+
+def _check_tables(tables, world, files):
+    if not isinstance(tables, dict):
+        raise ValueError(f"{MANIFEST}: 'tables' is not an object")
+    row_bytes = [0] * world
+    for name, entry in tables.items():
+        where = f"{MANIFEST}: table {name!r}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: entry is not an object")
+        if not _is_int(entry.get("table_id"), -(1 << 63)):
+            raise ValueError(f"{where}: table_id {entry.get('table_id')!r} is not an integer")
+        dim = entry.get("dim")
+        if not _is_int(dim, 1, MAX_DIM):
+            raise ValueError(f"{where}: dim {dim!r} is not an integer in [1, {MAX_DIM}]")
+        levels = entry.get("levels", {})
+        if not isinstance(levels, dict):
+            raise ValueError(f"{where}: 'levels' is not an object")
+        for what, rows in [("rows", entry.get("rows"))] + [
+                (f"levels[{lv!r}]", n) for lv, n in levels.items()]:
+            if (not isinstance(rows, list) or len(rows) != world
+                    or not all(_is_int(n) for n in rows)):
+                raise ValueError(f"{where}: {what} must list {world} row counts (one per rank)")
+            # keys (8 bytes) and, for the table's own rows, float32 values of dim
+            per_row = 8 + (4 * dim if what == "rows" else 0)
+            for rank, n in enumerate(rows):
+                row_bytes[rank] += n * per_row
+    for rank, need in enumerate(row_bytes):
+        have = files[shard_file(rank, world)]["size"]
+        if need > have:
+            raise ValueError(f"{MANIFEST}: the tables' row counts need at least {need} bytes in "
+                             f"{shard_file(rank, world)}, which has {have}")

@@ -112,17 +112,55 @@ def is_row_array(obj):
     return isinstance(obj, h5py.Dataset) and not kind_of(obj) and obj.ndim >= 1
 
 
+def where(obj):
+    """``file:/path`` of an HDF5 object, for messages (the file without its directory)."""
+    import os
+    return f"{os.path.basename(obj.file.filename)}:{obj.name}"
+
+
+def check_storage(ds, at=None):
+    """Raise CheckpointError unless dataset ``ds``'s declared size is stored in its file.
+
+    hpctrain writes every dataset whole and without filters, so a dataset that declares
+    more bytes than the file stores for it (a crafted header asking for a huge array), or
+    that uses filters (whose output size is unbounded), is refused before it is read.
+    """
+    if ds.shape is None or ds.size == 0:
+        return
+    at = at or where(ds)
+    if ds.id.get_create_plist().get_nfilters():
+        raise CheckpointError(f"{at}: stored with HDF5 filters (compression), which hpctrain "
+                              f"checkpoints never use")
+    declared = int(ds.size) * ds.dtype.itemsize
+    stored = ds.id.get_storage_size()
+    if stored < declared:
+        raise CheckpointError(f"{at}: declares {ds.dtype}{list(ds.shape)} ({declared} bytes) "
+                              f"but the file stores {stored} bytes of it")
+
+
 def read(obj):
-    """The value tree stored at the group or dataset ``obj`` (inverse of ``write``)."""
+    """The value tree stored at the group or dataset ``obj`` (inverse of ``write``).
+
+    Raises:
+        CheckpointError: naming ``file:/path`` of a member that is not a value tree.
+    """
     kind = kind_of(obj)
     if isinstance(obj, h5py.Group):
         if kind in ("list", "tuple"):
+            if sorted(obj) != sorted(str(i) for i in range(len(obj))):
+                raise CheckpointError(f"{where(obj)}: {kind} members must be named 0..{len(obj) - 1}")
             items = [read(obj[str(i)]) for i in range(len(obj))]
             return tuple(items) if kind == "tuple" else items
         if kind:
-            raise CheckpointError(f"{obj.file.filename}:{obj.name}: unknown group type {kind!r}")
+            raise CheckpointError(f"{where(obj)}: unknown group type {kind!r}")
         return {unescape(link): read(obj[link]) for link in obj}
+    if not isinstance(obj, h5py.Dataset):
+        raise CheckpointError(f"{where(obj)}: not a group or dataset")
+    check_storage(obj)
     if not kind:
+        if obj.dtype.kind not in ARRAY_KINDS:
+            raise CheckpointError(f"{where(obj)}: arrays of dtype {obj.dtype} are not part of "
+                                  f"a checkpoint")
         return obj[...]
     readers = {
         "numpy_scalar": lambda: obj[()],
@@ -135,5 +173,8 @@ def read(obj):
         "none": lambda: None,
     }
     if kind not in readers:
-        raise CheckpointError(f"{obj.file.filename}:{obj.name}: unknown dataset type {kind!r}")
-    return readers[kind]()
+        raise CheckpointError(f"{where(obj)}: unknown dataset type {kind!r}")
+    try:
+        return readers[kind]()
+    except (TypeError, ValueError, OSError) as exc:
+        raise CheckpointError(f"{where(obj)}: not a valid {kind} ({exc})") from None

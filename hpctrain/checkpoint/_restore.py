@@ -1,12 +1,16 @@
 """Reading checkpoints: verification against the manifest, dense state, resharded tables."""
 import json
 import os
+import re
 
+import h5py
 import numpy as np
 
-from hpctrain.checkpoint import _files, _h5tree, _tables
+from hpctrain.checkpoint import _files, _h5tree, _tables, _validate
 from hpctrain.checkpoint._collective import LocalComm
 from hpctrain.errors import CheckpointError
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def _read_manifest_text(path):
@@ -37,6 +41,10 @@ def verify(path, comm=None, hash_files=True):
         manifest = _files.parse_manifest(text)
     except ValueError as exc:
         return None, str(exc)
+    named = _STEP_DIR.match(os.path.basename(os.path.normpath(path)))
+    if named and int(named.group(1)) != manifest["step"]:
+        return None, (f"{_files.MANIFEST}: step {manifest['step']} but the directory is "
+                      f"{os.path.basename(os.path.normpath(path))}")
     names = sorted(manifest["files"])
     local = [_files.check_file(os.path.join(path, name), manifest["files"][name], hash_files)
              for name in names[comm.rank::comm.size]]
@@ -47,17 +55,47 @@ def verify(path, comm=None, hash_files=True):
     return manifest, None
 
 
-def read_dense(path):
-    """(dense tree, state dict) from a checkpoint's dense.h5."""
-    with _files.open_h5(os.path.join(path, _files.DENSE_FILE), "r") as h5:
+def read_dense(path, manifest=None, expected=None):
+    """(dense tree, state dict) from a checkpoint's dense.h5, checked (``_validate``).
+
+    Args:
+        path: the checkpoint directory.
+        manifest: its parsed manifest; None reads it (sizes checked, not hashes).
+        expected: the dense tree the caller expects (names, shapes, dtypes), or None.
+
+    Raises:
+        CheckpointError: naming dense.h5, the dataset and the problem.
+    """
+    if manifest is None:
+        manifest, problem = verify(path, hash_files=False)
+        if problem:
+            raise CheckpointError(f"checkpoint {path}: {problem}")
+    name = _files.DENSE_FILE
+    with _validate.open_file(path, manifest, name) as h5:
+        for group in ("dense", "state"):
+            if not isinstance(h5.get(group), h5py.Group):
+                raise CheckpointError(f"{name}: no /{group} group")
         dense = _h5tree.read(h5["dense"])
-        state = {_h5tree.unescape(k): json.loads(ds.asstr()[()]) for k, ds in h5["state"].items()}
+        state = {}
+        for link, ds in h5["state"].items():
+            at = f"{name}:/state/{link}"
+            if not isinstance(ds, h5py.Dataset) or ds.shape != () or ds.dtype.kind not in "OS":
+                raise CheckpointError(f"{at}: expected a scalar JSON string")
+            _h5tree.check_storage(ds, at)
+            try:
+                state[_h5tree.unescape(link)] = json.loads(ds.asstr()[()])
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise CheckpointError(f"{at}: not valid JSON ({exc})") from None
+    _validate.check_dense(dense, expected, f"{name}:/dense")
+    _validate.check_state(state, manifest, f"{name}:/state")
     return dense, state
 
 
 def read_tables(path, manifest, owner, comm, chunk_bytes):
     """This rank's rows of every table: its own old shard (``owner`` None) or, from every
     old shard, the rows ``owner`` assigns to it, ordered by old rank then row.
+
+    Every row read is checked (``_validate``), and no key may repeat among this rank's rows.
 
     Returns:
         (table name -> export dict, names of the tables whose shard-local state was left
@@ -67,12 +105,16 @@ def read_tables(path, manifest, owner, comm, chunk_bytes):
     world = manifest["world_size"]
     readers = {}
     for old_rank in [comm.rank] if owner is None else range(world):
-        with _files.open_h5(os.path.join(path, _files.shard_file(old_rank, world)), "r") as h5:
+        with _validate.open_file(path, manifest, _files.shard_file(old_rank, world),
+                                 old_rank) as h5:
             for name in names:
                 if name not in readers:
-                    readers[name] = _tables.TableReader(h5, name, shard_local=owner is None)
+                    readers[name] = _tables.TableReader(h5, name, shard_local=owner is None,
+                                                        dim=manifest["tables"][name]["dim"])
                 select = None if owner is None else _selector(owner, name, comm)
                 readers[name].add(h5, select, chunk_bytes)
+    for name in names:
+        readers[name].check_unique()
     return ({name: readers[name].result() for name in names},
             [name for name in names if readers[name].dropped])
 
@@ -86,7 +128,8 @@ def shard_stays(path, manifest, owner, comm, chunk_bytes):
     world = manifest["world_size"]
     if owner is None or world != comm.size:
         return False
-    with _files.open_h5(os.path.join(path, _files.shard_file(comm.rank, world)), "r") as h5:
+    with _validate.open_file(path, manifest, _files.shard_file(comm.rank, world),
+                             comm.rank) as h5:
         return all(_tables.all_owned(h5, name, _selector(owner, name, comm), chunk_bytes)
                    for name in manifest["tables"])
 

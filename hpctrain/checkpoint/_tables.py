@@ -13,9 +13,11 @@ that cannot be split by key (a counting Bloom filter): its arrays need not be ro
 and it is read back only by the rank that reads its own old shard (same world, same
 routing); a resharded load drops it (``TableReader.dropped``).
 """
+import os
+
 import numpy as np
 
-from hpctrain.checkpoint import _h5tree
+from hpctrain.checkpoint import _h5tree, _validate
 from hpctrain.errors import CheckpointError
 
 SHARD_STATE = "shard_state"
@@ -122,12 +124,26 @@ def write(h5file, tables, table_ids):
 
 
 class _Rows:
-    """Pieces of one row-aligned dataset gathered across shard files."""
+    """Pieces of one row-aligned dataset gathered across shard files.
+
+    ``origins`` has one ``(file name, first row, mask or None)`` per piece, so that a
+    problem found after gathering (a repeated key) can name the file and row.
+    """
 
     def __init__(self, dataset):
         self.dtype = dataset.dtype
         self.tail = dataset.shape[1:]
         self.pieces = []
+        self.origins = []
+
+    def locate(self, value):
+        """``file:row`` of every stored occurrence of ``value`` (a 1-D dataset's element)."""
+        out = []
+        for piece, (name, start, mask) in zip(self.pieces, self.origins):
+            rows = np.flatnonzero(mask) if mask is not None else None
+            for i in np.flatnonzero(piece == value):
+                out.append(f"{name} row {start + int(i if rows is None else rows[i])}")
+        return out
 
     def result(self):
         if not self.pieces:
@@ -207,47 +223,67 @@ def all_owned(h5, name, select, chunk_bytes):
 class TableReader:
     """Gathers one table's rows from shard files read one after the other.
 
+    Every chunk read is checked (``_validate``): key and value dtypes, the table's dim,
+    finite floats, counters in range; ``check_unique`` then checks that no key repeats.
+
     Args:
         h5: the first shard file to read (its metadata and structure are used).
         name: table name.
         shard_local: whether this rank reads its own old shard only; then the shard-local
             entry of ``h5`` is kept, else it is left out and ``dropped`` says whether the
             checkpoint had one.
+        dim: the table's embedding dim (from the manifest).
     """
 
-    def __init__(self, h5, name, shard_local=True):
+    def __init__(self, h5, name, shard_local=True, dim=None):
         self.name = name
+        self.dim = dim
         self.levels = {}
         group = h5["/tables/" + _h5tree.escape(name)]
+        self.root = group.name
         self.dropped = not shard_local and SHARD_STATE in group
         self.tree = _template(group, self.levels, None, root=True, shard_local=shard_local)
 
-    def add(self, h5, select, chunk_bytes):
+    def add(self, h5, select, chunk_bytes, keep=True):
         """Append the rows of ``h5`` that ``select(keys) -> bool mask`` keeps (None: all).
 
         Reads at most about ``chunk_bytes`` of rows at a time; rows keep file order.
+        With ``keep`` false the rows are only checked (export's pass over a shard).
         """
         for level_path, datasets in self.levels.items():
-            _read_level(h5, level_path, datasets, select, chunk_bytes, self.name)
+            _read_level(h5, level_path, datasets, select, chunk_bytes, self, keep)
+
+    def check_unique(self):
+        """Raise CheckpointError naming files and rows when a keyed level repeats a key."""
+        for level_path, datasets in self.levels.items():
+            keys = datasets[level_path + "/keys"]
+            dup = _validate.first_duplicate(keys.result())
+            if dup is not None:
+                raise CheckpointError(
+                    f"table {self.name!r}: {level_path}/keys repeats key {dup} ("
+                    f"{', '.join(keys.locate(dup)[:4])})")
 
     def result(self):
         """The table's export dict: rows in the order they were added."""
         return _fill(self.tree)
 
 
-def _read_level(h5, level_path, datasets, select, chunk_bytes, name):
-    where = f"{h5.filename}: table {name!r} at {level_path}"
+def _read_level(h5, level_path, datasets, select, chunk_bytes, table, keep=True):
+    fname = os.path.basename(h5.filename)
+    where = f"{fname}:{table.root}"
     try:
         sources = {path: h5[path] for path in datasets}
     except KeyError as exc:
-        raise CheckpointError(f"{where}: structure differs from old rank 0's shard "
-                              f"({exc})") from None
+        raise CheckpointError(f"{where}: table {table.name!r} at {level_path}: structure "
+                              f"differs from old rank 0's shard ({exc})") from None
     keys_path = level_path + "/keys"
     n = sources[keys_path].shape[0]
+    rel = {path: path[len(table.root) + 1:] for path in datasets}
     for path, rows in datasets.items():
         ds = sources[path]
+        _validate.check_dataset(ds, rel[path], table.dim, where)
         if ds.shape[1:] != rows.tail or ds.dtype != rows.dtype or ds.shape[0] != n:
-            raise CheckpointError(f"{where}: {path} is {ds.dtype}{ds.shape}, expected "
+            raise CheckpointError(f"{where}/{rel[path]}: {ds.dtype}{list(ds.shape)}, expected "
                                   f"{rows.dtype}[{n}, {rows.tail}] like old rank 0's shard")
     row_bytes = sum(r.dtype.itemsize * int(np.prod(r.tail, dtype=np.int64))
                     for r in datasets.values())
@@ -260,4 +296,9 @@ def _read_level(h5, level_path, datasets, select, chunk_bytes, name):
             continue
         for path, rows in datasets.items():
             chunk = keys if path == keys_path else sources[path][start:stop]
-            rows.pieces.append(chunk if mask is None or mask.all() else chunk[mask])
+            _validate.check_chunk(chunk, rel[path], start, keys, where)
+            if not keep:
+                continue
+            whole = mask is None or mask.all()
+            rows.pieces.append(chunk if whole else chunk[mask])
+            rows.origins.append((fname, start, None if whole else mask))

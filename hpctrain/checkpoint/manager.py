@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import time
 import warnings
 
@@ -107,6 +108,7 @@ class CheckpointManager:
         self.comm = comm if comm is not None else LocalComm()
         self.keep_last = keep_last
         self.chunk_bytes = int(chunk_bytes)
+        self._warned_group = False
 
     # ---------------------------------------------------------------- listing
     def checkpoints(self):
@@ -118,24 +120,67 @@ class CheckpointManager:
         found = sorted((int(m.group(1)), n) for n in names if (m := _STEP_DIR.match(n)))
         return [os.path.join(self.directory, n) for _, n in found]
 
-    def latest(self):
+    def latest(self, strict=False):
         """Path of the newest complete checkpoint whose files verify, or None.
 
         Newer partial or corrupt checkpoints are skipped with a ``CheckpointWarning``
         (on rank 0) naming the directory and the problem.
-        """
-        return self._find_latest()[0]
 
-    def _find_latest(self):
-        candidates = on_root(self.comm, self.checkpoints, f"listing {self.directory}: ")
+        Args:
+            strict: when ``step-*`` directories exist but none verifies, raise instead of
+                returning None (``--resume``: starting afresh would train over a run's
+                files). None is then returned only when there is no checkpoint at all.
+
+        Raises:
+            CheckpointError: (``strict``) naming each checkpoint and why it was rejected;
+                and, always, when the directory is writable by other users.
+        """
+        return self._find_latest(strict)[0]
+
+    def _find_latest(self, strict=False):
+        candidates = on_root(self.comm, self._listing, f"listing {self.directory}: ")
+        rejected = []
         for path in reversed(candidates):
             manifest, problem = _restore.verify(path, self.comm)
             if manifest is not None:
                 return path, manifest
+            rejected.append(f"{os.path.basename(path)}: {problem}")
             if self.comm.rank == 0:
                 warnings.warn(f"skipping checkpoint {path}: {problem}; trying an older one",
                               CheckpointWarning, stacklevel=3)
+        if strict and rejected:
+            more = f"; and {len(rejected) - 8} more" if len(rejected) > 8 else ""
+            raise CheckpointError(f"none of the {len(rejected)} checkpoint(s) in "
+                                  f"{self.directory} verifies: {'; '.join(rejected[:8])}{more}")
         return None, None
+
+    def _listing(self):
+        """``checkpoints()`` of a directory that only this user can write to."""
+        self._check_private()
+        return self.checkpoints()
+
+    def _check_private(self):
+        """Refuse a directory others can write to; warn once when its group can.
+
+        Whoever can create entries here can plant a checkpoint that ``latest()`` prefers
+        (the highest step wins), or a symlink where a file will be written.
+        """
+        try:
+            st = os.stat(self.directory)
+        except FileNotFoundError:
+            return
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & stat.S_IWOTH:
+            raise CheckpointError(
+                f"checkpoint directory {self.directory} is writable by every user (mode "
+                f"{mode:o}): anyone could plant a checkpoint that a resume would load; make it "
+                f"private (chmod go-w {self.directory})")
+        if mode & stat.S_IWGRP and not self._warned_group:
+            self._warned_group = True
+            warnings.warn(f"checkpoint directory {self.directory} is writable by its group "
+                          f"(mode {mode:o}): every member could plant a checkpoint that a resume "
+                          f"would load; make it private (chmod g-w {self.directory})",
+                          CheckpointWarning, stacklevel=4)
 
     # ------------------------------------------------------------------- save
     def save(self, step, dense, tables, state=None, *, table_ids=None):
@@ -168,10 +213,13 @@ class CheckpointManager:
                        for n, d in described.items()}
             ids = _table_ids(tables, table_ids)
             if comm.rank == 0:
-                os.makedirs(self.directory, exist_ok=True)
+                os.makedirs(self.directory, mode=0o700, exist_ok=True)
+                self._check_private()
                 tmp = os.path.join(self.directory,
                                    f".{step_dir(step)}.tmp-{secrets.token_hex(4)}")
-                os.mkdir(tmp)
+                # Only this user can create entries while the files are written, so no
+                # name in it can be a planted symlink; _publish opens it up for reading.
+                os.mkdir(tmp, 0o700)
         except Exception as exc:  # noqa: BLE001 - raised on every rank below
             error, cause = describe(exc), exc
         gathered = comm.allgather_object((error, step, summary, tmp, ids))
@@ -260,6 +308,8 @@ class CheckpointManager:
             "files": files, "versions": _files.versions(),
         }
         _files.write_manifest(tmp, manifest)
+        # readable like the checkpoint directory, writable by this user only
+        os.chmod(tmp, stat.S_IMODE(os.stat(self.directory).st_mode) & ~0o022 | 0o700)
         _files.fsync_dir(tmp)
         final = os.path.join(self.directory, step_dir(step))
         old = None
@@ -329,7 +379,8 @@ class CheckpointManager:
                           CheckpointWarning, stacklevel=5)
 
     # ------------------------------------------------------------------- load
-    def load(self, path=None, owner=None, *, table_dims=None, verify_files=True):
+    def load(self, path=None, owner=None, *, table_dims=None, dense_like=None,
+             verify_files=True):
         """Restore a checkpoint onto the current world (collective).
 
         Args:
@@ -343,6 +394,11 @@ class CheckpointManager:
                 writer and gives each rank its old shard.
             table_dims: table name -> embedding dim the caller expects; checked against the
                 checkpoint (missing, extra or different tables are errors). None: no check.
+            dense_like: the dense tree the caller would save now, e.g. ``{"params":
+                model.state_dict(), "optimizer": opt.state_dict()}``: each of its top-level
+                members must be in the checkpoint with the same names, shapes and
+                compatible dtypes, and finite. None: only the checks every load makes
+                (finite values outside ``optimizer``, numeric ``params``).
             verify_files: check sizes and sha256 of every file first (default True; the check
                 is skipped for ``path=None``, where ``latest()`` has just done it).
 
@@ -351,11 +407,14 @@ class CheckpointManager:
             export dict of the rows this rank owns now, and the state dict.
 
         Raises:
-            CheckpointError: on every rank, naming the checkpoint, file or table at fault.
+            CheckpointError: on every rank, naming the checkpoint, file or table at fault:
+                files that disagree with the manifest, tables that are missing or have
+                another dim, rows that are not finite, keys that repeat, counters out of
+                range, dense values that do not match ``dense_like`` (docs/checkpoint.md).
         """
         comm = self.comm
         if path is None:
-            path, manifest = self._find_latest()
+            path, manifest = self._find_latest(strict=True)
             if path is None:
                 raise CheckpointError(f"no complete checkpoint in {self.directory}")
         else:
@@ -376,7 +435,7 @@ class CheckpointManager:
             owner = None  # same world, same routing: every rank's rows are its old shard
         error, cause, dense, state, tables, dropped = None, None, None, None, {}, []
         try:
-            dense, state = _restore.read_dense(path)
+            dense, state = _restore.read_dense(path, manifest, dense_like)
             tables, dropped = _restore.read_tables(path, manifest, owner, comm,
                                                    self.chunk_bytes)
         except Exception as exc:  # noqa: BLE001 - raised on every rank below

@@ -32,6 +32,31 @@ _END, _ERROR = object(), object()
 _DEFAULT = object()
 
 
+def state_problem(state):
+    """Why ``state`` is not a reader state of this version (text), or None when it is.
+
+    A reader state is a dict with exactly the keys ``version, epoch, row, file, offset,
+    line``, all integers (not booleans): ``version`` is ``STATE_VERSION``, ``offset`` is
+    -1 (unknown) or a byte offset, the others are >= 0.
+    """
+    if not isinstance(state, dict):
+        return f"not a data reader state: expected an object, got {type(state).__name__}"
+    keys = sorted(state)
+    if keys != sorted(_STATE_KEYS):
+        return (f"not a data reader state: keys {keys}, expected {sorted(_STATE_KEYS)}")
+    for key in _STATE_KEYS:
+        value = state[key]
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            return f"data reader state: {key} = {value!r} is not an integer"
+        lo = -1 if key == "offset" else 0
+        if not lo <= int(value) < 1 << 63:
+            return f"data reader state: {key} = {value} is out of range"
+    if int(state["version"]) != STATE_VERSION:
+        return (f"data reader state version {state['version']}, this hpctrain reads "
+                f"{STATE_VERSION}")
+    return None
+
+
 class _Prefetcher:
     """Runs a generator in a daemon thread, ``depth`` items ahead, through a bounded queue.
 
@@ -230,12 +255,9 @@ class Reader:
         Raises:
             DataError: ``state`` is not a reader state of this version.
         """
-        if not isinstance(state, dict) or any(k not in state for k in _STATE_KEYS):
-            raise DataError(f"not a data reader state (expected keys {list(_STATE_KEYS)}): "
-                            f"{state!r}")
-        if int(state["version"]) != STATE_VERSION:
-            raise DataError(f"data reader state version {state['version']}, this hpctrain "
-                            f"reads {STATE_VERSION}")
+        problem = state_problem(state)
+        if problem:
+            raise DataError(f"data.{self.split}: {problem}")
         self._stop()
         self._state = {k: int(state[k]) for k in _STATE_KEYS}
         self._done = False

@@ -48,7 +48,7 @@ def test_save_and_load_this_world(comm, shared_dir):
     mgr = CheckpointManager(shared_dir, comm, keep_last=2)
     mine = shard(full, owner_fn(comm.size), comm.size, comm.rank)
     for step in (1, 2, 3):  # repeated collectives catch lazy set-up bugs; keep_last prunes
-        path = mgr.save(step, dense(step), mine, {"reader": {"pos": step * 10}, "rank0": True})
+        path = mgr.save(step, dense(step), mine, {"position": {"pos": step * 10}, "rank0": True})
     assert path == os.path.join(shared_dir, "step-00000003")
     assert sorted(os.listdir(shared_dir)) == ["step-00000002", "step-00000003"]
     assert sorted(os.listdir(path)) == sorted(
@@ -56,7 +56,7 @@ def test_save_and_load_this_world(comm, shared_dir):
                                          for r in range(comm.size)])
     assert mgr.latest() == path
     step, d, tables, state = mgr.load(owner=owner_fn(comm.size), table_dims=DIMS)
-    assert step == 3 and state == {"reader": {"pos": 30}, "rank0": True}
+    assert step == 3 and state == {"position": {"pos": 30}, "rank0": True}
     assert_tree_equal(d, dense(3))
     check_loaded(comm, tables, full, comm.size)
     _, _, same, _ = mgr.load(path)  # owner=None: each rank gets exactly its old shard

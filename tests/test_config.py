@@ -365,3 +365,20 @@ def test_file_errors(tmp_path):
     with pytest.raises(ConfigError, match=rf"{typo}: model.botom: unknown key; did you mean "
                                           rf"'bottom'\?"):
         load_config(typo)
+
+
+
+@pytest.mark.parametrize("typo,meant", [("stesp", "steps"), ("global_bach", "global_batch"),
+                                        ("modell", "model"), ("dat", "data")])
+def test_misspelt_key_is_named_before_what_it_leaves_missing(typo, meant):
+    d = copy.deepcopy(BASE)
+    d[typo] = d.pop(meant)
+    with pytest.raises(ConfigError, match=rf"{typo}: unknown key; did you mean '{meant}'\?"):
+        config_from_dict(d)
+
+
+def test_dense_optimizer_defaults_are_the_optimizers_own():
+    d = mutate(BASE, "dense_optimizer", {"kind": "adam"})
+    assert config_from_dict(d).dense_optimizer["lr"] == 1e-3
+    d = mutate(BASE, "dense_optimizer", {"kind": "sgd"})
+    assert config_from_dict(d).dense_optimizer["lr"] == 0.01

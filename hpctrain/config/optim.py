@@ -5,12 +5,15 @@ the config cannot accept what they reject or reject what they accept:
 
     kinds, which hyper-parameters each reads   hpctrain.sparse.optimizers.HYPERPARAMETERS
                                                hpctrain.dense.optim.HYPERPARAMETERS
-    defaults                                   SparseOptimizer's fields
+    defaults                                   SparseOptimizer's fields (sparse);
+                                               hpctrain.dense.optim.DEFAULTS, else
+                                               SparseOptimizer's (dense: Adam lr 1e-3)
     ranges (both sides)                        hpctrain.sparse.optimizers.RANGES
 """
 import dataclasses
 
 from hpctrain.config._node import Node, kind_of
+from hpctrain.dense.optim import DEFAULTS as DENSE_DEFAULTS
 from hpctrain.dense.optim import HYPERPARAMETERS as DENSE_OPTIMIZER_KEYS
 from hpctrain.sparse.optimizers import HYPERPARAMETERS as SPARSE_OPTIMIZER_KEYS
 from hpctrain.sparse.optimizers import RANGES, SparseOptimizer
@@ -49,6 +52,9 @@ def parse_optimizer(node, key, kinds, fill_all):
     for k in allowed:
         lo, lo_incl, hi, hi_incl = RANGES[k]
         if fill_all or k == "lr" or k in v:
-            out[k] = n.number(k, SPARSE_OPTIMIZER_DEFAULTS[k], lo, lo_incl, hi, hi_incl)
+            default = SPARSE_OPTIMIZER_DEFAULTS[k]
+            if not fill_all:   # dense: the optimizer's own default where it declares one
+                default = DENSE_DEFAULTS.get(kind, {}).get(k, default)
+            out[k] = n.number(k, default, lo, lo_incl, hi, hi_incl)
     n.finish()
     return out

@@ -1,16 +1,19 @@
 """The whole run: top-level keys, ``Config``, and the entry points that parse a file.
 
 ``parse_config_dict`` reads the top-level keys itself and hands every section to the
-parser of its module (``model``, ``tables``, ``optim``, ``data``, ``run``, ``ps``), then
+parser of its module (``model``, ``tables``, ``optim``, ``data``, ``run``, ``ps``,
+``online``), then
 checks what spans sections (``model.check_model_tables``).
 """
 import dataclasses
+import difflib
 import os
 from dataclasses import dataclass, field
 
 from hpctrain.config._node import Node, kind_of
 from hpctrain.config.data import DataConfig, parse_data
 from hpctrain.config.model import ModelConfig, check_model_tables, parse_model
+from hpctrain.config.online import OnlineConfig, parse_online
 from hpctrain.config.optim import DENSE_OPTIMIZER_KEYS, parse_optimizer
 from hpctrain.config.ps import PsConfig, parse_ps, ps_layout
 from hpctrain.config.run import (CheckpointConfig, EvalConfig, MetricsConfig, parse_checkpoint,
@@ -26,6 +29,7 @@ except ImportError:  # pragma: no cover - Python 3.10
 
 MODES = ("collective", "hybrid")
 MALLOCS = ("tuned", "default")
+DEVICES = ("cpu", "gpu")  # hpctrain.dense.device checks at start-up that "gpu" can run
 
 
 @dataclass
@@ -33,8 +37,8 @@ class Config:
     """A validated run configuration.
 
     Attributes:
-        model, tables, dense_optimizer, data, eval, checkpoint, metrics: the sections
-            (``checkpoint`` is None when not configured).
+        model, tables, dense_optimizer, data, eval, checkpoint, metrics, online: the
+            sections (``checkpoint`` and ``online`` are None when not configured).
         global_batch, batch_per_rank: exactly one is set; see ``batch_sizes``.
         steps, epochs: at least one is set; training stops at whichever comes first.
         seed: the run's seed (initialisation, shuffling; synthetic data unless ``data.seed``).
@@ -42,6 +46,8 @@ class Config:
         malloc: "tuned" (fixed glibc mmap/trim thresholds, ``hpctrain.memory``) or
             "default" (the allocator as the process found it).
         mode: "collective" or "hybrid" (parameter servers and worker groups, see ``ps``).
+        device: where the dense model trains: "cpu" (NumPy) or "gpu" (CuPy, one GPU per
+            rank, NCCL allreduce); embedding tables stay in host memory either way.
         overlap: overlap next batch's exchange with this batch's dense work.
         ps: the ``PsConfig`` of mode "hybrid"; None in collective mode.
         exchange, node_group_size: how embedding rows reach ranks of the same node
@@ -60,10 +66,12 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = None
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    online: OnlineConfig = None
     seed: int = 0
     threads: int = None
     malloc: str = "tuned"
     mode: str = "collective"
+    device: str = "cpu"
     overlap: bool = False
     exchange: str = "auto"
     node_group_size: int = None
@@ -113,9 +121,27 @@ class Config:
         return dataclasses.replace(self, **changes)
 
 
+TOP_LEVEL_KEYS = ("seed", "mode", "ps", "device", "overlap", "exchange", "node_group_size",
+                  "threads", "malloc", "global_batch", "batch_per_rank", "steps", "epochs",
+                  "model", "tables", "dense_optimizer", "data", "eval", "checkpoint", "metrics",
+                  "online")
+
+
+def _check_top_level_keys(root, d):
+    """A misspelt top-level key is named first (with a did-you-mean), before the error
+    its absence would cause elsewhere (``stesp = 200`` is not "set steps")."""
+    for k in d:
+        if k not in TOP_LEVEL_KEYS:
+            close = difflib.get_close_matches(k, TOP_LEVEL_KEYS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else \
+                f"; valid keys here: {', '.join(sorted(TOP_LEVEL_KEYS))}"
+            raise root.error(k, f"unknown key{hint}")
+
+
 def parse_config_dict(d, source):
     """Validate ``d`` into the keyword arguments of ``Config`` (without source/text)."""
     root = Node(d, "", source)
+    _check_top_level_keys(root, d)
     out = {"seed": root.integer("seed", 0, lo=0)}
     mode = out["mode"] = root.string("mode", "collective", choices=MODES)
     ps = root.node("ps")
@@ -124,6 +150,7 @@ def parse_config_dict(d, source):
                          if mode == "hybrid" else
                          f"only mode = \"hybrid\" takes parameter servers, not {mode!r}")
     out["ps"] = parse_ps(ps) if ps is not None else None
+    out["device"] = root.string("device", "cpu", choices=DEVICES)
     out["overlap"] = root.boolean("overlap", False)
     out["exchange"] = root.string("exchange", "auto", choices=EXCHANGES)
     out["node_group_size"] = root.integer("node_group_size", None, lo=1)
@@ -137,7 +164,8 @@ def parse_config_dict(d, source):
     out["global_batch"], out["batch_per_rank"] = gb, bpr
     out["steps"] = root.integer("steps", None, lo=1)
     out["epochs"] = root.integer("epochs", None, lo=1)
-    if out["steps"] is None and out["epochs"] is None:
+    endless = out["steps"] is None and out["epochs"] is None
+    if endless and _data_format(d) != "stream":
         raise root.error(None, "set steps and/or epochs (the length of training)")
     out["model"] = parse_model(root.node("model", required=True))
     out["tables"] = [parse_table(t) for t in root.nodes("tables")]
@@ -148,6 +176,9 @@ def parse_config_dict(d, source):
     data = out["data"] = parse_data(root.node("data", required=True))
     if data.train is None:
         raise root.error("data.train", "training needs a train split")
+    if out["epochs"] is not None and data.format == "stream":
+        raise root.error("epochs", "a stream has no epochs: set steps, or none to train "
+                                   "until the stream's END")
     if out["epochs"] is not None and data.format == "synthetic" and data.train.num_samples is None:
         raise root.error("data.train.num_samples", "epochs need a finite synthetic train split")
     out["eval"] = parse_eval(root.node("eval"))
@@ -155,9 +186,16 @@ def parse_config_dict(d, source):
         raise root.error("eval", "evaluation needs an eval split ([data.eval])")
     out["checkpoint"] = parse_checkpoint(root.node("checkpoint"))
     out["metrics"] = parse_metrics(root.node("metrics"))
+    out["online"] = parse_online(root.node("online"))
     root.finish()
     check_model_tables(root, Config(**out))
     return out
+
+
+def _data_format(d):
+    """``data.format`` as written (validated later by ``parse_data``), or None."""
+    data = d.get("data")
+    return data.get("format") if isinstance(data, dict) else None
 
 
 # --------------------------------------------------------------------------- entry points

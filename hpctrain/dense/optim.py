@@ -223,6 +223,10 @@ OPTIMIZERS = {"sgd": SGD, "momentum": Momentum, "nesterov": Momentum, "adagrad":
 HYPERPARAMETERS = {kind: tuple(p for p in inspect.signature(cls).parameters
                                if p not in ("params", "nesterov", "decoupled"))
                    for kind, cls in OPTIMIZERS.items()}
+# The defaults the constructors declare (Adam and AdamW: lr = 1e-3), read off them too.
+DEFAULTS = {kind: {p.name: p.default for p in inspect.signature(cls).parameters.values()
+                   if p.name in HYPERPARAMETERS[kind] and p.default is not p.empty}
+            for kind, cls in OPTIMIZERS.items()}
 
 
 def make_optimizer(kind, params, **kwargs):

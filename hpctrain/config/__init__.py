@@ -19,6 +19,7 @@ Every key is described in docs/configuration.md. One module per section::
     schema.py   [data.schema]      column roles of csv files
     run.py      [eval] [checkpoint] [metrics]
     ps.py       [ps]               parameter servers of mode = "hybrid"
+    online.py   [online]           delta exports for serving, progressive validation
     _node.py    the validating reader the section parsers share
 
 Names, defaults and limits that a package enforces are imported from it, not copied:
@@ -38,6 +39,7 @@ from hpctrain.config.data import (DATA_FORMATS, BadLinesConfig, DataConfig, Spli
 from hpctrain.config.model import MODEL_KINDS, ModelConfig
 from hpctrain.config.optim import (DENSE_OPTIMIZER_KEYS, SPARSE_OPTIMIZER_DEFAULTS,
                                    SPARSE_OPTIMIZER_KEYS)
+from hpctrain.config.online import OnlineConfig
 from hpctrain.config.ps import PS_CONSISTENCIES, PS_PLACEMENTS, PsConfig
 from hpctrain.config.root import (EXCHANGES, MODES, Config, config_from_dict, load_config,
                                   loads_config, parse_config_dict)
@@ -50,6 +52,7 @@ __all__ = ["load_config", "loads_config", "config_from_dict", "parse_config_dict
            "ModelConfig", "TableConfig", "DataConfig", "SplitConfig", "SchemaConfig",
            "DenseColumn", "MultiValuedColumn", "CrossedColumn", "SyntheticConfig",
            "BadLinesConfig", "EvalConfig", "CheckpointConfig", "MetricsConfig", "PsConfig",
+           "OnlineConfig",
            "MODES", "MODEL_KINDS", "DATA_FORMATS", "POOLINGS", "INITS", "DENSE_TRANSFORMS",
            "EXCHANGES", "PS_CONSISTENCIES", "PS_PLACEMENTS", "SPARSE_OPTIMIZER_DEFAULTS",
            "SPARSE_OPTIMIZER_KEYS", "DENSE_OPTIMIZER_KEYS"]

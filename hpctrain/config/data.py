@@ -5,6 +5,7 @@
     [data.schema]      csv only, see hpctrain.config.schema
     [data.synthetic]   synthetic only
     [data.bad_lines]   max_count, max_ratio
+    [data.stream]      stream only: poll_seconds, idle_report_seconds
 """
 from dataclasses import dataclass, field
 
@@ -13,7 +14,7 @@ from hpctrain.config.schema import SchemaConfig, parse_schema
 from hpctrain.data.parse import CRITEO_DENSE, CRITEO_FEATURES
 from hpctrain.errors import ConfigError
 
-DATA_FORMATS = ("criteo", "csv", "hdf5", "synthetic")
+DATA_FORMATS = ("criteo", "csv", "hdf5", "synthetic", "stream")
 
 
 @dataclass
@@ -45,6 +46,14 @@ class BadLinesConfig:
 
 
 @dataclass
+class StreamConfig:
+    """A segment stream (``hpctrain.data.stream``): how often an idle stream is looked at
+    again, and how often the trainer reports that it waits."""
+    poll_seconds: float = 0.2
+    idle_report_seconds: float = 10.0
+
+
+@dataclass
 class DataConfig:
     """Where samples come from and how they are read."""
     format: str
@@ -53,6 +62,7 @@ class DataConfig:
     schema: SchemaConfig = None
     synthetic: SyntheticConfig = None
     bad_lines: BadLinesConfig = field(default_factory=BadLinesConfig)
+    stream: StreamConfig = None
     prefetch: int = 2
     shuffle: bool = False
     shuffle_block: int = 1
@@ -94,6 +104,13 @@ def _split(n, fmt):
         if n.has("paths"):
             raise n.error("paths", "synthetic data has no files; set num_samples")
         s.num_samples = n.integer("num_samples", None, lo=1)
+    elif fmt == "stream":
+        s.paths = n.paths("paths")
+        if len(s.paths) != 1:
+            raise n.error("paths", f"a stream is one directory, got {len(s.paths)} paths")
+        if n.has("rows") or n.has("num_samples"):
+            raise n.error("rows" if n.has("rows") else "num_samples",
+                          "a stream is read from its offset on; it has no rows or num_samples")
     else:
         s.paths = n.paths("paths")
         if n.has("num_samples"):
@@ -168,6 +185,19 @@ def parse_data(n):
     if fmt == "synthetic":
         d.synthetic = _synthetic(syn if syn is not None
                                  else Node({}, n.key("synthetic"), n.source))
+    st = n.node("stream")
+    if st is not None and fmt != "stream":
+        raise n.error("stream", f"only format = \"stream\" takes this table, not {fmt!r}")
+    if fmt == "stream":
+        if d.eval is not None:
+            raise n.error("eval", "a stream has no eval split; online runs are measured by "
+                                  "progressive validation ([online] progressive)")
+        d.stream = StreamConfig()
+        if st is not None:
+            d.stream = StreamConfig(st.number("poll_seconds", 0.2, lo=0.0, lo_incl=False),
+                                    st.number("idle_report_seconds", 10.0, lo=0.0,
+                                              lo_incl=False))
+            st.finish()
     b = n.node("bad_lines")
     if b is not None:
         d.bad_lines = BadLinesConfig(b.integer("max_count", 0, lo=0),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hpctrain.config import load_config
-from hpctrain.errors import NonFiniteError
+from hpctrain.errors import ConfigError, NonFiniteError
 from hpctrain.train.loop import Trainer
 from mpirun import ROOT, run_mpi
 from trainer_configs import SMALL_DLRM, small_config
@@ -82,6 +82,29 @@ def test_resume_drops_metric_records_of_rolled_back_steps(tmp_path):
     resumed.fit(resume=str(tmp_path / "ckpt" / "step-00000004"))
     steps = [json.loads(x)["step"] for x in open(tmp_path / "metrics.jsonl")]
     assert steps == [2, 4, 6], steps
+
+
+def test_fresh_run_refuses_another_runs_directory(tmp_path):
+    cfg = small_config(str(tmp_path), steps=2, checkpoint_every=2)
+    Trainer(cfg, stream=io.StringIO()).fit()
+    with pytest.raises(ConfigError, match=r"another run's files \(checkpoints in .*ckpt; "
+                                          r"metrics in .*metrics.jsonl\).*--resume"):
+        Trainer(cfg, stream=io.StringIO()).fit()
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["step-00000002"]
+
+
+def test_max_steps_zero_writes_the_initial_model(tmp_path):
+    out = io.StringIO()
+    trainer = Trainer(small_config(str(tmp_path), steps=4), stream=out)
+    init = trainer.model.state_dict()
+    result = trainer.fit(max_steps=0)
+    assert result["step"] == 0 and result["stopped"] == "max_steps"
+    assert result["checkpoint"].endswith("step-00000000")
+    assert "fresh start; 4 steps of global batch 64; 1 rank(s)" in out.getvalue()
+    again = Trainer(small_config(str(tmp_path), steps=4), stream=io.StringIO())
+    assert again.restore() == 0
+    for k, v in again.model.state_dict().items():
+        np.testing.assert_array_equal(v, init[k])
 
 
 def _self_world():

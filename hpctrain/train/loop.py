@@ -11,10 +11,13 @@ Alltoallv) runs before this batch's dense work; its rows are read only after thi
 step's sparse update, so results are identical with and without overlap.
 """
 import math
+import os
 import time
 
 import numpy as np
 
+from hpctrain.dense.backend import to_numpy
+from hpctrain.dense.transfer import EmbeddingTransfer
 from hpctrain.errors import ConfigError, NonFiniteError
 from hpctrain.train.build import (BatchFeatures, build_model, dense_optimizer, feature_order,
                                   table_specs)
@@ -76,6 +79,7 @@ class Trainer:
         self.cfg = cfg
         self.comm = comm if comm is not None else create_communicator("mpi")
         self.threads = _set_threads(cfg.threads, self.comm.local_size)
+        self.device = self._make_device()  # before any collective: a missing GPU fails here
         if cfg.malloc == "tuned":
             from hpctrain.memory import tune_malloc
             tune_malloc()
@@ -89,9 +93,12 @@ class Trainer:
         num_dense = cfg.data.num_dense()
         if num_dense is None:
             num_dense = self.reader.num_dense
-        self.model = build_model(cfg, num_dense)
+        self.model = build_model(cfg, num_dense, xp=self.device.xp)
         broadcast_parameters(self.model.params, self.comm)
+        self.dense_comm = self._make_dense_comm()
         self.opt = dense_optimizer(cfg, self.model.params)
+        self.transfer = EmbeddingTransfer(self.device.xp)  # for steps outside the device path
+        self._device_step = None   # the DeviceStep, made at the first device-path step
         self.step = 0
         self.losses = []
         self.timer = PhaseTimer()
@@ -104,7 +111,10 @@ class Trainer:
                                           keep_last=cfg.checkpoint.keep_last)
         self._reader_state = self.reader.state()
         self._ckpt_step = None
+        self._watcher = None
+        self.online = self._make_online()
         self._last_loss = float("nan")
+        self._restored_from = None
 
     # ------------------------------------------------------------------ hooks
     def _make_store(self):
@@ -115,12 +125,23 @@ class Trainer:
                                 node_group_size=self.cfg.node_group_size)
 
     def _apply_dense(self, step):
-        """Average the flat dense gradient over ``comm`` and take the optimizer step."""
+        """Average the flat dense gradient over ``dense_comm`` and take the optimizer step."""
         from hpctrain.dense.parallel import allreduce_gradients
-        with self.timer("allreduce"):
-            allreduce_gradients(self.model.params, self.comm)
-        with self.timer("dense"):
+        with self.timer("allreduce"), self.device.phase("allreduce"):
+            allreduce_gradients(self.model.params, self.dense_comm)
+        with self.timer("dense"), self.device.phase("update"):
             self.opt.step()
+
+    def _make_device(self):
+        """Where the dense model trains (``cfg.device``; the GPU from ``comm.local_rank``)."""
+        from hpctrain.dense.device import select_device
+        return select_device(self.cfg.device, self.comm.local_rank, self.cfg.source)
+
+    def _make_dense_comm(self, over=None):
+        """The communicator of the dense gradient allreduce over the ranks of ``over``
+        (default ``comm``): ``over`` itself on CPU, NCCL over the same ranks on a GPU.
+        A subclass passes another group (the hybrid mode: the worker's group)."""
+        return self.device.collective(self.comm if over is None else over)
 
     # ------------------------------------------------------------------ pieces
     def _reader(self, split, global_batch):
@@ -129,7 +150,18 @@ class Trainer:
                            world_size=self.comm.size, global_batch=global_batch,
                            seed=self.cfg.seed, epochs=self.cfg.epochs if split == "train" else 1)
 
+    def _make_online(self):
+        """Delta export, stream waits and progressive validation (``hpctrain.train.online``);
+        None for an offline run."""
+        if self.cfg.online is None and not getattr(self.reader, "streaming", False):
+            return None
+        from hpctrain.train.online import Online
+        return Online(self)
+
     def _next_batch(self, it):
+        if self.online is not None and getattr(self.reader, "streaming", False):
+            with self.timer("data"):
+                return self.online.wait_for_batch(self._watcher)
         with self.timer("data"):
             batch = next(it, None)
             state = self.reader.state() if batch is not None else None
@@ -141,6 +173,11 @@ class Trainer:
         Returns ``(loss, d_pooled, flags)`` where flags are summed over ranks.
         """
         from hpctrain.dense.loss import bce_with_logits
+        if self.device.pipelined:  # model on a GPU (or the NumPy twin of that path)
+            if self._device_step is None:
+                from hpctrain.train.device_step import DeviceStep
+                self._device_step = DeviceStep(self)
+            return self._device_step(batch, pooled, step, flags)
         t, comm = self.timer, self.comm
         with t("dense"):
             if self.model.dropouts():
@@ -153,16 +190,19 @@ class Trainer:
             comm.allreduce(red, op="sum")
         n, loss = red[0], float(red[1] / max(red[0], 1.0))
         if not math.isfinite(loss):
-            last = self.ckpt.latest() if self.ckpt is not None else None
-            raise NonFiniteError(
-                f"step {step}: the global loss is {loss} (non-finite); training stopped before "
-                f"applying this step's updates. Last good checkpoint: {last or 'none'}. Lower "
-                f"the learning rates or check the data around this step.")
+            self._non_finite(step, loss)
         with t("dense"):
             d_logits *= 1.0 / n
             d_embs = self.model.backward(d_logits)
         self._apply_dense(step)
         return loss, dict(zip(self.features, d_embs)), red[2:]
+
+    def _non_finite(self, step, loss):
+        last = self.ckpt.latest() if self.ckpt is not None else None
+        raise NonFiniteError(
+            f"step {step}: the global loss is {loss} (non-finite); training stopped before "
+            f"applying this step's updates. Last good checkpoint: {last or 'none'}. Lower "
+            f"the learning rates or check the data around this step.")
 
     # ------------------------------------------------------------------ training
     def fit(self, resume=False, max_steps=None, watcher=None):
@@ -183,8 +223,11 @@ class Trainer:
         cfg, comm, t = self.cfg, self.comm, self.timer
         if resume:
             self.restore(None if resume is True else resume, missing_ok=resume is True)
+        if self.step == 0:
+            self._check_fresh_start()
         own_watcher = watcher is None
         watcher = watcher or PreemptionWatcher()
+        self._watcher = watcher
         mcfg = cfg.metrics
         total = cfg.steps
         log = MetricsLogger(mcfg.path, comm, total, stream=self.stream,
@@ -195,7 +238,16 @@ class Trainer:
         it = iter(self.reader)
         window_t0, window_samples, window_loss = time.perf_counter(), 0, []
         steps_this_call = 0
+        log.message(self._start_line(resume))
         try:
+            if max_steps == 0:
+                # no step: the checkpoint of the current weights (step 0 of a fresh run: the
+                # initial model, to compare with another framework from the same start)
+                result = {"step": self.step, "loss": self._last_loss, "stopped": "max_steps",
+                          "eval": None, "checkpoint": None}
+                if ck is not None:
+                    result["checkpoint"] = self.save_checkpoint()
+                return result
             if self._done(self.step):
                 # a resubmitted or requeued run whose step count is reached: nothing to
                 # train; the final evaluation (if any) is that of the same model
@@ -223,6 +275,8 @@ class Trainer:
                         next_ticket = self.emb.start_lookup(self.jagged(nxt), step + 1)
                 ckpt_due = (comm.rank == 0 and ck is not None and ck.every_minutes is not None
                             and time.monotonic() - last_ckpt_time >= 60.0 * ck.every_minutes)
+                if self.online is not None:
+                    self.online.progressive(batch, pooled)
                 loss, d_pooled, flags = self._dense_step(
                     batch, pooled, step, (float(watcher.signalled), float(ckpt_due)))
                 with t("sparse_update"):
@@ -230,6 +284,8 @@ class Trainer:
                     if any(s.eviction is not None for s in self.specs):
                         self.emb.evict(step)
                 self.step, self._reader_state = step, state
+                if self.online is not None:
+                    self.online.export(step, force=nxt is None)
                 self.losses.append(loss)
                 window_samples += int(batch.global_size or self.global_batch)
                 window_loss.append(loss)
@@ -240,6 +296,8 @@ class Trainer:
                 if step % mcfg.every_steps == 0 or nxt is None or preempted:
                     dt = time.perf_counter() - window_t0
                     self._report(log, step, window_loss, window_samples / max(dt, 1e-9))
+                    if self.online is not None:
+                        self.online.report(log, step)
                     window_t0, window_samples, window_loss = time.perf_counter(), 0, []
                 if ck is not None and (preempted or flags[1] > 0 or
                                        (ck.every_steps and step % ck.every_steps == 0)):
@@ -254,8 +312,16 @@ class Trainer:
                     self._log_eval(log, self.evaluate())
                 batch, state = nxt, nxt_state
             else:
-                if steps_this_call == 0 and self.step == 0:
+                if steps_this_call == 0 and self.step == 0 and (
+                        self.online is None or self.online.stop_reason is None):
                     raise ConfigError(f"{cfg.source}: data.train yields no batch")
+            if self.online is not None and self.online.stop_reason is not None:
+                stopped = "preempted"
+                if ck is not None and self._ckpt_step != self.step:
+                    last_ckpt = self.save_checkpoint()
+                log.message(f"stopping at step {self.step}: {self.online.stop_reason} while "
+                            f"waiting for stream data; checkpoint "
+                            f"{last_ckpt or '(no checkpoint configured)'}")
             if max_steps is not None and steps_this_call >= max_steps and stopped == "done" \
                     and not self._done(self.step):
                 stopped = "max_steps"
@@ -273,6 +339,35 @@ class Trainer:
             log.close()
             if own_watcher:
                 watcher.close()
+
+    def _check_fresh_start(self):
+        """A fresh run never trains over another run's checkpoints or appends to its
+        metrics: ``ConfigError`` naming them (decided on rank 0, raised on every rank)."""
+        cfg, found = self.cfg, []
+        if self.comm.rank == 0:
+            if self.ckpt is not None and self.ckpt.checkpoints():
+                found.append(f"checkpoints in {self.ckpt.directory}")
+            path = cfg.metrics.path
+            if path and os.path.isfile(path) and os.path.getsize(path) > 0:
+                found.append(f"metrics in {path}")
+        found = self.comm.bcast(found)
+        if found:
+            raise ConfigError(
+                f"{cfg.source}: a fresh run would mix with another run's files "
+                f"({'; '.join(found)}): continue that run with --resume, or give this one a "
+                f"new [checkpoint] directory and [metrics] path")
+
+    def _start_line(self, resume):
+        """What this run starts from, where, and on what: one line on rank 0."""
+        cfg, comm = self.cfg, self.comm
+        what = (f"resumed at step {self.step} from {self._restored_from}" if self.step
+                else "fresh start" + (" (no checkpoint to resume)" if resume else ""))
+        length = (f"{cfg.steps} steps" if cfg.steps is not None else "") + (
+            f"{' or ' if cfg.steps is not None else ''}{cfg.epochs} epoch(s)"
+            if cfg.epochs is not None else "")
+        return (f"hpctrain: {what}; {length} of global batch {self.global_batch}; "
+                f"{comm.size} rank(s) x {self.threads} thread(s); data {cfg.data.format}; "
+                f"mode {cfg.mode}")
 
     def _done(self, step):
         return self.cfg.steps is not None and step >= self.cfg.steps
@@ -319,7 +414,7 @@ class Trainer:
             z = self.model.forward(batch.dense, [pooled[f] for f in self.features],
                                    training=False)
             labels.append(np.asarray(batch.labels, dtype=np.float64))
-            logits.append(np.asarray(z, dtype=np.float64))
+            logits.append(np.asarray(to_numpy(z), dtype=np.float64))
         # Gather per global batch so the order is the data order for any world size.
         out_y, out_z = [], []
         for y, z in zip(labels, logits):
@@ -348,6 +443,8 @@ class Trainer:
                      "seed": self.cfg.seed, "losses_tail": self.losses[-5:]}
             path = self.ckpt.save(self.step, dense, tables, state, table_ids=self.table_ids)
         self._ckpt_step = self.step
+        if self.online is not None:      # a checkpoint is also a delta boundary
+            self.online.export(self.step, force=True)
         return path
 
     def restore(self, path=None, missing_ok=False):
@@ -362,7 +459,7 @@ class Trainer:
         from hpctrain.errors import CheckpointError
         if self.ckpt is None:
             raise ConfigError(f"{self.cfg.source}: resuming needs a [checkpoint] section")
-        if path is None and missing_ok and self.ckpt.latest() is None:
+        if path is None and missing_ok and self.ckpt.latest(strict=True) is None:
             return None
         step, dense, tables, state = self.ckpt.load(
             path, owner=self.emb.owner_of,
@@ -378,6 +475,9 @@ class Trainer:
             self._reader_state = state["reader"]
         self.step = int(step)
         self._ckpt_step = self.step
+        if self.online is not None:
+            self.online.restored(self.step)
+        self._restored_from = path or os.path.join(self.ckpt.directory, f"step-{int(step):08d}")
         tail = state.get("losses_tail") or []
         self._last_loss = float(tail[-1]) if tail else float("nan")
         return self.step

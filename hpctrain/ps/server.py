@@ -12,7 +12,8 @@ dense buffer with its optimizer state. Its loop::
     PUSH  clock c   buffered per clock (ASP: applied on arrival)
     DPUSH clock c   buffered per clock (ASP: applied on arrival)
     DPULL clock c   answered like PULL, with this server's dense slice
-    EVAL  clock c   answered when applied >= c (an evaluation sees every clock it follows)
+    EVAL  clock c   answered when applied >= c (an evaluation sees every clock it follows);
+                    a missing row reads as zeros, as collective evaluation lookups do
     DONE            the worker has finished; the loop ends when every worker has
     then, while clock applied + 1 has every worker's PUSH (and every group's DPUSH):
         apply it (below), applied += 1, evict, answer the deferred pulls it unblocks
@@ -257,7 +258,11 @@ class Server:
         counts = P.counts_of(h, len(self.specs))
         ib, _ = P.table_splits(counts, self._dims)
         ids = msg.arrays[0]
-        parts = [read_rows(t, ids[ib[i]:ib[i + 1]]).reshape(-1)
+        # training reads see a missing row as its initial value (what find_or_insert
+        # would give it); evaluation reads see the default row (zeros), as in
+        # collective mode, where they insert nothing either
+        read = read_rows if tag == P.PULL else (lambda t, k: t.gather(t.find(k)))
+        parts = [read(t, ids[ib[i]:ib[i + 1]]).reshape(-1)
                  for i, t in enumerate(self._tables) if counts[i]]
         rows = np.concatenate(parts) if len(parts) > 1 else (
             parts[0] if parts else np.empty(0, dtype=np.float32))

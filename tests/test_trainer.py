@@ -1,4 +1,5 @@
 """End-to-end trainer tests: CLI under mpiexec, non-finite losses, real data (UCI Adult)."""
+import dataclasses
 import io
 import json
 import os
@@ -167,3 +168,18 @@ def test_wide_and_deep_on_uci_adult_reaches_published_quality(tmp_path, monkeypa
     ev = result["eval"]
     assert ev["count"] == 16281
     assert ev["auc"] >= 0.90 and ev["accuracy"] >= 0.85, ev
+
+
+def test_evaluating_the_train_split_reads_it_exactly_once(tmp_path):
+    """Whatever the training stream's epochs, evaluation sees every sample once, the last
+    partial batch included; an endless synthetic split is a named error."""
+    cfg = small_config(steps=2)
+    finite = cfg.replace(epochs=13, data=dataclasses.replace(
+        cfg.data, train=dataclasses.replace(cfg.data.train, num_samples=1000)))
+    trainer = Trainer(finite, stream=io.StringIO())
+    assert trainer.evaluate("train")["count"] == 1000
+    with pytest.raises(ConfigError, match=r"data.train.num_samples: the synthetic train split "
+                                          r"is endless"):
+        Trainer(cfg.replace(data=dataclasses.replace(
+            cfg.data, train=dataclasses.replace(cfg.data.train, num_samples=None))),
+            stream=io.StringIO()).evaluate("train")

@@ -144,11 +144,22 @@ class Trainer:
         return self.device.collective(self.comm if over is None else over)
 
     # ------------------------------------------------------------------ pieces
-    def _reader(self, split, global_batch):
+    def _reader(self, split, global_batch, evaluation=False):
+        """The reader of ``split``; for ``evaluation`` every sample exactly once, in order
+        (the train split included: one pass, last partial batch kept, no shuffling)."""
         from hpctrain.data import make_reader
-        return make_reader(self.cfg.data, split=split, rank=self.comm.rank,
+        cfg = self.cfg
+        if not evaluation:
+            return make_reader(cfg.data, split=split, rank=self.comm.rank,
+                               world_size=self.comm.size, global_batch=global_batch,
+                               seed=cfg.seed, epochs=cfg.epochs if split == "train" else 1)
+        sc = cfg.data.split(split)
+        if cfg.data.format == "synthetic" and getattr(sc, "num_samples", 0) is None:
+            raise ConfigError(f"{cfg.source}: data.{split}.num_samples: the synthetic {split} "
+                              f"split is endless; evaluating it needs a sample count")
+        return make_reader(cfg.data, split=split, rank=self.comm.rank,
                            world_size=self.comm.size, global_batch=global_batch,
-                           seed=self.cfg.seed, epochs=self.cfg.epochs if split == "train" else 1)
+                           seed=cfg.seed, epochs=1, drop_last=False, shuffle=False)
 
     def _make_online(self):
         """Delta export, stream waits and progressive validation (``hpctrain.train.online``);
@@ -407,7 +418,7 @@ class Trainer:
         gb = global_batch or self.cfg.eval.global_batch or self.global_batch
         if gb % self.comm.size:
             gb = (gb // self.comm.size + 1) * self.comm.size
-        reader = self._reader(split, gb)
+        reader = self._reader(split, gb, evaluation=True)
         labels, logits = [], []
         for batch in reader:
             pooled, _ = self.emb.forward(self.jagged(batch), self.step, train=False)

@@ -1,4 +1,4 @@
-"""Command line: ``hpctrain train|eval|convert|export|info ...``.
+"""Command line: ``hpctrain train|eval|convert|export|info|predict|serve-sync|stream-produce``.
 
 Each sub-command lives in the module that owns it; this file only dispatches,
 so ``hpctrain info`` does not import the trainer. Run distributed commands as
@@ -15,12 +15,19 @@ COMMANDS = {
     "eval": ("hpctrain.train.cli", "eval_main", "evaluate a checkpoint on the eval data"),
     "export": ("hpctrain.train.cli", "export_main", "write a single HDF5 model file from a checkpoint"),
     "convert": ("hpctrain.data.convert", "main", "convert TSV/CSV data into hpctrain HDF5"),
+    "predict": ("hpctrain.train.serving", "predict_main",
+                "score files or a split with an exported model"),
+    "serve-sync": ("hpctrain.train.serving", "serve_sync_main",
+                   "keep a serving model current with an online run's deltas"),
+    "stream-produce": ("hpctrain.data.stream_produce", "main",
+                       "write a drifting synthetic stream of sealed segments"),
 }
 
 
 def _usage():
     lines = ["usage: hpctrain COMMAND [ARGS...]", "", "commands:"]
-    lines += [f"  {name:<8} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    width = max(map(len, COMMANDS))
+    lines += [f"  {name:<{width}} {help_}" for name, (_, _, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 

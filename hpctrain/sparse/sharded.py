@@ -190,6 +190,15 @@ class ShardedEmbedding(EmbeddingStore):
         """This rank's shard of every table: dict table -> ``EmbeddingTable.export()``."""
         return {name: t.export() for name, t in self.tables.items()}
 
+    def track_evictions(self):
+        """Every table remembers its evicted keys for ``export_delta``."""
+        for t in self.tables.values():
+            t.track_evictions()
+
+    def export_delta(self, since):
+        """dict table -> ``EmbeddingTable.export_delta(since)`` of this rank's shard."""
+        return {name: t.export_delta(since) for name, t in self.tables.items()}
+
     def import_(self, tables):
         """Store rows this rank owns (dict table -> export state)."""
         for name, state in tables.items():

@@ -110,6 +110,16 @@ class EmbeddingStore(ABC):
     def reset_timers(self):
         """Zero ``timers``."""
 
+    def track_evictions(self):
+        """Remember evicted keys for ``export_delta`` from now on (delta export, online mode)."""
+        raise NotImplementedError(f"{type(self).__name__} does not export deltas")
+
+    def export_delta(self, since):
+        """This rank's rows updated after step ``since`` and the keys evicted since the last
+        call: dict table -> ``EmbeddingTable.export_delta`` dict (keys, values, last_step,
+        tombstones). Stores that cannot say raise ``NotImplementedError``."""
+        raise NotImplementedError(f"{type(self).__name__} does not export deltas")
+
     def forward(self, batch, step, train=True):
         """``wait_lookup(start_lookup(...))``; returns ``(outputs, ticket)``."""
         ticket = self.start_lookup(batch, step, train)

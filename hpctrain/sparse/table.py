@@ -173,6 +173,7 @@ class EmbeddingTable:
         inits = [v for _, _, v in self._slots] + [0.0, 0.0]
         o, a = self._opt, self._admission
         self._lock = threading.Lock()
+        self._tombstones = None      # keys evicted since the last export_delta, when tracked
         self._core = _kernel.TableCore(_kernel.TableParams(
             dim=self._dim, capacity=int(capacity),
             opt_kind=_OPT_CODE[o.kind], lr=o.lr, momentum=o.momentum, beta1=o.beta1,
@@ -312,14 +313,75 @@ class EmbeddingTable:
         ev = self._eviction
         n = 0
         if ev.ttl is not None:
-            n += _kernel.remove_rows(self._core, _kernel.ttl_rows(self._core, s, ev.ttl))
+            n += self._remove(_kernel.ttl_rows(self._core, s, ev.ttl))
         if ev.max_rows is not None and len(self) > ev.max_rows:
             rows = _kernel.live_rows(self._core)
             access, last, _ = _kernel.meta_of(self._core, rows)
             keys = _kernel.keys_by_row(self._core)[rows]
             order = np.lexsort((keys, last, access))
-            n += _kernel.remove_rows(self._core, np.sort(rows[order[:len(rows) - ev.max_rows]]))
+            n += self._remove(np.sort(rows[order[:len(rows) - ev.max_rows]]))
         return n
+
+    def _remove(self, rows):
+        """Free ``rows`` (increasing), first noting their keys when evictions are tracked."""
+        if self._tombstones is not None and rows.shape[0]:
+            self._tombstones.append(_kernel.keys_by_row(self._core)[rows])
+        return _kernel.remove_rows(self._core, rows)
+
+    def remove(self, keys):
+        """Remove the rows of ``keys`` (absent keys are ignored); returns how many were removed.
+
+        Serving copies apply a delta's tombstones with it (``hpctrain.train.serving``).
+        """
+        k = as_int64(keys, "keys", uint64_bits=True)
+        out = np.empty(k.shape[0], dtype=np.int64)
+        with self._lock:
+            self._core.find(k, out, get_num_threads())
+            rows = np.unique(out[out >= 0])
+            return self._remove(rows) if rows.shape[0] else 0
+
+    # ------------------------------------------------------------------ deltas
+
+    def track_evictions(self):
+        """From now on, remember the keys of evicted rows until ``export_delta`` takes them.
+
+        Off by default: a table that nobody exports deltas of keeps no list that grows.
+        """
+        with self._lock:
+            if self._tombstones is None:
+                self._tombstones = []
+
+    def export_delta(self, since):
+        """The rows updated after step ``since`` and the keys evicted since the last call.
+
+        A delta is what a serving copy needs to catch up (docs/online.md): keys and values,
+        no optimizer state. Applying ``tombstones`` (delete) and then ``keys``/``values``
+        (upsert) to the table as it was at step ``since`` gives this table's rows now.
+
+        Args:
+            since: a training step; rows whose last update step is greater are returned.
+
+        Returns:
+            ``{"keys": int64[n], "values": float32[n, dim], "last_step": int64[n],
+            "tombstones": int64[m]}``; rows in increasing row order; tombstones sorted,
+            unique, without the keys stored again since their eviction (those are rows).
+            Tombstones are empty unless ``track_evictions`` was called; they are handed
+            out once.
+        """
+        since = int(since)
+        with self._lock:
+            rows = _kernel.live_rows(self._core)
+            _, last, _ = _kernel.meta_of(self._core, rows)
+            rows = rows[last > since]
+            keys = _kernel.keys_by_row(self._core)[rows] if rows.shape[0] else \
+                np.empty(0, dtype=np.int64)
+            values = _kernel.copy_rows(self._core, rows, 0)
+            gone = np.empty(0, dtype=np.int64)
+            if self._tombstones:
+                gone = np.setdiff1d(np.concatenate(self._tombstones), keys)
+                self._tombstones = []
+        return {"keys": keys, "values": values, "last_step": last[last > since],
+                "tombstones": gone}
 
     # ------------------------------------------------------------------ state
 

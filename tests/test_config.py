@@ -382,3 +382,19 @@ def test_dense_optimizer_defaults_are_the_optimizers_own():
     assert config_from_dict(d).dense_optimizer["lr"] == 1e-3
     d = mutate(BASE, "dense_optimizer", {"kind": "sgd"})
     assert config_from_dict(d).dense_optimizer["lr"] == 0.01
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
+def test_overrides_text_round_trips_every_example(path):
+    """The TOML written for a run with --set overrides parses back to the same dict."""
+    import tomllib
+
+    from hpctrain.config.overrides import apply_overrides, dumps
+    d = tomllib.load(open(path, "rb"))
+    assert tomllib.loads(dumps(d)) == d
+    changed = apply_overrides(d, ["steps=7", "seed=3", "data.prefetch=0"])
+    assert tomllib.loads(dumps(changed))["steps"] == 7 and changed is not d
+    with pytest.raises(ConfigError, match=r"--set tables\[99\].dim=1: .*no such array element"):
+        apply_overrides(d, ["tables[99].dim=1"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_overrides(d, ["steps"])

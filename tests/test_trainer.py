@@ -183,3 +183,22 @@ def test_evaluating_the_train_split_reads_it_exactly_once(tmp_path):
         Trainer(cfg.replace(data=dataclasses.replace(
             cfg.data, train=dataclasses.replace(cfg.data.train, num_samples=None))),
             stream=io.StringIO()).evaluate("train")
+
+
+def test_train_without_config_and_set_overrides_recorded(tmp_path):
+    """`hpctrain train` alone is the packaged quick start (into ./runs); --set overrides
+    keys, and the checkpoint's saved config records them."""
+    out = run_mpi(1, ["-m", "hpctrain", "train", "--max-steps", "0",
+                      "--set", "dense_optimizer.lr=0.002", "--set", "tables[0].dim=16",
+                      "--set", "model.bottom=[32, 16]"], cwd=str(tmp_path)).stdout
+    ckpt = tmp_path / "runs" / "dlrm_synthetic" / "checkpoints" / "step-00000000"
+    assert "fresh start" in out and f"checkpoint {ckpt}" in out, out
+    from hpctrain.config import loads_config
+    with h5py.File(ckpt / "dense.h5") as f:
+        text = json.loads(f["state/config"][()])
+    cfg = loads_config(text)
+    assert cfg.dense_optimizer["lr"] == 0.002 and cfg.tables[0].dim == 16
+    assert "--set dense_optimizer.lr=0.002" in text
+    bad = run_mpi(1, ["-m", "hpctrain", "train", "--set", "dense_optimizer.lrr=1"],
+                  cwd=str(tmp_path), check=False)
+    assert bad.returncode != 0 and "dense_optimizer.lrr: unknown key" in bad.stdout

@@ -19,6 +19,7 @@ from hpctrain.config.ps import PsConfig, parse_ps, ps_layout
 from hpctrain.config.run import (CheckpointConfig, EvalConfig, MetricsConfig, parse_checkpoint,
                                  parse_eval, parse_metrics)
 from hpctrain.config.tables import parse_table
+from hpctrain.dense.device import DEVICES
 from hpctrain.errors import ConfigError
 from hpctrain.sparse.sharded import EXCHANGES
 
@@ -29,7 +30,6 @@ except ImportError:  # pragma: no cover - Python 3.10
 
 MODES = ("collective", "hybrid")
 MALLOCS = ("tuned", "default")
-DEVICES = ("cpu", "gpu")  # hpctrain.dense.device checks at start-up that "gpu" can run
 
 
 @dataclass
@@ -227,8 +227,13 @@ def loads_config(text, source="<string>"):
     return config_from_dict(d, source=source, text=text)
 
 
-def load_config(path):
+def load_config(path, overrides=()):
     """Read and validate the TOML configuration file at ``path``.
+
+    Args:
+        path: the file.
+        overrides: ``KEY=VALUE`` strings applied before validation
+            (``hpctrain.config.overrides``); the saved ``Config.text`` records them.
 
     Raises:
         ConfigError: the file is missing, unreadable, not UTF-8, not TOML, or invalid.
@@ -243,4 +248,14 @@ def load_config(path):
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e})") from None
-    return loads_config(text, source=path)
+    if not overrides:
+        return loads_config(text, source=path)
+    from hpctrain.config.overrides import apply_overrides, dumps
+    try:
+        d = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    d = apply_overrides(d, overrides, source=path)
+    text = (f"# {os.path.basename(path)} with --set " + " --set ".join(overrides).replace(
+        "\n", " ") + "\n" + dumps(d))
+    return config_from_dict(d, source=path, text=text)

@@ -33,32 +33,61 @@ def _entry(fn):
     return wrapper
 
 
-def _load(path, overrides):
+def _load(path, overrides, changes=None):
     from hpctrain.config import load_config
-    cfg = load_config(path)
-    changes = {k: v for k, v in overrides.items() if v is not None}
+    cfg = load_config(path, overrides or ())
+    changes = {k: v for k, v in (changes or {}).items() if v is not None}
     return cfg.replace(**changes) if changes else cfg
+
+
+def quickstart_config():
+    """Path of the packaged quick-start config (a small DLRM on synthetic data)."""
+    from importlib import resources
+    return str(resources.files("hpctrain") / "configs" / "dlrm_synthetic.toml")
+
+
+def _set_option(p):
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set steps=300 --set "
+                        "dense_optimizer.lr=0.01 --set tables[0].dim=32 (repeatable; "
+                        "recorded in the run's saved config)")
 
 
 @_entry
 def train_main(argv):
-    """``hpctrain train CONFIG [--resume [CHECKPOINT]] [--steps N] [--max-steps N]``."""
+    """``hpctrain train [CONFIG] [--resume [CHECKPOINT]] [--steps N] [--max-steps N]
+    [--set KEY=VALUE ...]``."""
     p = argparse.ArgumentParser(prog="hpctrain train", description="Train from a TOML config.")
-    p.add_argument("config", help="TOML configuration file (docs/configuration.md)")
+    p.add_argument("config", nargs="?", default=None,
+                   help="TOML configuration file (docs/configuration.md); without one, the "
+                        "built-in quick start (a small DLRM on synthetic data) trains into "
+                        "runs/dlrm_synthetic, continuing it when it is there")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="continue from CHECKPOINT, or from the latest complete checkpoint in "
                         "the configured directory (starting fresh when there is none)")
     p.add_argument("--steps", type=int, default=None, help="override the config's steps")
     p.add_argument("--max-steps", type=int, default=None,
-                   help="stop (with a checkpoint when configured) after N steps of this run")
+                   help="stop (with a checkpoint when configured) after N steps of this run; "
+                        "0 writes the checkpoint of the current (initial) model")
+    _set_option(p)
     args = p.parse_args(argv)
-    cfg = _load(args.config, {"steps": args.steps})
-    from hpctrain.train.loop import Trainer
-    trainer = Trainer(cfg)
+    if args.max_steps is not None and args.max_steps < 0:
+        p.error(f"--max-steps must be >= 0, got {args.max_steps}")
+    path = args.config or quickstart_config()
+    sets = list(args.set) + ([f"steps={args.steps}"] if args.steps is not None else [])
+    cfg = _load(path, sets)
     resume = args.resume if args.resume is not None else (
-        cfg.checkpoint is not None and cfg.checkpoint.resume)
-    result = trainer.fit(resume=resume, max_steps=args.max_steps)
-    if trainer.comm.rank == 0:
+        args.config is None or (cfg.checkpoint is not None and cfg.checkpoint.resume))
+    if cfg.mode == "hybrid":
+        from hpctrain.train.hybrid import run_hybrid
+        result = run_hybrid(cfg, max_steps=args.max_steps, resume=resume)
+        rank0 = result is not None and result["worker_index"] == 0
+    else:
+        from hpctrain.train.loop import Trainer
+        trainer = Trainer(cfg)
+        result = trainer.fit(resume=resume, max_steps=args.max_steps)
+        rank0 = trainer.comm.rank == 0
+    if rank0:
         ev = result["eval"]
         tail = "" if not ev else "  " + "  ".join(
             f"eval_{k} {v:.5f}" if isinstance(v, float) else f"eval_{k} {v}"
@@ -80,8 +109,9 @@ def eval_main(argv):
     p.add_argument("--checkpoint", default=None,
                    help="checkpoint directory (default: the latest in the configured directory)")
     p.add_argument("--split", default="eval", choices=("eval", "train"))
+    _set_option(p)
     args = p.parse_args(argv)
-    cfg = _load(args.config, {})
+    cfg = _load(args.config, args.set)
     from hpctrain.train.loop import Trainer
     trainer = Trainer(cfg)
     step = trainer.restore(args.checkpoint)

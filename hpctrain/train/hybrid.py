@@ -93,6 +93,10 @@ class HybridTrainer(Trainer):
             self._host = np.empty(self.model.params.size, dtype=np.float32)
 
     # ------------------------------------------------------------------ hooks
+    def _make_dense_comm(self, over=None):
+        """Dense through the servers: the group reduces its gradients first; else all workers."""
+        return super()._make_dense_comm(self.group_comm if self.dense_on_servers else over)
+
     def _make_store(self):
         from hpctrain.ps.client import PSClient
         return PSClient(self.specs, self.p2p, self.roles.servers, self.worker, self.group,
@@ -105,8 +109,8 @@ class HybridTrainer(Trainer):
             return
         from hpctrain.dense.backend import to_numpy
         from hpctrain.dense.parallel import allreduce_gradients
-        with self.timer("allreduce"):
-            allreduce_gradients(self.model.params, self.group_comm)
+        with self.timer("allreduce"), self.device.phase("allreduce"):
+            allreduce_gradients(self.model.params, self.dense_comm)
         with self.timer("dense_push"):
             self.dense.push(step, to_numpy(self.model.params.grad))
             self.dense.start_pull(step + 1)
@@ -130,7 +134,8 @@ class HybridTrainer(Trainer):
             if self.model.dropouts():
                 self.model.reseed_dropout((self.cfg.seed * 1_000_003 + step) * comm.size
                                           + comm.rank)
-            logits = self.model.forward(batch.dense, [pooled[f] for f in self.features])
+            logits = self.model.forward(
+                batch.dense, self.transfer.to_device([pooled[f] for f in self.features]))
             loss_sum, d_logits = bce_with_logits(logits, batch.labels, denom=1)
         with t("allreduce"):
             red = np.array([batch.size, loss_sum], dtype=np.float64)
@@ -144,7 +149,7 @@ class HybridTrainer(Trainer):
                 f"data around this step.")
         with t("dense"):
             d_logits *= 1.0 / n
-            d_embs = self.model.backward(d_logits)
+            d_embs = self.transfer.to_host(self.model.backward(d_logits))
         self._apply_dense(step)
         self.loss_parts.append((float(red[1]), float(red[0])))
         return loss, dict(zip(self.features, d_embs)), np.zeros(2)
@@ -263,7 +268,7 @@ def setup_hybrid(cfg, world=None):
     return roles, PointToPoint(world)
 
 
-def run_hybrid(cfg, world=None, max_steps=None, stream=None):
+def run_hybrid(cfg, world=None, max_steps=None, stream=None, resume=False):
     """Every rank of a hybrid job calls this: servers serve, workers train.
 
     Returns:
@@ -275,8 +280,9 @@ def run_hybrid(cfg, world=None, max_steps=None, stream=None):
         return None
     trainer = HybridTrainer(cfg, roles, p2p, stream=stream)
     try:
-        result = trainer.fit(max_steps=max_steps)
+        result = trainer.fit(resume=resume, max_steps=max_steps)
     finally:
         trainer.close()
     result["ps"] = trainer.emb.stats()
+    result["worker_index"] = roles.worker_index
     return result

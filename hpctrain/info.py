@@ -39,17 +39,28 @@ def _kernel_facts():
             "openmp_version": _openmp.openmp_version(), "threads": _openmp.get_num_threads()}
 
 
+def _cuda_version(v):
+    return f"{v // 1000}.{(v % 1000) // 10}" if v else None
+
+
 def _gpu_facts():
+    from hpctrain.dense.device import tf32_enabled
+    base = {"cupy": None, "gpus": [], "gpu_bus_ids": [], "nccl": None, "cuda_runtime": None,
+            "cuda_driver": None, "tf32": tf32_enabled(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     try:
         import cupy
     except ImportError:
-        return {"cupy": None, "gpus": [], "nccl": None,
-                "gpu_note": "CuPy not installed (pip install 'hpctrain[gpu]')"}
-    out = {"cupy": cupy.__version__, "gpus": [], "nccl": None}
+        return {**base, "gpu_note": "CuPy not installed (pip install 'hpctrain[gpu]')"}
+    out = {**base, "cupy": cupy.__version__}
+    rt = cupy.cuda.runtime
     try:
-        for i in range(cupy.cuda.runtime.getDeviceCount()):
-            name = cupy.cuda.runtime.getDeviceProperties(i)["name"]
+        out["cuda_runtime"] = _cuda_version(rt.runtimeGetVersion())
+        out["cuda_driver"] = _cuda_version(rt.driverGetVersion())
+        for i in range(rt.getDeviceCount()):
+            name = rt.getDeviceProperties(i)["name"]
             out["gpus"].append(name.decode() if isinstance(name, bytes) else str(name))
+            out["gpu_bus_ids"].append(cupy.cuda.Device(i).pci_bus_id)
     except Exception as exc:  # noqa: BLE001 - no driver, no device: report, do not fail
         out["gpu_note"] = f"no usable GPU ({type(exc).__name__}: {exc})"
     try:
@@ -66,24 +77,39 @@ def collect(mpi_comm):
 
     import hpctrain
     from hpctrain.comm.topology import device_for_local_rank, node_local, ranks_per_host
+    from hpctrain.threads import threads_per_rank
     local_rank, local_size, hosts = node_local(mpi_comm)
+    # what the trainer will use on this rank (hpctrain.threads: config aside, the same rule)
+    threads, threads_from = threads_per_rank(None, local_size)
     facts = {"hpctrain": hpctrain.__version__, "python": platform.python_version(),
              "python_executable": sys.executable, "numpy": numpy.__version__,
              **_mpi_facts(), **_h5py_facts(), **_kernel_facts(), **_gpu_facts()}
+    # the GPU this rank trains on with device = "gpu" (as hpctrain.dense.device picks it),
+    # named by its PCI bus id: under srun --gpus-per-task every rank's index is 0
     gpu = device_for_local_rank(local_rank, len(facts["gpus"])) if facts["gpus"] else None
     me = {"rank": mpi_comm.rank, "host": hosts[mpi_comm.rank], "pid": os.getpid(),
           "local_rank": local_rank, "local_size": local_size,
-          "threads": facts.get("threads"), "gpu": gpu}
+          "threads": threads, "threads_from": threads_from, "gpu": gpu,
+          "gpu_name": None if gpu is None else facts["gpus"][gpu],
+          "gpu_bus_id": None if gpu is None else facts["gpu_bus_ids"][gpu],
+          "cuda_visible_devices": facts["cuda_visible_devices"]}
     facts["world_size"] = mpi_comm.size
     facts["hosts"] = {h: len(r) for h, r in ranks_per_host(hosts).items()}
     facts["ranks"] = mpi_comm.gather(me, root=0)
     return facts
 
 
+def _nccl_text(f):
+    v = f["nccl"]
+    if not v:
+        return f.get("nccl_note", "not usable (needs CuPy)")
+    return f"{v // 10000}.{v // 100 % 100}.{v % 100}" if v >= 10000 else str(v)
+
+
 def format_summary(f):
     """The human-readable summary of ``collect``'s dict."""
     omp = ("not built" if f["openmp"] is None else
-           f"OpenMP {f['openmp_version']}, {f['threads']} threads" if f["openmp"]
+           f"OpenMP {f['openmp_version']}" if f["openmp"]
            else "without OpenMP, 1 thread")
     gpus = ", ".join(f"{i}: {n}" for i, n in enumerate(f["gpus"])) or f.get("gpu_note", "none")
     lines = [
@@ -98,14 +124,17 @@ def format_summary(f):
         + (f" -- {f['kernels_error']}" if "kernels_error" in f else ""),
         f"CuPy          {f['cupy'] or 'not installed'}",
         f"GPUs          {gpus}",
-        f"NCCL          {f['nccl'] or f.get('nccl_note', 'not usable (needs CuPy)')}",
+        f"NCCL          {_nccl_text(f)}",
+        f"CUDA          " + (f"runtime {f['cuda_runtime']}, driver {f['cuda_driver']}"
+                             if f["cuda_runtime"] else "-")
+        + f"; TF32 {'on' if f['tf32'] else 'off'} (CUPY_TF32)",
         f"world size    {f['world_size']} on {len(f['hosts'])} host(s): "
         + ", ".join(f"{h} ({n} ranks)" for h, n in f["hosts"].items()),
     ]
     for r in f["ranks"]:
-        gpu = "-" if r["gpu"] is None else r["gpu"]
+        gpu = "-" if r["gpu"] is None else f"{r['gpu']} ({r['gpu_name']}, {r['gpu_bus_id']})"
         lines.append(f"  rank {r['rank']:<4} host {r['host']}  local {r['local_rank']}/"
-                     f"{r['local_size']}  pid {r['pid']}  threads {r['threads']}  gpu {gpu}")
+                     f"{r['local_size']}  pid {r['pid']}  threads {r['threads']} ({r['threads_from']})  gpu {gpu}")
     return "\n".join(lines)
 
 

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 import hpctrain
 from mpirun import ROOT, mpi_env, run_mpi
@@ -70,3 +71,16 @@ def test_console_script_runs():
     cmd = [script, "info"] if script else [sys.executable, "-m", "hpctrain", "info"]
     proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "world size" in proc.stdout, proc.stderr
+
+
+def test_one_threads_rule():
+    from hpctrain.threads import threads_per_rank
+    env = {"HPCTRAIN_NUM_THREADS": "3", "OMP_NUM_THREADS": "5"}
+    assert threads_per_rank(2, 1, env) == (2, "config threads")
+    assert threads_per_rank(None, 1, env) == (3, "HPCTRAIN_NUM_THREADS")
+    assert threads_per_rank(None, 1, {"OMP_NUM_THREADS": "5,2"}) == (5, "OMP_NUM_THREADS")
+    n, why = threads_per_rank(None, 2, {}, cpu_count=2)
+    assert n == 1 and "2 cores / 2 rank(s)" in why
+    assert threads_per_rank(None, 8, {}, cpu_count=2)[0] == 1
+    with pytest.raises(ValueError, match="HPCTRAIN_NUM_THREADS='x'"):
+        threads_per_rank(None, 1, {"HPCTRAIN_NUM_THREADS": "x"})

@@ -26,20 +26,13 @@ from hpctrain.train.metrics import MetricsLogger, PhaseTimer
 
 
 def _set_threads(configured, ranks_on_host):
-    """Threads per rank for the kernels and for BLAS: the config, else HPCTRAIN_NUM_THREADS,
-    else this host's cores shared among its ranks.
-
-    BLAS libraries default to one thread per core *per process*; with several ranks
-    per host their spinning threads oversubscribe the cores and dense layers run
-    tens of times slower, so the limit is always set explicitly.
-    """
-    import os
-
+    """Set the threads of this rank's kernels and BLAS by the one rule of
+    ``hpctrain.threads`` (config, HPCTRAIN_NUM_THREADS, OMP_NUM_THREADS, cores per rank)."""
     from threadpoolctl import threadpool_limits
 
     from hpctrain._kernels import _openmp
-    env = os.environ.get("HPCTRAIN_NUM_THREADS")
-    n = configured or (int(env) if env else max(1, (os.cpu_count() or 1) // max(1, ranks_on_host)))
+    from hpctrain.threads import threads_per_rank
+    n, _ = threads_per_rank(configured, ranks_on_host)
     _openmp.set_num_threads(n)
     threadpool_limits(limits=n, user_api="blas")
     return n
@@ -114,6 +107,7 @@ class Trainer:
         self._watcher = None
         self.online = self._make_online()
         self._last_loss = float("nan")
+        self._window_loss = None    # mean loss of the last reported window (live line)
         self._restored_from = None
 
     # ------------------------------------------------------------------ hooks
@@ -247,6 +241,8 @@ class Trainer:
         last_ckpt_time, last_ckpt = time.monotonic(), None
         stopped, loss = "done", float("nan")
         it = iter(self.reader)
+        # a stream's next batch is waited for after this step is trained (and exported)
+        streaming = getattr(self.reader, "streaming", False)
         window_t0, window_samples, window_loss = time.perf_counter(), 0, []
         steps_this_call = 0
         log.message(self._start_line(resume))
@@ -279,7 +275,7 @@ class Trainer:
                 last_step = self._done(step) or (max_steps is not None
                                                  and steps_this_call >= max_steps)
                 nxt, nxt_state, next_ticket = None, None, None
-                if not last_step:
+                if not last_step and not streaming:
                     nxt, nxt_state = self._next_batch(it)
                 if cfg.overlap and nxt is not None:
                     with t("exchange"):
@@ -296,7 +292,7 @@ class Trainer:
                         self.emb.evict(step)
                 self.step, self._reader_state = step, state
                 if self.online is not None:
-                    self.online.export(step, force=nxt is None)
+                    self.online.export(step)
                 self.losses.append(loss)
                 window_samples += int(batch.global_size or self.global_batch)
                 window_loss.append(loss)
@@ -304,29 +300,40 @@ class Trainer:
                 if nxt is not None and not cfg.overlap and not preempted:
                     with t("exchange"):
                         next_ticket = self.emb.start_lookup(self.jagged(nxt), step + 1)
-                if step % mcfg.every_steps == 0 or nxt is None or preempted:
+                if step % mcfg.every_steps == 0 or (nxt is None and not streaming) or preempted:
                     dt = time.perf_counter() - window_t0
                     self._report(log, step, window_loss, window_samples / max(dt, 1e-9))
+                    self._window_loss = float(np.mean(window_loss))
                     if self.online is not None:
                         self.online.report(log, step)
                     window_t0, window_samples, window_loss = time.perf_counter(), 0, []
                 if ck is not None and (preempted or flags[1] > 0 or
                                        (ck.every_steps and step % ck.every_steps == 0)):
+                    t_save = time.perf_counter()
                     last_ckpt = self.save_checkpoint()
                     last_ckpt_time = time.monotonic()
+                    window_t0 += time.perf_counter() - t_save   # samples/s: training time only
                 if preempted:
                     stopped = "preempted"
                     log.message(f"stopping at step {step}: {watcher.reason or 'signal'} on some "
                                 f"rank; checkpoint {last_ckpt or '(no checkpoint configured)'}")
                     break
                 if cfg.eval.interval and step % cfg.eval.interval == 0 and nxt is not None:
+                    t_eval = time.perf_counter()
                     self._log_eval(log, self.evaluate())
+                    window_t0 += time.perf_counter() - t_eval   # samples/s: training time only
+                if streaming and not last_step:
+                    nxt, nxt_state = self._next_batch(it)
+                    if nxt is not None:
+                        with t("exchange"):
+                            next_ticket = self.emb.start_lookup(self.jagged(nxt), step + 1)
                 batch, state = nxt, nxt_state
             else:
                 if steps_this_call == 0 and self.step == 0 and (
                         self.online is None or self.online.stop_reason is None):
                     raise ConfigError(f"{cfg.source}: data.train yields no batch")
-            if self.online is not None and self.online.stop_reason is not None:
+            if self.online is not None and self.online.stop_reason is not None \
+                    and stopped != "preempted":
                 stopped = "preempted"
                 if ck is not None and self._ckpt_step != self.step:
                     last_ckpt = self.save_checkpoint()
@@ -336,7 +343,11 @@ class Trainer:
             if max_steps is not None and steps_this_call >= max_steps and stopped == "done" \
                     and not self._done(self.step):
                 stopped = "max_steps"
+            # the loss of the last reported window (the live line's), not of one batch
+            loss = self._window_loss if self._window_loss is not None else loss
             result = {"step": self.step, "loss": loss, "stopped": stopped, "eval": None}
+            if self.online is not None:      # the last step's delta, checkpoint or not
+                self.online.export(self.step, force=True)
             if stopped in ("done", "max_steps") and ck is not None \
                     and self._ckpt_step != self.step:
                 last_ckpt = self.save_checkpoint()
@@ -375,7 +386,7 @@ class Trainer:
                 else "fresh start" + (" (no checkpoint to resume)" if resume else ""))
         length = (f"{cfg.steps} steps" if cfg.steps is not None else "") + (
             f"{' or ' if cfg.steps is not None else ''}{cfg.epochs} epoch(s)"
-            if cfg.epochs is not None else "")
+            if cfg.epochs is not None else "") or "until the stream's END"
         return (f"hpctrain: {what}; {length} of global batch {self.global_batch}; "
                 f"{comm.size} rank(s) x {self.threads} thread(s); data {cfg.data.format}; "
                 f"mode {cfg.mode}")
@@ -451,7 +462,8 @@ class Trainer:
             tables = self.emb.export()
             state = {"step": self.step, "reader": self._reader_state, "config": self.cfg.text,
                      "versions": versions(), "world_size": self.comm.size,
-                     "seed": self.cfg.seed, "losses_tail": self.losses[-5:]}
+                     "seed": self.cfg.seed, "losses_tail": self.losses[-5:],
+                     "window_loss": self._window_loss}
             path = self.ckpt.save(self.step, dense, tables, state, table_ids=self.table_ids)
         self._ckpt_step = self.step
         if self.online is not None:      # a checkpoint is also a delta boundary
@@ -491,4 +503,5 @@ class Trainer:
         self._restored_from = path or os.path.join(self.ckpt.directory, f"step-{int(step):08d}")
         tail = state.get("losses_tail") or []
         self._last_loss = float(tail[-1]) if tail else float("nan")
+        self._window_loss = state.get("window_loss")
         return self.step

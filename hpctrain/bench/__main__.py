@@ -20,7 +20,13 @@ def main(argv=None):
     # the allocator settings of a training process (HPCTRAIN_MALLOC=default: glibc's own)
     from hpctrain.memory import tune_malloc
     tune_malloc()
-    return importlib.import_module(f"hpctrain.bench.{argv[0]}").main(argv[1:]) or 0
+    from hpctrain.errors import HpctrainError
+    try:
+        return importlib.import_module(f"hpctrain.bench.{argv[0]}").main(argv[1:]) or 0
+    except HpctrainError as exc:  # e.g. --device gpu without CuPy: one line, no traceback
+        print(f"python -m hpctrain.bench {argv[0]}: {type(exc).__name__}: {exc}",
+              file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

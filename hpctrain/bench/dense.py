@@ -8,10 +8,15 @@ optimizer update of DLRM's dense part (bottom 13-512-256-64-d, dot interaction o
 alternating rounds, it times the baseline: the bare matrix products of the same
 shapes on preallocated buffers (per Linear: forward, weight gradient and, except
 for the first layer, input gradient; the interaction's two batched products) and a
-raw ``MPI.Allreduce`` (``--backend cupy``: a raw NCCL allreduce) of a buffer of the
+raw ``MPI.Allreduce`` (``--device gpu``: a raw NCCL allreduce) of a buffer of the
 same size, the three timed back to back in each round. Goal: step <= 1.15 x
-(GEMM + raw allreduce), judged on the median over rounds of the per-round ratio.
-GFLOP/s count the FLOPs of those products (per rank, and summed over ranks).
+(GEMM + raw allreduce) on CPU, <= 1.2 x (cuBLAS GEMMs + NCCL) on a GPU, judged on the
+median over rounds of the per-round ratio. GFLOP/s count the FLOPs of those products
+(per rank, and summed over ranks).
+
+``--device gpu`` runs the CuPy model on this rank's GPU (``local_rank % devices``) with
+the NCCL communicator; without CuPy or a GPU it stops with one ``ConfigError`` line.
+TF32 stays off unless ``CUPY_TF32=1`` (reported in the output and the JSON).
 """
 import time
 
@@ -21,6 +26,7 @@ from hpctrain.bench import common
 from hpctrain.memory import peak_rss_bytes
 
 GOAL = 1.15
+GOALS = {"cpu": GOAL, "gpu": 1.2}
 NUM_DENSE = 13
 
 
@@ -73,7 +79,7 @@ def _device_sync(xp):
     return lambda: xp.cuda.get_current_stream().synchronize()
 
 
-def bench_dim(d, args, comm, hc, xp):
+def bench_dim(d, args, comm, hc, xp, goal=GOAL):
     """Time the step, its phases and the baseline for embedding width ``d``."""
     from mpi4py import MPI
 
@@ -154,8 +160,8 @@ def bench_dim(d, args, comm, hc, xp):
             "step_gflops": flops / st["step"]["p50"] / 1e9,
             "step_gflops_all_ranks": n * flops / st["step"]["p50"] / 1e9,
             "gemm_gflops": flops / st["gemm"]["p50"] / 1e9,
-            "ratio": ratio, "ratio_of_minima": best, "paired_ratios": paired, "goal": GOAL,
-            "met": bool(ratio <= GOAL)}
+            "ratio": ratio, "ratio_of_minima": best, "paired_ratios": paired, "goal": goal,
+            "met": bool(ratio <= goal)}
 
 
 def main(argv=None):
@@ -165,20 +171,33 @@ def main(argv=None):
     p.add_argument("--features", type=int, default=26, help="number of embedding features")
     p.add_argument("--optimizer", default="adam")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
+    p.add_argument("--device", default=None, choices=["cpu", "gpu"],
+                   help="where the model runs (gpu: CuPy on this rank's GPU, NCCL allreduce)")
+    p.add_argument("--backend", default=None, choices=["numpy", "cupy"],
+                   help="the same as --device cpu|gpu")
     args = p.parse_args(argv)
+    device = args.device or {"numpy": "cpu", "cupy": "gpu"}.get(args.backend, "cpu")
+    args.backend = "cupy" if device == "gpu" else "numpy"
     from hpctrain.comm import create_communicator
-    from hpctrain.dense.backend import get_array_module, get_blas_threads, set_blas_threads
+    from hpctrain.dense.backend import get_blas_threads, set_blas_threads
+    from hpctrain.dense.device import select_device, tf32_enabled
     comm = common.world()
-    xp = get_array_module(args.backend)
+    # "gpu" without CuPy or a GPU: one ConfigError line, before any collective
+    select_device(device, 0, source="bench dense --device", use=False)
+    host = create_communicator("mpi", debug=False)
+    dev = select_device(device, host.local_rank, source="bench dense --device")
+    xp = dev.xp
     if args.threads:
         set_blas_threads(args.threads)
         from hpctrain._kernels import _openmp
         _openmp.set_num_threads(args.threads)
-    hc = create_communicator("nccl" if xp is not np else "mpi", debug=False)
-    rows = [bench_dim(int(d), args, comm, hc, xp) for d in args.dims.split(",")]
+    hc = dev.collective(host)
+    rows = [bench_dim(int(d), args, comm, hc, xp, GOALS[device]) for d in args.dims.split(",")]
     threads = get_blas_threads()
+    goal = GOALS[device]
     if comm.rank == 0:
+        print(f"# device {dev.name}" + (f", TF32 {'on' if tf32_enabled() else 'off'}"
+                                       if device == "gpu" else ""))
         print(f"# DLRM dense step ({args.backend}, {args.optimizer}) vs bare matrix products "
               f"+ raw allreduce; {comm.size} ranks x {threads} BLAS threads, "
               f"batch {args.batch}/rank; p50 ms (phases: means; allred includes waiting for "
@@ -191,9 +210,10 @@ def main(argv=None):
               r["phases_mean"]["backward"] * 1e3, r["phases_mean"]["allreduce"] * 1e3,
               r["phases_mean"]["update"] * 1e3, r["gemm"]["p50"] * 1e3,
               r["raw_allreduce"]["p50"] * 1e3, r["ratio"], r["ratio_of_minima"],
-              f"<={GOAL} {'met' if r['met'] else 'NOT met'}", r["step_gflops"],
+              f"<={goal} {'met' if r['met'] else 'NOT met'}", r["step_gflops"],
               r["gemm_gflops"], r["step_gflops_all_ranks"]] for r in rows])
-    common.write_json("dense", {"backend": args.backend, "optimizer": args.optimizer,
+    common.write_json("dense", {"backend": args.backend, "device": dev.name,
+                                "tf32": tf32_enabled(), "optimizer": args.optimizer,
                                 "blas_threads": threads, "rows": rows,
                                 "peak_rss_bytes": peak_rss_bytes()},
                       path=args.json, comm=comm)

@@ -7,9 +7,18 @@ per-phase times, peak RSS per rank and the reader's load (``reader_busy_share``:
 CPU seconds of the prefetch thread over the wall seconds of the fit, max over ranks).
 The baseline measured in the same run is the dense model alone on the same
 batches (what the step would cost if the sparse side were free), so the sparse
-overhead is a ratio.
+overhead is a ratio; and the dense step alone is set against its bare matrix products
+plus a raw allreduce of the gradient buffer (``hpctrain.bench.dense``'s baseline).
+
+``--device gpu`` trains the dense model on this rank's GPU (``device = "gpu"``): inputs
+and gradients cross through pinned buffers on copy streams, the gradient allreduce is
+NCCL, and per-phase device times come from CUDA events: H2D, dense (forward, backward,
+update), NCCL, D2H, beside the host's sparse phases; ``copies hidden`` is the share of
+the copies' time during which the compute stream was busy. Goals of the GPU run: dense
+step <= 1.2 x (bare GEMMs + NCCL allreduce); copies hidden >= 80 %.
 
     mpiexec -n 2 python -m mpi4py -m hpctrain.bench train --dim 16 --dim 64
+    mpiexec -n 2 python -m mpi4py -m hpctrain.bench train --device gpu --bag 1
 """
 import io
 import time
@@ -20,11 +29,15 @@ from hpctrain.bench import common
 from hpctrain.memory import peak_rss_bytes
 
 
-def workload(dim, batch_per_rank=4096, bag=1, steps=40, vocab=10**6, threads=None, seed=0):
+GPU_GOALS = {"dense_vs_bare": 1.2, "copies_hidden": 0.8}
+
+
+def workload(dim, batch_per_rank=4096, bag=1, steps=40, vocab=10**6, threads=None, seed=0,
+             device="cpu"):
     """The benchmark's config as a dict (``hpctrain.config.config_from_dict``)."""
     feats = [f"C{i}" for i in range(1, 27)]
     return {
-        "seed": seed, "batch_per_rank": batch_per_rank, "steps": steps,
+        "seed": seed, "batch_per_rank": batch_per_rank, "steps": steps, "device": device,
         **({"threads": threads} if threads else {}),
         "model": {"kind": "dlrm", "bottom": [512, 256, 64], "top": [512, 256, 1]},
         "tables": [{"name": f"t{f}", "features": [f], "dim": dim,
@@ -55,21 +68,27 @@ class _StepClock:
         return self._inner(*args)
 
 
-def run_one(dim, bag, steps, warmup, comm, threads, batch_per_rank=4096):
+def run_one(dim, bag, steps, warmup, comm, threads, batch_per_rank=4096, device="cpu"):
     from hpctrain.config import config_from_dict
     from hpctrain.train.loop import Trainer
     cfg = config_from_dict(workload(dim, batch_per_rank, bag=bag, steps=steps + warmup,
-                                    threads=threads), source=f"bench-train-d{dim}-bag{bag}")
+                                    threads=threads, device=device),
+                           source=f"bench-train-d{dim}-bag{bag}")
     trainer = Trainer(cfg, comm, stream=io.StringIO())
     clock = _StepClock(trainer)
+    if trainer.device.phases is not None:
+        trainer.device.phases.intervals = []  # for the copies' overlap with compute
     comm.barrier()
     t0 = time.perf_counter()
     trainer.fit()
     wall = time.perf_counter() - t0
+    device_s = {f"gpu.{k}": v for k, v in trainer.device.take_phases(wait=True).items()}
     # the prefetch thread's CPU seconds during the fit: the reader's load on the cores
     busy = trainer.reader.busy_seconds
     step_times = np.array(clock.times[warmup:] or clock.times)
     phases = dict(trainer.phase_totals)
+    for k, v in device_s.items():
+        phases[k] = phases.get(k, 0.0) + v
     mpi = comm.mpi_comm
     med = mpi.allreduce(float(np.median(step_times)), op=_max())
     gb = trainer.global_batch
@@ -77,9 +96,20 @@ def run_one(dim, bag, steps, warmup, comm, threads, batch_per_rank=4096):
     share_max = mpi.allreduce(busy / max(wall, 1e-12), op=_max())
     rss = mpi.gather(peak_rss_bytes(), root=0)
     rows = mpi.gather(sum(trainer.emb.stats()["rows"].values()), root=0)
-    # Baseline: the dense model alone on one batch of the same shape, same run.
+    # Baselines: the dense model alone on one batch of the same shape, and its bare
+    # matrix products + a raw allreduce of the gradient buffer, same run.
     dense_s = _dense_only(trainer, comm)
+    gemm_s, raw_s = _bare_baseline(trainer, comm)
+    hidden = None
+    if trainer.device.phases is not None and trainer.device.phases.intervals is not None:
+        from hpctrain.dense.streams import hidden_fraction
+        hidden = hidden_fraction(trainer.device.phases.intervals)[2]
+        hidden = mpi.allreduce(hidden, op=_min())
     return {"dim": dim, "bag": bag, "steps": len(step_times), "global_batch": gb,
+            "device": trainer.device.name, "device_kind": device,
+            "phase_ms_per_step": _phase_ms(phases, steps + warmup, device),
+            "bare_gemm_s": gemm_s, "raw_allreduce_s": raw_s,
+            "dense_vs_bare": dense_s / max(gemm_s + raw_s, 1e-12), "copies_hidden": hidden,
             "median_step_s": med, "samples_per_s": gb / med,
             "samples_per_s_per_rank": gb / med / comm.size,
             "dense_only_step_s": dense_s, "dense_share": dense_s / med,
@@ -93,24 +123,70 @@ def _max():
     return MPI.MAX
 
 
+def _min():
+    from mpi4py import MPI
+    return MPI.MIN
+
+
+def _phase_ms(phases, steps, device):
+    """Milliseconds per step of the phases the GPU report names (rank 0's).
+
+    On a GPU, H2D/dense/NCCL/D2H are device times from CUDA events; on CPU, dense and
+    the allreduce are the host's and there are no copies.
+    """
+    g = (lambda k: phases.get(k, 0.0))
+    if device == "gpu":
+        out = {"h2d": g("gpu.h2d"), "dense": g("gpu.forward") + g("gpu.backward")
+               + g("gpu.update"), "nccl": g("gpu.allreduce"), "d2h": g("gpu.d2h")}
+    else:
+        out = {"h2d": 0.0, "dense": g("dense"), "nccl": g("allreduce"), "d2h": 0.0}
+    out["sparse"] = g("exchange") + g("sparse_update")
+    return {k: 1e3 * v / max(steps, 1) for k, v in out.items()}
+
+
 def _dense_only(trainer, comm):
-    """Median time of forward+backward+allreduce+update of the dense model alone."""
+    """Median time of forward+backward+allreduce+update of the dense model alone
+    (inputs already where the model is; on a GPU, waited for at the end)."""
     from hpctrain.dense.loss import bce_with_logits
     from hpctrain.dense.parallel import allreduce_gradients
+    xp = trainer.device.xp
     rng = np.random.default_rng(1)
     b = trainer.local_batch
-    dense = rng.random((b, trainer.model.num_dense), dtype=np.float32)
-    embs = [rng.standard_normal((b, d), dtype=np.float32) * 0.01
+    dense = xp.asarray(rng.random((b, trainer.model.num_dense), dtype=np.float32))
+    embs = [xp.asarray(rng.standard_normal((b, d), dtype=np.float32) * 0.01)
             for d in [s.dim for s in trainer.specs]]
-    labels = (rng.random(b) < 0.25).astype(np.float32)
+    labels = xp.asarray((rng.random(b) < 0.25).astype(np.float32))
 
     def step():
         z = trainer.model.forward(dense, embs)
         _, dz = bce_with_logits(z, labels, denom=b * comm.size)
         trainer.model.backward(dz)
-        allreduce_gradients(trainer.model.params, comm)
+        allreduce_gradients(trainer.model.params, trainer.dense_comm)
         trainer.opt.step()
+        trainer.device.synchronize()
     return common.stats(common.time_fn(step, warmup=2, repeat=7, comm=comm.mpi_comm))["p50"]
+
+
+def _bare_baseline(trainer, comm):
+    """Median seconds of the dense step's bare matrix products (``bench.dense``'s
+    baseline) and of one raw allreduce of a buffer of the gradients' size, through the
+    trainer's dense communicator (NCCL on a GPU)."""
+    from hpctrain.bench.dense import _gemm_baseline
+    xp, sync = trainer.device.xp, trainer.device.synchronize
+    gemm = _gemm_baseline(trainer.model, trainer.local_batch, xp)
+    buf = xp.zeros(trainer.model.params.size, dtype=np.float32)
+
+    def run_gemm():
+        gemm()
+        sync()
+
+    def run_raw():
+        trainer.dense_comm.allreduce(buf)
+        sync()
+    out = []
+    for fn in (run_gemm, run_raw):
+        out.append(common.stats(common.time_fn(fn, warmup=2, repeat=7, comm=comm.mpi_comm))["p50"])
+    return tuple(out)
 
 
 def main(argv=None):
@@ -122,16 +198,21 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=4096, help="samples per rank and step")
     p.add_argument("--global-batch", type=int, default=None,
                    help="fixed global batch (strong scaling); overrides --batch")
+    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"],
+                   help="where the dense model trains (the config key device)")
     args = p.parse_args(argv)
     from hpctrain.comm import create_communicator
+    from hpctrain.dense.device import select_device, tf32_enabled
     comm = create_communicator("mpi")
+    # "gpu" without CuPy or a GPU: one ConfigError line before any case starts
+    select_device(args.device, comm.local_rank, source="bench train --device", use=False)
     dims, bags = args.dim or [16, 64], args.bag or [1, 20]
     results = []
     for bag in bags:
         for dim in dims:
             per_rank = (args.global_batch // comm.size if args.global_batch else args.batch)
             results.append(run_one(dim, bag, args.steps, args.warmup, comm, args.threads,
-                                   per_rank))
+                                   per_rank, device=args.device))
     if comm.rank == 0:
         print(f"# hpctrain train benchmark: {comm.size} rank(s), batch "
               f"{results[0]['global_batch'] // comm.size}/rank, 26 features")
@@ -143,10 +224,26 @@ def main(argv=None):
               r["reader_busy_share"], r["peak_rss_sum_gb"]] for r in results])
         print("# reader share: CPU seconds of the prefetch thread / wall seconds of the fit "
               "(max over ranks)")
+        print(f"# per-phase ms per step (rank 0; device {results[0]['device']}, TF32 "
+              f"{'on' if tf32_enabled() else 'off'}): h2d/dense/nccl/d2h on the device "
+              "(CUDA events) with --device gpu; dense_vs_bare: dense-only step / (bare GEMMs "
+              "+ raw allreduce)" + (f", goals <= {GPU_GOALS['dense_vs_bare']}, copies hidden "
+                                    f">= {GPU_GOALS['copies_hidden']:.0%}"
+                                    if args.device == "gpu" else ""))
+        common.print_table(
+            ["dim", "bag", "h2d", "dense", "nccl", "d2h", "sparse", "dense-only ms",
+             "bare ms", "dense_vs_bare", "copies hidden"],
+            [[r["dim"], r["bag"], *(r["phase_ms_per_step"][k]
+                                    for k in ("h2d", "dense", "nccl", "d2h", "sparse")),
+              1e3 * r["dense_only_step_s"], 1e3 * (r["bare_gemm_s"] + r["raw_allreduce_s"]),
+              r["dense_vs_bare"], "-" if r["copies_hidden"] is None
+              else f"{r['copies_hidden']:.0%}"] for r in results])
         names = sorted({k for r in results for k in r["phases_s"]})
         print("# per-phase seconds over the run (rank 0)")
         common.print_table(["dim", "bag", *names],
                            [[r["dim"], r["bag"], *(r["phases_s"].get(k, 0.0) for k in names)]
                             for r in results])
-    common.write_json("train", {"results": results}, args.json, comm.mpi_comm)
+    common.write_json("train", {"results": results, "device": args.device,
+                                "tf32": tf32_enabled(), "goals_gpu": GPU_GOALS},
+                      args.json, comm.mpi_comm)
     return 0

@@ -8,7 +8,7 @@ impossible value -- raises ``ConfigError`` naming the file and the key path::
 
 Every key is described in docs/configuration.md. One module per section::
 
-    root.py     seed, mode, overlap, exchange, node_group_size, threads, malloc,
+    root.py     seed, mode, device, overlap, exchange, node_group_size, threads, malloc,
                 global_batch | batch_per_rank, steps, epochs; Config; load_config & co.
     model.py    [model]            kind = "dlrm" | "wide_deep" | "deepfm", layer sizes
     tables.py   [[tables]]         name, features, dim, optimizer, admission, eviction,

@@ -44,21 +44,42 @@ def bce_with_logits(logits, labels, denom=None):
         mean) and ``d loss / d logits`` as a ``[B]`` array of the logits' dtype.
     """
     _check("bce_with_logits", logits, labels)
-    xp = array_module_of(logits)
     d = _denom(logits.shape[0], denom)
-    z = logits
+    per, grad = _bce_terms(logits, labels)
+    loss = float(per.sum()) / d
+    grad *= 1.0 / d
+    return loss, grad
+
+
+def bce_with_logits_sum(logits, labels, out):
+    """``bce_with_logits(logits, labels, denom=1)`` without bringing the loss to the host.
+
+    The summed loss is written into ``out`` (a 0-d array where the logits live), so on a
+    GPU the call only enqueues kernels; the caller reads ``out`` when it synchronises
+    anyway. The values are those of ``bce_with_logits`` with ``denom=1``, bit for bit.
+
+    Returns:
+        ``d_logits`` as a ``[B]`` array of the logits' dtype.
+    """
+    _check("bce_with_logits_sum", logits, labels)
+    per, grad = _bce_terms(logits, labels)
+    per.sum(out=out)
+    return grad
+
+
+def _bce_terms(z, labels):
+    """Per-sample losses and ``sigmoid(z) - y`` (not yet divided by any denominator)."""
+    xp = array_module_of(z)
     y = xp.asarray(labels, dtype=z.dtype)
     e = xp.exp(-xp.abs(z))
     per = xp.log1p(e)
     per += xp.maximum(z, 0)
     per -= z * y
-    loss = float(per.sum()) / d
     # sigmoid(z) = 1/(1+e) for z >= 0 and e/(1+e) for z < 0, with e = exp(-|z|) <= 1.
     grad = xp.where(z >= 0, 1.0, e).astype(z.dtype, copy=False)
     grad /= 1.0 + e
     grad -= y
-    grad *= 1.0 / d
-    return loss, grad
+    return per, grad
 
 
 def mse(pred, target, denom=None):

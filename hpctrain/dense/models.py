@@ -21,7 +21,18 @@ from hpctrain.dense.params import FlatParameters
 
 
 class Model:
-    """Shared plumbing: array module, dtype, flat parameters, input checks."""
+    """Shared plumbing: array module, dtype, flat parameters, input checks.
+
+    A model with ``splits_embeddings`` calls ``on_embeddings()`` (when set) right before
+    its forward first reads the embeddings, and ``on_embedding_grads(d_embs)`` as soon as
+    its backward has them final. The GPU step uses the two points to let the embeddings'
+    copy to the device overlap the bottom MLP and their gradients' copy back overlap the
+    rest of backward (``hpctrain.train.device_step``); other models are waited for whole.
+    """
+
+    splits_embeddings = False
+    on_embeddings = None
+    on_embedding_grads = None
 
     def __init__(self, num_dense, xp, dtype):
         self.xp = get_array_module(xp)
@@ -105,6 +116,8 @@ class DLRM(Model):
         self_interaction: include each vector's dot product with itself.
     """
 
+    splits_embeddings = True  # the bottom MLP runs before the embeddings are read
+
     def __init__(self, num_dense, emb_dims, bottom=(512, 256, 64), top=(512, 256, 1), *,
                  xp="numpy", seed=0, dtype=np.float32, self_interaction=False):
         super().__init__(num_dense, xp, dtype)
@@ -127,6 +140,8 @@ class DLRM(Model):
     def forward(self, dense, embs, training=True):
         dense, embs = self._inputs(dense, embs, self.emb_dims)
         x = self.bottom.forward(dense, training)
+        if self.on_embeddings is not None:
+            self.on_embeddings()
         z = self.interaction.forward(x, embs, training)
         y = self.top.forward(z, training)
         return y.reshape(-1).copy()
@@ -134,6 +149,8 @@ class DLRM(Model):
     def backward(self, d_logits):
         dz = self.top.backward(self._d_logits(d_logits))
         dx, d_embs = self.interaction.backward(dz)
+        if self.on_embedding_grads is not None:
+            self.on_embedding_grads(d_embs)
         self.bottom.backward(dx)
         return d_embs
 

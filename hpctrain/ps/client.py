@@ -56,7 +56,8 @@ class PSClient(EmbeddingStore):
         p2p: ``hpctrain.comm.p2p.PointToPoint`` over the world.
         servers: world ranks of the servers, in server-index order.
         worker, group: this worker's index and group.
-        timeout_s: seconds to wait for a server's answer before ``CommError``.
+        timeout_s: ``ps.timeout_s``; a worker waits ``WORKER_WAIT`` times that for a
+            server's answer before ``CommError``.
 
     Attributes:
         staleness: per training step, the staleness of the rows it read.
@@ -67,7 +68,7 @@ class PSClient(EmbeddingStore):
         self.specs, self.feature_to_table = resolve_specs(specs)
         self.p2p, self.servers = p2p, list(servers)
         self.worker, self.group = worker, group
-        self.timeout_s = float(timeout_s)
+        self.timeout_s = float(timeout_s) * P.WORKER_WAIT
         self._dims = np.array([s.dim for s in self.specs], dtype=np.int64)
         self._sends = []
         self._timers = dict.fromkeys(PHASES, 0.0)

@@ -74,14 +74,14 @@ class DenseClient:
         leader: whether this worker is its group's leader.
         worker, group: this worker's index and group.
         size: elements of the flat dense buffer.
-        timeout: seconds to wait for a server's reply.
+        timeout: ``ps.timeout_s`` (waits last ``protocol.WORKER_WAIT`` times that).
     """
 
     def __init__(self, p2p, servers, group_comm, leader, worker, group, size, timeout):
         self.p2p, self.servers, self.group_comm = p2p, list(servers), group_comm
         self.leader, self.worker, self.group = leader, worker, group
         self.bounds = slice_bounds(size, len(servers))
-        self.timeout = timeout
+        self.timeout = timeout * P.WORKER_WAIT
         self.sends = []
         self.wait_s = 0.0
         self.staleness = []

@@ -39,6 +39,10 @@ H_CLOCK, H_WORKER, H_GROUP, H_AUX, H_COUNTS = range(5)
 #: ``aux`` of a DPULL that must see every clock up to its own (evaluation reads).
 FRESH = 1
 
+#: Workers wait this much longer than ``ps.timeout_s`` for a server's answer: when a
+#: worker hangs, the server (which knows whose push it waits for) reports it first.
+WORKER_WAIT = 1.1
+
 
 def header(clock, worker=-1, group=-1, aux=0, counts=()):
     """The int64 header of a message (see the module docstring)."""

@@ -279,10 +279,10 @@ def run_hybrid(cfg, world=None, max_steps=None, stream=None, resume=False):
         run_server(cfg, roles, p2p, stream=stream)
         return None
     trainer = HybridTrainer(cfg, roles, p2p, stream=stream)
-    try:
-        result = trainer.fit(resume=resume, max_steps=max_steps)
-    finally:
-        trainer.close()
+    # no try/finally: after an error close() would wait for servers that wait for this
+    # rank; the error must reach the launcher, which ends the whole job
+    result = trainer.fit(resume=resume, max_steps=max_steps)
+    trainer.close()
     result["ps"] = trainer.emb.stats()
     result["worker_index"] = roles.worker_index
     return result

@@ -189,7 +189,21 @@ def test_fewer_samples_than_a_global_batch_is_an_error_when_dropping(tmp_path):
     write_criteo(tmp_path / "a.tsv", 10)
     cfg = criteo_cfg([tmp_path / "a.tsv"])
     with make_reader(cfg, "train", 0, 1, 16, 0) as r:
-        with pytest.raises(DataError, match="fewer samples than one global batch of 16"):
+        with pytest.raises(DataError, match=r"the split has 10 lines \(10 good\), fewer than "
+                                            r"one global batch of 16"):
+            next(r)
+    # the lines are parsed to say so: under the strict policy the first bad one is named
+    lines = (tmp_path / "a.tsv").read_text().splitlines()
+    lines[3] = "0\tbad"
+    (tmp_path / "a.tsv").write_text("\n".join(lines) + "\n")
+    with make_reader(cfg, "train", 0, 1, 16, 0) as r:
+        with pytest.raises(DataError, match=r"a.tsv:4: wrong field count: 2 fields"):
+            next(r)
+    synthetic = data_config({"format": "synthetic", "train": {"num_samples": 10}},
+                            [f"C{i}" for i in range(1, 27)])
+    with make_reader(synthetic, "train", 0, 1, 16, 0) as r:
+        with pytest.raises(DataError, match=r"the split has 10 samples, fewer than one global "
+                                            r"batch of 16"):
             next(r)
 
 

@@ -9,6 +9,8 @@ the config, so the HDF5 file holds exactly the samples the text reader yields.
 Bad lines are skipped and counted under the same policy as in training.
 """
 import argparse
+import os
+import secrets
 import sys
 import time
 
@@ -16,7 +18,7 @@ from hpctrain.config import BadLinesConfig, DataConfig, SplitConfig, load_config
 from hpctrain.data.hdf5 import HDF5Writer
 from hpctrain.data.sources import open_dataset
 from hpctrain.data.text import BadLines
-from hpctrain.errors import HpctrainError
+from hpctrain.errors import DataError, HpctrainError
 
 BLOCK = 1 << 16
 
@@ -54,7 +56,14 @@ def convert(data_cfg, split, output, chunk_rows=BLOCK, compression=None, log=pri
     """Write ``split`` of ``data_cfg`` to the HDF5 file ``output``; returns (samples, bad lines)."""
     bad = BadLines(data_cfg.bad_lines)
     ds = open_dataset(data_cfg, split, seed=0, bad_lines=bad)
-    writer = HDF5Writer(output, ds.features, ds.dense_names, chunk_rows, compression)
+    # written under a temporary name and renamed at the end: an error leaves no half file
+    tmp = f"{output}.tmp-{secrets.token_hex(4)}"
+    try:
+        writer = HDF5Writer(tmp, ds.features, ds.dense_names, chunk_rows, compression)
+    except BaseException:
+        ds.close()
+        raise
+    done = False
     try:
         if ds.random_access:
             if ds.num_samples is None:
@@ -71,9 +80,17 @@ def convert(data_cfg, split, output, chunk_rows=BLOCK, compression=None, log=pri
                 writer.append(ds.parse_window(pieces, 0, n))
                 row += n
         n = writer.n
+        if n == 0:
+            raise DataError(f"data.{split}: no good sample to write ({bad.bad} bad lines; "
+                            f"{bad.last()})")
+        writer.close()
+        os.replace(tmp, output)
+        done = True
     finally:
         writer.close()
         ds.close()
+        if not done and os.path.lexists(tmp):
+            os.unlink(tmp)
     return n, bad.bad
 
 

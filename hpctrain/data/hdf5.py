@@ -93,12 +93,74 @@ class HDF5Writer:
             self.f = None
 
 
-def _names(attr):
+def _names(f, p, key):
+    attr = f.attrs.get(key)
+    if attr is None or getattr(attr, "ndim", 1) != 1:
+        raise DataError(f"{p}: attribute {key} is missing or not a list of names (write the "
+                        f"file with hpctrain convert)")
     return [x.decode() if isinstance(x, bytes) else str(x) for x in attr]
+
+
+# deflate, the strongest filter h5py writes, expands at most about 1032:1
+_MAX_FILTER_RATIO = 1032
+
+
+def _dataset(f, p, path, kinds, ndim, what):
+    """Dataset ``path`` of file ``f`` (named ``p``), checked: kind, rank, stored size."""
+    import h5py
+    ds = f.get(path)
+    if not isinstance(ds, h5py.Dataset):
+        raise DataError(f"{p}: no dataset /{path} (an hpctrain data file has /labels, /dense and "
+                        f"/sparse/<feature>/values and offsets)")
+    if ds.ndim != ndim or ds.dtype.kind not in kinds:
+        raise DataError(f"{p}:/{path}: expected {what}, got {ds.dtype}{list(ds.shape)}")
+    declared = int(ds.size) * ds.dtype.itemsize
+    if declared:
+        stored = ds.id.get_storage_size()
+        ratio = _MAX_FILTER_RATIO if ds.id.get_create_plist().get_nfilters() else 1
+        if stored * ratio < declared:
+            raise DataError(f"{p}:/{path}: declares {ds.dtype}{list(ds.shape)} ({declared} "
+                            f"bytes) but the file stores only {stored} bytes of it")
+    return ds
+
+
+def _check_layout(f, p, features, dense_names):
+    """The datasets of one file, checked against each other; returns them and the sample count."""
+    labels = _dataset(f, p, "labels", "fiub", 1, "float32[N] labels")
+    n = int(labels.shape[0])
+    if n == 0:
+        raise DataError(f"{p}: empty data file (0 samples)")
+    declared = f.attrs.get("num_samples")
+    if declared is not None and int(declared) != n:
+        raise DataError(f"{p}: attribute num_samples = {int(declared)} but /labels has {n} rows")
+    dense = _dataset(f, p, "dense", "fiu", 2, f"float32[N, {len(dense_names)}]")
+    if dense.shape != (n, len(dense_names)):
+        raise DataError(f"{p}:/dense: shape {list(dense.shape)}, expected [{n}, "
+                        f"{len(dense_names)}] ({n} labels, {len(dense_names)} dense_names)")
+    sparse = []
+    for name in features:
+        offsets = _dataset(f, p, f"sparse/{name}/offsets", "iu", 1, f"int64[{n + 1}] offsets")
+        values = _dataset(f, p, f"sparse/{name}/values", "iu", 1, "int64 ids")
+        if values.dtype.kind == "u" and values.dtype.itemsize == 8:
+            raise DataError(f"{p}:/sparse/{name}/values: ids must be int64, got uint64")
+        if offsets.shape != (n + 1,):
+            raise DataError(f"{p}:/sparse/{name}/offsets: {offsets.shape[0]} entries, expected "
+                            f"{n + 1} (one more than the {n} labels)")
+        first, last = int(offsets[0]), int(offsets[n])
+        if first != 0 or last != values.shape[0]:
+            raise DataError(f"{p}:/sparse/{name}/offsets: runs from {first} to {last}, expected "
+                            f"0 to {values.shape[0]} (the number of ids in values)")
+        sparse.append((offsets, values))
+    return labels, dense, sparse, n
 
 
 class HDF5Dataset:
     """Random-access samples of one or more hpctrain HDF5 files (concatenated in order).
+
+    Every file's layout is checked at open (datasets present, dtypes, shapes, sizes backed
+    by the file, offsets spanning the ids); every read checks what it returns (offsets
+    that do not decrease, labels in [0, 1], finite dense values), so a malformed file is a
+    ``DataError`` naming the file, the dataset and the row.
 
     Args:
         paths: the files. rows: ``(start, end)`` sample range over all files, or None.
@@ -109,7 +171,7 @@ class HDF5Dataset:
 
     def __init__(self, paths, rows, split):
         h5py = _h5py()
-        self.paths, self.files, counts = list(paths), [], []
+        self.paths, self.files, counts, self._datasets = list(paths), [], [], []
         try:
             for p in self.paths:
                 try:
@@ -120,28 +182,27 @@ class HDF5Dataset:
                 if f.attrs.get("format") != FORMAT:
                     raise DataError(f"{p}: not an hpctrain data file (attribute format = "
                                     f"{f.attrs.get('format')!r}; write one with hpctrain convert)")
-                if int(f.attrs.get("version", -1)) != VERSION:
-                    raise DataError(f"{p}: data file version {f.attrs.get('version')}, "
-                                    f"this hpctrain reads {VERSION}")
-                feats, dn = _names(f.attrs["features"]), _names(f.attrs["dense_names"])
+                version = f.attrs.get("version", -1)
+                if isinstance(version, np.generic):
+                    version = version.item()
+                if type(version) is not int or version != VERSION:
+                    raise DataError(f"{p}: data file version {version!r}, this hpctrain reads "
+                                    f"{VERSION}")
+                feats, dn = _names(f, p, "features"), _names(f, p, "dense_names")
                 if len(self.files) == 1:
                     self.features, self.dense_names = tuple(feats), tuple(dn)
                 elif tuple(feats) != self.features or tuple(dn) != self.dense_names:
                     raise DataError(f"{p}: features {feats} / dense {dn} differ from "
                                     f"{self.paths[0]}'s {list(self.features)} / "
                                     f"{list(self.dense_names)}")
-                n = int(f["labels"].shape[0])
-                if n == 0:
-                    raise DataError(f"{p}: empty data file (0 samples)")
+                labels, dense, sparse, n = _check_layout(f, p, feats, dn)
+                # dataset handles, looked up once (a path lookup costs as much as a small read)
+                self._datasets.append((labels, dense, sparse))
                 counts.append(n)
         except BaseException:
             self.close()
             raise
         self.num_dense = len(self.dense_names)
-        # dataset handles, looked up once (a path lookup costs as much as a small read)
-        self._datasets = [(f["labels"], f["dense"],
-                           [(f[f"sparse/{n}/offsets"], f[f"sparse/{n}/values"])
-                            for n in self.features]) for f in self.files]
         self.first = np.concatenate(([0], np.cumsum(counts))).astype(np.int64)
         total = int(self.first[-1])
         self.lo, hi = (0, total) if rows is None else rows
@@ -151,18 +212,37 @@ class HDF5Dataset:
         self.num_samples = hi - self.lo
 
     def _read_range(self, a, b):
-        """Rows of global samples [a, b), all in one file."""
+        """Rows of global samples [a, b), all in one file, checked."""
         fi = int(np.searchsorted(self.first, a, side="right")) - 1
         labels, dense, sparse = self._datasets[fi]
         base = int(self.first[fi])
         a, b = a - base, b - base
-        values, lengths = [], np.empty((len(self.features), b - a), dtype=np.int64)
-        for k, (offsets, vals) in enumerate(sparse):
-            off = offsets[a:b + 1]
-            lengths[k] = np.diff(off)
-            values.append(vals[off[0]:off[-1]])
-        return Rows(labels[a:b], dense[a:b],
-                    np.concatenate(values) if values else np.zeros(0), lengths)
+        p = self.paths[fi]
+        try:
+            values, lengths = [], np.empty((len(self.features), b - a), dtype=np.int64)
+            for k, (offsets, vals) in enumerate(sparse):
+                off = offsets[a:b + 1].astype(np.int64, copy=False)
+                lengths[k] = np.diff(off)
+                if (lengths[k] < 0).any():
+                    i = int(np.flatnonzero(lengths[k] < 0)[0])
+                    raise DataError(f"{p}:/sparse/{self.features[k]}/offsets[{a + i + 1}] = "
+                                    f"{off[i + 1]} is less than offsets[{a + i}] = {off[i]} "
+                                    f"(offsets must not decrease)")
+                if off[0] < 0 or off[-1] > vals.shape[0]:
+                    raise DataError(f"{p}:/sparse/{self.features[k]}/offsets[{a}:{b + 1}] "
+                                    f"leave [0, {vals.shape[0]}], the ids in values")
+                values.append(vals[off[0]:off[-1]].astype(np.int64, copy=False))
+            y, x = labels[a:b], dense[a:b]
+        except OSError as e:
+            raise DataError(f"{p}: cannot read samples {a}..{b - 1} ({e})") from None
+        bad = ~((y >= 0) & (y <= 1))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{p}:/labels[{a + i}] = {y[i]}: a label must be in [0, 1]")
+        if x.dtype.kind == "f" and not np.isfinite(x).all():
+            i, j = (int(v[0]) for v in np.nonzero(~np.isfinite(x)))
+            raise DataError(f"{p}:/dense[{a + i}, {j}] = {x[i, j]}: dense values must be finite")
+        return Rows(y, x, np.concatenate(values) if values else np.zeros(0), lengths)
 
     def fetch(self, positions):
         """Samples at split positions ``positions`` (unique), in that order."""

@@ -201,7 +201,7 @@ class Reader:
         ds, G = self.dataset, self.global_batch
         epoch, row = st["epoch"], st["row"]
         while self.epochs is None or epoch < self.epochs:
-            yielded, from_start = False, row == 0
+            yielded, from_start, tail = False, row == 0, None
             if self.bad_lines is not None:
                 self.bad_lines.start_epoch()
             if ds.random_access:
@@ -230,6 +230,7 @@ class Reader:
                 while True:
                     pieces, nxt, m = ds.window(pos, row, G)
                     if m == 0 or (m < G and self.drop_last):
+                        tail = (pieces, m)
                         break
                     lo, hi = self._slice(m)
                     rows = ds.parse_window(pieces, lo, hi)
@@ -240,9 +241,31 @@ class Reader:
                         dict(self._initial, epoch=epoch, row=row, file=pos[0], offset=pos[1],
                              line=pos[2])
             if not yielded and from_start:
-                raise DataError(f"data.{self.split}: an epoch yields no batch: the split has "
-                                f"fewer samples than one global batch of {G}")
+                raise self._no_batch(tail)
+            if self.bad_lines is not None and self.bad_lines.epoch_all_bad():
+                raise DataError(f"data.{self.split}: every one of the "
+                                f"{self.bad_lines.epoch_parsed} lines this rank parsed in epoch "
+                                f"{epoch} is bad ({self.bad_lines.last()}); nothing was read")
             epoch, row, st = epoch + 1, 0, None
+
+    def _no_batch(self, tail):
+        """The error of an epoch too short for one global batch, saying what the split holds.
+
+        A text split's lines are parsed for it: under the strict policy that raises the first
+        bad line (file:line), otherwise the message says how many of them are good.
+        """
+        what = f"data.{self.split}: an epoch yields no batch"
+        G = self.global_batch
+        if tail is None:
+            return DataError(f"{what}: the split has {self.dataset.num_samples} samples, fewer "
+                             f"than one global batch of {G}")
+        pieces, m = tail
+        good = len(self.dataset.parse_window(pieces, 0, m)) if m else 0
+        if m and not good:
+            return DataError(f"{what}: all {m} lines of the split are bad "
+                             f"({self.bad_lines.last()})")
+        return DataError(f"{what}: the split has {m} lines ({good} good), fewer than one global "
+                         f"batch of {G}")
 
     # ------------------------------------------------------------------ state
     def state(self):

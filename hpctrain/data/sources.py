@@ -126,8 +126,8 @@ def dense_stats(data_cfg):
                 if n == 0:
                     break
                 row += n
-                for f, s, e, _ in pieces:
-                    _, dense, _, _, status, _ = parser.parse_raw(files.bufs[f], s, e)
+                for _, buf, s, e, _ in pieces:
+                    _, dense, _, _, status, _ = parser.parse_raw(buf, s, e)
                     x = dense[status == S_OK][:, todo]
                     if x.shape[0] == 0:
                         continue

@@ -1,0 +1,88 @@
+"""Hybrid-mode pieces in one process: message packing, roles, dense slices, server reads,
+and the errors a bad hybrid setup gives. (Multi-rank behaviour: tests/mpi/test_hybrid.py,
+failures: tests/test_hybrid_failure.py.)"""
+import numpy as np
+import pytest
+
+from hpctrain.comm import create_communicator
+from hpctrain.comm.p2p import pack, unpack
+from hpctrain.errors import ConfigError
+from hpctrain.ps import protocol as P
+from hpctrain.ps.dense import DenseShard, FlatSlice, slice_bounds
+from hpctrain.ps.roles import server_ranks
+from hpctrain.ps.server import read_rows
+from hpctrain.sparse.table import EmbeddingTable
+from hpctrain.train.hybrid import HybridTrainer, setup_hybrid
+from hybrid_configs import small
+
+
+def test_pack_unpack_roundtrip():
+    header = P.header(7, worker=3, group=1, aux=-2, counts=[4, 0, 2])
+    arrays = [np.arange(6, dtype=np.int64) - 3, np.linspace(0, 1, 5, dtype=np.float32),
+              np.zeros(0, dtype=np.float32), np.array([1.5], dtype=np.float64)]
+    h, got = unpack(pack(header, arrays))
+    assert h.tolist() == header.tolist()
+    assert len(got) == len(arrays)
+    for a, b in zip(arrays, got):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert P.counts_of(h, 3).tolist() == [4, 0, 2]
+    assert P.describe(P.PUSH, h) == "PUSH of clock 7 from worker 3"
+
+
+def test_pack_refuses_unknown_dtypes():
+    with pytest.raises(TypeError, match="cannot send dtype"):
+        pack(P.header(0), [np.zeros(2, dtype=np.complex64)])
+
+
+def test_server_placement():
+    assert server_ranks("first", 6, 2) == [0, 1]
+    hosts = ["a", "a", "a", "b", "b", "b"]
+    assert server_ranks("per_node", 6, 2, hosts) == [0, 3]
+    assert server_ranks("per_node", 6, 3, hosts) == [0, 3, 1]
+    with pytest.raises(ConfigError, match="ps.placement"):
+        server_ranks("last", 6, 2)
+
+
+def test_dense_slices_cover_the_buffer_and_sum_groups_in_order():
+    bounds = slice_bounds(10, 3)
+    assert bounds == [(0, 3), (3, 6), (6, 10)]
+    from hpctrain.dense.optim import make_optimizer
+    shard = DenseShard(lambda p: make_optimizer("sgd", p, lr=0.5))
+    shard.init(np.ones(4, dtype=np.float32))
+    assert isinstance(shard.params, FlatSlice)
+    shard.apply([np.full(4, 1.0, np.float32), np.full(4, 3.0, np.float32)])
+    assert shard.params.data.tolist() == [-1.0] * 4        # 1 - 0.5 * (1 + 3)
+
+
+@pytest.mark.parametrize("init", ["uniform", "normal"])
+def test_reads_of_missing_rows_give_the_initial_row_and_insert_nothing(init):
+    table = EmbeddingTable("t", 5, "adagrad", table_id=3, seed=11, init=init)
+    ref = EmbeddingTable("t", 5, "adagrad", table_id=3, seed=11, init=init)
+    keys = np.array([7, -4, 1 << 40, 9], dtype=np.int64)
+    table.apply_gradients(table.find_or_insert(keys[:1], 1), np.ones((1, 5), np.float32), 1)
+    rows = read_rows(table, keys)
+    assert len(table) == 1                                   # nothing inserted
+    assert np.array_equal(rows[0], table.gather(table.find(keys[:1]))[0])
+    assert np.array_equal(rows[1:], ref.gather(ref.find_or_insert(keys[1:], 1)))
+
+
+def test_hybrid_refuses_a_checkpoint_section(tmp_path):
+    from trainer_configs import SMALL_DLRM
+    from hpctrain.config import loads_config
+    text = 'mode = "hybrid"\n' + SMALL_DLRM.format(
+        steps=2, overlap="false", sparse_opt="adam", eval_at_end="false",
+        extra=f'[checkpoint]\ndirectory = "{tmp_path}"\n[ps]\nservers = 1\n')
+    cfg = loads_config(text, source="run.toml")
+    with pytest.raises(ConfigError, match="run.toml: checkpoint: hybrid mode"):
+        HybridTrainer(cfg, None, None)
+
+
+def test_a_world_without_room_for_workers_names_the_key():
+    cfg = small("hybrid", servers=1)
+    with pytest.raises(ConfigError, match="ps.servers"):
+        setup_hybrid(cfg, create_communicator("null"))
+
+
+def test_collective_config_is_not_hybrid():
+    with pytest.raises(ConfigError, match="mode"):
+        setup_hybrid(small(), create_communicator("null"))

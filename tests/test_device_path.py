@@ -312,3 +312,23 @@ def test_gpu_checkpoint_resumes_on_cpu(tmp_path):
     np.testing.assert_allclose(cpu.model.params.data, to_numpy(gpu.model.params.data))
     cpu.fit(resume=True)
     assert cpu.step == 8 and all(np.isfinite(cpu.losses))
+
+
+def test_info_reports_cuda_tf32_and_each_rank_gpu():
+    from hpctrain.info import _gpu_facts, format_summary
+    facts = _gpu_facts()
+    for key in ("cupy", "gpus", "gpu_bus_ids", "nccl", "cuda_runtime", "cuda_driver", "tf32"):
+        assert key in facts, key
+    f = {"hpctrain": "x", "python": "3", "python_executable": "py", "numpy": "2", "mpi4py": "4",
+         "mpi_library": "MPICH", "mpi_standard": "4.1", "thread_level": "MPI_THREAD_MULTIPLE",
+         "thread_level_requested": "multiple", "h5py": "3", "kernels": [], "openmp": None,
+         "cupy": "13.3.0", "gpus": ["NVIDIA H100", "NVIDIA H100"],
+         "gpu_bus_ids": ["0000:1B:00.0", "0000:2C:00.0"], "nccl": 21903, "cuda_runtime": "12.4",
+         "cuda_driver": "12.6", "tf32": False, "world_size": 2, "hosts": {"n1": 2},
+         "ranks": [{"rank": r, "host": "n1", "pid": 1, "local_rank": r, "local_size": 2,
+                    "threads": 4, "threads_from": "config", "gpu": r, "gpu_name": "NVIDIA H100",
+                    "gpu_bus_id": ["0000:1B:00.0", "0000:2C:00.0"][r]} for r in (0, 1)]}
+    text = format_summary({**facts, **f})
+    assert "NCCL          2.19.3" in text
+    assert "CUDA          runtime 12.4, driver 12.6; TF32 off (CUPY_TF32)" in text
+    assert "gpu 1 (NVIDIA H100, 0000:2C:00.0)" in text

@@ -86,3 +86,14 @@ def test_a_world_without_room_for_workers_names_the_key():
 def test_collective_config_is_not_hybrid():
     with pytest.raises(ConfigError, match="mode"):
         setup_hybrid(small(), create_communicator("null"))
+
+
+def test_example_config_fits_five_ranks():
+    import os
+    from hpctrain.config import load_config
+    path = os.path.join(os.path.dirname(__file__), "..", "hpctrain", "configs",
+                        "hybrid_synthetic.toml")
+    cfg = load_config(path)
+    assert cfg.mode == "hybrid" and cfg.ps.consistency == "ssp" and cfg.ps.staleness == 2
+    assert cfg.ps_layout(5) == (1, 4, 2)
+    assert cfg.batch_sizes(4) == (512, 128)

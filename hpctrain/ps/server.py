@@ -27,6 +27,7 @@ slices summed in group order, one optimizer step. The update sequence is therefo
 the BSP sequence whatever the staleness; staleness only changes what workers read.
 """
 import json
+import os
 import sys
 import time
 
@@ -155,7 +156,7 @@ class Server:
         self.stats = ServerStats()
         self.every_clocks_log = int(every_clocks_log or 0)
         self._log = log if log is not None else sys.stderr
-        self._metrics = open(metrics_path, "a") if metrics_path else None
+        self._metrics_path, self._metrics = metrics_path, None
         self._last_log = (time.perf_counter(), self.applied)
 
     # ------------------------------------------------------------------ loop
@@ -420,6 +421,9 @@ class Server:
                         f"{rec['group_clock']} (spread {rec['spread']}), "
                         f"{rec['clocks_per_s']:.1f} clocks/s, {rec['waiting']} reads waiting\n")
         self._log.flush()
-        if self._metrics is not None:
+        if self._metrics_path:
+            if self._metrics is None:
+                os.makedirs(os.path.dirname(os.path.abspath(self._metrics_path)), exist_ok=True)
+                self._metrics = open(self._metrics_path, "a")
             self._metrics.write(json.dumps(rec) + "\n")
             self._metrics.flush()

@@ -187,3 +187,41 @@ def test_reshard_with_the_sparse_routing(comm, shared_dir):
         manifest = json.load(open(os.path.join(path, "MANIFEST.json")))
         assert {n: t["table_id"] for n, t in manifest["tables"].items()} == ids
     comm.barrier()
+
+
+def test_resealed_bad_content_raises_on_every_rank(comm, shared_dir):
+    """Content the checksums vouch for is still checked: a NaN row in the last rank's shard
+    and a repeated key across shards stop every rank with the same named error, and resuming
+    from a directory whose only checkpoint is bad names it instead of starting afresh."""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "data", "bad"))
+    import h5py
+    from bad_checkpoints import reseal
+    full = global_tables(17)
+    mgr = CheckpointManager(shared_dir, comm)
+    path = mgr.save(6, dense(6), shard(full, owner_fn(comm.size), comm.size, comm.rank), {})
+    last = f"tables-{comm.size - 1:05d}-of-{comm.size:05d}.h5"
+    if comm.rank == 0:
+        with h5py.File(os.path.join(path, last), "r+") as f:
+            values = f["tables/user/values"][...]
+            values[1, 2] = np.nan
+            f["tables/user/values"][...] = values
+        reseal(path)
+    comm.barrier()
+    problem = rf"{last}:/tables/user/values\[1\]: non-finite value nan"
+    moved = owner_fn(comm.size)
+    for owner in (owner_fn(comm.size), lambda n, k: (moved(n, k) + 1) % comm.size):
+        with pytest.raises(CheckpointError, match=problem):
+            mgr.load(path, owner=owner)
+    if comm.rank == 0:
+        with open(os.path.join(path, "MANIFEST.json"), "a") as fh:
+            fh.write(" ")
+        os.truncate(os.path.join(path, "dense.h5"), 64)
+    comm.barrier()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CheckpointWarning)
+        with pytest.raises(CheckpointError, match=r"none of the 1 checkpoint\(s\) .* verifies: "
+                                                  r"step-00000006: dense.h5: size 64 bytes"):
+            mgr.latest(strict=True)
+    comm.barrier()

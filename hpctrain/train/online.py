@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from hpctrain.dense.backend import to_numpy
 from hpctrain.errors import ConfigError, DataError
 from hpctrain.train.evaluation import evaluate_arrays
 
@@ -140,7 +141,7 @@ class Online:
         with t.timer("progressive"):
             z = t.model.forward(batch.dense, [pooled[f] for f in t.features], training=False)
             self._y.append(np.asarray(batch.labels, dtype=np.float64))
-            self._z.append(np.asarray(z, dtype=np.float64).ravel())
+            self._z.append(np.asarray(to_numpy(z), dtype=np.float64).ravel())  # GPU logits too
 
     def report(self, log, step):
         """One JSON record: progressive metrics of the window, deltas written, idle time."""

@@ -1,10 +1,23 @@
 """End-to-end training benchmark: the DLRM workload, one-hot and multi-hot.
 
-Workload (per rank): batch 4096, 26 categorical features drawn Zipf(1.05) over
-10^6 ids each, 13 dense features, bottom MLP 13-512-256-64-d, top 512-256-1,
-Adagrad for embeddings and dense layers. Reports samples/s of the median step,
-per-phase times, peak RSS per rank and the reader's load (``reader_busy_share``:
+Each case runs a shipped benchmark config as shipped (``hpctrain/configs/``:
+``bench_dlrm_dim16.toml``, ``bench_dlrm_dim64.toml``, ``bench_dlrm_multihot.toml``; dim 64
+with bags of 20 is ``bench_dlrm_dim64.toml`` with ``data.synthetic.bag_size = 20``), only
+the step count, batch, threads and device set from the command line. Workload (per rank):
+batch 4096, 26 categorical features drawn Zipf(1.05) over 10^6 ids each, 13 dense
+features, bottom MLP 13-512-256-64-16 at dim 16 and 13-512-256-64 at dim 64 (a last layer
+of width d is appended only when the bottom's last width is not d), top 512-256-1, Adagrad
+for embeddings and dense layers, overlap of the next batch's id exchange on. ``--warmup``
+steps run first, then exactly ``--steps`` timed steps, each from the end of the previous
+step's sparse update to the end of its own. Reports samples/s of the median step and of
+all timed steps together, per-phase times, peak RSS per rank, the loss of every step
+(``losses``; ``max_loss_vs_first``) and the reader's load (``reader_busy_share``:
 CPU seconds of the prefetch thread over the wall seconds of the fit, max over ranks).
+
+``--trace-every K`` also records, every K steps, the throughput of the last K steps, the
+RSS summed over ranks and the rows stored (``trace``): with ``--steps 2000`` or more it is
+the long run that shows rows still being created and memory growing long after a short
+run ends.
 The baseline measured in the same run is the dense model alone on the same
 batches (what the step would cost if the sparse side were free), so the sparse
 overhead is a ratio; and the dense step alone is set against its bare matrix products
@@ -18,9 +31,13 @@ the copies' time during which the compute stream was busy. Goals of the GPU run:
 step <= 1.2 x (bare GEMMs + NCCL allreduce); copies hidden >= 80 %.
 
     mpiexec -n 2 python -m mpi4py -m hpctrain.bench train --dim 16 --dim 64
+    mpiexec -n 2 python -m mpi4py -m hpctrain.bench train --dim 16 --bag 1 --steps 2000 \
+        --trace-every 100
     mpiexec -n 2 python -m mpi4py -m hpctrain.bench train --device gpu --bag 1
 """
+import copy
 import io
+import os
 import time
 
 import numpy as np
@@ -32,66 +49,111 @@ from hpctrain.memory import peak_rss_bytes
 GPU_GOALS = {"dense_vs_bare": 1.2, "copies_hidden": 0.8}
 
 
-def workload(dim, batch_per_rank=4096, bag=1, steps=40, vocab=10**6, threads=None, seed=0,
-             device="cpu"):
-    """The benchmark's config as a dict (``hpctrain.config.config_from_dict``)."""
-    feats = [f"C{i}" for i in range(1, 27)]
-    return {
-        "seed": seed, "batch_per_rank": batch_per_rank, "steps": steps, "device": device,
-        **({"threads": threads} if threads else {}),
-        "model": {"kind": "dlrm", "bottom": [512, 256, 64], "top": [512, 256, 1]},
-        "tables": [{"name": f"t{f}", "features": [f], "dim": dim,
-                    "optimizer": {"kind": "adagrad", "lr": 0.01}} for f in feats],
-        "dense_optimizer": {"kind": "adagrad", "lr": 0.01},
-        "data": {"format": "synthetic", "prefetch": 2,
-                 "synthetic": {"features": feats, "num_dense": 13, "vocab": vocab,
-                               "zipf": 1.05, "bag_size": bag},
-                 "train": {}},
-        "metrics": {"every_steps": 10**9},
-    }
+#: The shipped config of each (dim, ids per bag) case; other cases derive from the one-hot
+#: config of their dim with only ``data.synthetic.bag_size`` changed.
+SHIPPED = {(16, 1): "bench_dlrm_dim16.toml", (64, 1): "bench_dlrm_dim64.toml",
+           (16, 20): "bench_dlrm_multihot.toml"}
+
+
+def shipped_config(dim, bag):
+    """``(file name, dict as parsed, derived-by)`` of the benchmark's config for a case."""
+    from importlib import resources
+
+    from hpctrain.config.root import tomllib
+    name = SHIPPED.get((dim, bag)) or SHIPPED.get((dim, 1))
+    if name is None:
+        raise ValueError(f"no shipped benchmark config for dim {dim}; shipped: "
+                         f"{sorted(set(d for d, _ in SHIPPED))}")
+    text = (resources.files("hpctrain") / "configs" / name).read_text(encoding="utf-8")
+    d = tomllib.loads(text)
+    derived = None
+    if (dim, bag) not in SHIPPED:
+        d["data"]["synthetic"]["bag_size"] = bag
+        derived = f"data.synthetic.bag_size = {bag}"
+    return name, d, derived
+
+
+def workload(dim, batch_per_rank=4096, bag=1, steps=40, threads=None, device="cpu"):
+    """The benchmark's config as a dict (``hpctrain.config.config_from_dict``): the shipped
+    config of the case with only steps, batch, threads and device set."""
+    _, d, _ = shipped_config(dim, bag)
+    d = copy.deepcopy(d)
+    d.update(steps=steps, batch_per_rank=batch_per_rank, device=device)
+    if threads:
+        d["threads"] = threads
+    return d
 
 
 class _StepClock:
-    """Wraps the trainer's per-step hook to record each step's wall time."""
+    """Ends of steps: wraps the embedding's ``backward`` (the last work of every step) to
+    record when each step ended, and every ``trace_every`` steps the RSS and rows stored."""
 
-    def __init__(self, trainer):
-        self.times = []
-        self._inner = trainer._dense_step
-        self._last = None
-        trainer._dense_step = self
+    def __init__(self, trainer, trace_every=0):
+        self.ends = []
+        self.trace, self.trace_every = [], trace_every
+        self._emb = trainer.emb
+        self._inner = trainer.emb.backward
+        trainer.emb.backward = self
 
-    def __call__(self, *args):
+    def start(self):
+        self.t0 = time.perf_counter()
+
+    def __call__(self, *args, **kwargs):
+        out = self._inner(*args, **kwargs)
         now = time.perf_counter()
-        if self._last is not None:
-            self.times.append(now - self._last)
-        self._last = now
-        return self._inner(*args)
+        self.ends.append(now)
+        n = len(self.ends)
+        if self.trace_every and (n == 1 or n % self.trace_every == 0):
+            self.trace.append((n, now - self.t0, rss_bytes(),
+                               sum(self._emb.stats()["rows"].values())))
+        return out
+
+    def step_times(self, warmup):
+        """Seconds of each step after the first ``warmup`` (end to end of consecutive steps)."""
+        ends = [self.t0, *self.ends]
+        return np.diff(ends[warmup:])
 
 
-def run_one(dim, bag, steps, warmup, comm, threads, batch_per_rank=4096, device="cpu"):
+def rss_bytes():
+    """This process's resident set size now, in bytes (``/proc/self/statm``; else peak)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return peak_rss_bytes()
+
+
+def run_one(dim, bag, steps, warmup, comm, threads, batch_per_rank=4096, device="cpu",
+            trace_every=0):
     from hpctrain.config import config_from_dict
     from hpctrain.train.loop import Trainer
+    name, _, derived = shipped_config(dim, bag)
     cfg = config_from_dict(workload(dim, batch_per_rank, bag=bag, steps=steps + warmup,
                                     threads=threads, device=device),
                            source=f"bench-train-d{dim}-bag{bag}")
     trainer = Trainer(cfg, comm, stream=io.StringIO())
-    clock = _StepClock(trainer)
+    clock = _StepClock(trainer, trace_every)
     if trainer.device.phases is not None:
         trainer.device.phases.intervals = []  # for the copies' overlap with compute
     comm.barrier()
-    t0 = time.perf_counter()
+    clock.start()
     trainer.fit()
-    wall = time.perf_counter() - t0
+    wall = time.perf_counter() - clock.t0
     device_s = {f"gpu.{k}": v for k, v in trainer.device.take_phases(wait=True).items()}
     # the prefetch thread's CPU seconds during the fit: the reader's load on the cores
     busy = trainer.reader.busy_seconds
-    step_times = np.array(clock.times[warmup:] or clock.times)
+    step_times = clock.step_times(warmup)
+    if len(step_times) != steps:
+        raise RuntimeError(f"bench train: timed {len(step_times)} steps, expected {steps}")
     phases = dict(trainer.phase_totals)
     for k, v in device_s.items():
         phases[k] = phases.get(k, 0.0) + v
     mpi = comm.mpi_comm
     med = mpi.allreduce(float(np.median(step_times)), op=_max())
+    timed_s = mpi.allreduce(float(np.sum(step_times)), op=_max())
     gb = trainer.global_batch
+    losses = [float(x) for x in trainer.losses]
+    trace = _gather_trace(clock.trace, mpi, gb)
     busy_max = mpi.allreduce(busy, op=_max())
     share_max = mpi.allreduce(busy / max(wall, 1e-12), op=_max())
     rss = mpi.gather(peak_rss_bytes(), root=0)
@@ -105,7 +167,14 @@ def run_one(dim, bag, steps, warmup, comm, threads, batch_per_rank=4096, device=
         from hpctrain.dense.streams import hidden_fraction
         hidden = hidden_fraction(trainer.device.phases.intervals)[2]
         hidden = mpi.allreduce(hidden, op=_min())
-    return {"dim": dim, "bag": bag, "steps": len(step_times), "global_batch": gb,
+    cfg_name = name + (f" with {derived}" if derived else "")
+    return {"dim": dim, "bag": bag, "steps": len(step_times), "warmup": warmup,
+            "global_batch": gb, "config": cfg_name, "overlap": cfg.overlap,
+            "bottom": trainer.model.bottom.sizes if hasattr(trainer.model, "bottom") else None,
+            "samples_per_s_all_steps": gb * len(step_times) / timed_s, "timed_s": timed_s,
+            "losses": losses, "first_loss": losses[0] if losses else None,
+            "max_loss_vs_first": (max(losses) / losses[0]) if losses and losses[0] else None,
+            "trace": trace,
             "device": trainer.device.name, "device_kind": device,
             "phase_ms_per_step": _phase_ms(phases, steps + warmup, device),
             "bare_gemm_s": gemm_s, "raw_allreduce_s": raw_s,
@@ -121,6 +190,24 @@ def run_one(dim, bag, steps, warmup, comm, threads, batch_per_rank=4096, device=
 def _max():
     from mpi4py import MPI
     return MPI.MAX
+
+
+def _gather_trace(trace, mpi, global_batch):
+    """Trace points of every rank merged (rank 0): step, seconds since the fit started
+    (max over ranks), samples/s since the previous point, RSS summed over ranks, rows."""
+    everyone = mpi.gather(trace, root=0)
+    if mpi.rank != 0 or not trace:
+        return []
+    out, prev = [], (0, 0.0)
+    for points in zip(*everyone):
+        step = points[0][0]
+        t = max(p[1] for p in points)
+        out.append({"step": step, "elapsed_s": t,
+                    "samples_per_s": global_batch * (step - prev[0]) / max(t - prev[1], 1e-12),
+                    "rss_sum_bytes": sum(p[2] for p in points),
+                    "rows": sum(p[3] for p in points)})
+        prev = (step, t)
+    return out
 
 
 def _min():
@@ -200,6 +287,8 @@ def main(argv=None):
                    help="fixed global batch (strong scaling); overrides --batch")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"],
                    help="where the dense model trains (the config key device)")
+    p.add_argument("--trace-every", type=int, default=0,
+                   help="every K steps record throughput, RSS and rows (0: no trace)")
     args = p.parse_args(argv)
     from hpctrain.comm import create_communicator
     from hpctrain.dense.device import select_device, tf32_enabled
@@ -212,7 +301,8 @@ def main(argv=None):
         for dim in dims:
             per_rank = (args.global_batch // comm.size if args.global_batch else args.batch)
             results.append(run_one(dim, bag, args.steps, args.warmup, comm, args.threads,
-                                   per_rank, device=args.device))
+                                   per_rank, device=args.device,
+                                   trace_every=args.trace_every))
     if comm.rank == 0:
         print(f"# hpctrain train benchmark: {comm.size} rank(s), batch "
               f"{results[0]['global_batch'] // comm.size}/rank, 26 features")
@@ -238,6 +328,23 @@ def main(argv=None):
               1e3 * r["dense_only_step_s"], 1e3 * (r["bare_gemm_s"] + r["raw_allreduce_s"]),
               r["dense_vs_bare"], "-" if r["copies_hidden"] is None
               else f"{r['copies_hidden']:.0%}"] for r in results])
+        print("# configs: " + "; ".join(f"d{r['dim']} bag {r['bag']}: {r['config']} (bottom "
+                                        f"{'-'.join(map(str, r['bottom'] or []))}, overlap "
+                                        f"{str(r['overlap']).lower()})" for r in results))
+        print(f"# {results[0]['steps']} timed steps after {results[0]['warmup']} warm-up "
+              "steps; loss: first step's, largest / first, last 10 steps' mean")
+        common.print_table(
+            ["dim", "bag", "samples/s all steps", "first loss", "max/first", "last loss"],
+            [[r["dim"], r["bag"], r["samples_per_s_all_steps"], r["first_loss"],
+              r["max_loss_vs_first"], float(np.mean(r["losses"][-10:]))] for r in results])
+        for r in results:
+            if r["trace"]:
+                print(f"# trace d{r['dim']} bag {r['bag']}: samples/s over the last "
+                      f"{args.trace_every} steps, RSS summed over ranks, rows stored")
+                common.print_table(
+                    ["step", "elapsed s", "samples/s", "RSS GB", "rows"],
+                    [[t["step"], t["elapsed_s"], t["samples_per_s"], t["rss_sum_bytes"] / 1e9,
+                      t["rows"]] for t in r["trace"]])
         names = sorted({k for r in results for k in r["phases_s"]})
         print("# per-phase seconds over the run (rank 0)")
         common.print_table(["dim", "bag", *names],

@@ -44,6 +44,9 @@ def _check_config(cfg):
     if cfg.checkpoint is not None:
         raise ConfigError(f"{cfg.source}: checkpoint: hybrid mode does not write checkpoints "
                           f"yet; remove the [checkpoint] section")
+    if getattr(cfg, "online", None) is not None:
+        raise ConfigError(f"{cfg.source}: online: hybrid mode has no delta export yet (rows "
+                          f"live on the servers); remove the [online] section")
 
 
 class HybridTrainer(Trainer):

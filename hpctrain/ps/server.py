@@ -150,7 +150,7 @@ class Server:
         self._npush = {}            # clock -> pushes received
         self._dpushes = {}          # clock -> [array or None] * G
         self._ndpush = {}
-        self._waiting = []          # deferred (tag, msg)
+        self._waiting = []          # deferred reads (messages), in arrival order
         self._done = set()
         self._sends = []
         self.stats = ServerStats()

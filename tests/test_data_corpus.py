@@ -119,3 +119,16 @@ def test_file_truncated_under_a_shuffling_reader(tmp_path):
         with pytest.raises(DataError, match=r"day.tsv: the file ends at byte"):
             for _ in reader:
                 pass
+
+
+def test_hdf5_file_truncated_while_read_is_named(tmp_path):
+    """HDF5 reads past the end of a file as zeros; the reader names the shrunken file."""
+    path = bad.write_good_hdf5(str(tmp_path / "day.h5"), n=5000)
+    cfg = data_config({"format": "hdf5", "train": {"paths": [path]}}, list(CRITEO_FEATURES))
+    with make_reader(cfg, "train", 0, 1, 256, 0, epochs=1, prefetch=0) as reader:
+        next(reader)
+        os.truncate(path, os.path.getsize(path) // 3)
+        with pytest.raises(DataError, match=r"day.h5: the file has \d+ bytes but had \d+ when "
+                                             r"opened: it was truncated"):
+            for _ in reader:
+                pass

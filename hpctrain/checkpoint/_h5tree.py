@@ -148,7 +148,8 @@ def read(obj):
     if isinstance(obj, h5py.Group):
         if kind in ("list", "tuple"):
             if sorted(obj) != sorted(str(i) for i in range(len(obj))):
-                raise CheckpointError(f"{where(obj)}: {kind} members must be named 0..{len(obj) - 1}")
+                raise CheckpointError(f"{where(obj)}: {kind} members must be named "
+                                      f"0..{len(obj) - 1}")
             items = [read(obj[str(i)]) for i in range(len(obj))]
             return tuple(items) if kind == "tuple" else items
         if kind:

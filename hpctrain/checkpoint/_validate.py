@@ -193,7 +193,8 @@ def _check_finite(value, where):
     if isinstance(value, (np.ndarray, np.generic)) and value.dtype.kind in "fc":
         bad = ~np.isfinite(value)
         if bad.any():
-            idx = np.unravel_index(int(np.flatnonzero(bad)[0]), np.shape(value)) if np.ndim(value) else ()
+            idx = (np.unravel_index(int(np.flatnonzero(bad)[0]), np.shape(value))
+                   if np.ndim(value) else ())
             at = f" at index {list(map(int, idx))}" if idx else ""
             raise CheckpointError(f"{where}: non-finite value {np.asarray(value)[idx]}{at}; "
                                   f"{int(bad.sum())} such value(s)")

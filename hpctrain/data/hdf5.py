@@ -12,6 +12,8 @@ Layout (readable with plain h5py; written by ``hpctrain convert``)::
 Offsets rather than lengths are stored so that a rank reads the bags of any
 sample range with two small slices (lengths are ``diff(offsets)``).
 """
+import os
+
 import numpy as np
 
 from hpctrain.data.batch import Rows
@@ -172,6 +174,7 @@ class HDF5Dataset:
     def __init__(self, paths, rows, split):
         h5py = _h5py()
         self.paths, self.files, counts, self._datasets = list(paths), [], [], []
+        self._sizes = []
         try:
             for p in self.paths:
                 try:
@@ -196,6 +199,7 @@ class HDF5Dataset:
                                     f"{self.paths[0]}'s {list(self.features)} / "
                                     f"{list(self.dense_names)}")
                 labels, dense, sparse, n = _check_layout(f, p, feats, dn)
+                self._sizes.append(self._size_now(len(self.files) - 1))
                 # dataset handles, looked up once (a path lookup costs as much as a small read)
                 self._datasets.append((labels, dense, sparse))
                 counts.append(n)
@@ -218,6 +222,12 @@ class HDF5Dataset:
         base = int(self.first[fi])
         a, b = a - base, b - base
         p = self.paths[fi]
+
+        def bad(message):
+            # HDF5 reads past the end of a file as zeros: name a shrunken file as such
+            self._check_size(fi)
+            return DataError(f"{p}{message}")
+
         try:
             values, lengths = [], np.empty((len(self.features), b - a), dtype=np.int64)
             for k, (offsets, vals) in enumerate(sparse):
@@ -225,24 +235,38 @@ class HDF5Dataset:
                 lengths[k] = np.diff(off)
                 if (lengths[k] < 0).any():
                     i = int(np.flatnonzero(lengths[k] < 0)[0])
-                    raise DataError(f"{p}:/sparse/{self.features[k]}/offsets[{a + i + 1}] = "
-                                    f"{off[i + 1]} is less than offsets[{a + i}] = {off[i]} "
-                                    f"(offsets must not decrease)")
+                    raise bad(f":/sparse/{self.features[k]}/offsets[{a + i + 1}] = {off[i + 1]} "
+                              f"is less than offsets[{a + i}] = {off[i]} (offsets must not "
+                              f"decrease)")
                 if off[0] < 0 or off[-1] > vals.shape[0]:
-                    raise DataError(f"{p}:/sparse/{self.features[k]}/offsets[{a}:{b + 1}] "
-                                    f"leave [0, {vals.shape[0]}], the ids in values")
+                    raise bad(f":/sparse/{self.features[k]}/offsets[{a}:{b + 1}] leave "
+                              f"[0, {vals.shape[0]}], the ids in values")
                 values.append(vals[off[0]:off[-1]].astype(np.int64, copy=False))
             y, x = labels[a:b], dense[a:b]
         except OSError as e:
-            raise DataError(f"{p}: cannot read samples {a}..{b - 1} ({e})") from None
-        bad = ~((y >= 0) & (y <= 1))
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise DataError(f"{p}:/labels[{a + i}] = {y[i]}: a label must be in [0, 1]")
+            raise bad(f": cannot read samples {a}..{b - 1} ({e})") from None
+        wrong = ~((y >= 0) & (y <= 1))
+        if wrong.any():
+            i = int(np.flatnonzero(wrong)[0])
+            raise bad(f":/labels[{a + i}] = {y[i]}: a label must be in [0, 1]")
         if x.dtype.kind == "f" and not np.isfinite(x).all():
             i, j = (int(v[0]) for v in np.nonzero(~np.isfinite(x)))
-            raise DataError(f"{p}:/dense[{a + i}, {j}] = {x[i, j]}: dense values must be finite")
+            raise bad(f":/dense[{a + i}, {j}] = {x[i, j]}: dense values must be finite")
+        self._check_size(fi)
         return Rows(y, x, np.concatenate(values) if values else np.zeros(0), lengths)
+
+    def _size_now(self, fi):
+        try:
+            return os.fstat(self.files[fi].id.get_vfd_handle()).st_size
+        except (OSError, TypeError, ValueError, AttributeError):  # not the sec2 driver
+            return os.path.getsize(self.paths[fi])
+
+    def _check_size(self, fi):
+        size = self._size_now(fi)
+        if size < self._sizes[fi]:
+            raise DataError(f"{self.paths[fi]}: the file has {size} bytes but had "
+                            f"{self._sizes[fi]} when opened: it was truncated or rewritten "
+                            f"while being read")
 
     def fetch(self, positions):
         """Samples at split positions ``positions`` (unique), in that order."""

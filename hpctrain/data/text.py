@@ -164,7 +164,8 @@ class TextFiles:
         try:
             data = os.pread(self._fds[f], n, offset)
         except OSError as e:
-            raise DataError(f"{self.paths[f]}: read error at byte {offset} ({e.strerror})") from None
+            raise DataError(f"{self.paths[f]}: read error at byte {offset} "
+                            f"({e.strerror})") from None
         if len(data) < n:
             raise DataError(f"{self.paths[f]}: the file ends at byte {offset + len(data)} but had "
                             f"{self.sizes[f]} bytes when opened: it was truncated or rewritten "

@@ -155,9 +155,16 @@ def first_param(f):
 
 
 def matrix_param(f):
-    return "dense/params/" + next(n for n in sorted(f["dense/params"])
-                                  if f["dense/params"][n].ndim == 2
-                                  and f["dense/params"][n].shape[0] != f["dense/params"][n].shape[1])
+    """The first non-square 2-D parameter (its transpose has another shape)."""
+    params = f["dense/params"]
+    return "dense/params/" + next(n for n in sorted(params) if params[n].ndim == 2
+                                  and params[n].shape[0] != params[n].shape[1])
+
+
+def one_more_row(table, rank):
+    def fn(doc):
+        doc["tables"][table]["rows"][rank] += 1
+    return fn
 
 
 def duplicate_key_within(f):
@@ -229,12 +236,12 @@ CASES = [
          r"MANIFEST.json: the tables' row counts need at least \d+ bytes in "
          r"tables-00000-of-00002.h5"),
     Case("manifest_rows_off_by_one",
-         manifest(lambda d: d["tables"]["item"]["rows"].__setitem__(1, d["tables"]["item"]["rows"][1] + 1)),
+         manifest(one_more_row("item", 1)),
          r"tables-00001-of-00002.h5:/tables/item/keys: shape \(\d+,\), the manifest says \d+ rows"),
     Case("manifest_extra_table",
          manifest(lambda d: d["tables"].update(ghost={"table_id": 9, "dim": 4, "rows": [0, 0]})),
-         r"tables-00000-of-00002.h5: attribute tables = .*the manifest lists \['ghost', 'item', 'user'\]"
-         r"|holds table 'ghost', which the caller does not have"),
+         r"tables-00000-of-00002.h5: attribute tables = .*the manifest lists "
+         r"\['ghost', 'item', 'user'\]|holds table 'ghost', which the caller does not have"),
     Case("manifest_dim_8", manifest(lambda d: d["tables"]["user"].update(dim=8)),
          r"table 'user' has dim 8, expected 4|/tables/user/values: expected float32\[n, 8\]"),
     Case("shard_missing_table", h5(SHARDS[1], lambda f: f.__delitem__("tables/item")),

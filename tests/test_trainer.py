@@ -202,3 +202,32 @@ def test_train_without_config_and_set_overrides_recorded(tmp_path):
     bad = run_mpi(1, ["-m", "hpctrain", "train", "--set", "dense_optimizer.lrr=1"],
                   cwd=str(tmp_path), check=False)
     assert bad.returncode != 0 and "dense_optimizer.lrr: unknown key" in bad.stdout
+
+
+def test_missing_eval_file_and_unwritable_checkpoint_dir_fail_before_step_one(tmp_path):
+    """Named before training starts, and the failing job leaves its error line in the
+    run directory (the launcher may drop what a rank prints just before MPI_Abort)."""
+    cfg = _write_config(tmp_path)
+    text = cfg.read_text()
+    from hpctrain.errors import CheckpointError, DataError
+    eval_cfg = small_config(str(tmp_path / "a"), steps=4)
+    bad_eval = eval_cfg.replace(data=dataclasses.replace(
+        eval_cfg.data, eval=dataclasses.replace(eval_cfg.data.eval,
+                                                paths=[str(tmp_path / "gone.csv")])))
+    trainer = Trainer(bad_eval, stream=io.StringIO())
+    with pytest.raises(DataError, match=r"data.eval.paths: .*gone.csv does not exist"):
+        trainer.fit()
+    assert trainer.step == 0
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "ckpt").write_text("a file where the checkpoint directory should be")
+    with pytest.raises(CheckpointError, match="checkpoint.directory: .*ckpt"):
+        Trainer(small_config(str(locked), steps=4), stream=io.StringIO()).fit()
+    # the CLI: one error line, and the same line in <run dir>/hpctrain-error.txt
+    cfg.write_text(text.replace(f'directory = "{tmp_path / "ckpt"}"',
+                                f'directory = "{locked / "ckpt"}"'))
+    res = run_mpi(2, ["-m", "hpctrain", "train", str(cfg)], timeout=60, check=False)
+    assert res.returncode != 0 and "CheckpointError" in res.stdout, res.stdout
+    assert "Traceback" not in res.stdout
+    written = (tmp_path / "hpctrain-error.txt").read_text()
+    assert "CheckpointError" in written and "checkpoint.directory" in written

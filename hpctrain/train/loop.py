@@ -228,6 +228,7 @@ class Trainer:
         cfg, comm, t = self.cfg, self.comm, self.timer
         if resume:
             self.restore(None if resume is True else resume, missing_ok=resume is True)
+        self._preflight()
         if self.step == 0:
             self._check_fresh_start()
         own_watcher = watcher is None
@@ -361,6 +362,37 @@ class Trainer:
             log.close()
             if own_watcher:
                 watcher.close()
+
+    def _preflight(self):
+        """What would otherwise fail only after training, checked before step 1: the eval
+        files can be read and the checkpoint directory written (rank 0 looks, every rank
+        raises the same named error)."""
+        from hpctrain.errors import CheckpointError, DataError
+        cfg, problem = self.cfg, None
+        if self.comm.rank == 0:
+            ev = cfg.data.eval
+            for path in (ev.paths if ev is not None else []):
+                if not os.path.isfile(path) or not os.access(path, os.R_OK):
+                    why = "does not exist" if not os.path.exists(path) else \
+                        "is not a readable file"
+                    problem = ("data", f"{cfg.source}: data.eval.paths: {path} {why} (checked "
+                                       f"before training, not after it)")
+                    break
+            ck = self.ckpt
+            if problem is None and ck is not None:
+                try:
+                    os.makedirs(ck.directory, mode=0o700, exist_ok=True)
+                    writable = os.access(ck.directory, os.W_OK | os.X_OK)
+                except OSError as e:
+                    writable, why = False, e.strerror
+                else:
+                    why = "not writable by this user"
+                if not writable:
+                    problem = ("checkpoint", f"{cfg.source}: checkpoint.directory: "
+                                             f"{ck.directory}: {why} (checked before training)")
+        problem = self.comm.bcast(problem)
+        if problem is not None:
+            raise (DataError if problem[0] == "data" else CheckpointError)(problem[1])
 
     def _check_fresh_start(self):
         """A fresh run never trains over another run's checkpoints or appends to its

@@ -28,6 +28,7 @@ log = logging.getLogger("hpctrain.data")
 _SCAN = 1 << 20          # newline positions found per kernel call when scanning
 _BLOCK = 8 << 20         # bytes read at once when skipping or indexing
 _MAX_WINDOW_READ = 64 << 20
+_MAX_LINE = 64 << 20     # a longer line means the file is not line-oriented text
 _GAP = 4 << 10           # bytes between two wanted lines still read in one go (random access)
 _HEAD = 1 << 20          # bytes inspected at open
 # Signatures of files that are not text: compressed data, HDF5.
@@ -41,10 +42,12 @@ def expand_paths(patterns, what):
     files = []
     for p in patterns:
         if any(c in p for c in "*?["):
-            hits = sorted(glob.glob(p))
+            hits = sorted(h for h in glob.glob(p) if not os.path.isdir(h))
             if not hits:
                 raise DataError(f"{what}: no file matches {p!r}")
             files.extend(hits)
+        elif os.path.isdir(p):
+            raise DataError(f"{p}: is a directory, not a data file ({what})")
         elif not os.path.isfile(p):
             raise DataError(f"{p}: no such file ({what})")
         else:
@@ -185,7 +188,10 @@ class TextFiles:
             ends = ends[:k]
             at_eof = offset + nbytes >= size
             if k == 0 and not at_eof:      # a line longer than the block: read more
-                nbytes = min(2 * nbytes, size - offset)
+                if nbytes >= _MAX_LINE:
+                    raise DataError(f"{self.paths[f]}: no line end in the {nbytes} bytes from "
+                                    f"byte {offset}: not a text file of this format")
+                nbytes = min(2 * nbytes, _MAX_LINE, size - offset)
                 continue
             if k < want and at_eof and (int(ends[-1]) + 1 if k else 0) < nbytes:
                 ends = np.append(ends, nbytes)

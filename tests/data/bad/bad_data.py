@@ -104,6 +104,9 @@ CASES = [
     Case("criteo_hdf5_file", "criteo", lambda tmp: write_good_hdf5(os.path.join(tmp, "x.tsv")),
          r"x.tsv: an HDF5 file, not text \(set data.format = \"hdf5\""),
     Case("criteo_empty", "criteo", here("criteo_empty.tsv"), r"criteo_empty.tsv: empty file"),
+    Case("criteo_directory", "criteo", lambda tmp: tmp, r": is a directory, not a data file"),
+    Case("criteo_no_line_end", "criteo", text("one.tsv", "1\t" * (70 << 19)),
+         r"one.tsv: no line end in the \d+ bytes from byte 0"),
     Case("csv_header_only", "csv", here("csv_header_only.csv"),
          r"csv_header_only.csv: no data lines after the header"),
     # text: bad lines

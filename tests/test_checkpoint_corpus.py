@@ -31,7 +31,8 @@ def good(tmp_path_factory):
     trainer = bad.make_trainer()
     expect = {"dense_like": {"params": trainer.model.state_dict(),
                              "optimizer": trainer.opt.state_dict()},
-              "table_dims": {s.name: s.dim for s in trainer.specs}}
+              "table_dims": {s.name: s.dim for s in trainer.specs},
+              "tables_like": trainer.emb.export()}
     return directory, expect
 
 

@@ -8,7 +8,8 @@ specs from that text to compare names, shapes, dtypes and dims with the files.
 
 
 def expected_from_config(text, dense):
-    """``(params tree, table dims)`` the stored config describes, or ``(None, None)``.
+    """``(params tree, table dims, table exports)`` the stored config describes, or
+    ``(None, None, None)``; the exports are of empty tables (their structure: slots, counters).
 
     Args:
         text: the config's TOML text (``state["config"]``), or None.
@@ -19,16 +20,18 @@ def expected_from_config(text, dense):
         HpctrainError: the stored config is not valid, or describes no buildable model.
     """
     if not isinstance(text, str):
-        return None, None
+        return None, None, None
     from hpctrain.config import loads_config
+    from hpctrain.sparse.plan import make_table
     from hpctrain.train.build import build_model, table_specs
 
     cfg = loads_config(text, source="the config stored in the checkpoint")
-    dims = {s.name: s.dim for s in table_specs(cfg)}
+    specs = table_specs(cfg)
     num_dense = cfg.data.num_dense()
     if num_dense is None:
         num_dense = _infer_num_dense(cfg, build_model, dense.get("params"))
-    return build_model(cfg, num_dense).state_dict(), dims
+    return (build_model(cfg, num_dense).state_dict(), {s.name: s.dim for s in specs},
+            {s.name: make_table(s, 0).export() for s in specs})
 
 
 def _infer_num_dense(cfg, build_model, params):

@@ -91,11 +91,13 @@ def read_dense(path, manifest=None, expected=None):
     return dense, state
 
 
-def read_tables(path, manifest, owner, comm, chunk_bytes):
+def read_tables(path, manifest, owner, comm, chunk_bytes, tables_like=None):
     """This rank's rows of every table: its own old shard (``owner`` None) or, from every
     old shard, the rows ``owner`` assigns to it, ordered by old rank then row.
 
-    Every row read is checked (``_validate``), and no key may repeat among this rank's rows.
+    Every row read is checked (``_validate``), and no key may repeat among this rank's rows;
+    with ``tables_like`` (table name -> the live table's export), each table's structure must
+    be that table's (entries, row dtypes and widths).
 
     Returns:
         (table name -> export dict, names of the tables whose shard-local state was left
@@ -111,6 +113,11 @@ def read_tables(path, manifest, owner, comm, chunk_bytes):
                 if name not in readers:
                     readers[name] = _tables.TableReader(h5, name, shard_local=owner is None,
                                                         dim=manifest["tables"][name]["dim"])
+                    if tables_like and name in tables_like:  # before any row is read
+                        _validate.check_table_schema(
+                            name, readers[name].result(), tables_like[name],
+                            f"{_files.shard_file(old_rank, world)}:/tables/"
+                            f"{_h5tree.escape(name)}", skip_shard_state=owner is not None)
                 select = None if owner is None else _selector(owner, name, comm)
                 readers[name].add(h5, select, chunk_bytes)
     for name in names:

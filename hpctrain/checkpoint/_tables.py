@@ -243,6 +243,10 @@ class TableReader:
         self.root = group.name
         self.dropped = not shard_local and SHARD_STATE in group
         self.tree = _template(group, self.levels, None, root=True, shard_local=shard_local)
+        where = f"{os.path.basename(h5.filename)}:{self.root}"
+        for datasets in self.levels.values():
+            for path in datasets:
+                _validate.check_dataset(h5[path], path[len(self.root) + 1:], dim, where)
 
     def add(self, h5, select, chunk_bytes, keep=True):
         """Append the rows of ``h5`` that ``select(keys) -> bool mask`` keeps (None: all).
@@ -250,6 +254,14 @@ class TableReader:
         Reads at most about ``chunk_bytes`` of rows at a time; rows keep file order.
         With ``keep`` false the rows are only checked (export's pass over a shard).
         """
+        levels = {}
+        _template(h5[self.root], levels, None, root=True, shard_local=False)
+        extra = sorted(p for lv, ds in levels.items() for p in ds
+                       if p not in self.levels.get(lv, ()))
+        if extra:
+            raise CheckpointError(f"{os.path.basename(h5.filename)}:{extra[0]}: not in old rank "
+                                  f"0's shard of table {self.name!r} (the shards' structures "
+                                  f"differ)")
         for level_path, datasets in self.levels.items():
             _read_level(h5, level_path, datasets, select, chunk_bytes, self, keep)
 
@@ -284,7 +296,7 @@ def _read_level(h5, level_path, datasets, select, chunk_bytes, table, keep=True)
         _validate.check_dataset(ds, rel[path], table.dim, where)
         if ds.shape[1:] != rows.tail or ds.dtype != rows.dtype or ds.shape[0] != n:
             raise CheckpointError(f"{where}/{rel[path]}: {ds.dtype}{list(ds.shape)}, expected "
-                                  f"{rows.dtype}[{n}, {rows.tail}] like old rank 0's shard")
+                                  f"{rows.dtype}{[n, *rows.tail]} like old rank 0's shard")
     row_bytes = sum(r.dtype.itemsize * int(np.prod(r.tail, dtype=np.int64))
                     for r in datasets.values())
     step = max(1, chunk_bytes // max(1, row_bytes))

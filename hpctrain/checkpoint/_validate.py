@@ -177,6 +177,42 @@ def first_duplicate(keys):
     return dup[0] if dup.size else None
 
 
+def _schema(name, export, skip_shard_state):
+    from hpctrain.checkpoint import _tables
+    schema = _tables.describe({name: export})[name]["schema"]
+    return {path: (kind, dtype, shape) for path, kind, dtype, shape in schema
+            if not (skip_shard_state and path.startswith(_tables.SHARD_STATE + "/"))}
+
+
+def _say(entry):
+    kind, dtype, shape = entry
+    if kind in ("rows", "shard"):
+        dtype = np.dtype(dtype).name
+    if kind == "rows":
+        return f"rows of {dtype}{list(shape)}"
+    if kind == "shard":
+        return f"{dtype}{list(shape)}"
+    return "a keyed group" if kind == "keyed" else f"a {dtype}"
+
+
+def check_table_schema(name, got, like, where, skip_shard_state=False):
+    """Raise CheckpointError unless the table export ``got`` (read from a checkpoint) has the
+    structure of ``like`` (the live table's export): the same entries, row dtypes and widths
+    (optimizer slots, counters, the shard's Bloom filter); ``skip_shard_state`` when the
+    shard-local state was left out of ``got`` (rows resharded)."""
+    have = _schema(name, got, skip_shard_state)
+    want = _schema(name, like, skip_shard_state)
+    for path in sorted(set(have) | set(want), key=lambda p: (p not in want, p)):
+        shown = f"{where}/{path}" if path else where
+        if path not in have:
+            raise CheckpointError(f"{shown}: missing; the table has {_say(want[path])}")
+        if path not in want:
+            raise CheckpointError(f"{shown}: {_say(have[path])}, which the table does not have")
+        if have[path] != want[path]:
+            raise CheckpointError(f"{shown}: {_say(have[path])}, the table has "
+                                  f"{_say(want[path])}")
+
+
 # ---------------------------------------------------------------------------- dense
 def _leaves(tree, path=""):
     if isinstance(tree, dict):

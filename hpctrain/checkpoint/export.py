@@ -74,9 +74,9 @@ def _export(checkpoint_path, out_path, exclude, chunk_bytes, check_model):
         dense, state = _restore.read_dense(checkpoint_path, manifest)
         if check_model:
             try:
-                params, dims = _model.expected_from_config(state.get("config"), dense)
+                params, dims, like = _model.expected_from_config(state.get("config"), dense)
             except HpctrainError as exc:  # e.g. a config of an older hpctrain
-                params = None
+                params = like = None
                 warnings.warn(f"checkpoint {checkpoint_path}: dense parameters and table dims "
                               f"not checked against the model: {exc}", CheckpointWarning,
                               stacklevel=3)
@@ -84,7 +84,7 @@ def _export(checkpoint_path, out_path, exclude, chunk_bytes, check_model):
                 _validate.check_dense(dense, {_validate.PARAMS: params},
                                       f"{_files.DENSE_FILE}:/dense")
                 _restore.check_tables(checkpoint_path, manifest, dims)
-        _check_shards(checkpoint_path, manifest, chunk_bytes)
+        _check_shards(checkpoint_path, manifest, chunk_bytes, like if check_model else None)
     except CheckpointError as exc:
         if str(exc).startswith("checkpoint "):
             raise
@@ -118,14 +118,19 @@ def _export(checkpoint_path, out_path, exclude, chunk_bytes, check_model):
     return out_path
 
 
-def _check_shards(path, manifest, chunk_bytes):
-    """Every row of every table in every shard, checked as ``load`` checks them."""
+def _check_shards(path, manifest, chunk_bytes, tables_like):
+    """Every row of every table in every shard, checked as ``load`` checks them, and each
+    shard's table structure against ``tables_like`` (name -> empty table export) if given."""
     world = manifest["world_size"]
     for rank in range(world):
-        with _validate.open_file(path, manifest, _files.shard_file(rank, world), rank) as h5:
+        shard = _files.shard_file(rank, world)
+        with _validate.open_file(path, manifest, shard, rank) as h5:
             for name, info in manifest["tables"].items():
                 reader = _tables.TableReader(h5, name, dim=info["dim"])
                 reader.add(h5, None, chunk_bytes, keep=False)
+                if tables_like and name in tables_like:
+                    _validate.check_table_schema(name, reader.result(), tables_like[name],
+                                                 f"{shard}:/tables/{_h5tree.escape(name)}")
 
 
 def _copy_tables(path, manifest, out, chunk_bytes):

@@ -379,7 +379,7 @@ class CheckpointManager:
                           CheckpointWarning, stacklevel=5)
 
     # ------------------------------------------------------------------- load
-    def load(self, path=None, owner=None, *, table_dims=None, dense_like=None,
+    def load(self, path=None, owner=None, *, table_dims=None, dense_like=None, tables_like=None,
              verify_files=True):
         """Restore a checkpoint onto the current world (collective).
 
@@ -399,6 +399,9 @@ class CheckpointManager:
                 members must be in the checkpoint with the same names, shapes and
                 compatible dtypes, and finite. None: only the checks every load makes
                 (finite values outside ``optimizer``, numeric ``params``).
+            tables_like: table name -> the export of the caller's (empty) table, e.g.
+                ``ShardedEmbedding.export()``: each table read must have its structure (the
+                same entries, row dtypes and widths: optimizer slots, counters, Bloom filter).
             verify_files: check sizes and sha256 of every file first (default True; the check
                 is skipped for ``path=None``, where ``latest()`` has just done it).
 
@@ -437,7 +440,7 @@ class CheckpointManager:
         try:
             dense, state = _restore.read_dense(path, manifest, dense_like)
             tables, dropped = _restore.read_tables(path, manifest, owner, comm,
-                                                   self.chunk_bytes)
+                                                   self.chunk_bytes, tables_like)
         except Exception as exc:  # noqa: BLE001 - raised on every rank below
             error, cause = describe(exc), exc
         gathered = comm.allgather_object((error, _restore.row_counts(tables)))

@@ -326,6 +326,18 @@ CASES = [
         f, "tables/user/access_count", f["tables/user/access_count"][...].astype(np.float32))),
          r"tables-00000-of-00002.h5:/tables/user/access_count: expected a 1-D integer array, got "
          r"float32"),
+    Case("slot_width_3", h5(SHARDS[0], lambda f: replace(
+        f, "tables/user/slots/accumulator", f["tables/user/slots/accumulator"][:, :3])),
+         r"tables-00000-of-00002.h5:/tables/user/slots/accumulator: rows of float32\[3\], the "
+         r"table has rows of float32\[4\]"),
+    Case("slot_extra", h5(SHARDS[1], lambda f: f.create_dataset(
+        "tables/item/slots/momentum", data=np.zeros((f["tables/item/keys"].shape[0], 4),
+                                                     np.float32))),
+         r"tables-00001-of-00002.h5:/tables/item/slots/momentum: (rows of float32\[4\], which "
+         r"the table does not have|not in old rank 0's shard of table 'item')"),
+    Case("opt_step_missing", h5(SHARDS[0], lambda f: f.__delitem__("tables/user/opt_step")),
+         r"tables-00000-of-00002.h5:/tables/user/opt_step: missing; the table has rows of "
+         r"int64\[\]"),
     Case("admission_count_0", h5(SHARDS[0], poke("tables/user/admission/counts", 0, 0)),
          r"tables-00000-of-00002.h5:/tables/user/admission/counts\[0\] = 0 \(key -?\d+\) is "
          r"outside \[1, 4294967295\]"),

@@ -57,8 +57,10 @@ def init_values(init, shape, rng):
 
     Args:
         init: "zeros", "ones", "he" (normal, std sqrt(2/fan_in)), "xavier" (uniform,
-            bound sqrt(6/(fan_in+fan_out))), "normal:STD", "uniform:BOUND", or a
-            callable ``(rng, shape) -> array``. Weights are ``[fan_in, fan_out]``.
+            bound sqrt(6/(fan_in+fan_out))), "xavier_normal" (normal, std
+            sqrt(2/(fan_in+fan_out)): the DLRM reference's Linear weights), "normal:STD",
+            "uniform:BOUND", or a callable ``(rng, shape) -> array``. Weights are
+            ``[fan_in, fan_out]``.
         shape: parameter shape.
         rng: a ``numpy.random.Generator``.
     """
@@ -74,13 +76,15 @@ def init_values(init, shape, rng):
     if init == "xavier":
         bound = np.sqrt(6.0 / (fan_in + fan_out))
         return rng.uniform(-bound, bound, size=shape)
+    if init == "xavier_normal":
+        return rng.normal(0.0, np.sqrt(2.0 / (fan_in + fan_out)), size=shape)
     kind, _, arg = str(init).partition(":")
     if kind == "normal" and arg:
         return rng.normal(0.0, float(arg), size=shape)
     if kind == "uniform" and arg:
         return rng.uniform(-float(arg), float(arg), size=shape)
     raise ValueError(f"unknown init {init!r}; expected zeros, ones, he, xavier, "
-                     "normal:STD, uniform:BOUND or a callable")
+                     "xavier_normal, normal:STD, uniform:BOUND or a callable")
 
 
 class FlatParameters:

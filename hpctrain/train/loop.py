@@ -194,6 +194,11 @@ class Trainer:
             red = np.array([batch.size, loss_sum, *flags], dtype=np.float64)
             comm.allreduce(red, op="sum")
         n, loss = red[0], float(red[1] / max(red[0], 1.0))
+        if n == 0:
+            from hpctrain.errors import DataError
+            raise DataError(f"step {step}: the global batch holds no sample on any rank (every "
+                            f"line of it was bad?); see data.bad_lines in "
+                            f"docs/configuration.md")
         if not math.isfinite(loss):
             self._non_finite(step, loss)
         with t("dense"):
@@ -518,13 +523,18 @@ class Trainer:
             return None
         step, dense, tables, state = self.ckpt.load(
             path, owner=self.emb.owner_of,
-            table_dims={s.name: s.dim for s in self.specs})
+            table_dims={s.name: s.dim for s in self.specs},
+            dense_like={"params": self.model.state_dict(), "optimizer": self.opt.state_dict()},
+            tables_like=self.emb.export())
         try:
             self.model.load_state_dict(dense["params"])
             self.opt.load_state_dict(dense["optimizer"])
+            self.emb.import_(tables)
         except KeyError as e:
-            raise CheckpointError(f"checkpoint of step {step}: missing dense entry {e}") from None
-        self.emb.import_(tables)
+            raise CheckpointError(f"checkpoint of step {step}: missing entry {e}") from None
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint of step {step}: does not fit this model: "
+                                  f"{e}") from None
         if state.get("reader") is not None:
             self.reader.restore(state["reader"])
             self._reader_state = state["reader"]

@@ -231,3 +231,13 @@ def test_missing_eval_file_and_unwritable_checkpoint_dir_fail_before_step_one(tm
     assert "Traceback" not in res.stdout
     written = (tmp_path / "hpctrain-error.txt").read_text()
     assert "CheckpointError" in written and "checkpoint.directory" in written
+
+
+def test_metrics_file_is_never_written_through_a_symlink(tmp_path):
+    target = tmp_path / "someone_elses_file"
+    target.write_text("")
+    cfg = small_config(str(tmp_path), steps=2)
+    os.symlink(target, tmp_path / "metrics.jsonl")
+    with pytest.raises(ConfigError, match=r"metrics.path: .*metrics.jsonl is a symbolic link"):
+        Trainer(cfg, stream=io.StringIO()).fit()
+    assert target.read_text() == ""

@@ -9,6 +9,7 @@ import os
 import sys
 import time
 
+from hpctrain.errors import ConfigError
 from hpctrain.timing import PhaseTimer
 
 __all__ = ["MetricsLogger", "PhaseTimer"]
@@ -42,9 +43,13 @@ class MetricsLogger:
         self._file = None
         if comm.rank == 0 and path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            if os.path.islink(path):
+                raise ConfigError(f"metrics.path: {path} is a symbolic link; a run appends only "
+                                  f"to a file it owns (remove the link or choose another path)")
             if self.start_step and os.path.exists(path):
                 _drop_after(path, self.start_step)
-            self._file = open(path, "a", buffering=1)
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+            self._file = os.fdopen(os.open(path, flags, 0o644), "a", buffering=1)
 
     def write(self, record):
         """Append ``record`` (JSON-able dict) on rank 0."""

@@ -107,6 +107,12 @@ def test_checkpoint_export_plus_deltas_equal_the_trainer(tmp_path):
     assert gone > 0                                             # evictions were exported
     done = [json.load(open(os.path.join(p, "DONE"))) for _, p in list_deltas(tmp_path / "deltas")]
     assert [d["dense"] for d in done] == [False, True, False, True, False, True, True]
+    records = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    prog = [r for r in records if "progressive" in r]
+    assert [r["step"] for r in prog] == list(range(2, 21, 2))
+    assert all(r["progressive"]["count"] == 128 and 0 < r["progressive"]["auc"] < 1 for r in prog)
+    assert prog[-1]["progressive"]["cumulative_count"] == 20 * 64
+    assert sum(len(r.get("deltas", [])) for r in records) == 7
     export_model(str(tmp_path / "ckpt" / "step-00000006"), str(tmp_path / "model.h5"))
     applier = DeltaApplier(str(tmp_path / "model.h5"), str(tmp_path / "deltas"))
     assert applier.model_step == 6 and [s for s, _ in applier.pending()] == [9, 12, 15, 18, 20]

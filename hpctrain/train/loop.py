@@ -353,7 +353,7 @@ class Trainer:
             loss = self._window_loss if self._window_loss is not None else loss
             result = {"step": self.step, "loss": loss, "stopped": stopped, "eval": None}
             if self.online is not None:      # the last step's delta, checkpoint or not
-                self.online.export(self.step, force=True)
+                self.online.finish(log, self.step)
             if stopped in ("done", "max_steps") and ck is not None \
                     and self._ckpt_step != self.step:
                 last_ckpt = self.save_checkpoint()

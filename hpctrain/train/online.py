@@ -79,6 +79,12 @@ class Online:
         self.last_delta = step
         return path
 
+    def finish(self, log, step):
+        """At the end of a run: the last step's delta, and a record of what is unreported."""
+        self.export(step, force=True)
+        if self.deltas or self._y:
+            self.report(log, step)
+
     def restored(self, step):
         """After a restore: the delta chain continues from the checkpoint's step."""
         self.last_delta = int(step)
@@ -135,9 +141,13 @@ class Online:
     # ------------------------------------------------------------------ progressive validation
     def progressive(self, batch, pooled):
         """Score ``batch`` with the model as it is before this step's update."""
-        if self.cfg is None or not self.cfg.progressive or batch.size == 0:
+        if self.cfg is None or not self.cfg.progressive:
             return
         t = self.t
+        if batch.size == 0:     # still a window entry: every rank gathers in report()
+            self._y.append(np.zeros(0))
+            self._z.append(np.zeros(0))
+            return
         with t.timer("progressive"):
             z = t.model.forward(batch.dense, [pooled[f] for f in t.features], training=False)
             self._y.append(np.asarray(batch.labels, dtype=np.float64))

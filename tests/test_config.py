@@ -64,7 +64,7 @@ ERRORS = [
     ("tables.0.optimizer.lrr", 0.5, "tables[0].optimizer.lrr: unknown key; did you mean 'lr'?"),
     ("tables.0.dim", "16", "tables[0].dim: expected an integer, got a string '16'"),
     ("tables.0.dim", True, "tables[0].dim: expected an integer, got a boolean"),
-    ("tables.0.dim", 0, "tables[0].dim: expected an integer >= 1, got 0"),
+    ("tables.0.dim", 0, "tables[0].dim: expected an integer in [1, 65536], got 0"),
     ("tables.0.features", [], "tables[0].features: must not be empty"),
     ("tables.0.features", ["C1", "C1"], "tables[0].features: duplicate entries ['C1']"),
     ("tables.0.name", DELETE, "tables[0].name: required key is missing"),
@@ -75,7 +75,7 @@ ERRORS = [
      "tables[0].admission.min_count: expected an integer in [1, 255], got 300"),
     ("tables.0.admission.bloom_size", 4,
      "tables[0].admission.bloom_size: expected an integer in [8, 1099511627776], got 4"),
-    ("tables.0.eviction.ttl", 0, "tables[0].eviction.ttl: expected an integer >= 1"),
+    ("tables.0.eviction.ttl", 0, "tables[0].eviction.ttl: expected an integer in [1, 2147483647]"),
     ("tables.0.eviction.lru", 5, "tables[0].eviction.lru: unknown key"),
     ("tables.0.pooling", "max", "tables[0].pooling: expected one of 'sum', 'mean', 'none'"),
     ("tables.0.pooling", "none", "tables[0].pooling: model 'dlrm' needs pooled"),
@@ -91,7 +91,7 @@ ERRORS = [
     ("model.kind", "xgboost", "model.kind: expected one of 'dlrm', 'wide_deep', 'deepfm'"),
     ("model.hidden", [8], "model.hidden: not a parameter of model 'dlrm'"),
     ("model.top", [64, 2], "model.top: the last layer must have 1 output"),
-    ("model.bottom", [32, -1], "model.bottom[1]: expected an integer >= 1, got -1"),
+    ("model.bottom", [32, -1], "model.bottom[1]: expected an integer in [1, 1048576], got -1"),
     ("model", DELETE, "model: required key is missing"),
     ("batch_per_rank", 32, "global_batch: set exactly one of global_batch and batch_per_rank"),
     ("global_batch", DELETE, "<top level>: set exactly one of global_batch and batch_per_rank"),
@@ -101,9 +101,9 @@ ERRORS = [
     ("ps", {"servers": 1}, "ps: only mode = \"hybrid\" takes parameter servers"),
     ("overlap", "yes", "overlap: expected true or false, got a string 'yes'"),
     ("exchange", "nvlink", "exchange: expected one of 'auto', 'alltoallv', 'shm', got 'nvlink'"),
-    ("node_group_size", 0, "node_group_size: expected an integer >= 1, got 0"),
+    ("node_group_size", 0, "node_group_size: expected an integer in [1, 1048576], got 0"),
     ("exchange", "alltoallv", None),
-    ("threads", 0, "threads: expected an integer >= 1, got 0"),
+    ("threads", 0, "threads: expected an integer in [1, 4096], got 0"),
     ("malloc", "jemalloc", "malloc: expected one of 'tuned', 'default', got 'jemalloc'"),
     ("malloc", "default", None),
     ("epochs", 2, None),      # valid: a finite synthetic split
@@ -125,7 +125,7 @@ ERRORS = [
     ("data.train", DELETE, "data.train: training needs a train split"),
     ("data.bad_lines", {"max_ratio": 2}, "data.bad_lines.max_ratio: expected a finite number "
                                          ">= 0 and <= 1, got 2.0"),
-    ("data.prefetch", -1, "data.prefetch: expected an integer >= 0, got -1"),
+    ("data.prefetch", -1, "data.prefetch: expected an integer in [0, 1024], got -1"),
     ("data.shuffle_block", 0, "data.shuffle_block: expected an integer >= 1"),
     ("data.colour", 1, "data.colour: unknown key"),
     ("eval.interval", -5, "eval.interval: expected an integer >= 0, got -5"),
@@ -398,3 +398,23 @@ def test_overrides_text_round_trips_every_example(path):
         apply_overrides(d, ["tables[99].dim=1"])
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         apply_overrides(d, ["steps"])
+
+
+@pytest.mark.parametrize("path,value,msg", [
+    ("global_batch", 2**40, r"global_batch: expected an integer in \[1, 2147483647\]"),
+    ("steps", 2**64, r"steps: expected an integer in \[1, 4611686018427387904\]"),
+    ("seed", 2**70, r"seed: 1180591620717411303424 does not fit a 64-bit integer"),
+    ("tables.0.dim", 10**9, r"tables\[0\].dim: expected an integer in \[1, 65536\]"),
+    ("tables.0.eviction.max_rows", 2**40,
+     r"tables\[0\].eviction.max_rows: expected an integer in \[1, 2147483647\]"),
+    ("model.bottom", [32, 2**40], r"model.bottom\[1\]: expected an integer in \[1, 1048576\]"),
+    ("data.train.num_samples", 2**63, r"data.train.num_samples: expected an integer"),
+])
+def test_huge_numbers_are_named_errors(path, value, msg):
+    with pytest.raises(ConfigError, match=msg):
+        config_from_dict(mutate(BASE, path, value))
+
+
+def test_threads_beyond_the_limit_is_named():
+    with pytest.raises(ConfigError, match=r"threads: expected an integer in \[1, 4096\]"):
+        config_from_dict(dict(BASE, threads=10**6))

@@ -13,6 +13,11 @@ import os
 
 from hpctrain.errors import ConfigError
 
+#: Integers beyond int64 reach no kernel: every integer key is at most this.
+INT64_MAX = 2**63 - 1
+#: What one rank's arrays, the kernels (int32 row ids) and MPI's int counts can hold.
+INT32_MAX = 2**31 - 1
+
 MISSING = object()
 
 
@@ -48,7 +53,7 @@ class Node:
             return default
         return self.data[key]
 
-    def integer(self, key, default=MISSING, lo=None, hi=None):
+    def integer(self, key, default=MISSING, lo=None, hi=INT64_MAX):
         if key not in self.data:
             return self.raw(key, default)
         return check_int(self, key, self.raw(key), lo, hi)
@@ -89,7 +94,7 @@ class Node:
             raise self.error(key, f"duplicate entries {dup}")
         return list(v)
 
-    def integers(self, key, default=MISSING, lo=None, nonempty=True):
+    def integers(self, key, default=MISSING, lo=None, nonempty=True, hi=INT64_MAX):
         if key not in self.data:
             return self.raw(key, default)
         v = self.raw(key)
@@ -97,7 +102,7 @@ class Node:
             raise self.error(key, f"expected an array of integers, got {kind_of(v)} {v!r}")
         if nonempty and not v:
             raise self.error(key, "must not be empty")
-        return [check_int(self, key, x, lo, None, idx=i) for i, x in enumerate(v)]
+        return [check_int(self, key, x, lo, hi, idx=i) for i, x in enumerate(v)]
 
     def paths(self, key, default=MISSING):
         if key not in self.data:
@@ -139,7 +144,11 @@ def check_int(node, key, v, lo, hi, idx=None):
     if isinstance(v, bool) or not isinstance(v, int):
         raise ConfigError(f"{node.source}: {name}: expected an integer, got {kind_of(v)} {v!r}")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]" if lo is not None else f"<= {hi}"
+        if hi is not None and hi >= INT64_MAX and (lo is None or v >= lo):
+            raise ConfigError(f"{node.source}: {name}: {v} does not fit a 64-bit integer")
+        top = None if hi is None or hi >= INT64_MAX else hi
+        rng = f">= {lo}" if top is None else f"in [{lo}, {top}]" if lo is not None else \
+            f"<= {top}"
         raise ConfigError(f"{node.source}: {name}: expected an integer {rng}, got {v}")
     return v
 

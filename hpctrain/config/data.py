@@ -103,7 +103,7 @@ def _split(n, fmt):
     if fmt == "synthetic":
         if n.has("paths"):
             raise n.error("paths", "synthetic data has no files; set num_samples")
-        s.num_samples = n.integer("num_samples", None, lo=1)
+        s.num_samples = n.integer("num_samples", None, lo=1, hi=1 << 62)
     elif fmt == "stream":
         s.paths = n.paths("paths")
         if len(s.paths) != 1:
@@ -144,9 +144,9 @@ def _synthetic(n):
     if n.has("features"):
         features = n.strings("features", nonempty=True)
     else:
-        features = [f"C{i}" for i in range(1, n.integer("num_features", 26, lo=1) + 1)]
+        features = [f"C{i}" for i in range(1, n.integer("num_features", 26, lo=1, hi=1 << 16) + 1)]
     nf = len(features)
-    s = SyntheticConfig(features=features, num_dense=n.integer("num_dense", 13, lo=0))
+    s = SyntheticConfig(features=features, num_dense=n.integer("num_dense", 13, lo=0, hi=1 << 16))
     s.vocab = _per_feature(n, "vocab", nf, 1000, 1)
     s.zipf = n.number("zipf", 1.05, lo=0.0)
     s.bag_size = _per_feature(n, "bag_size", nf, 1, 0)
@@ -203,7 +203,7 @@ def parse_data(n):
         d.bad_lines = BadLinesConfig(b.integer("max_count", 0, lo=0),
                                      b.number("max_ratio", 0.0, lo=0.0, hi=1.0))
         b.finish()
-    d.prefetch = n.integer("prefetch", 2, lo=0)
+    d.prefetch = n.integer("prefetch", 2, lo=0, hi=1024)
     d.shuffle = n.boolean("shuffle", False)
     d.shuffle_block = n.integer("shuffle_block", 1, lo=1)
     d.seed = n.integer("seed", None, lo=0)

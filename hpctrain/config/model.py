@@ -36,14 +36,14 @@ def parse_model(n):
             raise n.error(k, f"not a parameter of model {kind!r} (it takes {', '.join(own)})")
     m = ModelConfig(kind=kind)
     if kind == "dlrm":
-        m.bottom = n.integers("bottom", [512, 256, 64], lo=1)
-        m.top = n.integers("top", [512, 256, 1], lo=1)
+        m.bottom = n.integers("bottom", [512, 256, 64], lo=1, hi=1 << 20)
+        m.top = n.integers("top", [512, 256, 1], lo=1, hi=1 << 20)
         if m.top[-1] != 1:
             raise n.error("top", f"the last layer must have 1 output (the logit), got {m.top}")
         m.self_interaction = n.boolean("self_interaction", False)
     else:
         m.hidden = n.integers("hidden", [1024, 512, 256] if kind == "wide_deep"
-                              else [400, 400, 400], lo=1, nonempty=False)
+                              else [400, 400, 400], lo=1, nonempty=False, hi=1 << 20)
         m.wide_tables = n.strings("wide_tables", [])
         m.dropout = n.number("dropout", 0.0, lo=0.0, hi=1.0, hi_incl=False)
     n.finish()

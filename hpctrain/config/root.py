@@ -10,7 +10,7 @@ import difflib
 import os
 from dataclasses import dataclass, field
 
-from hpctrain.config._node import Node, kind_of
+from hpctrain.config._node import INT32_MAX, Node, kind_of
 from hpctrain.config.data import DataConfig, parse_data
 from hpctrain.config.model import ModelConfig, check_model_tables, parse_model
 from hpctrain.config.online import OnlineConfig, parse_online
@@ -153,17 +153,18 @@ def parse_config_dict(d, source):
     out["device"] = root.string("device", "cpu", choices=DEVICES)
     out["overlap"] = root.boolean("overlap", False)
     out["exchange"] = root.string("exchange", "auto", choices=EXCHANGES)
-    out["node_group_size"] = root.integer("node_group_size", None, lo=1)
-    out["threads"] = root.integer("threads", None, lo=1)
+    out["node_group_size"] = root.integer("node_group_size", None, lo=1, hi=1 << 20)
+    out["threads"] = root.integer("threads", None, lo=1, hi=4096)
     out["malloc"] = root.string("malloc", "tuned", choices=MALLOCS)
-    gb, bpr = root.integer("global_batch", None, lo=1), root.integer("batch_per_rank", None, lo=1)
+    gb = root.integer("global_batch", None, lo=1, hi=INT32_MAX)
+    bpr = root.integer("batch_per_rank", None, lo=1, hi=INT32_MAX)
     if (gb is None) == (bpr is None):
         raise root.error("global_batch" if gb is not None else None,
                          "set exactly one of global_batch and batch_per_rank" +
                          (", not both" if gb is not None else " (the batch size)"))
     out["global_batch"], out["batch_per_rank"] = gb, bpr
-    out["steps"] = root.integer("steps", None, lo=1)
-    out["epochs"] = root.integer("epochs", None, lo=1)
+    out["steps"] = root.integer("steps", None, lo=1, hi=1 << 62)
+    out["epochs"] = root.integer("epochs", None, lo=1, hi=1 << 62)
     endless = out["steps"] is None and out["epochs"] is None
     if endless and _data_format(d) != "stream":
         raise root.error(None, "set steps and/or epochs (the length of training)")

@@ -33,7 +33,7 @@ def parse_eval(e):
     """Validate ``[eval]`` (a ``Node``, or None: the defaults) into an ``EvalConfig``."""
     if e is None:
         return EvalConfig()
-    out = EvalConfig(e.integer("interval", 0, lo=0), e.integer("global_batch", None, lo=1),
+    out = EvalConfig(e.integer("interval", 0, lo=0), e.integer("global_batch", None, lo=1, hi=2**31 - 1),
                      e.boolean("at_end", True))
     e.finish()
     return out

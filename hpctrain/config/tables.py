@@ -7,6 +7,7 @@ Names and limits come from the sparse side: ``POOLINGS`` (``hpctrain.sparse.spec
 import dataclasses
 from dataclasses import dataclass
 
+from hpctrain.config._node import INT32_MAX
 from hpctrain.config.optim import SPARSE_OPTIMIZER_KEYS, parse_optimizer
 from hpctrain.sparse.init import INITS
 from hpctrain.sparse.policies import ADMISSION_LIMITS, COUNTERS, EVICTION_LIMITS, Admission
@@ -40,7 +41,9 @@ def _admission(a):
 def _eviction(e):
     # The policy takes 0 (ttl = 0: evict every row not updated this very step; max_rows = 0:
     # evict everything); in a config file that is a mistake, so ask for >= 1.
-    out = {k: e.integer(k, None, lo=max(1, lo), hi=hi) for k, (lo, hi) in EVICTION_LIMITS.items()}
+    # max_rows: row ids are int32 in a shard's index
+    out = {k: e.integer(k, None, lo=max(1, lo), hi=min(hi or INT32_MAX, INT32_MAX))
+           for k, (lo, hi) in EVICTION_LIMITS.items()}
     e.finish()
     return out
 
@@ -51,7 +54,7 @@ def parse_table(n):
     if not name:
         raise n.error("name", "must not be empty")
     features = n.strings("features", nonempty=True)
-    dim = n.integer("dim", lo=1)
+    dim = n.integer("dim", lo=1, hi=1 << 16)
     optimizer = parse_optimizer(n, "optimizer", SPARSE_OPTIMIZER_KEYS, fill_all=True)
     a, e = n.node("admission"), n.node("eviction")
     t = TableConfig(name=name, features=features, dim=dim, optimizer=optimizer,

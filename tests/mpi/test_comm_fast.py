@@ -1,0 +1,104 @@
+"""The collectives' fast paths give what the checked paths give, at any world size:
+allreduce straight to MPI, alltoallv reusing the previous call's checked arguments."""
+import numpy as np
+import pytest
+
+from hpctrain.comm import mpi as mpi_backend
+from hpctrain.comm.mpi import MpiCommunicator
+
+pytestmark = pytest.mark.mpi
+
+
+@pytest.fixture(scope="module")
+def comm():
+    return MpiCommunicator()
+
+
+def _rows(src, dst, n, dim, salt=0.0):
+    return (src * 1e4 + dst * 100 + np.arange(n)[:, None] + np.arange(dim) / 10 + salt
+            ).astype(np.float32)
+
+
+def _send(comm, counts, dim, salt=0.0):
+    return np.ascontiguousarray(np.concatenate(
+        [_rows(comm.rank, p, counts[p], dim, salt) for p in range(comm.size)]))
+
+
+def _expected(comm, recv_counts, dim, salt=0.0):
+    return np.concatenate([_rows(p, comm.rank, recv_counts[p], dim, salt)
+                           for p in range(comm.size)])
+
+
+def _counts(comm, seed):
+    rng = np.random.default_rng([seed, comm.rank])
+    return rng.integers(0, 5, comm.size).astype(np.int64)
+
+
+def test_alltoallv_repeated_calls_follow_counts_and_buffers(comm):
+    dim = 3
+    counts = np.full(comm.size, 4, dtype=np.int64)
+    recv_counts = comm.alltoall(counts)
+    send = _send(comm, counts, dim)
+    recv = np.zeros((int(recv_counts.sum()), dim), np.float32)
+    for _ in range(3):      # the second and third calls reuse the first call's arguments
+        recv[...] = -1
+        assert comm.alltoallv(send, counts, recv_counts, recv) is recv
+        np.testing.assert_array_equal(recv, _expected(comm, recv_counts, dim))
+    # new values in the same send buffer travel
+    send[...] = _send(comm, counts, dim, salt=0.5)
+    comm.alltoallv(send, counts, recv_counts, recv)
+    np.testing.assert_array_equal(recv, _expected(comm, recv_counts, dim, salt=0.5))
+    # the same count arrays refilled in place with other counts
+    new = _counts(comm, 7)
+    counts[...] = new
+    recv_counts[...] = comm.alltoall(new)
+    send2 = _send(comm, counts, dim)
+    recv2 = np.zeros((int(recv_counts.sum()) + 2, dim), np.float32)
+    for _ in range(2):
+        comm.alltoallv(send2, counts, recv_counts, recv2)
+        np.testing.assert_array_equal(recv2[:int(recv_counts.sum())],
+                                      _expected(comm, recv_counts, dim))
+    # another receive buffer with the same counts
+    recv3 = np.zeros_like(recv2)
+    comm.alltoallv(send2, counts, recv_counts, recv3)
+    np.testing.assert_array_equal(recv3, recv2)
+    # counts as int32 with the same values: the checked path again, same result
+    comm.alltoallv(send2, counts.astype(np.int32), recv_counts.astype(np.int32), recv3)
+    np.testing.assert_array_equal(recv3, recv2)
+
+
+def test_alltoallv_reused_arguments_respect_a_lowered_chunk_limit(comm, monkeypatch):
+    dim = 2
+    counts = np.full(comm.size, 3, dtype=np.int64)
+    recv_counts = comm.alltoall(counts)
+    send = _send(comm, counts, dim)
+    recv = np.zeros((int(recv_counts.sum()), dim), np.float32)
+    comm.alltoallv(send, counts, recv_counts, recv)
+    monkeypatch.setattr(mpi_backend, "CHUNK_LIMIT", 5)   # now every message splits
+    recv[...] = 0
+    comm.alltoallv(send, counts, recv_counts, recv)
+    np.testing.assert_array_equal(recv, _expected(comm, recv_counts, dim))
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64])
+def test_allreduce_fast_path_sums_any_contiguous_array(comm, dtype, order):
+    a = np.asarray(np.arange(12).reshape(3, 4) * (comm.rank + 1), dtype=dtype, order=order)
+    for _ in range(2):
+        b = a.copy(order=order)
+        assert comm.allreduce(b) is b
+        np.testing.assert_array_equal(b, np.arange(12).reshape(3, 4)
+                                      * (comm.size * (comm.size + 1) // 2))
+    m = np.ascontiguousarray(a)     # the checked path (mean) takes C order
+    comm.allreduce(m, op="mean")
+    expected = np.arange(12).reshape(3, 4) * (comm.size + 1) / 2
+    if np.dtype(dtype).kind == "i":
+        expected = np.arange(12).reshape(3, 4) * (comm.size * (comm.size + 1) // 2) // comm.size
+    np.testing.assert_allclose(m, expected)
+
+
+def test_allreduce_refused_buffers_still_name_the_problem(comm):
+    with pytest.raises(ValueError, match="C-contiguous"):
+        comm.allreduce(np.ones((4, 4))[:, 1])
+    with pytest.raises(TypeError, match="numpy.ndarray"):
+        comm.allreduce([1.0, 2.0])

@@ -21,6 +21,8 @@ COMMANDS = {
                    "keep a serving model current with an online run's deltas"),
     "stream-produce": ("hpctrain.data.stream_produce", "main",
                        "write a drifting synthetic stream of sealed segments"),
+    "clean": ("hpctrain.comm.shmclean", "main",
+              "remove shared-memory segments that aborted MPI jobs left in /dev/shm"),
 }
 
 

@@ -96,6 +96,11 @@ def collect(mpi_comm):
     facts["world_size"] = mpi_comm.size
     facts["hosts"] = {h: len(r) for h, r in ranks_per_host(hosts).items()}
     facts["ranks"] = mpi_comm.gather(me, root=0)
+    if mpi_comm.rank == 0:
+        from hpctrain.comm.shmclean import stale_segments
+        stale = stale_segments()
+        facts["stale_shm_segments"] = len(stale)
+        facts["stale_shm_bytes"] = sum(n for _, n in stale)
     return facts
 
 
@@ -131,6 +136,9 @@ def format_summary(f):
         f"world size    {f['world_size']} on {len(f['hosts'])} host(s): "
         + ", ".join(f"{h} ({n} ranks)" for h, n in f["hosts"].items()),
     ]
+    if f.get("stale_shm_segments"):
+        lines.append(f"/dev/shm      {f['stale_shm_segments']} stale MPI segment(s) of dead jobs, "
+                     f"{f['stale_shm_bytes'] / 2**20:.1f} MiB: remove with `hpctrain clean`")
     for r in f["ranks"]:
         gpu = "-" if r["gpu"] is None else f"{r['gpu']} ({r['gpu_name']}, {r['gpu_bus_id']})"
         lines.append(f"  rank {r['rank']:<4} host {r['host']}  local {r['local_rank']}/"

@@ -50,6 +50,10 @@ def _fail_job(exc):
         except OSError:
             pass
     if size > 1:
+        # MPI_Abort skips MPI_Finalize, which would have unlinked the job's /dev/shm
+        # segments (MPICH's and the exchange windows): unlink them here
+        from hpctrain.comm.shmclean import unlink_own_segments
+        unlink_own_segments()
         time.sleep(ABORT_GRACE_S)
     abort_world(1)
     return 1

@@ -5,7 +5,8 @@
     [data.schema]      csv only, see hpctrain.config.schema
     [data.synthetic]   synthetic only
     [data.bad_lines]   max_count, max_ratio
-    [data.stream]      stream only: poll_seconds, idle_report_seconds
+    [data.stream]      stream and jetstream: poll_seconds, idle_report_seconds
+    [data.jetstream]   jetstream only: url, stream, subject, durable, features, num_dense
 """
 from dataclasses import dataclass, field
 
@@ -14,7 +15,8 @@ from hpctrain.config.schema import SchemaConfig, parse_schema
 from hpctrain.data.parse import CRITEO_DENSE, CRITEO_FEATURES
 from hpctrain.errors import ConfigError
 
-DATA_FORMATS = ("criteo", "csv", "hdf5", "synthetic", "stream")
+DATA_FORMATS = ("criteo", "csv", "hdf5", "synthetic", "stream", "jetstream")
+STREAM_FORMATS = ("stream", "jetstream")
 
 
 @dataclass
@@ -54,6 +56,17 @@ class StreamConfig:
 
 
 @dataclass
+class JetStreamConfig:
+    """A NATS JetStream subject as a stream (``hpctrain.data.jetstream``)."""
+    stream: str
+    subject: str
+    features: list
+    num_dense: int = 0
+    url: str = "nats://127.0.0.1:4222"
+    durable: str = "hpctrain"
+
+
+@dataclass
 class DataConfig:
     """Where samples come from and how they are read."""
     format: str
@@ -63,6 +76,7 @@ class DataConfig:
     synthetic: SyntheticConfig = None
     bad_lines: BadLinesConfig = field(default_factory=BadLinesConfig)
     stream: StreamConfig = None
+    jetstream: JetStreamConfig = None
     prefetch: int = 2
     shuffle: bool = False
     shuffle_block: int = 1
@@ -76,6 +90,8 @@ class DataConfig:
             return self.schema.feature_names()
         if self.format == "synthetic":
             return list(self.synthetic.features)
+        if self.format == "jetstream":
+            return list(self.jetstream.features)
         return None
 
     def num_dense(self):
@@ -86,6 +102,8 @@ class DataConfig:
             return len(self.schema.dense)
         if self.format == "synthetic":
             return self.synthetic.num_dense
+        if self.format == "jetstream":
+            return self.jetstream.num_dense
         return None
 
     def split(self, name):
@@ -104,6 +122,10 @@ def _split(n, fmt):
         if n.has("paths"):
             raise n.error("paths", "synthetic data has no files; set num_samples")
         s.num_samples = n.integer("num_samples", None, lo=1, hi=1 << 62)
+    elif fmt == "jetstream":
+        if n.has("paths") or n.has("rows") or n.has("num_samples"):
+            raise n.error(next(k for k in ("paths", "rows", "num_samples") if n.has(k)),
+                          "a JetStream source is described by [data.jetstream]")
     elif fmt == "stream":
         s.paths = n.paths("paths")
         if len(s.paths) != 1:
@@ -169,7 +191,7 @@ def parse_data(n):
         sn = n.node(name)
         if sn is not None:
             setattr(d, name, _split(sn, fmt))
-    if d.train is None and d.eval is None:
+    if d.train is None and d.eval is None and fmt != "jetstream":
         raise n.error("train", "configure at least one split ([data.train] and/or [data.eval])")
     if fmt == "synthetic" and d.eval is not None and d.eval.num_samples is None:
         raise n.error("eval", "synthetic eval data needs num_samples (evaluation is one pass)")
@@ -186,9 +208,22 @@ def parse_data(n):
         d.synthetic = _synthetic(syn if syn is not None
                                  else Node({}, n.key("synthetic"), n.source))
     st = n.node("stream")
-    if st is not None and fmt != "stream":
-        raise n.error("stream", f"only format = \"stream\" takes this table, not {fmt!r}")
-    if fmt == "stream":
+    if st is not None and fmt not in STREAM_FORMATS:
+        raise n.error("stream", f"only format = \"stream\" or \"jetstream\" takes this table, "
+                                f"not {fmt!r}")
+    js = n.node("jetstream")
+    if (js is None) == (fmt == "jetstream"):
+        raise n.error("jetstream", "required for format = \"jetstream\"" if fmt == "jetstream"
+                      else f"only format = \"jetstream\" takes this table, not {fmt!r}")
+    if js is not None:
+        d.jetstream = JetStreamConfig(
+            js.string("stream"), js.string("subject"), js.strings("features", nonempty=True),
+            js.integer("num_dense", 0, lo=0), js.string("url", "nats://127.0.0.1:4222"),
+            js.string("durable", "hpctrain"))
+        js.finish()
+        if d.train is None:
+            d.train = SplitConfig()
+    if fmt in STREAM_FORMATS:
         if d.eval is not None:
             raise n.error("eval", "a stream has no eval split; online runs are measured by "
                                   "progressive validation ([online] progressive)")

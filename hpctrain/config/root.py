@@ -43,6 +43,8 @@ class Config:
         steps, epochs: at least one is set; training stops at whichever comes first.
         seed: the run's seed (initialisation, shuffling; synthetic data unless ``data.seed``).
         threads: OpenMP threads per rank (None: the environment's default).
+        stall_timeout_s: a rank stuck this long in one phase of a step ends the job
+            (``hpctrain.train.watchdog``).
         malloc: "tuned" (fixed glibc mmap/trim thresholds, ``hpctrain.memory``) or
             "default" (the allocator as the process found it).
         mode: "collective" or "hybrid" (parameter servers and worker groups, see ``ps``).
@@ -70,6 +72,7 @@ class Config:
     seed: int = 0
     threads: int = None
     malloc: str = "tuned"
+    stall_timeout_s: float = 1800.0
     mode: str = "collective"
     device: str = "cpu"
     overlap: bool = False
@@ -124,7 +127,7 @@ class Config:
 TOP_LEVEL_KEYS = ("seed", "mode", "ps", "device", "overlap", "exchange", "node_group_size",
                   "threads", "malloc", "global_batch", "batch_per_rank", "steps", "epochs",
                   "model", "tables", "dense_optimizer", "data", "eval", "checkpoint", "metrics",
-                  "online")
+                  "online", "stall_timeout_s")
 
 
 def _check_top_level_keys(root, d):
@@ -155,6 +158,7 @@ def parse_config_dict(d, source):
     out["exchange"] = root.string("exchange", "auto", choices=EXCHANGES)
     out["node_group_size"] = root.integer("node_group_size", None, lo=1, hi=1 << 20)
     out["threads"] = root.integer("threads", None, lo=1, hi=4096)
+    out["stall_timeout_s"] = root.number("stall_timeout_s", 1800.0, lo=0.0, lo_incl=False)
     out["malloc"] = root.string("malloc", "tuned", choices=MALLOCS)
     gb = root.integer("global_batch", None, lo=1, hi=INT32_MAX)
     bpr = root.integer("batch_per_rank", None, lo=1, hi=INT32_MAX)
@@ -166,7 +170,7 @@ def parse_config_dict(d, source):
     out["steps"] = root.integer("steps", None, lo=1, hi=1 << 62)
     out["epochs"] = root.integer("epochs", None, lo=1, hi=1 << 62)
     endless = out["steps"] is None and out["epochs"] is None
-    if endless and _data_format(d) != "stream":
+    if endless and _data_format(d) not in ("stream", "jetstream"):
         raise root.error(None, "set steps and/or epochs (the length of training)")
     out["model"] = parse_model(root.node("model", required=True))
     out["tables"] = [parse_table(t) for t in root.nodes("tables")]
@@ -177,7 +181,7 @@ def parse_config_dict(d, source):
     data = out["data"] = parse_data(root.node("data", required=True))
     if data.train is None:
         raise root.error("data.train", "training needs a train split")
-    if out["epochs"] is not None and data.format == "stream":
+    if out["epochs"] is not None and data.format in ("stream", "jetstream"):
         raise root.error("epochs", "a stream has no epochs: set steps, or none to train "
                                    "until the stream's END")
     if out["epochs"] is not None and data.format == "synthetic" and data.train.num_samples is None:

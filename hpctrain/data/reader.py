@@ -361,6 +361,10 @@ def make_reader(data_cfg, split, rank, world_size, global_batch, seed=0, *, epoc
         from hpctrain.data.stream import make_stream_reader
         return make_stream_reader(data_cfg, split, rank, world_size, global_batch,
                                   shuffle=shuffle, prefetch=prefetch)
+    if data_cfg.format == "jetstream":
+        from hpctrain.data.jetstream import make_jetstream_reader
+        return make_jetstream_reader(data_cfg, split, rank, world_size, global_batch,
+                                     prefetch=prefetch)
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in [0, world_size = {world_size})")
     if global_batch < 1:

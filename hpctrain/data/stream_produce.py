@@ -145,6 +145,29 @@ def produce(directory, source, *, segment_records=1000, partitions=1, segments=N
     return o
 
 
+def produce_jetstream(url, stream, subject, source, *, segment_records=1000, segments=None,
+                      rate=0.0, end=True, stop=None):
+    """Publish ``source``'s records to a JetStream subject (``--nats``), ``segment_records``
+    per round; continues after the records already in the stream. Returns the records
+    in the stream afterwards."""
+    from hpctrain.data.jetstream import publish, published
+    start = published(url, stream)
+    total = None if segments is None else segments * segment_records
+    t0, made = time.monotonic(), 0
+    while total is None or start < total:
+        if stop is not None and stop.is_set():
+            break
+        n = segment_records if total is None else min(segment_records, total - start)
+        publish(url, stream, subject, source.records(start, n),
+                end=end and total is not None and start + n >= total)
+        start, made = start + n, made + n
+        if rate > 0:
+            ahead = made / rate - (time.monotonic() - t0)
+            if ahead > 0:
+                time.sleep(ahead)
+    return start
+
+
 def main(argv=None):
     """``hpctrain stream-produce DIR [options]``."""
     from hpctrain.config.data import SyntheticConfig
@@ -168,6 +191,10 @@ def main(argv=None):
     p.add_argument("--segments", type=int, default=None, help="stop after N segments (END)")
     p.add_argument("--rate", type=float, default=0.0, help="records per second (0: no limit)")
     p.add_argument("--bad-every", type=int, default=0, help="make every n-th record malformed")
+    p.add_argument("--nats", default=None, metavar="URL",
+                   help="publish to NATS JetStream at URL instead of writing segments "
+                        "(DIRECTORY is then the JetStream stream name)")
+    p.add_argument("--subject", default="train", help="JetStream subject (with --nats)")
     p.add_argument("--quiet", action="store_true")
     a = p.parse_args(argv)
     feats = [f"C{i}" for i in range(1, a.features + 1)]
@@ -176,6 +203,13 @@ def main(argv=None):
                           bag_size_min=[a.bag_size] * a.features,
                           positive_rate=a.positive_rate, signal=a.signal)
     src = DriftingSource(syn, a.seed, a.drift_samples or None, a.id_drift)
+    if a.nats:
+        n = produce_jetstream(a.nats, a.directory, a.subject, src,
+                              segment_records=a.segment_records, segments=a.segments,
+                              rate=a.rate)
+        print(f"stream-produce: {n} records in JetStream stream {a.directory} "
+              f"(subject {a.subject})", flush=True)
+        return 0
     try:
         n = produce(a.directory, src, segment_records=a.segment_records,
                     partitions=a.partitions, segments=a.segments, rate=a.rate,

@@ -238,6 +238,10 @@ class Trainer:
             self._check_fresh_start()
         own_watcher = watcher is None
         watcher = watcher or PreemptionWatcher()
+        from hpctrain.train.watchdog import Watchdog
+        stall = Watchdog(cfg.stall_timeout_s, comm.rank, comm.size, lambda: self.step,
+                         exempt=("data",) if getattr(self.reader, "streaming", False) else ())
+        t.observer = stall
         self._watcher = watcher
         mcfg = cfg.metrics
         total = cfg.steps
@@ -326,7 +330,9 @@ class Trainer:
                     break
                 if cfg.eval.interval and step % cfg.eval.interval == 0 and nxt is not None:
                     t_eval = time.perf_counter()
-                    self._log_eval(log, self.evaluate())
+                    with t("eval"):
+                        metrics = self.evaluate()
+                    self._log_eval(log, metrics)
                     window_t0 += time.perf_counter() - t_eval   # samples/s: training time only
                 if streaming and not last_step:
                     nxt, nxt_state = self._next_batch(it)
@@ -364,6 +370,8 @@ class Trainer:
             result["checkpoint"] = last_ckpt
             return result
         finally:
+            t.observer = None
+            stall.close()
             log.close()
             if own_watcher:
                 watcher.close()
@@ -503,8 +511,8 @@ class Trainer:
                      "window_loss": self._window_loss}
             path = self.ckpt.save(self.step, dense, tables, state, table_ids=self.table_ids)
         self._ckpt_step = self.step
-        if self.online is not None:      # a checkpoint is also a delta boundary
-            self.online.export(self.step, force=True)
+        if self.online is not None:      # a delta boundary; a stream may acknowledge
+            self.online.checkpointed(self.step)
         return path
 
     def restore(self, path=None, missing_ok=False):

@@ -79,6 +79,14 @@ class Online:
         self.last_delta = step
         return path
 
+    def checkpointed(self, step):
+        """A checkpoint of ``step`` is committed: the delta of ``step``, and the stream
+        source (JetStream) may acknowledge the records the checkpoint covers."""
+        self.export(step, force=True)
+        commit = getattr(self.t.reader, "commit", None)
+        if commit is not None:
+            commit(self.t._reader_state)
+
     def finish(self, log, step):
         """At the end of a run: the last step's delta, and a record of what is unreported."""
         self.export(step, force=True)

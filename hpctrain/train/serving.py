@@ -287,6 +287,9 @@ class Predictor:
         from hpctrain.data import make_reader
         cfg = self.model.cfg
         data = cfg.data
+        if data.format == "jetstream":
+            raise ConfigError("predict: a JetStream model scores files of a segment stream "
+                              "(hpctrain.data.stream) or batches given in memory")
         if data.format == "stream":
             if not paths:
                 raise ConfigError("predict: a stream model needs the data to score (paths)")

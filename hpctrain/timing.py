@@ -29,6 +29,9 @@ class PhaseTimer:
     """
 
     def __init__(self, phases=()):
+        #: optional object told when a block starts and ends (``enter(phase)``/``leave()``),
+        #: e.g. the trainer's stall watchdog
+        self.observer = None
         self.phases = tuple(phases)
         self.seconds = dict.fromkeys(self.phases, 0.0)
         self._t = time.perf_counter()
@@ -70,9 +73,13 @@ class _Block:
         self._timer, self._phase = timer, phase
 
     def __enter__(self):
+        if self._timer.observer is not None:
+            self._timer.observer.enter(self._phase)
         self._t0 = time.perf_counter()
         return self._timer
 
     def __exit__(self, *exc):
         self._timer.add(self._phase, time.perf_counter() - self._t0)
+        if self._timer.observer is not None:
+            self._timer.observer.leave()
         return False

@@ -3,6 +3,8 @@ import dataclasses
 import io
 import json
 import os
+import re
+import time
 
 import h5py
 import numpy as np
@@ -241,3 +243,36 @@ def test_metrics_file_is_never_written_through_a_symlink(tmp_path):
     with pytest.raises(ConfigError, match=r"metrics.path: .*metrics.jsonl is a symbolic link"):
         Trainer(cfg, stream=io.StringIO()).fit()
     assert target.read_text() == ""
+
+
+STALL = """
+import io, sys, time
+from hpctrain.comm import create_communicator
+from hpctrain.config import load_config
+from hpctrain.train.loop import Trainer
+cfg = load_config(sys.argv[1])
+comm = create_communicator("mpi")
+trainer = Trainer(cfg, comm, stream=io.StringIO())
+if comm.rank == comm.size - 1:
+    step = trainer._dense_step
+    def stuck(batch, pooled, s, flags):
+        if s == 3:
+            time.sleep(600)          # an endless loop on one rank; the others wait for it
+        return step(batch, pooled, s, flags)
+    trainer._dense_step = stuck
+trainer.fit()
+"""
+
+
+def test_a_stuck_rank_ends_the_job_naming_rank_phase_and_step(tmp_path):
+    cfg = _write_config(tmp_path, steps=20)
+    cfg.write_text("stall_timeout_s = 3\n" + cfg.read_text())
+    script = tmp_path / "stall.py"
+    script.write_text(STALL)
+    t0 = time.monotonic()
+    res = run_mpi(2, [str(script), str(cfg)], timeout=120, check=False)
+    assert res.returncode != 0
+    assert time.monotonic() - t0 < 60, res.stdout
+    assert re.search(r"rank \d/2: StallError: no progress for \d+ s in phase '\w+' of step 3",
+                     res.stdout), res.stdout
+    assert "StallError" in (tmp_path / "hpctrain-error.txt").read_text()

@@ -7,29 +7,14 @@ ranks through ``MPI_Abort``, so no rank is left waiting in a collective.
 """
 import argparse
 import functools
-import os
 import sys
 import time
 
 from hpctrain.errors import HpctrainError
+from hpctrain.train import errorfile
 
-#: Where the failing rank also writes its error line: ``<run directory>/hpctrain-error.txt``
-#: (the metrics file's directory, else the checkpoint directory's parent), set once the
-#: config is loaded. The launcher may drop what a rank wrote just before ``MPI_Abort``.
-_ERROR_FILE = None
 #: Seconds between writing the error line and ``MPI_Abort``, so the launcher forwards it.
 ABORT_GRACE_S = 0.5
-
-
-def _note_run_directory(cfg):
-    global _ERROR_FILE
-    if cfg.metrics.path:
-        run_dir = os.path.dirname(os.path.abspath(cfg.metrics.path))
-    elif cfg.checkpoint is not None:
-        run_dir = os.path.dirname(os.path.abspath(cfg.checkpoint.directory))
-    else:
-        return
-    _ERROR_FILE = os.path.join(run_dir, "hpctrain-error.txt")
 
 
 def _fail_job(exc):
@@ -40,15 +25,7 @@ def _fail_job(exc):
     sys.stdout.flush()
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
-    if _ERROR_FILE is not None:
-        try:
-            os.makedirs(os.path.dirname(_ERROR_FILE), exist_ok=True)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
-            fd = os.open(_ERROR_FILE, flags, 0o600)
-            with os.fdopen(fd, "a") as f:
-                f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
-        except OSError:
-            pass
+    errorfile.append(line)   # <run directory>/hpctrain-error.txt
     if size > 1:
         # MPI_Abort skips MPI_Finalize, which would have unlinked the job's /dev/shm
         # segments (MPICH's and the exchange windows): unlink them here
@@ -72,7 +49,7 @@ def _entry(fn):
 def _load(path, overrides, changes=None):
     from hpctrain.config import load_config
     cfg = load_config(path, overrides or ())
-    _note_run_directory(cfg)
+    errorfile.set_from_config(cfg)
     changes = {k: v for k, v in (changes or {}).items() if v is not None}
     return cfg.replace(**changes) if changes else cfg
 

@@ -70,6 +70,8 @@ class Trainer:
             raise ConfigError(f"{cfg.source}: mode: {cfg.mode!r} is trained by "
                               f"hpctrain.train.create_trainer, not by {type(self).__name__}")
         self.cfg = cfg
+        from hpctrain.train import errorfile
+        errorfile.set_from_config(cfg)
         self.comm = comm if comm is not None else create_communicator("mpi")
         self.threads = _set_threads(cfg.threads, self.comm.local_size)
         self.device = self._make_device()  # before any collective: a missing GPU fails here
@@ -365,7 +367,8 @@ class Trainer:
                 last_ckpt = self.save_checkpoint()
             if stopped == "done":
                 if cfg.data.eval is not None and cfg.eval.at_end:
-                    result["eval"] = self.evaluate()
+                    with t("eval"):
+                        result["eval"] = self.evaluate()
                     self._log_eval(log, result["eval"])
             result["checkpoint"] = last_ckpt
             return result
@@ -447,8 +450,9 @@ class Trainer:
         self.emb.reset_timers()
         for k, v in phases.items():
             self.phase_totals[k] = self.phase_totals.get(k, 0.0) + v
-        per_rank = self.comm.allgather_object(
-            (phases, self.emb.stats()["rows"], peak_rss_bytes()))
+        with self.timer("report"):
+            per_rank = self.comm.allgather_object(
+                (phases, self.emb.stats()["rows"], peak_rss_bytes()))
         names = sorted({k for p, _, _ in per_rank for k in p})
         loss = float(np.mean(window_loss))
         log.live(step, loss, samples_per_s)

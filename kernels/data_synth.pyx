@@ -9,6 +9,14 @@ Zipf(s) over ranks 1..V samples the smallest k with ``H(k) >= u * H(V)``, where
 ``H(k) = sum_{i<=k} i^-s``: exactly (a table of partial sums) for k <= a, and by
 the Euler-Maclaurin formula beyond, which is exact to float64 rounding once
 ``a >= 1024`` -- no table grows with V, so any vocabulary size works.
+
+Beyond a, the answer is found by stepping from a first guess to the smallest k with
+``H(k) >= t``. ``H`` grows by ``k^-s`` per rank, far above its rounding error, so that k
+is unique and every first guess gives the same id. Without a tail guide the guess is the
+integral's inverse and two Newton steps (about eight ``pow`` calls); with one
+(``zipf_tail_guide``: the first rank past each of ``nt`` equal steps of ``H`` over the
+tail) it is an interpolation between two guide entries, within a rank of the answer, so
+the two checks of the final step are all that is left.
 """
 from libc.math cimport ceil, exp, fabs, log, pow, sqrt
 from libc.stdint cimport int64_t, uint64_t
@@ -39,6 +47,8 @@ cdef struct Zipf:
     double ha              # H(a)
     double pa              # a^-s
     double total           # H(vocab)
+    const int64_t* tail    # tail[j]: first rank k > a with H(k) >= ha + j * (total - ha) / nt
+    int64_t nt             # 0: no tail guide
 
 
 cdef inline double _tail_h(const Zipf* z, double k) noexcept nogil:
@@ -67,6 +77,18 @@ cdef inline int64_t _zipf_id(const Zipf* z, double u) noexcept nogil:
             else:
                 lo = mid + 1
         return lo
+    if z.nt > 0:
+        x = (t - z.ha) / (z.total - z.ha) * <double>z.nt
+        mid = <int64_t>x
+        if mid >= z.nt:
+            mid = z.nt - 1
+        lo, hi = z.tail[mid], z.tail[mid + 1]
+        k = lo + <int64_t>((x - <double>mid) * <double>(hi - lo))
+        if k < z.a + 1:
+            k = z.a + 1
+        if k > z.vocab:
+            k = z.vocab
+        return _tail_step(z, k, t)
     if fabs(z.s - 1.0) < 1e-12:
         x = <double>z.a * exp(t - z.ha)
     else:
@@ -87,6 +109,11 @@ cdef inline int64_t _zipf_id(const Zipf* z, double u) noexcept nogil:
     k = <int64_t>ceil(x)
     if k < z.a + 1:
         k = z.a + 1
+    return _tail_step(z, k, t)
+
+
+cdef inline int64_t _tail_step(const Zipf* z, int64_t k, double t) noexcept nogil:
+    # from a guess k in (a, vocab] to the smallest k with H(k) >= t; the id is k - 1
     while k < z.vocab and _tail_h(z, <double>k) < t:
         k += 1
     while k > z.a + 1 and _tail_h(z, <double>(k - 1)) >= t:
@@ -95,7 +122,7 @@ cdef inline int64_t _zipf_id(const Zipf* z, double u) noexcept nogil:
 
 
 cdef Zipf _make(int64_t vocab, double s, const double[::1] head,
-                const int64_t[::1] guide) except *:
+                const int64_t[::1] guide, const int64_t[::1] tail=None) except *:
     cdef Zipf z
     cdef int64_t j
     if vocab < 1 or head.shape[0] < 1 or head.shape[0] > vocab or guide.shape[0] < 2:
@@ -106,10 +133,46 @@ cdef Zipf _make(int64_t vocab, double s, const double[::1] head,
     z.ha = head[head.shape[0] - 1]
     z.pa = pow(<double>z.a, -s)
     z.total = z.ha if vocab == z.a else _tail_h(&z, <double>vocab)
+    z.tail, z.nt = NULL, 0
     for j in range(guide.shape[0]):
         if guide[j] < 0 or guide[j] > z.a or (j and guide[j] < guide[j - 1]):
             raise ValueError("zipf: the guide table must be non-decreasing within [0, a]")
+    if tail is not None and vocab > z.a and z.total > z.ha:
+        if tail.shape[0] < 2:
+            raise ValueError(f"zipf: a tail guide needs at least 2 entries, got {tail.shape[0]}")
+        for j in range(tail.shape[0]):
+            if tail[j] <= z.a or tail[j] > vocab or (j and tail[j] < tail[j - 1]):
+                raise ValueError(f"zipf: the tail guide must be non-decreasing within "
+                                 f"(a, vocab] = ({z.a}, {vocab}]")
+        z.tail, z.nt = &tail[0], tail.shape[0] - 1
     return z
+
+
+def zipf_tail_guide(int64_t vocab, double s, const double[::1] head, int64_t nt):
+    """The tail guide of ``bags``/``zipf_ids``: int64[nt + 1], entry j the first rank
+    k > a with ``H(k) >= H(a) + j * (H(vocab) - H(a)) / nt`` (a = len(head)); empty when
+    the vocabulary has no tail."""
+    cdef int64_t[::1] g0 = np.zeros(2, dtype=np.int64)
+    cdef Zipf z = _make(vocab, s, head, g0)
+    if vocab <= z.a or z.total <= z.ha or nt < 1:
+        return np.zeros(0, dtype=np.int64)
+    out_arr = np.empty(nt + 1, dtype=np.int64)
+    cdef int64_t[::1] out = out_arr
+    cdef int64_t j, lo, hi, mid
+    cdef double t
+    with nogil:
+        lo = z.a + 1
+        for j in range(nt + 1):
+            t = z.ha + (z.total - z.ha) * (<double>j / <double>nt)
+            hi = vocab          # H(vocab) = total >= t: the first rank is in [lo, vocab]
+            while lo < hi:
+                mid = (lo + hi) >> 1
+                if _tail_h(&z, <double>mid) >= t:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            out[j] = lo
+    return out_arr
 
 
 def zipf_total(int64_t vocab, double s, const double[::1] head):
@@ -120,13 +183,14 @@ def zipf_total(int64_t vocab, double s, const double[::1] head):
 
 
 def zipf_ids(const double[::1] u, int64_t vocab, double s, const double[::1] head,
-             const int64_t[::1] guide, int64_t[::1] out):
+             const int64_t[::1] guide, int64_t[::1] out, const int64_t[::1] tail=None):
     """Zipf(s) ids in [0, vocab) (id = rank - 1) of uniforms ``u``.
 
     ``head`` holds H(1..a); ``guide[j]`` (j = 0..ng) the first i with
-    ``head[i] >= j * total / ng``, capped at a (hpctrain.data.synthetic.zipf_tables).
+    ``head[i] >= j * total / ng``, capped at a (hpctrain.data.synthetic.zipf_tables);
+    ``tail``, optional, the tail guide (``zipf_tail_guide``): the same ids, cheaper.
     """
-    cdef Zipf z = _make(vocab, s, head, guide)
+    cdef Zipf z = _make(vocab, s, head, guide, tail)
     cdef int64_t i, n = u.shape[0]
     if out.shape[0] != n:
         raise ValueError("zipf_ids: out must have one entry per uniform")
@@ -137,15 +201,15 @@ def zipf_ids(const double[::1] u, int64_t vocab, double s, const double[::1] hea
 
 def bags(const uint64_t[::1] bag_keys, const int64_t[::1] lengths, int64_t vocab, double s,
          const double[::1] head, const int64_t[::1] guide, uint64_t weight_key,
-         int64_t[::1] ids, double[::1] score):
+         int64_t[::1] ids, double[::1] score, const int64_t[::1] tail=None):
     """Ids of one feature's bags and each bag's planted score.
 
     Bag ``i`` has ``lengths[i]`` ids; id ``j`` of bag ``i`` is
     ``zipf(unit(mix_add(bag_keys[i], j)))``. Its planted weight is
     ``(2 * unit(mix_add(weight_key, id)) - 1) * sqrt(3)`` and ``score[i]`` is the sum of
-    its bag's weights divided by ``sqrt(max(lengths[i], 1))``.
+    its bag's weights divided by ``sqrt(max(lengths[i], 1))``. ``tail``: as in ``zipf_ids``.
     """
-    cdef Zipf z = _make(vocab, s, head, guide)
+    cdef Zipf z = _make(vocab, s, head, guide, tail)
     cdef int64_t n = lengths.shape[0], i, j, w = 0, idv
     cdef double acc, r3 = sqrt(3.0)
     if bag_keys.shape[0] != n or score.shape[0] != n:

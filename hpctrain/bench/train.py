@@ -169,6 +169,7 @@ def run_one(dim, bag, steps, warmup, comm, threads, batch_per_rank=4096, device=
         hidden = mpi.allreduce(hidden, op=_min())
     cfg_name = name + (f" with {derived}" if derived else "")
     return {"dim": dim, "bag": bag, "steps": len(step_times), "warmup": warmup,
+            "threads": trainer.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "global_batch": gb, "config": cfg_name, "overlap": cfg.overlap,
             "bottom": trainer.model.bottom.sizes if hasattr(trainer.model, "bottom") else None,
             "samples_per_s_all_steps": gb * len(step_times) / timed_s, "timed_s": timed_s,
@@ -183,6 +184,7 @@ def run_one(dim, bag, steps, warmup, comm, threads, batch_per_rank=4096, device=
             "samples_per_s_per_rank": gb / med / comm.size,
             "dense_only_step_s": dense_s, "dense_share": dense_s / med,
             "wall_s": wall, "reader_busy_s": busy_max, "reader_busy_share": share_max,
+            "reader_cpu_ms_per_step": 1e3 * busy_max / max(steps + warmup, 1),
             "phases_s": phases, "peak_rss_bytes": rss,
             "peak_rss_sum_gb": (sum(rss) / 1e9) if rss else None, "table_rows": rows}
 
@@ -287,6 +289,9 @@ def main(argv=None):
                    help="fixed global batch (strong scaling); overrides --batch")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"],
                    help="where the dense model trains (the config key device)")
+    p.add_argument("--thread-counts", default=None,
+                   help="comma-separated threads per rank: every case runs at each, in this "
+                        "process, in turn (e.g. 1,2: the sparse phases' speed-up at 2 threads)")
     p.add_argument("--trace-every", type=int, default=0,
                    help="every K steps record throughput, RSS and rows (0: no trace)")
     args = p.parse_args(argv)
@@ -297,23 +302,27 @@ def main(argv=None):
     select_device(args.device, comm.local_rank, source="bench train --device", use=False)
     dims, bags = args.dim or [16, 64], args.bag or [1, 20]
     results = []
+    counts = ([int(c) for c in args.thread_counts.split(",") if c] if args.thread_counts
+              else [args.threads])
     for bag in bags:
         for dim in dims:
             per_rank = (args.global_batch // comm.size if args.global_batch else args.batch)
-            results.append(run_one(dim, bag, args.steps, args.warmup, comm, args.threads,
-                                   per_rank, device=args.device,
-                                   trace_every=args.trace_every))
+            for threads in counts:
+                results.append(run_one(dim, bag, args.steps, args.warmup, comm, threads,
+                                       per_rank, device=args.device,
+                                       trace_every=args.trace_every))
     if comm.rank == 0:
         print(f"# hpctrain train benchmark: {comm.size} rank(s), batch "
               f"{results[0]['global_batch'] // comm.size}/rank, 26 features")
         common.print_table(
-            ["dim", "bag", "samples/s", "per rank", "step ms", "dense-only ms", "dense share",
-             "reader share", "RSS sum GB"],
-            [[r["dim"], r["bag"], r["samples_per_s"], r["samples_per_s_per_rank"],
+            ["dim", "bag", "threads", "samples/s", "per rank", "step ms", "dense-only ms",
+             "dense share", "reader share", "reader ms/step", "RSS sum GB"],
+            [[r["dim"], r["bag"], r["threads"], r["samples_per_s"], r["samples_per_s_per_rank"],
               1e3 * r["median_step_s"], 1e3 * r["dense_only_step_s"], r["dense_share"],
-              r["reader_busy_share"], r["peak_rss_sum_gb"]] for r in results])
-        print("# reader share: CPU seconds of the prefetch thread / wall seconds of the fit "
-              "(max over ranks)")
+              r["reader_busy_share"], r["reader_cpu_ms_per_step"], r["peak_rss_sum_gb"]]
+             for r in results])
+        print("# reader share: CPU seconds of the prefetch thread / wall seconds of the fit; "
+              "reader ms/step: its CPU milliseconds per step (both max over ranks)")
         print(f"# per-phase ms per step (rank 0; device {results[0]['device']}, TF32 "
               f"{'on' if tf32_enabled() else 'off'}): h2d/dense/nccl/d2h on the device "
               "(CUDA events) with --device gpu; dense_vs_bare: dense-only step / (bare GEMMs "
@@ -345,6 +354,22 @@ def main(argv=None):
                     ["step", "elapsed s", "samples/s", "RSS GB", "rows"],
                     [[t["step"], t["elapsed_s"], t["samples_per_s"], t["rss_sum_bytes"] / 1e9,
                       t["rows"]] for t in r["trace"]])
+        if len(counts) > 1:
+            print(f"# threads per rank (OMP_WAIT_POLICY "
+                  f"{results[0]['omp_wait_policy'] or 'unset'}): sparse = exchange + sparse "
+                  f"update, ms per step (rank 0); speed-up against {counts[0]} thread(s), same "
+                  "case, same process")
+            base = {(r["dim"], r["bag"]): r for r in results if r["threads"] == results[0][
+                "threads"]}
+            common.print_table(
+                ["dim", "bag", "threads", "step ms", "sparse ms", "dense ms", "sparse speed-up",
+                 "step speed-up"],
+                [[r["dim"], r["bag"], r["threads"], 1e3 * r["median_step_s"],
+                  r["phase_ms_per_step"]["sparse"], r["phase_ms_per_step"]["dense"],
+                  base[r["dim"], r["bag"]]["phase_ms_per_step"]["sparse"]
+                  / r["phase_ms_per_step"]["sparse"],
+                  base[r["dim"], r["bag"]]["median_step_s"] / r["median_step_s"]]
+                 for r in results])
         names = sorted({k for r in results for k in r["phases_s"]})
         print("# per-phase seconds over the run (rank 0)")
         common.print_table(["dim", "bag", *names],

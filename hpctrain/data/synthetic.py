@@ -37,7 +37,9 @@ _K0 = np.uint64(0x243F6A8885A308D3)
 _SPLITS = {"train": 1, "eval": 2}
 T_DENSE, T_LEN, T_ID, T_LABEL, T_W, T_U = range(1, 7)
 ZIPF_HEAD = 1 << 16
+ZIPF_TAIL_GUIDE = 1 << 16
 _tables = {}
+_tails = {}
 _HI = 1 << 32
 
 
@@ -83,6 +85,17 @@ def zipf_tables(vocab, s):
     return t
 
 
+def zipf_tail(vocab, s):
+    """The Zipf sampler's tail guide (``data_synth.zipf_tail_guide``, cached per (vocab, s)):
+    the same ids as without it, drawn with two evaluations of H instead of about eight."""
+    key = (int(vocab), float(s))
+    t = _tails.get(key)
+    if t is None:
+        head, _ = zipf_tables(vocab, s)
+        t = _tails[key] = data_synth.zipf_tail_guide(vocab, s, head, ZIPF_TAIL_GUIDE)
+    return t if t.shape[0] else None
+
+
 class SyntheticDataset:
     """Random-access synthetic samples of one split.
 
@@ -110,6 +123,7 @@ class SyntheticDataset:
         w = normal(mix_add(wk, k), mix_add(wk, k + np.uint64(_HI)))
         self.w = w / max(float(np.linalg.norm(w)), 1e-12)
         self.zipf = [zipf_tables(v, cfg.zipf) for v in cfg.vocab]
+        self.zipf_tail = [zipf_tail(v, cfg.zipf) for v in cfg.vocab]
         self.weight_keys = [int(mix_add(mix_add(self.S, T_U), f)) for f in range(len(cfg.vocab))]
 
     def planted_weight(self, f, ids):
@@ -150,7 +164,7 @@ class SyntheticDataset:
             dense = normal(mix_add(dk, k), mix_add(dk, k + np.uint64(_HI)))
         else:
             dense = np.zeros((n, 0))
-        values, lengths, scores = [], np.empty((nf, n), dtype=np.int64), np.empty((nf, n))
+        lengths, scores = np.empty((nf, n), dtype=np.int64), np.empty((nf, n))
         len_key, id_key = mix_add(base, T_LEN), mix_add(base, T_ID)
         for f in range(nf):
             lo, hi = cfg.bag_size_min[f], cfg.bag_size[f]
@@ -159,12 +173,14 @@ class SyntheticDataset:
             else:
                 u = unit(mix_add(mix_add(len_key, f), 0))
                 lengths[f] = lo + np.floor(u * (hi - lo + 1)).astype(np.int64)
-            ids = np.empty(int(lengths[f].sum()), dtype=np.int64)
+        # every feature's ids written in place into one array (no concatenation)
+        ends = np.cumsum(lengths.sum(axis=1)).tolist()
+        values = np.empty(ends[-1] if ends else 0, dtype=np.int64)
+        for f, (a, b) in enumerate(zip([0, *ends[:-1]], ends)):
             head, guide = self.zipf[f]
             data_synth.bags(mix_add(id_key, f), lengths[f], cfg.vocab[f], cfg.zipf, head, guide,
-                            self.weight_keys[f], ids, scores[f])
-            values.append(ids)
+                            self.weight_keys[f], values[a:b], scores[f], self.zipf_tail[f])
         logits = self._logits(dense.astype(np.float32).astype(np.float64), scores)
         label_u = unit(mix_add(mix_add(base, T_LABEL), 0))
         labels = label_u < 1.0 / (1.0 + np.exp(-logits))
-        return Rows(labels, dense, np.concatenate(values) if values else np.zeros(0), lengths)
+        return Rows(labels, dense, values, lengths)

@@ -519,3 +519,68 @@ def test_data_threads_option_takes_a_share(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cm.parse_args(["--data-threads", "1.5"])
     assert "share of a core in [0, 1]" in capsys.readouterr().err
+
+
+def _multinode_doc(kind, p, r, sizes, seconds, machine=None, cores=64):
+    doc = {"benchmark": kind, "world_size": p, "nodes": p // r, "ranks_per_node": r,
+           "versions": {"cpu_count": cores, "threads": 1},
+           "rows": [{"bytes": s, "hpctrain": {"p50": t}} for s, t in zip(sizes, seconds)]}
+    if machine is not None:
+        doc["ranks_per_machine"] = machine
+    return doc
+
+
+def test_alltoallv_net_terms_closed_form():
+    # 4 nodes x 8: 24 messages off the node, the node's link carries 8 * 24 blocks of m / 32
+    assert cm.alltoallv_net_terms(3200, 32, 8) == (24.0, 8 * 24 * 100.0)
+    assert cm.alltoallv_net_terms(3200, 8, 8) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("per_node", [1, 2])
+def test_fit_net_links_recovers_the_inter_node_link(per_node):
+    node = cm.Link(1e-6, 10e9)
+    copy = cm.Regimes.of(cm.Link(3e-6, 50e9))
+    truth = cm.Network(node, node, cm.Link(40e-6, 0.12e9), copy, cm.Link(60e-6, 0.1e9))
+    sizes = [2 ** k for k in range(6, 21)]
+    docs = []
+    for nodes in (2, 4):
+        p = nodes * per_node
+        for kind, cost in (("alltoallv", truth.alltoallv), ("allreduce", truth.allreduce)):
+            sent = [s * p if kind == "alltoallv" else s for s in sizes]
+            docs.append(_multinode_doc(kind, p, per_node, sizes,
+                                       [cost(m, p, per_node) for m in sent]))
+    intra = cm.Network(node, node, None, copy)
+    nets = cm.fit_net_links(docs, intra)
+    for kind, link in (("alltoallv", truth.net.links[0]),
+                       ("allreduce", truth.allreduce_net.links[0])):
+        assert len(nets[kind].links) == 1
+        got = nets[kind].links[0]
+        assert got.latency_s == pytest.approx(link.latency_s, rel=1e-6)
+        assert got.bandwidth_Bps == pytest.approx(link.bandwidth_Bps, rel=1e-6)
+    network = cm.Network(node, node, nets["alltoallv"], copy, nets["allreduce"])
+    pts = cm.net_points(docs, network)
+    assert len(pts) == 2 * 2 * len(sizes) and all(pt["nodes"] > 1 for pt in pts)
+    assert max(abs(pt["rel_error"]) for pt in pts) < 1e-6
+    # one-node fits leave multi-node runs alone
+    assert cm.fit_node_links(docs)["alltoallv"] == (None, [])
+
+
+def test_emulated_nodes_share_the_machine():
+    """Nodes emulated on one machine (ranks_per_machine) oversubscribe its cores together."""
+    one_per_node = _multinode_doc("alltoallv", 4, 1, [64], [1e-5], machine=4, cores=2)
+    assert cm.ranks_per_machine(one_per_node) == 4 and cm.oversubscribed(one_per_node)
+    two = _multinode_doc("alltoallv", 2, 1, [64], [1e-5], machine=2, cores=2)
+    assert not cm.oversubscribed(two)
+    real = _multinode_doc("alltoallv", 4, 1, [64], [1e-5], cores=2)   # one machine per node
+    assert cm.ranks_per_machine(real) == 1 and not cm.oversubscribed(real)
+    rates = cm.ComputeRates(s_per_flop=1e-10, s_per_id=1e-7, s_fixed=1e-3,
+                            contention_per_rank=0.1)
+    link = cm.Link(1e-6, 10e9)
+    model = cm.CostModel(cm.Network(link, link, link), rates, ranks_per_node=1, cores_per_node=2,
+                         ranks_per_machine=4)
+    alone = cm.CostModel(cm.Network(link, link, link), rates, ranks_per_node=1, cores_per_node=2)
+    w = cm.Workload()
+    # 4 ranks on one 2-core machine: contention of 4 busy ranks and a factor 2
+    assert model.step(w, 4, 1024)["compute"] == pytest.approx(
+        rates.step(w, 1024, 4) * 2.0)
+    assert alone.step(w, 4, 1024)["compute"] == pytest.approx(rates.step(w, 1024, 1))

@@ -19,8 +19,8 @@
 # (NET.(10+k)/24), a veth whose peer PREFIX-hkv sits on the bridge PREFIX-br (NET.1/24) in the
 # root namespace; its ranks see the other hosts only through that link. A token-bucket filter
 # on both ends shapes it: eth0's egress is the host's upload, PREFIX-hkv's egress its
-# download, each RATE, as a full-duplex NIC. (netem is not built into this kernel: no delay
-# is added; the latency is that of veth + TCP.)
+# download, each RATE, as a full-duplex NIC (bucket: 100 us at RATE, at least 64 KiB). netem
+# is not built into this kernel: no delay is added; the latency is that of veth + TCP.
 #
 # How MPI is started there. mpiexec (MPICH's hydra) runs in the root namespace and starts one
 # proxy per host through its ssh launcher, with on_host.sh as the "ssh" (HYDRA_LAUNCHER_EXEC):
@@ -98,9 +98,10 @@ shape_dev() {
   local tcx=(tc); [ -n "$ns" ] && tcx=(ip netns exec "$ns" tc)
   "${tcx[@]}" qdisc del dev "$dev" root 2>/dev/null || true
   [ "$rate" = none ] && return 0
-  # bucket: 1 ms at the rate (at least 64 KiB, one GSO super-packet of veth); queue: 20 ms
+  # bucket: 100 us at the rate, at least 64 KiB (one GSO super-packet of veth): a NIC sends
+  # at its rate, so the bucket is kept small, or messages below it would pass at memory speed
   local bps; bps=$(rate_bps "$rate")
-  local burst=$(( bps / 8 / 1000 )); [ $burst -lt 65536 ] && burst=65536
+  local burst=$(( bps / 8 / 10000 )); [ $burst -lt 65536 ] && burst=65536
   "${tcx[@]}" qdisc add dev "$dev" root tbf rate "$rate" burst "$burst" latency 20ms \
     || die "tc qdisc add dev $dev root tbf rate $rate failed"
 }

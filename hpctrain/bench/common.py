@@ -56,11 +56,27 @@ def stats(times):
 
 
 def layout(comm=None):
-    """World size, node count and ranks per node."""
+    """World size, node count and ranks per node; machines and ranks per machine.
+
+    A node is a host name; a machine is a running kernel (its boot id). They differ only
+    when nodes are emulated on one machine (benchmarks/multihost/): the nodes then share
+    the machine's cores and memory, which ``ranks_per_machine`` lets a reader account for.
+    """
     comm = comm if comm is not None else world()
     hosts = comm.allgather(socket.gethostname())
+    boots = comm.allgather(_boot_id())
     return {"world_size": comm.size, "nodes": len(set(hosts)),
-            "ranks_per_node": max(hosts.count(h) for h in set(hosts))}
+            "ranks_per_node": max(hosts.count(h) for h in set(hosts)),
+            "machines": len(set(boots)),
+            "ranks_per_machine": max(boots.count(b) for b in set(boots))}
+
+
+def _boot_id():
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:           # not Linux: every node its own machine
+        return socket.gethostname()
 
 
 def print_table(headers, rows, file=None):

@@ -7,7 +7,8 @@ Three parts, each usable alone::
     model       the formulas: Link/Regimes (piecewise alpha-beta), Network (allreduce,
                 alltoallv inside a node and across nodes), Workload, ComputeRates, CostModel
     fit_links   Regimes of the intra-node collectives and the local copy, fitted from the
-                allreduce / alltoallv benchmark JSONs
+                one-node allreduce / alltoallv benchmark JSONs, and of the inter-node link
+                from the multi-node ones (--net-fit)
     fit_rates   compute rates (dense, sparse, contention, reader load) from the dense,
                 exchange and train benchmark JSONs, calibrated on the 1-rank train step
     report      the command: load results, fit, print predicted vs measured and the
@@ -16,7 +17,8 @@ Three parts, each usable alone::
 The formulas, what is fitted from what, and the assumptions are in docs/scaling.md.
 """
 from hpctrain.bench.costmodel.fit_links import (collective_points, fit_alpha_beta,
-                                                fit_node_links, fit_regimes, oversubscribed,
+                                                fit_net_links, fit_node_links, fit_regimes,
+                                                net_points, oversubscribed, ranks_per_machine,
                                                 relative_errors)
 from hpctrain.bench.costmodel.fit_rates import (TRAIN_DATA_THREADS, dense_rate_and_points,
                                                 exchange_comm, exchange_runs, fit_compute,
@@ -25,16 +27,17 @@ from hpctrain.bench.costmodel.fit_rates import (TRAIN_DATA_THREADS, dense_rate_a
                                                 unique_fraction)
 from hpctrain.bench.costmodel.model import (INTERCONNECTS, ComputeRates, CostModel, Link,
                                             Network, Regimes, Workload, allreduce_terms,
-                                            alltoallv_terms, copy_cost, sparse_exchange_bytes,
+                                            alltoallv_net_terms, alltoallv_terms, copy_cost, sparse_exchange_bytes,
                                             sparse_exchange_time)
 from hpctrain.bench.costmodel.report import load_results, main, parse_args, parse_net_regimes
 
 __all__ = [
     "INTERCONNECTS", "TRAIN_DATA_THREADS", "ComputeRates", "CostModel", "Link", "Network",
-    "Regimes", "Workload", "allreduce_terms", "alltoallv_terms", "collective_points",
-    "copy_cost", "dense_rate_and_points", "exchange_comm", "exchange_runs", "fit_alpha_beta",
-    "fit_compute", "fit_node_links", "fit_regimes", "load_results", "main", "oversubscribed",
-    "parse_args", "parse_net_regimes", "relative_errors", "sparse_exchange_bytes",
+    "Regimes", "Workload", "allreduce_terms", "alltoallv_net_terms", "alltoallv_terms",
+    "collective_points", "copy_cost", "dense_rate_and_points", "exchange_comm",
+    "exchange_runs", "fit_alpha_beta", "fit_compute", "fit_net_links", "fit_node_links",
+    "fit_regimes", "load_results", "main", "net_points", "oversubscribed", "parse_args",
+    "parse_net_regimes", "ranks_per_machine", "relative_errors", "sparse_exchange_bytes",
     "sparse_exchange_time", "sparse_rates_and_points", "train_data_threads",
     "train_rates_and_points", "train_workload", "unique_fraction",
 ]

@@ -1,8 +1,10 @@
 """Fitting the network: alpha-beta pairs and message-size regimes from the collective benchmarks.
 
 The intra-node allreduce and alltoallv and the alltoallv's local copy (its 1-rank runs)
-are fitted from this machine's ``allreduce`` / ``alltoallv`` benchmark JSONs; the fits
-are in relative error so that small messages count as much as large ones.
+are fitted from the one-node ``allreduce`` / ``alltoallv`` benchmark JSONs; the
+inter-node link, when asked for (``fit_net_links``), from the multi-node ones (real nodes
+or the emulated hosts of benchmarks/multihost/). The fits are in relative error so that
+small messages count as much as large ones.
 """
 import itertools
 import math
@@ -10,7 +12,7 @@ import math
 import numpy as np
 
 from hpctrain.bench.costmodel.model import (Link, Network, Regimes, copy_cost, allreduce_terms,
-                                            alltoallv_terms)
+                                            alltoallv_net_terms, alltoallv_terms)
 
 
 def fit_alpha_beta(coef_a, coef_b, seconds, offset=None):
@@ -113,20 +115,28 @@ def relative_errors(predicted, measured):
     return (p - m) / m
 
 
+def ranks_per_machine(doc):
+    """Ranks of a benchmark run that shared one machine's cores: those of a node, or of
+    every emulated node on the machine (``ranks_per_machine``, recorded since emulated
+    hosts exist)."""
+    per_node = doc.get("ranks_per_node", doc.get("world_size", 1))
+    return max(per_node, doc.get("ranks_per_machine") or per_node)
+
+
 def oversubscribed(doc):
-    """True when a benchmark ran more rank-threads on a node than the node has cores."""
+    """True when a benchmark ran more rank-threads on a machine than it has cores."""
     v = doc.get("versions") or {}
     cores, threads = v.get("cpu_count"), v.get("threads") or 1
-    per_node = doc.get("ranks_per_node", doc.get("world_size", 1))
-    return bool(cores) and per_node * threads > cores
+    return bool(cores) and ranks_per_machine(doc) * threads > cores
 
 
 def collective_points(docs, kind, min_ranks=2):
     """Every measured size in allreduce/alltoallv benchmark JSONs, as dicts.
 
-    Keys: ranks, ranks_per_node, bytes (the benchmark's size: the buffer for allreduce,
-    the bytes sent to each peer for alltoallv), sent (bytes one rank sends in all),
-    seconds (p50), oversubscribed. Runs with fewer than ``min_ranks`` ranks are left out.
+    Keys: ranks, ranks_per_node, nodes, bytes (the benchmark's size: the buffer for
+    allreduce, the bytes sent to each peer for alltoallv), sent (bytes one rank sends in
+    all), seconds (p50), oversubscribed. Runs with fewer than ``min_ranks`` ranks are left
+    out.
     """
     pts = []
     for doc in docs:
@@ -138,6 +148,7 @@ def collective_points(docs, kind, min_ranks=2):
             if stat is None or "bytes" not in row:
                 continue
             pts.append({"ranks": p, "ranks_per_node": int(doc.get("ranks_per_node", p)),
+                        "nodes": int(doc.get("nodes", 1)),
                         "bytes": float(row["bytes"]),
                         "sent": float(row["bytes"]) * (p if kind == "alltoallv" else 1),
                         "seconds": float(stat["p50"]), "oversubscribed": oversubscribed(doc)})
@@ -145,20 +156,22 @@ def collective_points(docs, kind, min_ranks=2):
 
 
 def _row(kind, pt, predicted):
-    return {"benchmark": kind, "ranks": pt["ranks"], "bytes": pt["bytes"],
+    return {"benchmark": kind, "ranks": pt["ranks"], "nodes": pt.get("nodes", 1),
+            "bytes": pt["bytes"],
             "measured_s": pt["seconds"], "predicted_s": predicted,
             "rel_error": (predicted - pt["seconds"]) / pt["seconds"],
             "oversubscribed": pt["oversubscribed"]}
 
 
 def fit_node_links(docs, max_regimes=3):
-    """Fit the intra-node costs from allreduce and alltoallv benchmark JSONs.
+    """Fit the intra-node costs from the one-node allreduce and alltoallv benchmark JSONs.
 
     The local copy comes from the 1-rank alltoallv (a rank sending to itself only); the
     alltoallv's per-peer cost is fitted on what the local copy leaves of the multi-rank
     times, regimes keyed by the bytes per peer; the allreduce's by the buffer size.
     Runs with more ranks than cores on a node are left out of the fit (busy-polling
     ranks then wait for the scheduler, not the link) but still get a prediction.
+    Runs over several nodes are left to :func:`fit_net_links` / :func:`net_points`.
 
     Returns:
         dict "allreduce"/"alltoallv"/"local_copy" -> (Regimes or None, list of point
@@ -179,7 +192,7 @@ def fit_node_links(docs, max_regimes=3):
         out["local_copy"] = (None, [])
     dummy = Link(0.0, math.inf)
     for kind, terms in (("allreduce", allreduce_terms), ("alltoallv", alltoallv_terms)):
-        pts = collective_points(docs, kind)
+        pts = [pt for pt in collective_points(docs, kind) if pt["nodes"] == 1]
         fit = [pt for pt in pts if not pt["oversubscribed"]]
         if len({pt["bytes"] for pt in fit}) < 2:
             out[kind] = (None, [])
@@ -195,3 +208,66 @@ def fit_node_links(docs, max_regimes=3):
         out[kind] = (regimes, [_row(kind, pt, cost(pt["sent"], pt["ranks"], pt["ranks_per_node"]))
                                for pt in pts])
     return out
+
+
+def _node_part(network, kind, pt):
+    """Seconds of a multi-node collective point that happen inside its node (copy, peers)."""
+    r = min(pt["ranks"], pt["ranks_per_node"])
+    if kind == "allreduce":
+        if r <= 1:
+            return 0.0
+        ln = network.allreduce_node.at(pt["bytes"])
+        ca, cb = allreduce_terms(pt["sent"], r)
+        return ca * ln.latency_s + cb * ln.beta
+    t = copy_cost(network.local_copy, pt["bytes"]) if network.local_copy is not None else 0.0
+    if r > 1:
+        ln = network.alltoallv_node.at(pt["bytes"])
+        t += (r - 1) * (ln.latency_s + pt["bytes"] * ln.beta)
+    return t
+
+
+def _net_terms(kind, pt):
+    r = min(pt["ranks"], pt["ranks_per_node"])
+    if kind == "allreduce":
+        return allreduce_terms(pt["sent"], pt["nodes"])
+    return alltoallv_net_terms(pt["sent"], pt["ranks"], r)
+
+
+def fit_net_links(docs, network, max_regimes=3):
+    """Fit the inter-node link from the multi-node allreduce and alltoallv benchmark JSONs.
+
+    Each collective gets its own regimes, fitted (as inside a node) on what the node's own
+    part leaves of the measured time: for the allreduce the Rabenseifner terms over the
+    ``N`` nodes, ``t - node(n) = 2 ceil(log2 N) a + 2 (N-1)/N n B``; for the alltoallv
+    ``t - copy(s) - (r-1)(a_node + s B_node) = (p-r) a + r (p-r) s B``. Runs with more
+    rank-threads than cores on a machine (emulated nodes share it) are left out of the fit.
+
+    Args:
+        network: the intra-node :class:`Network` (``fit_node_links``); its ``net`` unused.
+
+    Returns:
+        dict "allreduce"/"alltoallv" -> Regimes or None (fewer than 2 sizes measured).
+    """
+    out = {}
+    for kind in ("allreduce", "alltoallv"):
+        fit = [pt for pt in collective_points(docs, kind)
+               if pt["nodes"] > 1 and not pt["oversubscribed"]]
+        if len({pt["bytes"] for pt in fit}) < 2:
+            out[kind] = None
+            continue
+        coef = np.array([_net_terms(kind, pt) for pt in fit])
+        out[kind] = fit_regimes([pt["bytes"] for pt in fit], coef[:, 0], coef[:, 1],
+                                [pt["seconds"] for pt in fit],
+                                [_node_part(network, kind, pt) for pt in fit], max_regimes,
+                                description=f"inter-node, fitted from {kind}")
+    return out
+
+
+def net_points(docs, network):
+    """Every measured size of the multi-node allreduce/alltoallv runs against ``network``."""
+    rows = []
+    for kind in ("allreduce", "alltoallv"):
+        cost = network.allreduce if kind == "allreduce" else network.alltoallv
+        rows += [_row(kind, pt, cost(pt["sent"], pt["ranks"], pt["ranks_per_node"]))
+                 for pt in collective_points(docs, kind) if pt["nodes"] > 1]
+    return rows

@@ -9,21 +9,21 @@ import dataclasses
 
 import numpy as np
 
-from hpctrain.bench.costmodel.fit_links import fit_alpha_beta, oversubscribed
+from hpctrain.bench.costmodel.fit_links import fit_alpha_beta, oversubscribed, ranks_per_machine
 from hpctrain.bench.costmodel.model import (ComputeRates, CostModel, Workload,
                                             sparse_exchange_bytes, sparse_exchange_time)
 
 
 def _oversub(doc):
-    """Compute slow-down of a run that put more rank-threads on a node than it has cores."""
+    """Compute slow-down of a run that put more rank-threads on a machine than it has cores."""
     v = doc.get("versions") or {}
     cores, threads = v.get("cpu_count") or 0, v.get("threads") or 1
-    per_node = doc.get("ranks_per_node", doc.get("world_size", 1))
-    return max(1.0, per_node * threads / cores) if cores else 1.0
+    return max(1.0, ranks_per_machine(doc) * threads / cores) if cores else 1.0
 
 
 def _point(doc, kind, measured, predicted, calibration=False):
-    return {"benchmark": kind, "ranks": doc["world_size"], "mode": doc.get("scaling_mode") or "",
+    return {"benchmark": kind, "ranks": doc["world_size"], "nodes": doc.get("nodes", 1),
+            "mode": doc.get("scaling_mode") or "",
             "measured_s": measured, "predicted_s": predicted,
             "rel_error": (predicted - measured) / measured, "oversubscribed": oversubscribed(doc),
             "calibration": calibration}
@@ -68,6 +68,7 @@ def exchange_runs(docs):
         for res in d.get("results") or []:
             dim, f = int(res["dim"]), int(c["features"])
             base = {"doc": d, "ranks": p, "ranks_per_node": int(d.get("ranks_per_node", p)),
+                    "busy": min(p, ranks_per_machine(d)),
                     "dim": dim, "features": f, "ids": float(c["batch"] * f),
                     "unique": (res["exchange_bytes_sent_rank0"] - 8.0 * f * p) / (8 + 8 * dim),
                     "alone": (res.get("step_alone") or {}).get("p50"),
@@ -136,8 +137,9 @@ def sparse_rates_and_points(docs, network):
             else:
                 c = _oversub(r["doc"])
             r["contention"] = c
-            if r["ranks"] > 1 and not r["oversubscribed"] and r["primary"]:
-                kappas.append((c - 1.0) / (min(r["ranks"], r["ranks_per_node"]) - 1))
+            if r["busy"] > 1 and not r["oversubscribed"] and r["primary"]:
+                # busy ranks: those sharing the machine's memory (emulated nodes too)
+                kappas.append((c - 1.0) / (r["busy"] - 1))
             pred = (fixed + per_id * r["ids"]) * c + exchange_comm(network, r)
             kind = "exchange" if r["node_exchange"] == "alltoallv" else "exchange-shm"
             pt = _point(r["doc"], kind, r["step"], pred, calibration=r["ranks"] == 1)
@@ -220,7 +222,7 @@ def train_rates_and_points(docs, network, rates, u, node_exchange="shm", data_th
         res, p = d["results"][0], d["world_size"]
         model = CostModel(network, dataclasses.replace(rates, threads=_threads(d)),
                           d.get("ranks_per_node", p), _cores(d), data_threads,
-                          node_exchange)
+                          node_exchange, ranks_per_machine(d))
         pred = model.step(train_workload(res, u), p, res["global_batch"] / p)["step"]
         points.append(_point(d, "train", res["median_step_s"], pred, calibration=p == 1))
     return rates, points

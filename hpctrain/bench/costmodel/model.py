@@ -127,6 +127,17 @@ def alltoallv_terms(nbytes, p):
     return float(p - 1), (p - 1) / p * nbytes
 
 
+def alltoallv_net_terms(nbytes, p, r):
+    """(latency, byte) coefficients of an alltoallv's inter-node part, ``r`` ranks per node.
+
+    A rank sends ``p - r`` messages off its node; the node's ``r`` ranks share its link,
+    which carries ``r (p - r) s`` bytes (``s = nbytes / p`` per peer).
+    """
+    if p <= r:
+        return 0.0, 0.0
+    return float(p - r), r * (p - r) * nbytes / p
+
+
 @dataclasses.dataclass
 class Network:
     """Intra-node costs fitted per collective, the local copy, and the inter-node link.
@@ -136,14 +147,17 @@ class Network:
         net: the inter-node Regimes (or Link).
         local_copy: Regimes of the block an alltoallv rank sends to itself (latency =
             the per-call cost, bandwidth = the copy's); None: free.
+        allreduce_net: the inter-node Regimes of the allreduce when fitted apart from the
+            alltoallv's (its reduction arithmetic is inside ``B``); None: ``net``.
     """
     allreduce_node: Regimes
     alltoallv_node: Regimes
     net: Regimes
     local_copy: Regimes = None
+    allreduce_net: Regimes = None
 
     def __post_init__(self):
-        for name in ("allreduce_node", "alltoallv_node", "net", "local_copy"):
+        for name in ("allreduce_node", "alltoallv_node", "net", "local_copy", "allreduce_net"):
             setattr(self, name, Regimes.of(getattr(self, name)))
 
     def allreduce(self, nbytes, p, ranks_per_node):
@@ -153,7 +167,7 @@ class Network:
         ln = self.allreduce_node.at(nbytes)
         ca, cb = allreduce_terms(nbytes, r)
         t = ca * ln.latency_s + cb * ln.beta
-        ln = self.net.at(nbytes)
+        ln = (self.allreduce_net or self.net).at(nbytes)
         ca, cb = allreduce_terms(nbytes, nodes)
         return t + ca * ln.latency_s + cb * ln.beta
 
@@ -171,11 +185,13 @@ class Network:
         if p <= 1:
             return t
         r = min(p, ranks_per_node)
-        ln = self.alltoallv_node.at(0.0 if node_shm else s)
-        t += (r - 1) * (ln.latency_s + (0.0 if node_shm else s * ln.beta))
+        if r > 1:
+            ln = self.alltoallv_node.at(0.0 if node_shm else s)
+            t += (r - 1) * (ln.latency_s + (0.0 if node_shm else s * ln.beta))
         if p > r:
+            ca, cb = alltoallv_net_terms(nbytes, p, r)
             ln = self.net.at(s)
-            t += (p - r) * ln.latency_s + r * (p - r) * s * ln.beta
+            t += ca * ln.latency_s + cb * ln.beta
         return t
 
 
@@ -315,6 +331,10 @@ class CostModel:
             the node has idle cores, a share of the cores when it has none.
         node_exchange: how rows and gradients reach ranks of the same node: "alltoallv"
             or "shm" (a shared window; ``ShardedEmbedding(exchange=...)``).
+        ranks_per_machine: ranks sharing one machine's cores and memory when nodes are
+            emulated on it (benchmarks/multihost/): they, not a node's ranks, contend and
+            oversubscribe, and ``cores_per_node`` is then the machine's. None: a node is
+            a machine.
     """
     network: Network
     compute: ComputeRates
@@ -322,16 +342,22 @@ class CostModel:
     cores_per_node: int = 1
     data_threads: float = 0.0
     node_exchange: str = "alltoallv"
+    ranks_per_machine: int = None
+
+    def busy_ranks(self, p):
+        """Ranks sharing the cores and memory of one machine on ``p`` ranks."""
+        return min(p, self.ranks_per_machine or self.ranks_per_node)
 
     def oversubscription(self, p):
         """Compute slow-down when a node's ranks run more busy threads than it has cores."""
-        r = min(p, self.ranks_per_node)
-        return max(1.0, r * (self.compute.threads + self.data_threads) / self.cores_per_node)
+        busy = self.busy_ranks(p)
+        return max(1.0, busy * (self.compute.threads + self.data_threads) / self.cores_per_node)
 
     def step(self, workload, p, batch_per_rank):
         """Phase times (seconds) of one step on ``p`` ranks."""
         r = min(p, self.ranks_per_node)
-        t = {"compute": self.compute.step(workload, batch_per_rank, r) * self.oversubscription(p),
+        t = {"compute": self.compute.step(workload, batch_per_rank, self.busy_ranks(p))
+             * self.oversubscription(p),
              "allreduce": self.network.allreduce(4.0 * workload.dense_params, p, r),
              "alltoallv": sparse_exchange_time(self.network, workload.exchange_bytes(
                  batch_per_rank, p), p, r, self.node_exchange)}

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from hpctrain.bench.costmodel.fit_links import fit_node_links
+from hpctrain.bench.costmodel.fit_links import fit_net_links, fit_node_links, net_points
 from hpctrain.bench.costmodel.fit_rates import TRAIN_DATA_THREADS, fit_compute
 from hpctrain.bench.costmodel.model import (INTERCONNECTS, ComputeRates, CostModel, Link, Network,
                                             Regimes, Workload)
@@ -94,6 +94,10 @@ def parse_args(argv):
     p.add_argument("--net-regimes", type=parse_net_regimes, default=None,
                    help="inter-node link per message-size regime, FROM_BYTES:LATENCY_US:GBPS,"
                         "... (e.g. 0:1.3:12,64K:1.5:23); replaces --interconnect")
+    p.add_argument("--net-fit", action="store_true",
+                   help="fit the inter-node link from the multi-node allreduce/alltoallv "
+                        "results (a sweep over several nodes, or emulated hosts: "
+                        "benchmarks/multihost/); replaces --interconnect")
     p.add_argument("--max-regimes", type=int, default=3,
                    help="most message-size regimes fitted per intra-node collective")
     p.add_argument("--ranks-per-node", type=int, default=8)
@@ -170,7 +174,22 @@ def main(argv=None):
               f"{'buffer' if kind == 'allreduce' else 'bytes per peer'}):")
         for line in (regimes[kind].describe() if regimes[kind] is not None else []):
             print(f"#     {line}")
-    if args.net_regimes is not None:
+    allreduce_net = None
+    if args.net_fit:
+        node = Network(regimes["allreduce"], regimes["alltoallv"], None, regimes["local_copy"])
+        nets = fit_net_links(docs, node, args.max_regimes)
+        if nets["alltoallv"] is None and nets["allreduce"] is None:
+            raise SystemExit(f"costmodel: --net-fit: no allreduce or alltoallv run over several "
+                             f"nodes (with ranks <= cores) in {', '.join(args.results)}")
+        net, allreduce_net = nets["alltoallv"] or nets["allreduce"], nets["allreduce"]
+        for kind in ("alltoallv", "allreduce"):
+            if nets[kind] is not None:
+                print(f"#   inter-node {kind} (fitted from its multi-node runs, key: "
+                      f"{'buffer' if kind == 'allreduce' else 'bytes per peer'}):")
+                for line in nets[kind].describe():
+                    print(f"#     {line}")
+        print("#   inter-node link used for the steps: the alltoallv's (allreduce: its own)")
+    elif args.net_regimes is not None:
         net = args.net_regimes
         print("#   inter-node (--net-regimes):")
     else:
@@ -180,11 +199,14 @@ def main(argv=None):
                               args.bandwidth_GBps * 1e9 if args.bandwidth_GBps is not None
                               else base.bandwidth_Bps, base.description))
         print(f"#   inter-node {args.interconnect} ({base.description}):")
-    for line in net.describe():
-        print(f"#     {line}")
-    network = Network(regimes["allreduce"], regimes["alltoallv"], net, regimes["local_copy"])
+    if not args.net_fit:
+        for line in net.describe():
+            print(f"#     {line}")
+    network = Network(regimes["allreduce"], regimes["alltoallv"], net, regimes["local_copy"],
+                      allreduce_net)
 
-    points = fitted["local_copy"][1] + fitted["allreduce"][1] + fitted["alltoallv"][1]
+    points = (fitted["local_copy"][1] + fitted["allreduce"][1] + fitted["alltoallv"][1]
+              + net_points(docs, network))
     compute, u, step_points, (data_threads, data_src) = fit_compute(docs, network, args)
     points += step_points
     print(f"#   compute per rank: {1e-9 / compute.s_per_flop:.3g} GFLOP/s dense, "
@@ -196,9 +218,11 @@ def main(argv=None):
         print("# predicted vs measured, every measured point (size: allreduce buffer, alltoallv "
               "bytes per peer; * = more ranks than cores: outside the model, not fitted; "
               "c = calibration point)")
-        print_table(["benchmark", "ranks", "size/mode", "measured ms", "predicted ms", "error %"],
+        print_table(["benchmark", "ranks", "nodes", "size/mode", "measured ms", "predicted ms",
+                     "error %"],
                     [[pt["benchmark"], f"{pt['ranks']}{'*' if pt.get('oversubscribed') else ''}",
-                      pt.get("bytes", pt.get("mode", "")), pt["measured_s"] * 1e3,
+                      pt.get("nodes", 1), pt.get("bytes", pt.get("mode", "")),
+                      pt["measured_s"] * 1e3,
                       pt["predicted_s"] * 1e3,
                       f"{pt['rel_error'] * 100:+.1f}{' c' if pt.get('calibration') else ''}"]
                      for pt in points])
@@ -211,11 +235,13 @@ def main(argv=None):
                       args.node_exchange)
     ranks = [2 ** k for k in range(int(math.log2(args.max_ranks)) + 1)]
     rows = model.sweep(workload, ranks, args.batch, args.mode)
+    link = ("--net-fit" if args.net_fit else "--net-regimes" if args.net_regimes is not None
+            else args.interconnect)
     print(f"# prediction: DLRM {args.features} features x dim {args.dim}, "
           f"{workload.dense_params:,} dense parameters, {args.mode} scaling, batch {args.batch}"
           f"{' per rank' if args.mode == 'weak' else ' global'}, {args.ranks_per_node} ranks/node, "
           f"{args.threads} thread(s)/rank, "
-          f"{'--net-regimes' if args.net_regimes is not None else args.interconnect}")
+          f"{link}")
     print_table(["ranks", "nodes", "compute ms", "allreduce ms", "alltoallv ms", "step ms",
                  "samples/s", "efficiency"],
                 [[r["ranks"], r["nodes"], r["compute_s"] * 1e3, r["allreduce_s"] * 1e3,
@@ -225,7 +251,9 @@ def main(argv=None):
         links = {"allreduce_node": network.allreduce_node.as_dicts(),
                  "alltoallv_node": network.alltoallv_node.as_dicts(),
                  "local_copy": network.local_copy.as_dicts() if network.local_copy else None,
-                 "net": network.net.as_dicts()}
+                 "net": network.net.as_dicts(),
+                 "allreduce_net": (network.allreduce_net.as_dicts()
+                                   if network.allreduce_net is not None else None)}
         out = {"links": links, "compute": dataclasses.asdict(compute),
                "workload": dataclasses.asdict(workload), "points": points, "prediction": rows,
                "data_threads": {"share": data_threads, "source": data_src},

@@ -12,7 +12,7 @@ from hpctrain.ps.dense import DenseShard, FlatSlice, slice_bounds
 from hpctrain.ps.roles import server_ranks
 from hpctrain.ps.server import read_rows
 from hpctrain.sparse.table import EmbeddingTable
-from hpctrain.train.hybrid import HybridTrainer, setup_hybrid
+from hpctrain.train.hybrid import setup_hybrid
 from hybrid_configs import small
 
 
@@ -66,15 +66,36 @@ def test_reads_of_missing_rows_give_the_initial_row_and_insert_nothing(init):
     assert np.array_equal(rows[1:], ref.gather(ref.find_or_insert(keys[1:], 1)))
 
 
-def test_hybrid_refuses_a_checkpoint_section(tmp_path):
-    from trainer_configs import SMALL_DLRM
-    from hpctrain.config import loads_config
-    text = 'mode = "hybrid"\n' + SMALL_DLRM.format(
-        steps=2, overlap="false", sparse_opt="adam", eval_at_end="false",
-        extra=f'[checkpoint]\ndirectory = "{tmp_path}"\n[ps]\nservers = 1\n')
-    cfg = loads_config(text, source="run.toml")
-    with pytest.raises(ConfigError, match="run.toml: checkpoint: hybrid mode"):
-        HybridTrainer(cfg, None, None)
+def test_stop_clock_and_json_travel_in_messages():
+    h, arrays = unpack(pack(P.header(5, aux=4, stop=6), [P.json_array({"path": "/x", "n": 2})]))
+    assert h[P.H_CLOCK] == 5 and h[P.H_AUX] == 4 and h[P.H_STOP] == 6
+    assert P.counts_of(P.header(1, counts=[3, 0]), 2).tolist() == [3, 0]
+    assert P.from_json_array(arrays[0]) == {"path": "/x", "n": 2}
+    assert P.from_json_array(P.json_array({"i": np.int64(3)})) == {"i": 3}
+
+
+def test_dense_slice_restores_values_and_optimizer_state():
+    from hpctrain.dense.optim import make_optimizer
+    from hpctrain.errors import CheckpointError
+    shard = DenseShard(lambda p: make_optimizer("adam", p, lr=0.1))
+    m, v = np.full(3, 0.5, np.float32), np.full(3, 0.25, np.float32)
+    shard.restore(np.ones(3, np.float32), {"exp_avg": m, "exp_avg_sq": v}, 7)
+    assert shard.opt.step_count == 7 and shard.params.data.tolist() == [1.0] * 3
+    assert np.array_equal(shard.opt.state["exp_avg"], m)
+    with pytest.raises(CheckpointError, match="slots"):
+        shard.restore(np.ones(3, np.float32), {"sum": m}, 7)
+
+
+def test_checkpoint_layout_names_the_flat_buffer():
+    from hpctrain.dense.params import FlatParameters
+    from hpctrain.ps.checkpoint import dense_layout, named_params
+    params = FlatParameters()
+    params.add("a", (2, 3), init="ones")
+    params.add("b", (5,), init="zeros")
+    params.build(seed=1)
+    named = named_params(np.array(params.data), dense_layout(params))
+    assert list(named) == ["a", "b"]
+    assert all(np.array_equal(named[k], v) for k, v in params.state_dict().items())
 
 
 def test_a_world_without_room_for_workers_names_the_key():

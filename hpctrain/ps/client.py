@@ -62,6 +62,8 @@ class PSClient(EmbeddingStore):
     Attributes:
         staleness: per training step, the staleness of the rows it read.
         wait_s: per training step, seconds blocked waiting for rows.
+        stop_clock: the clock every worker stops at after a stop signal, as server 0's
+            replies announce it (0: none).
     """
 
     def __init__(self, specs, p2p, servers, worker, group, timeout_s=300.0):
@@ -73,6 +75,7 @@ class PSClient(EmbeddingStore):
         self._sends = []
         self._timers = dict.fromkeys(PHASES, 0.0)
         self.staleness, self.wait_s = [], []
+        self.stop_clock = 0
         self._closed = False
 
     # ------------------------------------------------------------------ interface
@@ -146,6 +149,7 @@ class PSClient(EmbeddingStore):
             rows[a:a + n] = msg.arrays[0]
             applied = int(msg.header[P.H_AUX])
             oldest = applied if oldest is None else min(oldest, applied)
+            self._note_stop(int(msg.header[P.H_STOP]), rank)
         t1 = time.perf_counter()
         if ticket.train:
             self.staleness.append(step - 1 - oldest)
@@ -216,6 +220,20 @@ class PSClient(EmbeddingStore):
             s.wait()
         self._sends = []
 
+    def request_stop(self, clock, signum):
+        """Tell server 0 that a stop signal arrived here (it decides the stop clock)."""
+        self._sends.append(self.p2p.send(self.servers[0], P.STOP,
+                                         P.header(clock, self.worker, self.group,
+                                                  aux=int(signum))))
+
     # ------------------------------------------------------------------ helpers
+    def _note_stop(self, stop, rank):
+        if not stop or stop == self.stop_clock:
+            return
+        if self.stop_clock:
+            raise RuntimeError(f"worker {self.worker}: server rank {rank} announces stop clock "
+                               f"{stop}, another announced {self.stop_clock}")
+        self.stop_clock = stop
+
     def _progress(self):
         self._sends = [s for s in self._sends if not s.test()]

@@ -55,6 +55,28 @@ class DenseShard:
         self.params = FlatSlice(values)
         self.opt = self._make_optimizer(self.params)
 
+    def restore(self, values, slots, step):
+        """Take this slice's values and optimizer state from a checkpoint (RESTORE).
+
+        Args:
+            values: the slice of the parameters.
+            slots: optimizer slot name -> the slice of that slot (every slot of the
+                optimizer, each as long as ``values``).
+            step: the optimizer's step count.
+        """
+        from hpctrain.errors import CheckpointError
+        self.init(values)
+        want = set(self.opt.state)
+        if set(slots) != want:
+            raise CheckpointError(f"dense optimizer slots {sorted(slots)} from the checkpoint, "
+                                  f"the servers' {self.opt.kind} optimizer has {sorted(want)}")
+        for name, buf in slots.items():
+            if buf.shape != self.opt.state[name].shape:
+                raise CheckpointError(f"dense optimizer slot {name!r}: {buf.shape[0]} values for "
+                                      f"a slice of {self.params.data.shape[0]}")
+            self.opt.state[name][...] = buf
+        self.opt.step_count = int(step)
+
     def apply(self, group_grads):
         """Sum the groups' gradient slices in group order, then one optimizer step."""
         g = self.params.grad

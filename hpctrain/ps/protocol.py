@@ -3,12 +3,15 @@
 Every message is an int64 header plus arrays (``hpctrain.comm.p2p``); its kind is
 the tag. Clocks travel in headers, never in tags (a tag only has to reach 32767)::
 
-    header  [clock, worker, group, aux, n_0, ..., n_{T-1}]
+    header  [clock, worker, group, aux, stop, n_0, ..., n_{T-1}]
             clock   the training step the message belongs to (1, 2, ...)
             worker  sender's worker index (-1 from servers)
             group   sender's group (-1 from servers)
             aux     replies: ``applied`` (clocks the server has applied);
-                    DPULL: FRESH asks for every clock up to ``clock`` (evaluation)
+                    DPULL: FRESH asks for every clock up to ``clock`` (evaluation);
+                    CKPT, RESTORE: the dense optimizer's step count; STOP: the signal
+            stop    replies of server 0: the clock every worker stops at after a stop
+                    signal (0: none decided); see "Stopping" below
             n_t     ids of table t in the message (table-major id / row arrays)
 
     kind    from -> to        arrays                        answered
@@ -23,18 +26,32 @@ the tag. Clocks travel in headers, never in tags (a tag only has to reach 32767)
                                                             (aux FRESH: when applied >= clock)
     DROWS   server -> leader  dense slice float32
     DONE    worker -> server  (none)                        -- (the worker has finished)
+    CKPT    worker 0 -> srv   to server 0: run state (JSON) -- (write the checkpoint of
+                              [+ dense params, slots]          ``clock`` once it is applied)
+    RESTORE worker 0 -> srv   path (JSON) [+ this server's  -- (the first message of a
+                              slice of params, slots]          resumed run; clock -1: none)
+    STOP    any -> server 0   (none)                        -- (a stop signal arrived there)
 
 Rows and gradients of a message are the ids' rows back to back, table-major,
 each ``dim_t`` floats wide, in the order of the ids.
+
+Stopping (SIGTERM/SIGUSR1): a signalled rank sends STOP to server 0 (server 0 itself
+decides at once). Server 0 picks ``K = 1 +`` the highest clock whose PULL it has
+answered (no worker can have started clock K: every worker needs server 0's ROWS of
+K first) and writes K into ``stop`` of every reply from then on, so every worker
+learns K with its rows of clock K, trains clock K and stops after it (worker 0 asks
+for the checkpoint of K with CKPT when checkpoints are configured).
 """
 import numpy as np
 
-PULL, ROWS, PUSH, EVAL, EROWS, DINIT, DPUSH, DPULL, DROWS, DONE = range(1, 11)
+PULL, ROWS, PUSH, EVAL, EROWS, DINIT, DPUSH, DPULL, DROWS, DONE, CKPT, RESTORE, STOP = \
+    range(1, 14)
 
 NAMES = {PULL: "PULL", ROWS: "ROWS", PUSH: "PUSH", EVAL: "EVAL", EROWS: "EROWS",
-         DINIT: "DINIT", DPUSH: "DPUSH", DPULL: "DPULL", DROWS: "DROWS", DONE: "DONE"}
+         DINIT: "DINIT", DPUSH: "DPUSH", DPULL: "DPULL", DROWS: "DROWS", DONE: "DONE",
+         CKPT: "CKPT", RESTORE: "RESTORE", STOP: "STOP"}
 
-H_CLOCK, H_WORKER, H_GROUP, H_AUX, H_COUNTS = range(5)
+H_CLOCK, H_WORKER, H_GROUP, H_AUX, H_STOP, H_COUNTS = range(6)
 
 #: ``aux`` of a DPULL that must see every clock up to its own (evaluation reads).
 FRESH = 1
@@ -44,12 +61,34 @@ FRESH = 1
 WORKER_WAIT = 1.1
 
 
-def header(clock, worker=-1, group=-1, aux=0, counts=()):
+def header(clock, worker=-1, group=-1, aux=0, counts=(), stop=0):
     """The int64 header of a message (see the module docstring)."""
     h = np.empty(H_COUNTS + len(counts), dtype=np.int64)
     h[H_CLOCK], h[H_WORKER], h[H_GROUP], h[H_AUX] = clock, worker, group, aux
+    h[H_STOP] = stop
     h[H_COUNTS:] = counts
     return h
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"{type(obj).__name__} is not JSON-able")
+
+
+def json_array(obj):
+    """uint8 array of ``obj`` as UTF-8 JSON (run state and paths travel this way)."""
+    import json
+    return np.frombuffer(json.dumps(obj, default=_json_default).encode("utf-8"),
+                         dtype=np.uint8)
+
+
+def from_json_array(a):
+    """The object ``json_array`` encoded."""
+    import json
+    return json.loads(np.asarray(a, dtype=np.uint8).tobytes().decode("utf-8"))
 
 
 def counts_of(h, num_tables):

@@ -15,8 +15,15 @@ dense buffer with its optimizer state. Its loop::
     EVAL  clock c   answered when applied >= c (an evaluation sees every clock it follows);
                     a missing row reads as zeros, as collective evaluation lookups do
     DONE            the worker has finished; the loop ends when every worker has
+    CKPT    clock K worker 0 asks for the checkpoint of clock K: written (every server
+                    its shard, server 0 the dense state and the manifest) as soon as
+                    applied == K, before clock K + 1 is applied (``hpctrain.ps.checkpoint``)
+    STOP            (server 0) a stop signal arrived somewhere: every worker stops after
+                    clock K = 1 + the highest clock whose PULL was answered, announced in
+                    every reply from then on (``protocol``, "Stopping")
     then, while clock applied + 1 has every worker's PUSH (and every group's DPUSH):
-        apply it (below), applied += 1, evict, answer the deferred pulls it unblocks
+        apply it (below), applied += 1, evict, answer the deferred pulls it unblocks,
+        write the checkpoint of that clock when one was asked for
 
 Applying clock c is the owner side of ``ShardedEmbedding.backward`` with the
 workers as the sources, so the arithmetic is the collective trainer's: per table,
@@ -35,13 +42,21 @@ import numpy as np
 
 from hpctrain._kernels import sparse_ops
 from hpctrain._kernels.table import init_rows_reference
-from hpctrain.errors import CommError
+from hpctrain.errors import CheckpointError, CommError
 from hpctrain.ps import protocol as P
 from hpctrain.ps.dense import DenseShard
 from hpctrain.sparse.collection import make_table
 from hpctrain.sparse.spec import resolve_specs
 
 _M64 = (1 << 64) - 1
+
+
+def _signal_name(signum):
+    import signal
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def _exclusive_cumsum(a):
@@ -118,6 +133,10 @@ class Server:
         log: a text stream for those lines (default stderr); ``metrics_path``: also
             write them as JSON lines there.
         start_clock: clocks already applied (a restored run).
+        checkpoints: a ``CheckpointManager`` over the servers' communicator (CKPT
+            messages are refused without one).
+        watcher: a ``PreemptionWatcher`` of this rank (a signal here stops the job at
+            an agreed clock), or None.
 
     Attributes:
         tables: dict table name -> ``EmbeddingTable`` (this server's shard).
@@ -125,11 +144,14 @@ class Server:
         group_clock: per group, the last clock every one of its workers (and its
             leader's dense push) has pushed.
         stats: a ``ServerStats``.
+        stop_clock: (server 0) the clock every worker stops at after a stop signal, 0
+            while none is decided.
+        checkpoints_written: paths of the checkpoints this server took part in.
     """
 
     def __init__(self, specs, p2p, roles, seed=0, consistency="bsp", staleness=0,
                  timeout_s=300.0, make_dense_optimizer=None, every_clocks_log=100, log=None,
-                 metrics_path=None, start_clock=0):
+                 metrics_path=None, start_clock=0, checkpoints=None, watcher=None):
         self.specs, _ = resolve_specs(specs)
         self.p2p, self.roles = p2p, roles
         self.index = roles.server_index
@@ -142,10 +164,7 @@ class Server:
         self.timeout_s = float(timeout_s)
         self.dense = DenseShard(make_dense_optimizer) if make_dense_optimizer else None
         self.W, self.G = roles.num_workers, roles.groups
-        self.applied = int(start_clock)
-        self.worker_clock = [self.applied] * self.W
-        self.dense_clock = [self.applied] * self.G
-        self.group_clock = [self.applied] * self.G
+        self._set_clock(start_clock)
         self._pushes = {}           # clock -> [_Push or None] * W
         self._npush = {}            # clock -> pushes received
         self._dpushes = {}          # clock -> [array or None] * G
@@ -157,7 +176,36 @@ class Server:
         self.every_clocks_log = int(every_clocks_log or 0)
         self._log = log if log is not None else sys.stderr
         self._metrics_path, self._metrics = metrics_path, None
+        self.checkpoints = checkpoints
+        self.checkpoints_written = []
+        self._ckpt_requests = {}    # clock -> worker 0's CKPT message
+        self._dense_restored = False
+        self.watcher = watcher
+        self.stop_clock = 0
+        self._stop_sent = False
+
+    def _set_clock(self, clock):
+        """Start from ``clock`` applied clocks (a fresh run: 0; a restored one: its step)."""
+        self.applied = int(clock)
+        self.worker_clock = [self.applied] * self.W
+        self.dense_clock = [self.applied] * self.G
+        self.group_clock = [self.applied] * self.G
+        self._answered = self.applied   # highest clock whose PULL this server answered
         self._last_log = (time.perf_counter(), self.applied)
+
+    # ------------------------------------------------------------------ resuming
+    def restore(self):
+        """Wait for worker 0's RESTORE (the first message of a resumed run) and load it.
+
+        Collective over the servers. Returns the checkpoint's path, or None when there
+        was nothing to resume (a fresh start).
+        """
+        from hpctrain.ps.checkpoint import restore_server
+        msg = self.p2p.recv(self.roles.workers[0], P.RESTORE, self.timeout_s,
+                            what="worker 0's RESTORE (which checkpoint to resume from)")
+        path = restore_server(self, msg)
+        self._dense_restored = path is not None and self.dense is not None
+        return path
 
     # ------------------------------------------------------------------ loop
     def run(self):
@@ -167,9 +215,11 @@ class Server:
         last = time.monotonic()
         handlers = {P.PULL: self._on_pull, P.PUSH: self._on_push, P.EVAL: self._on_eval,
                     P.DINIT: self._on_dinit, P.DPUSH: self._on_dpush, P.DPULL: self._on_dpull,
-                    P.DONE: self._on_done}
+                    P.DONE: self._on_done, P.CKPT: self._on_ckpt, P.STOP: self._on_stop}
         try:
             while len(self._done) < self.W:
+                if self.watcher is not None and self.watcher.signalled and not self._stop_sent:
+                    self._signalled()
                 msg = p2p.poll()
                 if msg is None:
                     self._sends = [s for s in self._sends if not s.test()]
@@ -184,6 +234,7 @@ class Server:
                     raise CommError(f"server {self.index}: unexpected message tag {msg.tag} "
                                     f"from rank {msg.source}")
                 handler(msg)
+                last = time.monotonic()     # time spent handling (a checkpoint) is not silence
             self._check_finished()
             for s in self._sends:
                 s.wait()
@@ -216,6 +267,10 @@ class Server:
             raise CommError(f"server {self.index}: every worker finished but clocks {left} were "
                             f"pushed only partly (workers stopped at different clocks: "
                             f"{self.worker_clock})")
+        if self._ckpt_requests:
+            raise CommError(f"server {self.index}: every worker finished but the checkpoint of "
+                            f"clock(s) {sorted(self._ckpt_requests)} was never due (applied "
+                            f"{self.applied})")
 
     # ------------------------------------------------------------------ reads
     def _servable(self, msg):
@@ -249,7 +304,7 @@ class Server:
     def _answer(self, msg):
         h, tag = msg.header, msg.tag
         clock = int(h[P.H_CLOCK])
-        reply = P.header(clock, aux=self.applied)
+        reply = P.header(clock, aux=self.applied, stop=self.stop_clock)
         if tag == P.DPULL:
             if h[P.H_AUX] != P.FRESH:
                 self._check_staleness(clock, msg)
@@ -272,6 +327,7 @@ class Server:
             self._sends.append(self.p2p.send(msg.source, P.EROWS, reply, [rows]))
             return
         self._check_staleness(clock, msg)
+        self._answered = max(self._answered, clock)
         self._sends.append(self.p2p.send(msg.source, P.ROWS, reply, [rows]))
 
     def _check_staleness(self, clock, msg):
@@ -335,8 +391,65 @@ class Server:
         if self.dense is None:
             raise CommError(f"server {self.index}: DINIT from rank {msg.source} but dense "
                             f"parameters do not live on the servers (ps.dense_on_servers)")
+        if self._dense_restored:
+            return      # the initial values of a resumed run: the checkpoint's replace them
         self.dense.init(msg.arrays[0])
         self._serve_waiting()
+
+    # ------------------------------------------------------------------ checkpoints, stops
+    def _on_ckpt(self, msg):
+        clock = int(msg.header[P.H_CLOCK])
+        if self.checkpoints is None:
+            raise CheckpointError(f"server {self.index}: CKPT of clock {clock} from rank "
+                                  f"{msg.source} but this server has no [checkpoint] section")
+        if clock < self.applied:
+            raise CommError(f"server {self.index}: CKPT of clock {clock} from rank {msg.source} "
+                            f"arrived after clock {self.applied} was applied (worker 0 must "
+                            f"ask before it pushes the next clock)")
+        if clock in self._ckpt_requests:
+            raise CommError(f"server {self.index}: a second CKPT of clock {clock} from rank "
+                            f"{msg.source}")
+        self._ckpt_requests[clock] = msg
+        self._checkpoint_due()
+
+    def _checkpoint_due(self):
+        """Write the checkpoint of ``applied`` when worker 0 asked for it."""
+        msg = self._ckpt_requests.pop(self.applied, None)
+        if msg is None:
+            return
+        from hpctrain.ps.checkpoint import save_server
+        path = save_server(self, msg)
+        self.checkpoints_written.append(path)
+
+    def _on_stop(self, msg):
+        if self.index != 0:
+            raise CommError(f"server {self.index}: STOP from rank {msg.source}; only server 0 "
+                            f"decides where the job stops")
+        who = (f"worker {int(msg.header[P.H_WORKER])}" if msg.header[P.H_WORKER] >= 0
+               else f"rank {msg.source}")
+        self._decide_stop(f"{_signal_name(int(msg.header[P.H_AUX]))} on {who}")
+
+    def _signalled(self):
+        """A stop signal arrived on this server: decide (server 0) or tell server 0."""
+        self._stop_sent = True
+        if self.index == 0:
+            self._decide_stop(f"{self.watcher.reason} on server 0")
+            return
+        self._sends.append(self.p2p.send(self.roles.servers[0], P.STOP,
+                                         P.header(self.applied, aux=int(self.watcher.signum))))
+
+    def _decide_stop(self, reason):
+        """Server 0: every worker stops after clock 1 + the highest clock answered so far.
+
+        No worker can have started that clock: each needs this server's rows of it,
+        and every reply from now on carries the decision.
+        """
+        if self.stop_clock:
+            return
+        self.stop_clock = max(self._answered, self.applied) + 1
+        self._log.write(f"[ps server 0] stop signal ({reason}): every worker stops after clock "
+                        f"{self.stop_clock}\n")
+        self._log.flush()
 
     def _on_done(self, msg):
         self._done.add(int(msg.header[P.H_WORKER]))
@@ -375,6 +488,7 @@ class Server:
             if self.every_clocks_log and c % self.every_clocks_log == 0:
                 self._log_line()
             self._serve_waiting()
+            self._checkpoint_due()
 
     def _apply_table(self, i, pushes, clock):
         """Clock ``clock`` of table i: the owner side of ``ShardedEmbedding.backward``."""

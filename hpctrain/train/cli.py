@@ -126,6 +126,10 @@ def eval_main(argv):
     _set_option(p)
     args = p.parse_args(argv)
     cfg = _load(args.config, args.set)
+    if cfg.mode == "hybrid":
+        # a hybrid checkpoint has the collective layout (the servers as ranks): the
+        # collective trainer evaluates it on however many ranks this job has
+        cfg = cfg.replace(mode="collective", ps=None)
     from hpctrain.train.loop import Trainer
     trainer = Trainer(cfg)
     step = trainer.restore(args.checkpoint)

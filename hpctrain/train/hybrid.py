@@ -21,29 +21,30 @@ calls it, and it returns the worker's ``fit`` result (None on servers).
 What a worker's loss means: the mean over its group's part of each global batch
 (with G = 1 the global loss, exactly as in collective mode). ``loss_parts``
 keeps ``(loss sum, samples)`` per step so groups can be combined afterwards.
+
+Checkpoints (``hpctrain.ps.checkpoint``): at a checkpointed clock K worker 0 sends
+the servers CKPT(K) with the run state, and the servers write the checkpoint once K
+is applied, in the collective format. Resuming, the workers read dense.h5 and worker
+0 sends the servers RESTORE(K); the servers reshard the rows by key. A stop signal
+(SIGTERM/SIGUSR1) anywhere goes to server 0, which settles the clock every worker
+stops at; they train it, checkpoint it and return ``stopped = "preempted"``.
 """
 import math
+import os
 import sys
 import time
 
 import numpy as np
 
-from hpctrain.errors import ConfigError, HpctrainError, NonFiniteError
+from hpctrain.errors import ConfigError, NonFiniteError
 from hpctrain.train.build import dense_optimizer, table_specs
 from hpctrain.train.loop import Trainer
-
-
-class PreemptedError(HpctrainError):
-    """A stop signal arrived in hybrid mode, which has no checkpoint to stop at yet."""
 
 
 def _check_config(cfg):
     if cfg.mode != "hybrid" or cfg.ps is None:
         raise ConfigError(f"{cfg.source}: mode: the hybrid trainer needs mode = \"hybrid\" "
                           f"and a [ps] section, got mode {cfg.mode!r}")
-    if cfg.checkpoint is not None:
-        raise ConfigError(f"{cfg.source}: checkpoint: hybrid mode does not write checkpoints "
-                          f"yet; remove the [checkpoint] section")
     if getattr(cfg, "online", None) is not None:
         raise ConfigError(f"{cfg.source}: online: hybrid mode has no delta export yet (rows "
                           f"live on the servers); remove the [online] section")
@@ -82,6 +83,8 @@ class HybridTrainer(Trainer):
         # without); with s >= 1 it hides the round trip.
         super().__init__(cfg.replace(overlap=True), roles.role_comm, stream=stream)
         self.loss_parts = []
+        self._stop_sent = False
+        self._ckpt_sends = []
         self.dense = None
         self._dpull = None
         self._host = None
@@ -127,10 +130,11 @@ class HybridTrainer(Trainer):
         sample count (with G = 1 the reduced count, as in collective mode).
         """
         from hpctrain.dense.loss import bce_with_logits
-        if flags[0] > 0:
-            raise PreemptedError(f"step {step}: stop signal on worker {self.worker}; hybrid "
-                                 f"mode has no checkpoint to stop at yet, so the job ends now "
-                                 f"(restart it from the beginning)")
+        if flags[0] > 0 and not self._stop_sent:
+            # a stop signal here: server 0 settles the clock every worker stops at
+            self._stop_sent = True
+            signum = getattr(self._watcher, "signum", None)
+            self.emb.request_stop(step, signum if signum is not None else 0)
         self._receive_dense(step)
         t, comm = self.timer, self.comm
         with t("dense"):
@@ -155,7 +159,16 @@ class HybridTrainer(Trainer):
             d_embs = self.transfer.to_host(self.model.backward(d_logits))
         self._apply_dense(step)
         self.loss_parts.append((float(red[1]), float(red[0])))
-        return loss, dict(zip(self.features, d_embs)), np.zeros(2)
+        # [stop here (the settled stop clock), checkpoint now (worker 0's every_minutes)]
+        stop = self.emb.stop_clock
+        out = np.array([1.0 if stop and step >= stop else 0.0, flags[1]])
+        return loss, dict(zip(self.features, d_embs)), out
+
+    def _done(self, step):
+        """The last step: the configured one, or the clock a stop signal settled on (then
+        no batch after it is read or pulled)."""
+        stop = self.emb.stop_clock
+        return super()._done(step) or bool(stop and step >= stop)
 
     def _receive_dense(self, step):
         """Install the servers' dense parameters for ``step`` when that pull is pending."""
@@ -213,15 +226,104 @@ class HybridTrainer(Trainer):
         return super().predict(split, global_batch)
 
     # ------------------------------------------------------------------ checkpoints
+    def _dense_state(self):
+        """``(params, {slot: values}, step)``: flat host copies of the dense model and its
+        optimizer on this worker."""
+        from hpctrain.dense.backend import to_numpy
+        st = self.opt.state_dict()
+        return (np.array(to_numpy(self.model.params.data)),
+                {k: v for k, v in st.items() if k != "step"}, int(st["step"]))
+
     def save_checkpoint(self):
-        raise ConfigError(f"{self.cfg.source}: checkpoint: hybrid mode does not write "
-                          f"checkpoints yet")
+        """Ask the servers for the checkpoint of this clock; returns its path (all workers).
+
+        Worker 0 sends CKPT with the run state (the others only note the step); the
+        servers write the checkpoint once they have applied this clock, while the
+        workers go on (``hpctrain.ps.checkpoint``).
+        """
+        from hpctrain.checkpoint.manager import step_dir
+        from hpctrain.ps.checkpoint import dense_layout, request_checkpoint
+        from hpctrain.versions import versions
+        if self.ckpt is None:
+            raise ConfigError(f"{self.cfg.source}: no [checkpoint] section: nowhere to save")
+        if self.worker == 0:
+            with self.timer("checkpoint"):
+                ps = self.cfg.ps
+                state = {"step": self.step, "reader": self._reader_state,
+                         "config": self.cfg.text, "versions": versions(),
+                         "world_size": self.roles.num_servers, "seed": self.cfg.seed,
+                         "losses_tail": self.losses[-5:], "window_loss": self._window_loss,
+                         "mode": "hybrid",
+                         "ps": {"servers": self.roles.num_servers,
+                                "workers": self.roles.num_workers, "groups": self.groups,
+                                "consistency": ps.consistency, "staleness": ps.staleness,
+                                "dense_on_servers": self.dense_on_servers}}
+                dense = None if self.dense_on_servers else self._dense_state()
+                self._ckpt_sends = [s for s in self._ckpt_sends if not s.test()]
+                self._ckpt_sends += request_checkpoint(
+                    self.p2p, self.roles.servers, self.step, self.worker, self.group, state,
+                    dense_layout(self.model.params), dense)
+        self._ckpt_step = self.step
+        return os.path.join(self.ckpt.directory, step_dir(self.step))
 
     def restore(self, path=None, missing_ok=False):
-        if missing_ok and path is None:
-            return None
-        raise ConfigError(f"{self.cfg.source}: checkpoint: hybrid mode cannot resume from a "
-                          f"checkpoint yet")
+        """Resume from a checkpoint (default: the latest complete one); collective over the
+        workers, and worker 0 tells the servers (RESTORE), which wait for it.
+
+        The checkpoint may come from a hybrid run of any S, G and W, or from a collective
+        run of any size: rows are keyed, the dense model is one flat buffer, the reader
+        position is global.
+
+        Returns:
+            The checkpoint's step, or None when ``missing_ok`` and there is none (the
+            servers are told to start afresh).
+        """
+        from hpctrain.checkpoint import read_dense, verify
+        from hpctrain.errors import CheckpointError
+        from hpctrain.ps.checkpoint import request_restore
+        if self.ckpt is None:
+            raise ConfigError(f"{self.cfg.source}: resuming needs a [checkpoint] section")
+        if path is None:
+            path, hashed = self.ckpt.latest(strict=True), True
+            if path is None:
+                if not missing_ok:
+                    raise CheckpointError(f"no complete checkpoint in {self.ckpt.directory}")
+                if self.worker == 0:
+                    self._ckpt_sends += request_restore(self.p2p, self.roles.servers, -1,
+                                                        self.worker, self.group)
+                return None
+        else:
+            path, hashed = self._resolve_checkpoint(path), False
+        manifest, problem = verify(path, self.comm, hash_files=not hashed)
+        if problem:
+            raise CheckpointError(f"checkpoint {path}: {problem}")
+        dense, state = read_dense(path, manifest)
+        step = int(manifest["step"])
+        try:
+            self.model.load_state_dict(dense["params"])
+            self.opt.load_state_dict(dense["optimizer"])
+        except KeyError as e:
+            raise CheckpointError(f"checkpoint of step {step}: missing dense entry {e}") from None
+        if state.get("reader") is not None:
+            self.reader.restore(state["reader"])
+            self._reader_state = state["reader"]
+        self.step = self._ckpt_step = step
+        self._restored_from = path
+        tail = state.get("losses_tail") or []
+        self._last_loss = float(tail[-1]) if tail else float("nan")
+        self._window_loss = state.get("window_loss")
+        if self.worker == 0:
+            self._ckpt_sends += request_restore(
+                self.p2p, self.roles.servers, step, self.worker, self.group, path,
+                self._dense_state() if self.dense_on_servers else None)
+        return step
+
+    def _resolve_checkpoint(self, path):
+        """A checkpoint path as ``CheckpointManager.load`` reads it (worker 0 decides)."""
+        path = os.fspath(path)
+        if self.comm.rank == 0 and not os.path.isabs(path) and not os.path.exists(path):
+            path = os.path.join(self.ckpt.directory, path)
+        return self.comm.bcast(os.path.abspath(path), root=0)
 
     def close(self):
         """Finish: install any pending dense pull, then tell the servers (DONE)."""
@@ -229,13 +331,25 @@ class HybridTrainer(Trainer):
             self._receive_dense(self._dpull)
         if self.dense is not None:
             self.dense.finish()
+        for s in self._ckpt_sends:
+            s.wait()
+        self._ckpt_sends = []
         self.emb.close()
 
 
-def run_server(cfg, roles, p2p, stream=None):
-    """Serve this rank's shard until every worker has finished; returns the server's stats."""
+def run_server(cfg, roles, p2p, stream=None, resume=False):
+    """Serve this rank's shard until every worker has finished.
+
+    With ``resume`` (the workers' ``fit(resume=...)`` must get it too) the server first
+    waits for worker 0's RESTORE. A stop signal (SIGTERM/SIGUSR1) on this rank stops the
+    job at a clock server 0 settles, as one on a worker does.
+
+    Returns:
+        ``(stats, server)``.
+    """
     _check_config(cfg)
     from hpctrain.ps.server import Server
+    from hpctrain.train.preemption import PreemptionWatcher
     make_opt = None
     if cfg.ps.dense_on_servers:
         def make_opt(params):
@@ -244,12 +358,21 @@ def run_server(cfg, roles, p2p, stream=None):
     if cfg.metrics.path:
         root, ext = (cfg.metrics.path.rsplit(".", 1) + [""])[:2]
         metrics = f"{root}.server{roles.server_index}" + (f".{ext}" if ext else "")
-    server = Server(table_specs(cfg), p2p, roles, seed=cfg.seed,
-                    consistency=cfg.ps.consistency, staleness=cfg.ps.staleness,
-                    timeout_s=cfg.ps.timeout_s, make_dense_optimizer=make_opt,
-                    every_clocks_log=cfg.ps.every_clocks_log, log=stream or sys.stderr,
-                    metrics_path=metrics)
-    return server.run(), server
+    ckpt = None
+    if cfg.checkpoint is not None:
+        from hpctrain.checkpoint import CheckpointManager
+        ckpt = CheckpointManager(cfg.checkpoint.directory, roles.role_comm,
+                                 keep_last=cfg.checkpoint.keep_last)
+    with PreemptionWatcher() as watcher:
+        server = Server(table_specs(cfg), p2p, roles, seed=cfg.seed,
+                        consistency=cfg.ps.consistency, staleness=cfg.ps.staleness,
+                        timeout_s=cfg.ps.timeout_s, make_dense_optimizer=make_opt,
+                        every_clocks_log=cfg.ps.every_clocks_log, log=stream or sys.stderr,
+                        metrics_path=metrics, checkpoints=ckpt, watcher=watcher)
+        if resume:
+            server.restore()
+        stats = server.run()
+    return stats, server
 
 
 def setup_hybrid(cfg, world=None):
@@ -279,7 +402,7 @@ def run_hybrid(cfg, world=None, max_steps=None, stream=None, resume=False):
     """
     roles, p2p = setup_hybrid(cfg, world)
     if roles.is_server:
-        run_server(cfg, roles, p2p, stream=stream)
+        run_server(cfg, roles, p2p, stream=stream, resume=resume)
         return None
     trainer = HybridTrainer(cfg, roles, p2p, stream=stream)
     # no try/finally: after an error close() would wait for servers that wait for this

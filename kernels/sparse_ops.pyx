@@ -21,6 +21,30 @@ import numpy as np
 
 from hpctrain._kernels._openmp import get_num_threads
 
+# Smallest job, in bytes it touches, that a kernel splits over threads. Each parallel
+# region wakes the other threads (with OMP_WAIT_POLICY=PASSIVE, hpctrain's default, a
+# futex wake-up of some microseconds); a step runs a few regions per table, and splitting
+# a job of a few microseconds costs more than it saves.
+cdef int64_t _par_min_bytes = 256 * 1024
+
+
+def set_parallel_threshold(int64_t nbytes):
+    """Jobs touching fewer than ``nbytes`` bytes run on one thread (default 256 KiB);
+    results are the same bits for any thread count."""
+    global _par_min_bytes
+    if nbytes < 0:
+        raise ValueError(f"parallel threshold must be >= 0 bytes, got {nbytes}")
+    _par_min_bytes = nbytes
+
+
+def parallel_threshold():
+    """The current single-thread cut-off of the kernels here, in bytes."""
+    return _par_min_bytes
+
+
+cdef int _threads(int64_t nbytes) except -1:
+    return 1 if nbytes < _par_min_bytes else get_num_threads()
+
 cdef extern from *:
     """
     #include "hp_mix64.h"
@@ -179,7 +203,7 @@ def route(const int64_t[::1] keys, int64_t table_id, int64_t world_size):
     cdef int32_t[::1] out = out_arr
     cdef uint64_t salt = hp_route_salt(table_id)
     cdef uint64_t ws = <uint64_t>world_size
-    cdef int nt = get_num_threads()
+    cdef int nt = _threads(12 * n)
     with nogil:
         for i in prange(n, num_threads=nt, schedule='static'):
             out[i] = <int32_t>(hp_mix64(<uint64_t>keys[i] ^ salt) % ws)
@@ -298,7 +322,7 @@ def gather_rows(const float[::1] src, const int64_t[::1] src_off, int64_t dim, o
     _require_rows(src_off, dim, src.shape[0], "gather_rows")
     out_arr = _out2d(out, n, dim, "gather_rows")
     cdef float[:, ::1] o = out_arr
-    cdef int nt = get_num_threads()
+    cdef int nt = _threads(8 * n * dim + 8 * n)
     if n == 0 or dim == 0:
         return out_arr
     with nogil:
@@ -330,7 +354,7 @@ def scatter_rows(const float[:, ::1] src, const int64_t[::1] src_row, float[::1]
         if bad >= 0:
             raise ValueError(f"scatter_rows: src_row[{bad}] = {src_row[bad]} outside [0, {m})")
     _require_rows(dst_off, dim, dst.shape[0], "scatter_rows")
-    cdef int nt = get_num_threads()
+    cdef int nt = _threads(8 * n * dim + 16 * n)
     if n == 0 or dim == 0:
         return
     with nogil:
@@ -357,7 +381,7 @@ def pool(const float[::1] src, const int64_t[::1] src_off, int64_t dim,
     cdef Py_ssize_t b, j, c
     cdef const float* row
     cdef float inv_len
-    cdef int nt = get_num_threads()
+    cdef int nt = _threads(4 * (n + nb) * dim + 8 * n)
     if nb == 0 or dim == 0:
         return out_arr
     with nogil:
@@ -384,7 +408,7 @@ def bag_of_rows(const int64_t[::1] bag_offsets):
     _require_bags(bag_offsets, n, "bag_of_rows")
     out_arr = np.empty(n, dtype=np.int64)
     cdef int64_t[::1] o = out_arr
-    cdef int nt = get_num_threads()
+    cdef int nt = _threads(8 * n + 8 * nb)
     with nogil:
         for b in prange(nb, num_threads=nt, schedule='static'):
             for j in range(bag_offsets[b], bag_offsets[b + 1]):
@@ -402,7 +426,7 @@ def bag_scales(const int64_t[::1] bag_offsets):
     out_arr = np.empty(n, dtype=np.float32)
     cdef float[::1] o = out_arr
     cdef float s
-    cdef int nt = get_num_threads()
+    cdef int nt = _threads(4 * n + 8 * nb)
     with nogil:
         for b in prange(nb, num_threads=nt, schedule='static'):
             if bag_offsets[b + 1] > bag_offsets[b]:
@@ -519,7 +543,8 @@ def segment_sum(const float[::1] src, const int64_t[::1] src_off, int64_t dim,
         o2 = out_arr
         base = &o2[0, 0] if num_segments > 0 and dim > 0 else NULL
     cdef float* dst
-    cdef int nt = get_num_threads()
+    # the parallel pass needs a serial grouping pass first: worth it only for big jobs
+    cdef int nt = _threads((n * dim) // 2)
     cdef int64_t* start = NULL
     cdef int64_t* order = NULL
     cdef Py_ssize_t bad = -1, s, k, c

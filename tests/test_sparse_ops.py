@@ -9,10 +9,14 @@ from hpctrain.sparse.routing import owner_of, owner_of_reference
 
 @pytest.fixture(params=[1, 2, 3])
 def threads(request):
-    old = _openmp.get_num_threads()
+    """Kernels on 1-3 threads; every job split (no single-thread cut-off), so the small
+    test inputs take the parallel paths."""
+    old, old_min = _openmp.get_num_threads(), so.parallel_threshold()
     _openmp.set_num_threads(request.param)
+    so.set_parallel_threshold(0)
     yield request.param
     _openmp.set_num_threads(old)
+    so.set_parallel_threshold(old_min)
 
 
 def _zipf_keys(rng, n, vocab=1000):
@@ -81,7 +85,8 @@ def test_segment_sum_same_bits_serial_and_parallel():
     seg = rng.integers(0, nseg, size=n)
     scale = rng.random(n).astype(np.float32)
     off = rng.permutation(n).astype(np.int64) * dim
-    before = get_num_threads()
+    before, before_min = get_num_threads(), so.parallel_threshold()
+    so.set_parallel_threshold(0)
     got = {}
     try:
         for nt in (1, 3):
@@ -94,6 +99,7 @@ def test_segment_sum_same_bits_serial_and_parallel():
                 so.segment_sum(src.ravel(), off, dim, bad, nseg)
     finally:
         set_num_threads(before)
+        so.set_parallel_threshold(before_min)
     for a, b in zip(got[1], got[3]):
         assert np.array_equal(a, b)
 
@@ -255,3 +261,28 @@ def test_errors_name_the_culprit():
         so.pool(f, np.array([0, 2]), 2, np.array([0, 2, 1]), False)
     with pytest.raises(ValueError, match=r"src_row\[0\] = 9"):
         so.scatter_rows(np.zeros((2, 2), np.float32), np.array([9]), f, np.array([0]))
+
+
+def test_parallel_threshold_keeps_small_jobs_on_one_thread_with_the_same_bits():
+    rng = np.random.default_rng(3)
+    dim, n = 8, 5000
+    src = rng.standard_normal((n, dim)).astype(np.float32)
+    off = rng.integers(0, n, n).astype(np.int64) * dim
+    bags = np.sort(rng.integers(0, n, 700))
+    bags[0], bags[-1] = 0, n
+    old, old_min = _openmp.get_num_threads(), so.parallel_threshold()
+    try:
+        _openmp.set_num_threads(3)
+        got = []
+        for nbytes in (0, 1 << 40):          # every job split / none
+            so.set_parallel_threshold(nbytes)
+            got.append((so.pool(src.ravel(), off, dim, bags, False),
+                        so.gather_rows(src.ravel(), off, dim), so.route(off, 4, 5)))
+        with pytest.raises(ValueError, match=">= 0 bytes"):
+            so.set_parallel_threshold(-1)
+    finally:
+        _openmp.set_num_threads(old)
+        so.set_parallel_threshold(old_min)
+    for a, b in zip(*got):
+        np.testing.assert_array_equal(a, b)
+    assert so.parallel_threshold() == old_min

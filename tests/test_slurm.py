@@ -28,20 +28,24 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
             "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
 
-def _free_port_pair():
-    """A port p with p and p+1 free (slurmctld, slurmd)."""
+def _free_ports(nodes=1):
+    """A port p with p .. p + nodes free (slurmctld, one slurmd per node)."""
     for _ in range(50):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             p = s.getsockname()[1]
+        socks = []
         try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", p))
-                b.bind(("127.0.0.1", p + 1))
+            for i in range(nodes + 1):
+                socks.append(socket.socket())
+                socks[-1].bind(("127.0.0.1", p + i))
             return p
         except OSError:
             continue
-    raise RuntimeError("no two consecutive free TCP ports")
+        finally:
+            for x in socks:
+                x.close()
+    raise RuntimeError(f"no {nodes + 1} consecutive free TCP ports")
 
 
 def mpi_plugin():
@@ -79,8 +83,11 @@ class Slurm:
         return dict(re.findall(r"(\w+)=(\S*)", out))
 
     def state(self, jobid):
+        """The job's state; of a heterogeneous job, the first component's that is not
+        terminal (else the first's)."""
         out = self.run("squeue", "-h", "-t", "all", "-j", jobid, "-o", "%T", check=False).stdout
-        return out.strip() or "GONE"
+        states = out.split()
+        return next((s for s in states if s not in TERMINAL), states[0] if states else "GONE")
 
     def wait(self, jobid, timeout=JOB_TIMEOUT, until=None, output=None):
         """Poll squeue until the job is terminal (or ``until(state)``); returns scontrol's dict."""
@@ -96,14 +103,15 @@ class Slurm:
         pytest.fail(f"job {jobid} still {state} after {timeout}s; cancelled\n{log}")
 
 
-@pytest.fixture(scope="session")
-def slurm():
+def _private_slurm(nodes=1):
+    """Start a private Slurm of ``nodes`` emulated nodes; yields its client; stops it after."""
     if os.geteuid() != 0:
         pytest.skip("Slurm tests need root (slurmd starts jobs; packages come from apt-get)")
     if shutil.which("bash") is None:
         pytest.skip("Slurm tests need bash")
     state_dir = tempfile.mkdtemp(prefix="hpctrain-slurm-")
-    env = dict(os.environ, HPCTRAIN_SLURM_DIR=state_dir, HPCTRAIN_SLURM_PORT=str(_free_port_pair()))
+    env = dict(os.environ, HPCTRAIN_SLURM_DIR=state_dir, HPCTRAIN_SLURM_NODES=str(nodes),
+               HPCTRAIN_SLURM_PORT=str(_free_ports(nodes)))
     stop = [SINGLE_NODE, "stop"]
     try:
         try:
@@ -120,13 +128,25 @@ def slurm():
         # network interfaces as well made MPI_Init fail now and then under srun here
         # ("UCX ERROR failed to unpack address, invalid bandwidth 0.00").
         client.setdefault("UCX_TLS", "self,sm")
-        for k in [k for k in client if k.startswith(("SLURM_", "SBATCH_", "SRUN_"))]:
+        for k in [k for k in client if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "HPCTRAIN_PS_"))]:
             if k != "SLURM_CONF":          # a pytest run inside a job must not leak its job
                 del client[k]
         yield Slurm(state_dir, client)
     finally:
         subprocess.run(stop, env=env, capture_output=True, timeout=120)
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    yield from _private_slurm()
+
+
+@pytest.fixture(scope="module")
+def slurm_two_nodes():
+    """A second private Slurm with two nodes emulated on this machine (heterogeneous jobs:
+    Slurm's backfill places each component on a node of its own)."""
+    yield from _private_slurm(nodes=2)
 
 
 WORLD = "from mpi4py import MPI; c = MPI.COMM_WORLD; print(f'WORLD rank={c.rank} size={c.size}')"
@@ -275,3 +295,70 @@ def test_preempted_job_requeues_and_resumes_to_same_result(slurm, tmp_path, laun
     assert got["step"] == want["step"] == steps
     assert got["loss"] == pytest.approx(want["loss"], rel=1e-6, abs=1e-9)
     assert got_ev["eval"] == pytest.approx(want_ev["eval"], rel=1e-6, abs=1e-9)
+
+
+HYBRID_SBATCH = os.path.join(ROOT, "slurm", "hybrid.sbatch")
+HETJOB_SBATCH = os.path.join(ROOT, "slurm", "hybrid-hetjob.sbatch")
+
+
+def _hybrid_config(path, steps, groups):
+    """The small synthetic DLRM in hybrid mode: 1 server, ``groups`` groups, SSP s = 1."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import trainer_configs
+    extra = (f'\n[ps]\nservers = 1\ngroups = {groups}\nconsistency = "ssp"\nstaleness = 1\n'
+             f'timeout_s = 60\nevery_clocks_log = 10\n'
+             '\n[metrics]\npath = "metrics.jsonl"\nevery_steps = 10\n')
+    path.write_text('mode = "hybrid"\n' + trainer_configs.SMALL_DLRM.format(
+        steps=steps, overlap="false", sparse_opt="adam", eval_at_end="true", extra=extra))
+    return path
+
+
+def test_hybrid_sbatch_checks_the_layout_then_trains(slurm, tmp_path):
+    """Servers and workers as one job: a [ps] layout that does not fit the tasks fails
+    before any rank starts, naming the key; with the groups overridden it trains."""
+    _hybrid_config(tmp_path / "run.toml", steps=20, groups=2)
+    bad_out, good_out = tmp_path / "bad.out", tmp_path / "good.out"
+    bad = slurm.sbatch("-n", "2", "-c", "1", "-t", "10", "-o", str(bad_out), HYBRID_SBATCH,
+                       "run.toml", cwd=tmp_path)
+    good = slurm.sbatch("-n", "2", "-c", "1", "-t", "10", "-o", str(good_out), HYBRID_SBATCH,
+                        "run.toml", cwd=tmp_path, env={"HPCTRAIN_PS_GROUPS": "1"})
+    info = slurm.wait(bad, output=str(bad_out))
+    text = bad_out.read_text()
+    assert info["JobState"] == "FAILED", text
+    assert "ps.groups" in text and "1 workers do not split into 2" in text, text
+    assert "hpctrain info" not in text and "mpi4py" not in text, text        # nothing launched
+    info = slurm.wait(good, output=str(good_out))
+    text = good_out.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text
+    assert "1 server(s) + 1 workers in 1 group(s) of 1, ssp s=1" in text, text
+    assert re.search(r"world size\s+2 on 1 host", text), text             # the pre-flight
+    assert "--resume" not in text, text             # no [checkpoint]: nothing to resume from
+    assert "hpctrain: done at step 20" in _final_line(text), text
+    assert "[ps server 0] clock 20" in text, text
+    last, ev = _metrics(tmp_path / "metrics.jsonl")
+    assert last["step"] == 20 and last["groups"] == 1
+    assert ev is not None and 0.0 <= ev["eval"]["auc"] <= 1.0
+    assert (tmp_path / "metrics.server0.jsonl").exists()
+
+
+def test_hybrid_hetjob_servers_and_workers_in_two_components(slurm_two_nodes, tmp_path):
+    """Servers in hetjob component 0, workers in component 1, one MPI world over both
+    (servers first); ps.servers follows component 0's task count."""
+    _hybrid_config(tmp_path / "run.toml", steps=20, groups=2)
+    out = tmp_path / "het.out"
+    # options before ":" go to component 0 (the servers), after it to component 1
+    job = slurm_two_nodes.sbatch("-o", str(out), "-t", "10", ":", "-n", "2", "-c", "1",
+                                 "-t", "10", HETJOB_SBATCH, "run.toml", cwd=tmp_path)
+    info = slurm_two_nodes.wait(job, output=str(out))
+    text = out.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text
+    m = re.search(r"servers 1 task\(s\) x 1 thread\(s\) on \[(\S+)\], workers 2 task\(s\) x 1 "
+                  r"thread\(s\) on \[(\S+)\]: 1 server\(s\) \+ 2 workers in 2 group\(s\) of 1", text)
+    assert m and m.group(1) != m.group(2), text          # the components on their own nodes
+    assert re.search(r"world size\s+3 on 1 host", text), text     # one world over both
+    assert "--het-group=0 -n 1" in text and "--het-group=1 -n 2" in text, text
+    assert "--set ps.servers=1 --set ps.placement=first" in text, text
+    assert "hpctrain: done at step 20" in _final_line(text), text
+    assert "[ps server 0] clock 20: group clocks [20, 20]" in text, text
+    last, _ = _metrics(tmp_path / "metrics.jsonl")
+    assert last["step"] == 20 and last["groups"] == 2 and last["workers"] == 2

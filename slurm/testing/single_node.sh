@@ -22,6 +22,11 @@
 #   HPCTRAIN_SLURM_CPUS     CPUs of the node                    (default: nproc)
 #   HPCTRAIN_SLURM_MEM_MB   RealMemory in MiB                   (default: 90% of MemTotal)
 #   HPCTRAIN_SLURM_WAIT_S   seconds to wait for the node        (default 60)
+#   HPCTRAIN_SLURM_NODES    Slurm nodes emulated on this machine (default 1): node 1 is named
+#                           after the host, node i >= 2 HOST-i; each has its own slurmd (port
+#                           PORT+i, spool, log and pid file named after the node) and the
+#                           CPUs above, so they share the machine's cores. Heterogeneous jobs
+#                           need >= 2: Slurm's backfill places each component on its own node.
 #   HPCTRAIN_SLURM_NO_INSTALL=1   never call apt-get
 #
 # Exit status: 0 on success; non-zero with a "single_node: ERROR: ..." line on stderr.
@@ -33,21 +38,47 @@ DIR=${HPCTRAIN_SLURM_DIR:-/tmp/hpctrain-slurm}
 PORT=${HPCTRAIN_SLURM_PORT:-16817}
 CONF=$DIR/slurm.conf
 PKGS=(slurmctld slurmd slurm-client munge libpmix-dev)
+NODES=${HPCTRAIN_SLURM_NODES:-1}
+[[ "$NODES" =~ ^[1-9][0-9]*$ ]] || { echo "single_node: ERROR: HPCTRAIN_SLURM_NODES must be >= 1, got '$NODES'" >&2; exit 2; }
 
 log() { echo "single_node: $*"; }
 die() { echo "single_node: ERROR: $*" >&2; exit "${2:-1}"; }
 unavailable() { die "$1" 3; }
 # a process that has exited but is not reaped yet (zombie) counts as gone
 running() { kill -0 "$1" 2>/dev/null && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]; }
-# the daemon named by pidfile $1 runs (and the pid was not reused by another program)
+# the daemon named by pidfile $1 runs (and the pid was not reused by another program); the
+# program is the file's name up to ".pid" or the first "-" (slurmd-HOST-2.pid: slurmd)
 alive() {
   [ -s "$1" ] || return 1
-  local pid; pid=$(cat "$1")
-  running "$pid" && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$(basename "$1" .pid)" ]
+  local pid name; pid=$(cat "$1"); name=$(basename "$1" .pid)
+  running "$pid" && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "${name%%-*}" ]
+}
+# the Slurm node names (node 1: the host's short name)
+node_names() {
+  local node i; node=$(hostname -s)
+  echo "$node"
+  for ((i = 2; i <= NODES; i++)); do echo "$node-$i"; done
+}
+# the pid file of node $1's slurmd
+slurmd_pidfile() {
+  if [ "$NODES" -eq 1 ]; then echo "$DIR/run/slurmd.pid"; else echo "$DIR/run/slurmd-$1.pid"; fi
+}
+# the slurmd port and node lines of slurm.conf (one node: one SlurmdPort for all)
+node_lines() {
+  local node=$1 cpus=$2 mem=$3 i=1 n
+  if [ "$NODES" -eq 1 ]; then
+    echo "SlurmdPort=$((PORT + 1))"
+    echo "NodeName=${node} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${mem} State=UNKNOWN"
+    return
+  fi
+  for n in $(node_names); do
+    echo "NodeName=${n} NodeHostname=${node} NodeAddr=127.0.0.1 Port=$((PORT + i)) CPUs=${cpus} RealMemory=${mem} State=UNKNOWN"
+    i=$((i + 1))
+  done
 }
 dump_logs() {
   local f
-  for f in "$DIR/log/slurmctld.log" "$DIR/log/slurmd.log" "$DIR/log/munged.log"; do
+  for f in "$DIR/log/slurmctld.log" "$DIR"/log/slurmd*.log "$DIR/log/munged.log"; do
     [ -r "$f" ] && { echo "----- tail $f" >&2; tail -n 20 "$f" >&2; }
   done
   return 0
@@ -73,7 +104,8 @@ install_packages() {
 }
 
 write_conf() {
-  local node=$1 cpus=$2 mem=$3 first_job_id=$4
+  local node=$1 cpus=$2 mem=$3 first_job_id=$4 sfx=""
+  if [ "$NODES" -gt 1 ]; then sfx="-%n"; fi
   cat <<EOF
 # one-node Slurm written by slurm/testing/single_node.sh; rewritten on every start
 ClusterName=hpctrain-test
@@ -107,14 +139,13 @@ MinJobAge=600
 InactiveLimit=0
 MailProg=/bin/true
 SlurmctldPidFile=${DIR}/run/slurmctld.pid
-SlurmdPidFile=${DIR}/run/slurmd.pid
-SlurmdSpoolDir=${DIR}/spool/slurmd
+SlurmdPidFile=${DIR}/run/slurmd${sfx}.pid
+SlurmdSpoolDir=${DIR}/spool/slurmd${sfx}
 StateSaveLocation=${DIR}/spool/slurmctld
 SlurmctldLogFile=${DIR}/log/slurmctld.log
-SlurmdLogFile=${DIR}/log/slurmd.log
+SlurmdLogFile=${DIR}/log/slurmd${sfx}.log
 SlurmctldPort=${PORT}
-SlurmdPort=$((PORT + 1))
-NodeName=${node} NodeAddr=127.0.0.1 CPUs=${cpus} RealMemory=${mem} State=UNKNOWN
+$(node_lines "$node" "$cpus" "$mem")
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 EOF
 }
@@ -154,7 +185,10 @@ cmd_start() {
   for b in /usr/sbin/slurmctld /usr/sbin/slurmd /usr/sbin/munged; do [ -x "$b" ] || unavailable "$b missing"; done
   command -v sbatch >/dev/null || unavailable "sbatch not on PATH"
 
-  mkdir -p "$DIR"/{run,log,spool/slurmd,spool/slurmctld}
+  mkdir -p "$DIR"/{run,log,spool/slurmctld}
+  local n
+  if [ "$NODES" -eq 1 ]; then mkdir -p "$DIR/spool/slurmd"
+  else for n in $(node_names); do mkdir -p "$DIR/spool/slurmd-$n"; done; fi
   chmod 0755 "$DIR"
   start_munge
 
@@ -162,11 +196,11 @@ cmd_start() {
   local new; new=$(write_conf "$node" "$cpus" "$mem" "$(cat "$DIR/first_job_id")")
   if [ ! -f "$CONF" ] || [ "$(cat "$CONF")" != "$new" ]; then
     local pf
-    for pf in "$DIR/run/slurmd.pid" "$DIR/run/slurmctld.pid"; do
+    for pf in "$DIR"/run/slurmd*.pid "$DIR/run/slurmctld.pid"; do
       if alive "$pf"; then log "configuration changed: stopping pid $(cat "$pf")"; stop_pidfile "$pf"; fi
     done
     printf '%s\n' "$new" >"$CONF"
-    log "wrote $CONF (node $node, $cpus CPUs, $mem MiB, port $PORT)"
+    log "wrote $CONF (node(s) $(node_names | paste -sd,), $cpus CPUs each, $mem MiB, port $PORT)"
   fi
   export SLURM_CONF=$CONF
 
@@ -178,27 +212,35 @@ cmd_start() {
   fi
   for _ in $(seq 100); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.1; done
   scontrol ping 2>/dev/null | grep -q UP || { dump_logs; die "slurmctld does not answer 'scontrol ping'"; }
-  if alive "$DIR/run/slurmd.pid"; then log "slurmd already running (pid $(cat "$DIR/run/slurmd.pid"))"
-  else
-    /usr/sbin/slurmd -f "$CONF" || { dump_logs; die "slurmd failed to start"; }
-    for _ in $(seq 50); do alive "$DIR/run/slurmd.pid" && break; sleep 0.1; done
-    log "started slurmd (pid $(cat "$DIR/run/slurmd.pid" 2>/dev/null || echo '?'))"
-  fi
-
-  state=""
-  for _ in $(seq $((wait_s * 5))); do
-    state=$(sinfo -h -n "$node" -o %T 2>/dev/null | head -n1 || true)
-    case "$state" in
-      idle|mixed|allocated|completing) break ;;
-      down*|drain*) scontrol update NodeName="$node" State=RESUME 2>/dev/null || true ;;
-    esac
-    sleep 0.2
+  local pf args
+  for n in $(node_names); do
+    pf=$(slurmd_pidfile "$n")
+    args=(-f "$CONF")
+    if [ "$NODES" -gt 1 ]; then args+=(-N "$n"); fi
+    if alive "$pf"; then log "slurmd of $n already running (pid $(cat "$pf"))"
+    else
+      /usr/sbin/slurmd "${args[@]}" || { dump_logs; die "slurmd of $n failed to start"; }
+      for _ in $(seq 50); do alive "$pf" && break; sleep 0.1; done
+      log "started slurmd of $n (pid $(cat "$pf" 2>/dev/null || echo '?'))"
+    fi
   done
-  case "$state" in
-    idle|mixed|allocated|completing) ;;
-    *) dump_logs; die "node $node not ready after ${wait_s}s (state '$state')" ;;
-  esac
-  log "OK: node $node $state; export SLURM_CONF=$CONF"
+
+  for n in $(node_names); do
+    state=""
+    for _ in $(seq $((wait_s * 5))); do
+      state=$(sinfo -h -n "$n" -o %T 2>/dev/null | head -n1 || true)
+      case "$state" in
+        idle|mixed|allocated|completing) break ;;
+        down*|drain*) scontrol update NodeName="$n" State=RESUME 2>/dev/null || true ;;
+      esac
+      sleep 0.2
+    done
+    case "$state" in
+      idle|mixed|allocated|completing) ;;
+      *) dump_logs; die "node $n not ready after ${wait_s}s (state '$state')" ;;
+    esac
+  done
+  log "OK: node(s) $(node_names | paste -sd,) $state; export SLURM_CONF=$CONF"
 }
 
 stop_pidfile() {
@@ -218,7 +260,7 @@ cmd_stop() {
     # Jobs of this cluster first, so no rank outlives its slurmd.
     SLURM_CONF=$CONF scancel --quiet --user="$(id -un)" 2>/dev/null || true
   fi
-  for pf in "$DIR/run/slurmd.pid" "$DIR/run/slurmctld.pid" "$DIR/munge/munged.pid"; do
+  for pf in "$DIR"/run/slurmd*.pid "$DIR/run/slurmctld.pid" "$DIR/munge/munged.pid"; do
     if alive "$pf"; then
       log "stopping pid $(cat "$pf") ($(basename "$pf" .pid))"
       stop_pidfile "$pf" || { log "ERROR: could not stop pid $(cat "$pf")"; rc=1; }
@@ -229,7 +271,7 @@ cmd_stop() {
 
 cmd_status() {
   local pf
-  for pf in "$DIR/munge/munged.pid" "$DIR/run/slurmctld.pid" "$DIR/run/slurmd.pid"; do
+  for pf in "$DIR/munge/munged.pid" "$DIR/run/slurmctld.pid" $(for n in $(node_names); do slurmd_pidfile "$n"; done); do
     alive "$pf" || { echo "not running: $pf"; return 1; }
   done
   SLURM_CONF=$CONF sinfo -h -o '%P %T %C' || return 1

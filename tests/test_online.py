@@ -170,6 +170,24 @@ def test_resumed_run_continues_the_delta_chain(tmp_path):
         np.testing.assert_array_equal(model.rows(name)[1], ref.rows(name)[1])
 
 
+def test_checkpoint_and_last_deltas_hold_the_dense_weights(tmp_path):
+    """A checkpoint's or the last step's delta on the delta grid but off the dense grid (9
+    and 15 with dense every 2nd of every 3) holds the dense weights too, so the first
+    checkpoint's export plus the deltas gives the final dense model."""
+    cfg = online_config(str(tmp_path), steps=15, every=3, dense_every=2, ckpt_every=9)
+    tr = Trainer(cfg, create_communicator("null"), stream=io.StringIO())
+    tr.fit()
+    deltas = list_deltas(tmp_path / "deltas")
+    assert [(s, read_delta(p)["dense"] is not None) for s, p in deltas] == [
+        (3, False), (6, True), (9, True), (12, True), (15, True)]
+    model = ServingModel.load(export_model(str(tmp_path / "ckpt" / "step-00000009"),
+                                           str(tmp_path / "m.h5")))
+    for _, p in deltas:
+        model.apply(read_delta(p))
+    for k, v in tr.model.state_dict().items():
+        np.testing.assert_array_equal(model.model.state_dict()[k], v)
+
+
 def test_predictor_scores_equal_the_trainer_eval(tmp_path):
     cfg = online_config(str(tmp_path), steps=10, ckpt_every=10, eval_at_end=True)
     tr = Trainer(cfg, create_communicator("null"), stream=io.StringIO())

@@ -6,6 +6,7 @@
     client      PSClient, the worker's embedding store (``hpctrain.sparse.store``)
     dense       dense parameter slices on the servers (DPUSH / DPULL)
     checkpoint  checkpoints the servers write in the collective format; resuming
+    delta       delta exports the servers write in the collective format (online runs)
 
 The transport is ``hpctrain.comm.p2p``; docs/hybrid.md has the semantics.
 """

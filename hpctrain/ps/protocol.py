@@ -31,6 +31,9 @@ the tag. Clocks travel in headers, never in tags (a tag only has to reach 32767)
     RESTORE worker 0 -> srv   path (JSON) [+ this server's  -- (the first message of a
                               slice of params, slots]          resumed run; clock -1: none)
     STOP    any -> server 0   (none)                        -- (a stop signal arrived there)
+    DELTA   worker 0 -> srv   since, dense? (JSON) [+ to    -- (write the delta of ``clock``
+                              server 0 with dense on the       once it is applied;
+                              workers: worker 0's params]      ``hpctrain.ps.delta``)
 
 Rows and gradients of a message are the ids' rows back to back, table-major,
 each ``dim_t`` floats wide, in the order of the ids.
@@ -44,12 +47,12 @@ for the checkpoint of K with CKPT when checkpoints are configured).
 """
 import numpy as np
 
-PULL, ROWS, PUSH, EVAL, EROWS, DINIT, DPUSH, DPULL, DROWS, DONE, CKPT, RESTORE, STOP = \
-    range(1, 14)
+PULL, ROWS, PUSH, EVAL, EROWS, DINIT, DPUSH, DPULL, DROWS, DONE, CKPT, RESTORE, STOP, DELTA = \
+    range(1, 15)
 
 NAMES = {PULL: "PULL", ROWS: "ROWS", PUSH: "PUSH", EVAL: "EVAL", EROWS: "EROWS",
          DINIT: "DINIT", DPUSH: "DPUSH", DPULL: "DPULL", DROWS: "DROWS", DONE: "DONE",
-         CKPT: "CKPT", RESTORE: "RESTORE", STOP: "STOP"}
+         CKPT: "CKPT", RESTORE: "RESTORE", STOP: "STOP", DELTA: "DELTA"}
 
 H_CLOCK, H_WORKER, H_GROUP, H_AUX, H_STOP, H_COUNTS = range(6)
 

@@ -18,12 +18,16 @@ dense buffer with its optimizer state. Its loop::
     CKPT    clock K worker 0 asks for the checkpoint of clock K: written (every server
                     its shard, server 0 the dense state and the manifest) as soon as
                     applied == K, before clock K + 1 is applied (``hpctrain.ps.checkpoint``)
+    DELTA   clock K worker 0 asks for the delta of clock K (online runs): written the same
+                    way, every server its shard's rows updated since the previous delta and
+                    its tombstones, server 0 the dense weights and DONE (``hpctrain.ps.delta``);
+                    the CKPT and DELTA of one clock are acted on in the order they arrived
     STOP            (server 0) a stop signal arrived somewhere: every worker stops after
                     clock K = 1 + the highest clock whose PULL was answered, announced in
                     every reply from then on (``protocol``, "Stopping")
     then, while clock applied + 1 has every worker's PUSH (and every group's DPUSH):
         apply it (below), applied += 1, evict, answer the deferred pulls it unblocks,
-        write the checkpoint of that clock when one was asked for
+        write the checkpoint / delta of that clock when one was asked for
 
 Applying clock c is the owner side of ``ShardedEmbedding.backward`` with the
 workers as the sources, so the arithmetic is the collective trainer's: per table,
@@ -137,6 +141,8 @@ class Server:
             messages are refused without one).
         watcher: a ``PreemptionWatcher`` of this rank (a signal here stops the job at
             an agreed clock), or None.
+        online: the run's ``OnlineConfig`` (deltas are written into its directory and the
+            tables remember evicted keys), or None (DELTA messages are refused).
 
     Attributes:
         tables: dict table name -> ``EmbeddingTable`` (this server's shard).
@@ -147,11 +153,14 @@ class Server:
         stop_clock: (server 0) the clock every worker stops at after a stop signal, 0
             while none is decided.
         checkpoints_written: paths of the checkpoints this server took part in.
+        deltas_written: ``(path, rows, tombstones, seconds)`` of this server's part of
+            every delta it took part in.
     """
 
     def __init__(self, specs, p2p, roles, seed=0, consistency="bsp", staleness=0,
                  timeout_s=300.0, make_dense_optimizer=None, every_clocks_log=100, log=None,
-                 metrics_path=None, start_clock=0, checkpoints=None, watcher=None):
+                 metrics_path=None, start_clock=0, checkpoints=None, watcher=None,
+                 online=None):
         self.specs, _ = resolve_specs(specs)
         self.p2p, self.roles = p2p, roles
         self.index = roles.server_index
@@ -178,7 +187,12 @@ class Server:
         self._metrics_path, self._metrics = metrics_path, None
         self.checkpoints = checkpoints
         self.checkpoints_written = []
-        self._ckpt_requests = {}    # clock -> worker 0's CKPT message
+        self._requests = {}         # clock -> worker 0's CKPT / DELTA messages, arrival order
+        self.online = online
+        self.deltas_written = []
+        if online is not None:
+            for t in self._tables:
+                t.track_evictions()
         self._dense_restored = False
         self.watcher = watcher
         self.stop_clock = 0
@@ -215,7 +229,8 @@ class Server:
         last = time.monotonic()
         handlers = {P.PULL: self._on_pull, P.PUSH: self._on_push, P.EVAL: self._on_eval,
                     P.DINIT: self._on_dinit, P.DPUSH: self._on_dpush, P.DPULL: self._on_dpull,
-                    P.DONE: self._on_done, P.CKPT: self._on_ckpt, P.STOP: self._on_stop}
+                    P.DONE: self._on_done, P.CKPT: self._on_ckpt, P.STOP: self._on_stop,
+                    P.DELTA: self._on_delta}
         try:
             while len(self._done) < self.W:
                 if self.watcher is not None and self.watcher.signalled and not self._stop_sent:
@@ -267,9 +282,9 @@ class Server:
             raise CommError(f"server {self.index}: every worker finished but clocks {left} were "
                             f"pushed only partly (workers stopped at different clocks: "
                             f"{self.worker_clock})")
-        if self._ckpt_requests:
-            raise CommError(f"server {self.index}: every worker finished but the checkpoint of "
-                            f"clock(s) {sorted(self._ckpt_requests)} was never due (applied "
+        if self._requests:
+            raise CommError(f"server {self.index}: every worker finished but the checkpoint or "
+                            f"delta of clock(s) {sorted(self._requests)} was never due (applied "
                             f"{self.applied})")
 
     # ------------------------------------------------------------------ reads
@@ -398,28 +413,48 @@ class Server:
 
     # ------------------------------------------------------------------ checkpoints, stops
     def _on_ckpt(self, msg):
-        clock = int(msg.header[P.H_CLOCK])
         if self.checkpoints is None:
-            raise CheckpointError(f"server {self.index}: CKPT of clock {clock} from rank "
-                                  f"{msg.source} but this server has no [checkpoint] section")
-        if clock < self.applied:
-            raise CommError(f"server {self.index}: CKPT of clock {clock} from rank {msg.source} "
-                            f"arrived after clock {self.applied} was applied (worker 0 must "
-                            f"ask before it pushes the next clock)")
-        if clock in self._ckpt_requests:
-            raise CommError(f"server {self.index}: a second CKPT of clock {clock} from rank "
-                            f"{msg.source}")
-        self._ckpt_requests[clock] = msg
-        self._checkpoint_due()
+            raise CheckpointError(f"server {self.index}: CKPT of clock "
+                                  f"{int(msg.header[P.H_CLOCK])} from rank {msg.source} but this "
+                                  f"server has no [checkpoint] section")
+        self._request(msg)
 
-    def _checkpoint_due(self):
-        """Write the checkpoint of ``applied`` when worker 0 asked for it."""
-        msg = self._ckpt_requests.pop(self.applied, None)
-        if msg is None:
-            return
-        from hpctrain.ps.checkpoint import save_server
-        path = save_server(self, msg)
-        self.checkpoints_written.append(path)
+    def _on_delta(self, msg):
+        if self.online is None:
+            raise CheckpointError(f"server {self.index}: DELTA of clock "
+                                  f"{int(msg.header[P.H_CLOCK])} from rank {msg.source} but this "
+                                  f"server has no [online] section")
+        self._request(msg)
+
+    def _request(self, msg):
+        """Worker 0's CKPT or DELTA of a clock: acted on once that clock is applied."""
+        clock, kind = int(msg.header[P.H_CLOCK]), P.NAMES[msg.tag]
+        if clock < self.applied:
+            raise CommError(f"server {self.index}: {kind} of clock {clock} from rank "
+                            f"{msg.source} arrived after clock {self.applied} was applied "
+                            f"(worker 0 must ask before it pushes the next clock)")
+        pending = self._requests.setdefault(clock, [])
+        if any(m.tag == msg.tag for m in pending):
+            raise CommError(f"server {self.index}: a second {kind} of clock {clock} from rank "
+                            f"{msg.source}")
+        pending.append(msg)
+        self._requests_due()
+
+    def _requests_due(self):
+        """Write the checkpoint and/or delta of ``applied`` that worker 0 asked for, in the
+        order the requests arrived (the same on every server: the servers' collectives
+        match)."""
+        for msg in self._requests.pop(self.applied, ()):
+            if msg.tag == P.CKPT:
+                from hpctrain.ps.checkpoint import save_server
+                self.checkpoints_written.append(save_server(self, msg))
+            else:
+                from hpctrain.ps.delta import write_server_delta
+                path, rows, gone, secs = write_server_delta(self, msg)
+                self.deltas_written.append((path, rows, gone, secs))
+                self._metrics_record({"server": self.index, "delta": self.applied,
+                                      "rows": rows, "tombstones": gone,
+                                      "seconds": round(secs, 6), "time": time.time()})
 
     def _on_stop(self, msg):
         if self.index != 0:
@@ -488,7 +523,7 @@ class Server:
             if self.every_clocks_log and c % self.every_clocks_log == 0:
                 self._log_line()
             self._serve_waiting()
-            self._checkpoint_due()
+            self._requests_due()
 
     def _apply_table(self, i, pushes, clock):
         """Clock ``clock`` of table i: the owner side of ``ShardedEmbedding.backward``."""
@@ -535,6 +570,10 @@ class Server:
                         f"{rec['group_clock']} (spread {rec['spread']}), "
                         f"{rec['clocks_per_s']:.1f} clocks/s, {rec['waiting']} reads waiting\n")
         self._log.flush()
+        self._metrics_record(rec)
+
+    def _metrics_record(self, rec):
+        """One JSON line in this server's metrics file (when there is one)."""
         if self._metrics_path:
             if self._metrics is None:
                 os.makedirs(os.path.dirname(os.path.abspath(self._metrics_path)), exist_ok=True)

@@ -28,6 +28,11 @@ is applied, in the collective format. Resuming, the workers read dense.h5 and wo
 0 sends the servers RESTORE(K); the servers reshard the rows by key. A stop signal
 (SIGTERM/SIGUSR1) anywhere goes to server 0, which settles the clock every worker
 stops at; they train it, checkpoint it and return ``stopped = "preempted"``.
+
+Deltas (``[online]``, ``hpctrain.ps.delta``): the workers keep the collective schedule
+(``HybridOnline``) and worker 0 sends DELTA(K) after its PUSH of K, as it sends CKPT(K);
+the servers write the delta of clock K once K is applied, in the collective layout.
+Stream sources are read in collective mode only.
 """
 import math
 import os
@@ -39,15 +44,65 @@ import numpy as np
 from hpctrain.errors import ConfigError, NonFiniteError
 from hpctrain.train.build import dense_optimizer, table_specs
 from hpctrain.train.loop import Trainer
+from hpctrain.train.online import Online
 
 
 def _check_config(cfg):
     if cfg.mode != "hybrid" or cfg.ps is None:
         raise ConfigError(f"{cfg.source}: mode: the hybrid trainer needs mode = \"hybrid\" "
                           f"and a [ps] section, got mode {cfg.mode!r}")
-    if getattr(cfg, "online", None) is not None:
-        raise ConfigError(f"{cfg.source}: online: hybrid mode has no delta export yet (rows "
-                          f"live on the servers); remove the [online] section")
+    fmt = cfg.data.format
+    if fmt in ("stream", "jetstream"):
+        raise ConfigError(f"{cfg.source}: data.format: hybrid mode does not read streams "
+                          f"({fmt!r}): waiting for stream data would be a collective across "
+                          f"all worker groups at every step, and JetStream acknowledgements "
+                          f"need the servers' checkpoint commits; train on a stream in "
+                          f"collective mode ([online] delta export works in both modes)")
+
+
+class HybridOnline(Online):
+    """``Online`` of a hybrid worker: the collective schedule, the servers write.
+
+    Every worker keeps the delta schedule (every ``delta_every_steps``, every checkpoint,
+    the end; so the workers' records agree), and worker 0 sends DELTA(K) to the servers
+    right after its PUSH of K (``hpctrain.ps.delta``), which write the delta once K is
+    applied. Progressive validation scores each batch with the rows of its training pull
+    and the dense parameters of its clock (the pending dense pull is installed first), and
+    gathers the scores over the worker's group: worker 0 reports group 0's part of each
+    global batch, as it reports the loss (G = 1: the whole batch).
+    """
+
+    def __init__(self, trainer):
+        super().__init__(trainer)
+        self.comm = trainer.group_comm
+
+    def _track_evictions(self):
+        """Nothing here: the servers' tables track evictions (``run_server`` passes them
+        the ``[online]`` section)."""
+
+    def _write(self, step, with_dense):
+        """Worker 0: DELTA(``step``) to every server; returns ``(path, None, None)`` (the
+        path the servers commit; the row counts are in the servers' metrics files)."""
+        from hpctrain.checkpoint.delta import delta_name
+        from hpctrain.dense.backend import to_numpy
+        from hpctrain.ps.checkpoint import dense_layout
+        from hpctrain.ps.delta import request_delta
+        t = self.t
+        if t.worker == 0:
+            dense = None
+            if with_dense:
+                params = None if t.dense_on_servers else to_numpy(t.model.params.data)
+                dense = (dense_layout(t.model.params), t.cfg.text, params)
+            t._ckpt_sends = [s for s in t._ckpt_sends if not s.test()]
+            t._ckpt_sends += request_delta(t.p2p, t.roles.servers, step, t.worker, t.group,
+                                           self.last_delta, dense)
+        return os.path.join(self.cfg.directory, delta_name(step)), None, None
+
+    def progressive(self, batch, pooled):
+        """Score ``batch`` with the parameters its clock trains from (see the class)."""
+        if self.cfg is not None and self.cfg.progressive:
+            self.t._receive_dense(self.t.step + 1)
+        super().progressive(batch, pooled)
 
 
 class HybridTrainer(Trainer):
@@ -102,6 +157,10 @@ class HybridTrainer(Trainer):
     def _make_dense_comm(self, over=None):
         """Dense through the servers: the group reduces its gradients first; else all workers."""
         return super()._make_dense_comm(self.group_comm if self.dense_on_servers else over)
+
+    def _make_online(self):
+        """Delta export through the servers and progressive validation (``HybridOnline``)."""
+        return HybridOnline(self) if self.cfg.online is not None else None
 
     def _make_store(self):
         from hpctrain.ps.client import PSClient
@@ -264,6 +323,8 @@ class HybridTrainer(Trainer):
                     self.p2p, self.roles.servers, self.step, self.worker, self.group, state,
                     dense_layout(self.model.params), dense)
         self._ckpt_step = self.step
+        if self.online is not None:      # a delta boundary (DELTA after the CKPT)
+            self.online.checkpointed(self.step)
         return os.path.join(self.ckpt.directory, step_dir(self.step))
 
     def restore(self, path=None, missing_ok=False):
@@ -308,6 +369,8 @@ class HybridTrainer(Trainer):
             self.reader.restore(state["reader"])
             self._reader_state = state["reader"]
         self.step = self._ckpt_step = step
+        if self.online is not None:
+            self.online.restored(step)
         self._restored_from = path
         tail = state.get("losses_tail") or []
         self._last_loss = float(tail[-1]) if tail else float("nan")
@@ -368,7 +431,8 @@ def run_server(cfg, roles, p2p, stream=None, resume=False):
                         consistency=cfg.ps.consistency, staleness=cfg.ps.staleness,
                         timeout_s=cfg.ps.timeout_s, make_dense_optimizer=make_opt,
                         every_clocks_log=cfg.ps.every_clocks_log, log=stream or sys.stderr,
-                        metrics_path=metrics, checkpoints=ckpt, watcher=watcher)
+                        metrics_path=metrics, checkpoints=ckpt, watcher=watcher,
+                        online=cfg.online)
         if resume:
             server.restore()
         stats = server.run()

@@ -303,8 +303,10 @@ class Trainer:
                     if any(s.eviction is not None for s in self.specs):
                         self.emb.evict(step)
                 self.step, self._reader_state = step, state
-                if self.online is not None:
-                    self.online.export(step)
+                if self.online is not None:     # dense weights too where a checkpoint follows
+                    self.online.export(step, boundary=last_step or flags[0] > 0 or flags[1] > 0
+                                       or bool(ck is not None and ck.every_steps
+                                               and step % ck.every_steps == 0))
                 self.losses.append(loss)
                 window_samples += int(batch.global_size or self.global_batch)
                 window_loss.append(loss)

@@ -13,6 +13,9 @@ delta and the keys evicted since, so a serving copy (``hpctrain serve-sync``) th
 applies them in order holds the trainer's rows. A checkpoint is always also a delta
 boundary: a run resumed from it continues the delta chain without losing the
 tombstones of evictions between the last delta and the checkpoint.
+
+In hybrid mode the workers keep this schedule and the servers write the deltas
+(``hpctrain.train.hybrid.HybridOnline``, ``hpctrain.ps.delta``).
 """
 import sys
 import time
@@ -33,7 +36,10 @@ class Online:
     Attributes:
         last_delta: the step of the last delta (or checkpoint) the next delta continues from.
         idle_s: seconds spent waiting for stream data since the last report.
-        deltas: ``(step, rows, tombstones, seconds)`` of the deltas since the last report.
+        deltas: ``(step, rows, tombstones, seconds)`` of the deltas since the last report
+            (rows and tombstones None where this rank does not know them: hybrid workers).
+        comm: the ranks whose progressive scores are gathered into one metric (the
+            trainer's ``comm``; a hybrid worker's group).
     """
 
     def __init__(self, trainer):
@@ -45,39 +51,57 @@ class Online:
         self.stop_reason = None
         self._y, self._z = [], []
         self._total = [0, 0.0]          # samples, loss sum (all ranks, cumulative)
+        self.comm = trainer.comm
         if self.cfg is not None:
-            try:
-                trainer.emb.track_evictions()
-            except NotImplementedError as exc:
-                raise ConfigError(f"{trainer.cfg.source}: online: {exc} (delta export needs "
-                                  f"a store that tracks evictions)") from None
+            self._track_evictions()
+
+    def _track_evictions(self):
+        """The store remembers evicted keys from now on (the tombstones of the deltas)."""
+        try:
+            self.t.emb.track_evictions()
+        except NotImplementedError as exc:
+            raise ConfigError(f"{self.t.cfg.source}: online: {exc} (delta export needs "
+                              f"a store that tracks evictions)") from None
 
     # ------------------------------------------------------------------ deltas
-    def export(self, step, force=False):
-        """Write the delta of ``step`` when one is due (or ``force``); returns its path."""
+    def export(self, step, force=False, boundary=False):
+        """Write the delta of ``step`` when one is due (or ``force``); returns its path.
+
+        ``boundary``: ``step`` will be checkpointed or is the last one, so its delta holds
+        the dense weights even when it is on the delta grid but not the dense one (the
+        forced export that follows finds it written).
+        """
         c = self.cfg
         if c is None or step <= self.last_delta:
             return None
         on_grid = step % c.delta_every_steps == 0
         if not (on_grid or force):
             return None
-        from hpctrain.checkpoint.delta import write_delta
         t = self.t
         t0 = time.perf_counter()
         with t.timer("delta"):
-            with_dense = force or (step // c.delta_every_steps) % c.dense_every == 0
-            dense = {"params": t.model.state_dict()} if with_dense else None
-            tables = t.emb.export_delta(self.last_delta)
-            path = write_delta(c.directory, step, self.last_delta, tables, t.comm, dense,
-                               keep_last=c.keep_last,
-                               info={"config": t.cfg.text} if with_dense else None)
+            with_dense = force or boundary or \
+                (step // c.delta_every_steps) % c.dense_every == 0
+            path, rows, gone = self._write(step, with_dense)
+        self.deltas.append((step, rows, gone, time.perf_counter() - t0))
+        self.last_delta = step
+        return path
+
+    def _write(self, step, with_dense):
+        """Write the delta of ``step`` from ``last_delta`` (collective over the trainer's
+        ranks); returns ``(path, rows, tombstones)``, the counts over all ranks."""
+        from hpctrain.checkpoint.delta import write_delta
+        c, t = self.cfg, self.t
+        dense = {"params": t.model.state_dict()} if with_dense else None
+        tables = t.emb.export_delta(self.last_delta)
+        path = write_delta(c.directory, step, self.last_delta, tables, t.comm, dense,
+                           keep_last=c.keep_last,
+                           info={"config": t.cfg.text} if with_dense else None)
         counts = np.array([sum(int(x["keys"].shape[0]) for x in tables.values()),
                            sum(int(x["tombstones"].shape[0]) for x in tables.values())],
                           dtype=np.float64)
         t.comm.allreduce(counts, op="sum")
-        self.deltas.append((step, int(counts[0]), int(counts[1]), time.perf_counter() - t0))
-        self.last_delta = step
-        return path
+        return path, int(counts[0]), int(counts[1])
 
     def checkpointed(self, step):
         """A checkpoint of ``step`` is committed: the delta of ``step``, and the stream
@@ -168,7 +192,7 @@ class Online:
         rec = {"step": step, "time": time.time()}
         if self._y:
             from hpctrain.train.evaluation import gather_eval
-            y, z = gather_eval(self.t.comm, np.concatenate(self._y), np.concatenate(self._z))
+            y, z = gather_eval(self.comm, np.concatenate(self._y), np.concatenate(self._z))
             self._y, self._z = [], []
             m = evaluate_arrays(y, z)
             self._total[0] += m["count"]
@@ -177,7 +201,8 @@ class Online:
             m["cumulative_count"] = self._total[0]
             rec["progressive"] = m
         if self.deltas:
-            rec["deltas"] = [{"step": s, "rows": r, "tombstones": g, "seconds": sec}
+            rec["deltas"] = [{"step": s, **({"rows": r, "tombstones": g} if r is not None
+                                            else {}), "seconds": sec}
                              for s, r, g, sec in self.deltas]
             self.deltas = []
         rec["stream_idle_s"] = self.idle_s

@@ -3,7 +3,7 @@ import itertools
 import numpy as np
 import pytest
 
-from hpctrain.train.evaluation import accuracy, logloss, roc_auc
+from hpctrain.train.evaluation import accuracy, evaluate_arrays, logloss, roc_auc
 
 
 def _pairwise_auc(y, s):
@@ -33,3 +33,16 @@ def test_logloss_and_accuracy_match_naive_formulas():
     naive = -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p))
     assert logloss(y, z) == pytest.approx(naive, rel=1e-9)
     assert accuracy(y, z) == pytest.approx(np.mean((p > 0.5) == (y > 0.5)))
+
+
+def test_distributed_metrics_on_one_rank_equal_the_array_ones():
+    from hpctrain.comm import create_communicator
+    from hpctrain.train.evaluation import evaluate_distributed
+    rng = np.random.default_rng(3)
+    z = np.round(rng.normal(size=1000) * 4) / 4
+    y = (rng.random(1000) < 0.3).astype(float)
+    got = evaluate_distributed(create_communicator("null"), y, z)
+    ref = evaluate_arrays(y, z)
+    assert got["auc"] == ref["auc"] and got["count"] == 1000
+    assert got["logloss"] == pytest.approx(ref["logloss"], rel=1e-12)
+    assert np.isnan(evaluate_distributed(create_communicator("null"), y[:0], z[:0])["auc"])

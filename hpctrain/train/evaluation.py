@@ -1,7 +1,17 @@
 """Exact evaluation metrics over the whole eval set, across ranks.
 
-AUC is computed exactly (Mann–Whitney U with average ranks for tied scores) on
-rank 0 after gathering every rank's scores; it is not a mini-batch average.
+AUC is exact (Mann-Whitney U with average ranks for tied scores), never a mini-batch
+average. ``evaluate_distributed`` computes it without gathering the scores anywhere:
+a sample sort by score (splitters from every rank's sample, one ``alltoallv``), so each
+rank holds O(n / P) scores, and equal scores never span two ranks, so ties are ranked
+where they are whole::
+
+    rank r: its scores sorted -> splitters s_1 < ... < s_{P-1} (from everyone's sample)
+    alltoallv: scores in [s_r, s_{r+1}) to rank r; sort; average ranks of ties
+    + offset (samples on ranks < r); AUC from the positives' rank sum (allreduce)
+
+Rank sums are sums of half-integers, exact in float64 below 2^52 samples, so the AUC
+is the same bits on any number of ranks; logloss and accuracy are allreduced sums.
 """
 import numpy as np
 
@@ -61,3 +71,61 @@ def evaluate_arrays(labels, logits):
     """Dict of AUC, logloss, accuracy and count for gathered arrays."""
     return {"auc": roc_auc(labels, logits), "logloss": logloss(labels, logits),
             "accuracy": accuracy(labels, logits), "count": int(np.asarray(labels).size)}
+
+
+def _local_rank_sum(sorted_scores, labels_sorted, offset):
+    """Sum of the average (1-based, global) ranks of the positives in a sorted block."""
+    n = sorted_scores.size
+    if n == 0:
+        return 0.0
+    starts = np.flatnonzero(np.r_[True, sorted_scores[1:] != sorted_scores[:-1]])
+    ends = np.r_[starts[1:], n]
+    avg = (starts + ends + 1) / 2.0 + offset
+    pos_per_run = np.add.reduceat((labels_sorted > 0.5).astype(np.float64), starts)
+    return float(np.dot(avg, pos_per_run))
+
+
+def evaluate_distributed(comm, labels, logits):
+    """``evaluate_arrays`` of the concatenation of every rank's arrays, with O(n / P)
+    memory per rank (see the module doc). Collective; the same dict on every rank."""
+    y = np.ascontiguousarray(labels, dtype=np.float64).ravel()
+    z = np.ascontiguousarray(logits, dtype=np.float64).ravel()
+    if y.shape != z.shape:
+        raise ValueError(f"labels shape {y.shape} != logits shape {z.shape}")
+    P = comm.size
+    sums = np.array([y.size, float((y > 0.5).sum()),
+                     float(np.sum(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z))))),
+                     float(np.sum((z > 0) == (y > 0.5)))], dtype=np.float64)
+    comm.allreduce(sums, op="sum")
+    n, n_pos = int(sums[0]), int(sums[1])
+    out = {"auc": float("nan"), "logloss": float(sums[2] / max(n, 1)),
+           "accuracy": float(sums[3] / max(n, 1)), "count": n}
+    if n == 0:
+        out["logloss"] = out["accuracy"] = float("nan")
+        return out
+    order = np.argsort(z, kind="mergesort")
+    z, y = z[order], y[order]
+    offset = 0
+    if P > 1:
+        # splitters: P-1 quantiles of a regular sample of every rank's sorted scores
+        k = min(z.size, 4 * P)
+        sample = z[np.linspace(0, z.size - 1, k).astype(np.int64)] if k else z[:0]
+        every = np.sort(comm.allgatherv(sample))
+        cut = every[(np.arange(1, P) * every.size) // P] if every.size else np.zeros(P - 1)
+        # a score goes to the range whose lower splitter it reaches: equal scores together
+        starts = np.searchsorted(z, cut, side="left")
+        counts = np.diff(np.r_[0, starts, z.size]).astype(np.int64)
+        ones = np.ones(P, dtype=np.int64)
+        recv = comm.alltoallv(counts, ones, ones)
+        z = comm.alltoallv(z, counts, recv)
+        y = comm.alltoallv(y, counts, recv)
+        order = np.argsort(z, kind="mergesort")
+        z, y = z[order], y[order]
+        sizes = comm.allgatherv(np.array([z.size], dtype=np.int64))
+        offset = int(sizes[:comm.rank].sum())
+    rank_sum = np.array([_local_rank_sum(z, y, offset)], dtype=np.float64)
+    comm.allreduce(rank_sum, op="sum")
+    n_neg = n - n_pos
+    if n_pos and n_neg:
+        out["auc"] = float((rank_sum[0] - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    return out

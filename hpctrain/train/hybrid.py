@@ -278,11 +278,12 @@ class HybridTrainer(Trainer):
         log.write(rec)
 
     # ------------------------------------------------------------------ evaluation
-    def predict(self, split="eval", global_batch=None):
-        """As the collective ``predict``, reading every clock up to the current step."""
+    def _predict_local(self, split, gb):
+        """As the collective one (``predict``, ``evaluate``), reading every clock up to the
+        current step."""
         if self.dense_on_servers and self.step > 0:
             self._fresh_dense()
-        return super().predict(split, global_batch)
+        return super()._predict_local(split, gb)
 
     # ------------------------------------------------------------------ checkpoints
     def _dense_state(self):

@@ -21,7 +21,7 @@ from hpctrain.dense.transfer import EmbeddingTransfer
 from hpctrain.errors import ConfigError, NonFiniteError
 from hpctrain.train.build import (BatchFeatures, build_model, dense_optimizer, feature_order,
                                   table_specs)
-from hpctrain.train.evaluation import evaluate_arrays, gather_eval
+from hpctrain.train.evaluation import evaluate_distributed, gather_eval
 from hpctrain.train.metrics import MetricsLogger, PhaseTimer
 
 
@@ -480,14 +480,7 @@ class Trainer:
         gb = global_batch or self.cfg.eval.global_batch or self.global_batch
         if gb % self.comm.size:
             gb = (gb // self.comm.size + 1) * self.comm.size
-        reader = self._reader(split, gb, evaluation=True)
-        labels, logits = [], []
-        for batch in reader:
-            pooled, _ = self.emb.forward(self.jagged(batch), self.step, train=False)
-            z = self.model.forward(batch.dense, [pooled[f] for f in self.features],
-                                   training=False)
-            labels.append(np.asarray(batch.labels, dtype=np.float64))
-            logits.append(np.asarray(to_numpy(z), dtype=np.float64))
+        labels, logits = self._predict_local(split, gb)
         # Gather per global batch so the order is the data order for any world size.
         out_y, out_z = [], []
         for y, z in zip(labels, logits):
@@ -497,10 +490,30 @@ class Trainer:
         cat = (lambda a: np.concatenate(a) if a else np.zeros(0))
         return cat(out_y), cat(out_z)
 
-    def evaluate(self, split="eval"):
-        """Exact AUC, logloss and accuracy over the whole split (same on every rank)."""
-        y, z = self.predict(split)
-        return evaluate_arrays(y, z)
+    def _predict_local(self, split, gb):
+        """This rank's ``(labels, logits)`` per global batch of ``split`` (lists)."""
+        reader = self._reader(split, gb, evaluation=True)
+        labels, logits = [], []
+        for batch in reader:
+            pooled, _ = self.emb.forward(self.jagged(batch), self.step, train=False)
+            z = self.model.forward(batch.dense, [pooled[f] for f in self.features],
+                                   training=False)
+            labels.append(np.asarray(batch.labels, dtype=np.float64))
+            logits.append(np.asarray(to_numpy(z), dtype=np.float64))
+        return labels, logits
+
+    def evaluate(self, split="eval", global_batch=None):
+        """Exact AUC, logloss and accuracy over the whole split (same on every rank).
+
+        Scores are never gathered: memory per rank is its share of the split
+        (``hpctrain.train.evaluation.evaluate_distributed``).
+        """
+        gb = global_batch or self.cfg.eval.global_batch or self.global_batch
+        if gb % self.comm.size:
+            gb = (gb // self.comm.size + 1) * self.comm.size
+        labels, logits = self._predict_local(split, gb)
+        cat = (lambda a: np.concatenate(a) if a else np.zeros(0))
+        return evaluate_distributed(self.comm, cat(labels), cat(logits))
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self):

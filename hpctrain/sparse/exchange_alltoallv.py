@@ -19,6 +19,8 @@ tables of different widths share each message.
 """
 import numpy as np
 
+from hpctrain.sparse.tablepool import tables_map
+
 
 class Done:
     """A completed exchange posing as a communicator handle."""
@@ -93,8 +95,8 @@ class AlltoallvExchange:
         """Per-id gradients to their owners, who apply them."""
         t, r = self._t, look.route
         send = self._buf.get("grad_send", int(r.ask_elems.sum()), np.float32)
-        for p, off in zip(look.plans, r.unique_off):
-            p.unique_grads(grads, out=send, out_off=off)
+        tables_map(lambda a: a[0].unique_grads(grads, out=send, out_off=a[1]),
+                   zip(look.plans, r.unique_off))
         t.lap("pool")
         recv = self._buf.get("grad_recv", int(look.serve_elems.sum()), np.float32)
         self.comm.alltoallv(send, r.ask_elems, look.serve_elems, recvbuf=recv)

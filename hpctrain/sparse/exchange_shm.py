@@ -36,6 +36,7 @@ import numpy as np
 
 from hpctrain.sparse.exchange_alltoallv import AlltoallvExchange, Done
 from hpctrain.sparse.plan import exclusive_cumsum
+from hpctrain.sparse.tablepool import tables_map
 
 _LAY = 5   # layout vector: [forward need, backward need, S, A', A] + ask_start + serve_start
 
@@ -195,8 +196,8 @@ class SharedWindowExchange(AlltoallvExchange):
         # gradients go straight into this rank's segment
         t, arena = self._t, self.arena
         flat = arena.flat
-        for p, off in zip(look.plans, look.route.unique_off):
-            p.unique_grads(grads, out=flat, out_off=off + look.grad_base)
+        tables_map(lambda a: a[0].unique_grads(grads, out=flat, out_off=a[1] + look.grad_base),
+                   zip(look.plans, look.route.unique_off))
         t.lap("pool")
         if not arena.all_local:
             arena.alltoallv_remote(look.grad_base, look.route.ask_elems, look.ask_start,

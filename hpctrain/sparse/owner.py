@@ -19,6 +19,7 @@ import numpy as np
 
 from hpctrain._kernels import sparse_ops
 from hpctrain.sparse.plan import exclusive_cumsum
+from hpctrain.sparse.tablepool import tables_map
 
 
 class OwnerPart:
@@ -68,9 +69,8 @@ class OwnerSide:
                 from_peer_table.shape).T.copy()                        # [T, P]
         elem_start = exclusive_cumsum((from_peer_table * self.dims).ravel()).reshape(
             from_peer_table.shape).T.copy()
-        parts = []
-        for i, spec in enumerate(self.specs):
-            c = counts[i]
+        def one(i):
+            spec, c = self.specs[i], counts[i]
             if np.count_nonzero(c) <= 1:
                 # one source: its ids are already unique (deduplicated before routing)
                 s = int(id_start[i][c > 0][0]) if c.any() else 0
@@ -82,9 +82,9 @@ class OwnerSide:
             idx = table.find_or_insert(uniq, step) if train else table.find(uniq)
             rows = np.ascontiguousarray(table.gather(idx), dtype=np.float32)
             off = sparse_ops.block_offsets(elem_start[i], c, spec.dim)
-            sparse_ops.scatter_rows(rows, inverse, reply, off)
-            parts.append(OwnerPart(table, off, elem_start[i], c, inverse, idx, spec.dim))
-        return parts
+            sparse_ops.scatter_rows(rows, inverse, reply, off)   # disjoint per table
+            return OwnerPart(table, off, elem_start[i], c, inverse, idx, spec.dim)
+        return tables_map(one, range(len(self.specs)))
 
     def apply(self, parts, grads, step, shift=None):
         """Sum each id's gradients in source order and run the optimizer once per id.
@@ -97,9 +97,10 @@ class OwnerSide:
                 offsets (gradients that sit elsewhere than the reply layout, e.g. in
                 the senders' shared-memory segments).
         """
-        for part in parts:
+        def one(part):
             off = part.elem_off
             if shift is not None:
                 off = sparse_ops.block_offsets(part.elem_start + shift, part.counts, part.dim)
             g = sparse_ops.segment_sum(grads, off, part.dim, part.inverse, part.num_unique)
             part.table.apply_gradients(part.indices, g, step)
+        tables_map(one, parts)

@@ -19,6 +19,7 @@ client all use these, so their arithmetic cannot drift apart.
 import numpy as np
 
 from hpctrain._kernels import sparse_ops
+from hpctrain.sparse.tablepool import tables_map
 
 
 def make_table(spec, seed):
@@ -115,7 +116,8 @@ def split_batch(batch, specs, feature_to_table):
     extra = [f for f in batch.features if f not in feature_to_table]
     if extra:
         raise ValueError(f"batch features {extra} belong to no table; tables take {wanted}")
-    return [TableBatch(s, batch) for s in specs]
+    getattr(batch, "feature_offsets", None)  # cached once, before the tables' threads read it
+    return tables_map(lambda s: TableBatch(s, batch), specs)
 
 
 def check_grads(grads, plans):

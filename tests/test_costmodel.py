@@ -1,4 +1,5 @@
 """The alpha-beta cost model: fitting recovers known parameters; costs have their closed forms."""
+import dataclasses
 import math
 
 import numpy as np
@@ -584,3 +585,96 @@ def test_emulated_nodes_share_the_machine():
     assert model.step(w, 4, 1024)["compute"] == pytest.approx(
         rates.step(w, 1024, 4) * 2.0)
     assert alone.step(w, 4, 1024)["compute"] == pytest.approx(rates.step(w, 1024, 1))
+
+
+# ----------------------------------------------------------------------------- hybrid step
+def _rates():
+    return cm.HybridRates(rtt_fixed_s=2e-3, rtt_per_id_s=100e-9, dense_rtt_s=3e-3,
+                          apply_s=8e-3, server_cpu_s=12e-3)
+
+
+def test_hybrid_step_bsp_waits_for_the_apply_and_the_round_trip():
+    r = _rates()
+    t = cm.hybrid_step(r, 0.050, ids=20_000, staleness=0)
+    # R(20k) = 2 ms + 2 ms = 4 ms > D = 3 ms
+    assert t["blocked"] == pytest.approx(8e-3 + 4e-3)
+    assert t["step"] == pytest.approx(0.062)
+
+
+def test_hybrid_step_prefetch_hides_the_round_trip_behind_compute():
+    r = _rates()
+    for s in (1, 2, None):                                     # SSP and ASP
+        t = cm.hybrid_step(r, 0.050, ids=20_000, staleness=s)
+        assert t["blocked"] == 0 and t["step"] == pytest.approx(0.050)
+    # compute shorter than the round trip: the rest of it shows; a slow server bounds it
+    assert cm.hybrid_step(r, 0.001, ids=20_000, staleness=1)["step"] == pytest.approx(12e-3)
+    assert cm.hybrid_step(r, 0.003, ids=100_000, staleness=1)["step"] == pytest.approx(12e-3)
+    slow = dataclasses.replace(r, server_cpu_s=0.080)
+    assert cm.hybrid_step(slow, 0.050, ids=20_000, staleness=2)["step"] == pytest.approx(0.080)
+
+
+def test_hybrid_step_shares_cores_when_ranks_outnumber_them():
+    r = _rates()
+    t = cm.hybrid_step(r, 0.050, ids=20_000, staleness=2, workers=2, servers=1, cores=2)
+    assert t["shared"] == pytest.approx((2 * 0.050 + 0.012) / 2)
+    assert t["step"] == pytest.approx(0.056)
+    assert cm.hybrid_step(r, 0.050, 20_000, 2, workers=2, servers=1, cores=3)["shared"] == 0
+
+
+def test_hybrid_step_stragglers():
+    r = _rates()
+    base = {s: cm.hybrid_step(r, 0.050, 20_000, s)["step"] for s in (0, 2)}
+    tr = ("transient", 0.050, 0.3)
+    assert cm.hybrid_step(r, 0.050, 20_000, 0, groups=2, straggler=tr)["step"] == \
+        pytest.approx(base[0] + 0.3 * 0.050)                      # BSP: every delay waits
+    assert cm.hybrid_step(r, 0.050, 20_000, 2, groups=2, straggler=tr)["step"] == \
+        pytest.approx(base[2] + 0.3 * 0.050 / 2)                  # SSP: a group's own share
+    pers = ("persistent", 0.025, None)
+    for s in (0, 2):
+        assert cm.hybrid_step(r, 0.050, 20_000, s, groups=2, straggler=pers)["step"] == \
+            pytest.approx(base[s] + 0.025)                         # capped whatever s
+    with pytest.raises(ValueError, match="straggler kind"):
+        cm.hybrid_step(r, 0.05, 1, 0, straggler=("often", 0.1, 0.5))
+
+
+def test_pull_round_trip_over_a_network():
+    r, link = _rates(), cm.INTERCONNECTS["ib_hdr"]
+    got = cm.pull_rtt_over(link, 10_000, 16, r)
+    assert got == pytest.approx(r.pull_rtt(10_000) + 2 * link.latency_s
+                                + 10_000 * 72 / link.bandwidth_Bps)
+
+
+def _hybrid_doc():
+    r = _rates()
+    sizes = [1000, 4000, 16000, 64000]
+    rtt = {"sparse": [{"ids": n, "p50_s": r.pull_rtt(n)} for n in sizes],
+           "dense": {"p50_s": r.dense_rtt_s}}
+
+    def case(name, cons, s, step, compute, straggler=None, g=2):
+        return {"case": name, "mode": "hybrid", "groups": g, "workers": 2, "servers": 1,
+                "consistency": cons, "staleness": s, "global_batch": 1000,
+                "samples_per_s": 1000 / step, "compute_s_per_step": compute,
+                "ids_per_pull": 20_000, "apply_ms_p50": 8.0, "apply_ms_per_clock": 9.0,
+                "server_cpu_ms_per_clock": 12.0, "straggler": straggler}
+    thr = [case("G2-bsp", "bsp", 0, 0.062, 0.050), case("G2-ssp2", "ssp", 2, 0.050, 0.049),
+           {"case": "collective-W", "mode": "collective"}]
+    st = [case("none-bsp", "bsp", 0, 0.062, 0.050),
+          case("transient-bsp", "bsp", 0, 0.062 + 0.3 * 0.062, 0.06,
+               {"kind": "transient", "delay_s": 0.062, "p": 0.3})]
+    return {"layout": {"ranks": 3, "cores": 8}, "pull_rtt": rtt, "throughput": thr,
+            "stragglers": st}
+
+
+def test_fit_hybrid_and_points_from_a_bench_hybrid_document():
+    doc = _hybrid_doc()
+    r = cm.fit_hybrid(doc)
+    assert r.rtt_fixed_s == pytest.approx(2e-3, rel=1e-6)
+    assert r.rtt_per_id_s == pytest.approx(100e-9, rel=1e-6)
+    assert (r.dense_rtt_s, r.apply_s, r.server_cpu_s) == pytest.approx((3e-3, 8e-3, 12e-3))
+    pts = {p["case"]: p for p in cm.hybrid_points(doc, r)}
+    assert set(pts) == {"G2-bsp", "G2-ssp2", "none-bsp", "transient-bsp"}
+    assert pts["G2-bsp"]["calibration"] and not pts["G2-ssp2"]["calibration"]
+    for name in ("G2-bsp", "G2-ssp2", "none-bsp", "transient-bsp"):
+        assert abs(pts[name]["rel_error"]) < 1e-6, (name, pts[name])
+    with pytest.raises(ValueError, match="round trip"):
+        cm.fit_hybrid({"pull_rtt": {"sparse": []}})

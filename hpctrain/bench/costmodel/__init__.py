@@ -13,6 +13,9 @@ Three parts, each usable alone::
                 exchange and train benchmark JSONs, calibrated on the 1-rank train step
     report      the command: load results, fit, print predicted vs measured and the
                 predicted scaling, write JSON
+    hybrid      the hybrid step (parameter servers + worker groups): worker compute plus
+                the pull round trip, the server's apply time and the staleness bound s,
+                fitted from ``bench hybrid`` (``costmodel --hybrid JSON``)
 
 The formulas, what is fitted from what, and the assumptions are in docs/scaling.md.
 """
@@ -25,6 +28,8 @@ from hpctrain.bench.costmodel.fit_rates import (TRAIN_DATA_THREADS, dense_rate_a
                                                 sparse_rates_and_points, train_data_threads,
                                                 train_rates_and_points, train_workload,
                                                 unique_fraction)
+from hpctrain.bench.costmodel.hybrid import (HybridRates, fit_hybrid, hybrid_points, hybrid_step,
+                                             pull_rtt_over)
 from hpctrain.bench.costmodel.model import (INTERCONNECTS, ComputeRates, CostModel, Link,
                                             Network, Regimes, Workload, allreduce_terms,
                                             alltoallv_net_terms, alltoallv_terms, copy_cost, sparse_exchange_bytes,
@@ -32,7 +37,8 @@ from hpctrain.bench.costmodel.model import (INTERCONNECTS, ComputeRates, CostMod
 from hpctrain.bench.costmodel.report import load_results, main, parse_args, parse_net_regimes
 
 __all__ = [
-    "INTERCONNECTS", "TRAIN_DATA_THREADS", "ComputeRates", "CostModel", "Link", "Network",
+    "INTERCONNECTS", "TRAIN_DATA_THREADS", "ComputeRates", "CostModel", "HybridRates", "Link",
+    "Network", "fit_hybrid", "hybrid_points", "hybrid_step", "pull_rtt_over",
     "Regimes", "Workload", "allreduce_terms", "alltoallv_net_terms", "alltoallv_terms",
     "collective_points", "copy_cost", "dense_rate_and_points", "exchange_comm",
     "exchange_runs", "fit_alpha_beta", "fit_compute", "fit_net_links", "fit_node_links",

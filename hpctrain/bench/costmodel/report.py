@@ -85,8 +85,9 @@ def parse_args(argv):
     """The command line's options (``argv`` without the program name)."""
     p = argparse.ArgumentParser(prog="python -m hpctrain.bench costmodel",
                                 description=DESCRIPTION)
-    p.add_argument("--results", nargs="+", default=[os.path.join("bench-results", "scaling")],
-                   help="benchmark JSON files or folders (the scaling sweep's output)")
+    p.add_argument("--results", nargs="+", default=None,
+                   help="benchmark JSON files or folders (the scaling sweep's output; default "
+                        "bench-results/scaling, none with --hybrid)")
     p.add_argument("--interconnect", default="ib_hdr", choices=sorted(INTERCONNECTS))
     p.add_argument("--latency-us", type=float, default=None, help="override the link latency")
     p.add_argument("--bandwidth-GBps", type=float, default=None,
@@ -137,7 +138,14 @@ def parse_args(argv):
                    help="kappa of the sparse slow-down 1 + kappa (busy ranks per node - 1) "
                         "(default: measured by the exchange benchmark, else 0)")
     p.add_argument("--json", default=None, help="write fit, comparison and prediction here")
-    return p.parse_args(argv)
+    p.add_argument("--hybrid", default=None, metavar="JSON",
+                   help="also the hybrid step (hpctrain.bench.costmodel.hybrid) fitted from "
+                        "this `bench hybrid` result, predicted vs measured; alone without "
+                        "--results (or when no --results path exists)")
+    args = p.parse_args(argv)
+    if args.results is None:
+        args.results = [] if args.hybrid else [os.path.join("bench-results", "scaling")]
+    return args
 
 
 def _summary(points):
@@ -159,6 +167,9 @@ def main(argv=None):
     """Fit, compare and predict; print the tables on stdout. Returns the exit code."""
     from hpctrain.bench.common import print_table
     args = parse_args(argv)
+    if args.hybrid and not any(os.path.exists(r) for r in args.results):
+        _hybrid_section(args, print_table)
+        return 0
     docs = load_results(args.results)
     fitted = fit_node_links(docs, args.max_regimes)
     shm = Regimes.of(INTERCONNECTS["shm"])
@@ -247,6 +258,7 @@ def main(argv=None):
                 [[r["ranks"], r["nodes"], r["compute_s"] * 1e3, r["allreduce_s"] * 1e3,
                   r["alltoallv_s"] * 1e3, r["step_s"] * 1e3, r["samples_per_s"],
                   f"{r['efficiency']:.3f}"] for r in rows])
+    hybrid = _hybrid_section(args, print_table) if args.hybrid else None
     if args.json:
         links = {"allreduce_node": network.allreduce_node.as_dicts(),
                  "alltoallv_node": network.alltoallv_node.as_dicts(),
@@ -257,6 +269,7 @@ def main(argv=None):
         out = {"links": links, "compute": dataclasses.asdict(compute),
                "workload": dataclasses.asdict(workload), "points": points, "prediction": rows,
                "data_threads": {"share": data_threads, "source": data_src},
+               "hybrid": hybrid,
                "args": {k: (v.as_dicts() if isinstance(v, Regimes) else v)
                         for k, v in vars(args).items()}}
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -264,3 +277,17 @@ def main(argv=None):
             json.dump(out, f, indent=1)
         print(f"wrote {args.json}")
     return 0
+
+
+def _hybrid_section(args, print_table):
+    """The hybrid step's rates and points (``--hybrid``); written to ``--json`` alone when
+    there is no collective part."""
+    from hpctrain.bench.costmodel.hybrid import report as hybrid_report
+    rates, pts = hybrid_report(_load(args.hybrid), print_table)
+    out = {"rates": dataclasses.asdict(rates), "points": pts, "source": args.hybrid}
+    if args.json and not any(os.path.exists(r) for r in args.results):
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"hybrid": out}, f, indent=1)
+        print(f"wrote {args.json}")
+    return out

@@ -15,6 +15,7 @@ COMMANDS = {
     "eval": ("hpctrain.train.cli", "eval_main", "evaluate a checkpoint on the eval data"),
     "export": ("hpctrain.train.cli", "export_main", "write a single HDF5 model file from a checkpoint"),
     "convert": ("hpctrain.data.convert", "main", "convert TSV/CSV data into hpctrain HDF5"),
+    "plot": ("hpctrain.train.plot", "main", "PNG loss/AUC/throughput curves from a run's metrics"),
     "predict": ("hpctrain.train.serving", "predict_main",
                 "score files or a split with an exported model"),
     "serve-sync": ("hpctrain.train.serving", "serve_sync_main",

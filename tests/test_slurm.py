@@ -362,3 +362,31 @@ def test_hybrid_hetjob_servers_and_workers_in_two_components(slurm_two_nodes, tm
     assert "[ps server 0] clock 20: group clocks [20, 20]" in text, text
     last, _ = _metrics(tmp_path / "metrics.jsonl")
     assert last["step"] == 20 and last["groups"] == 2 and last["workers"] == 2
+
+
+SWEEP_SBATCH = os.path.join(ROOT, "slurm", "sweep.sbatch")
+
+
+def test_sweep_sbatch_job_array_trains_one_value_per_task(slurm, tmp_path):
+    """A job array over the dense lr: each task trains its value through train.sbatch into a
+    run directory of its own, and its saved config records the override."""
+    _train_config(tmp_path / "run.toml", steps=20)
+    (tmp_path / "slurm").mkdir()
+    shutil.copy(TRAIN_SBATCH, tmp_path / "slurm" / "train.sbatch")   # as in a checkout
+    out = tmp_path / "sweep-%a.out"
+    job = slurm.sbatch("--array=0-1", "-n", "1", "-c", "1", "-t", "5", "-o", str(out),
+                       SWEEP_SBATCH, "run.toml", cwd=tmp_path,
+                       env={"HPCTRAIN_SWEEP_VALUES": "0.001 0.02"})
+    for task, lr in ((0, "0.001"), (1, "0.02")):
+        log = tmp_path / f"sweep-{task}.out"
+        info = slurm.wait(f"{job}_{task}", output=str(log))
+        text = log.read_text()
+        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text
+        assert f"task {task} of array job {job}: dense_optimizer.lr = {lr}" in text, text
+        assert "hpctrain: done at step 20" in _final_line(text), text
+        run = tmp_path / "runs" / "run-sweep" / f"lr-{lr}"
+        last, _ = _metrics(run / "metrics.jsonl")
+        assert last["step"] == 20
+        from hpctrain.checkpoint import CheckpointManager
+        step, _, _, state = CheckpointManager(str(run / "ckpt")).load()
+        assert step == 20 and f"--set dense_optimizer.lr={lr}" in state["config"]

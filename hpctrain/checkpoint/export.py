@@ -18,7 +18,7 @@ import numpy as np
 from hpctrain.checkpoint import _files, _h5tree, _model, _restore, _tables, _validate
 from hpctrain.checkpoint._collective import describe
 from hpctrain.checkpoint._restore import verify
-from hpctrain.checkpoint.manager import CheckpointManager, CheckpointWarning
+from hpctrain.checkpoint.manager import CheckpointManager, CheckpointWarning, resolve_best
 from hpctrain.errors import CheckpointError, HpctrainError
 
 MODEL_FORMAT = "hpctrain-model"
@@ -36,7 +36,8 @@ def export_model(checkpoint_path, out_path, *, exclude=("optimizer",), chunk_byt
 
     Args:
         checkpoint_path: a checkpoint (``.../step-XXXXXXXX``), or a directory of checkpoints
-            (its newest one that verifies is exported).
+            (its newest one that verifies is exported), or ``DIR/best`` (the checkpoint
+            ``DIR/best.json`` names, ``[eval] keep_best``).
         out_path: the model file to write (replaced if it exists).
         exclude: top-level members of the dense tree left out (the dense optimizer state).
         chunk_bytes: bound on the bytes of table rows read at once.
@@ -51,7 +52,7 @@ def export_model(checkpoint_path, out_path, *, exclude=("optimizer",), chunk_byt
         CheckpointError: the checkpoint is missing, partial, corrupt or inconsistent (naming
             file, dataset and problem); nothing is written then.
     """
-    checkpoint_path = os.path.abspath(os.fspath(checkpoint_path))
+    checkpoint_path = os.path.abspath(resolve_best(checkpoint_path))
     try:
         return _export(checkpoint_path, os.path.abspath(os.fspath(out_path)), exclude,
                        chunk_bytes, check_model)

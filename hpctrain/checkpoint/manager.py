@@ -10,6 +10,11 @@ Layout, manifest and protocol are documented in docs/checkpoint.md::
         ...
       step-00000200/
       .step-00000300.tmp-1a2b3c4d/    a save in progress (or one that crashed): ignored
+      best.json                       keep-the-best: {"checkpoint": "step-00000100", ...}
+
+A save whose ``state["best"]`` names its own step (``{"step", "metric", "value"}``,
+``[eval] keep_best``) points ``best.json`` at it once it is complete; pruning never deletes
+the checkpoint ``best.json`` names, and ``load("best")`` reads it.
 """
 import json
 import operator
@@ -31,6 +36,8 @@ from hpctrain.errors import CheckpointError
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _SCRATCH = re.compile(r"^\.step-\d+\.(tmp|old|trash)-[0-9a-f]+$")
 _CHUNK_BYTES = 64 << 20
+#: The keep-the-best pointer file in a checkpoint directory (no symlink: a plain JSON file).
+BEST_FILE = "best.json"
 
 
 class CheckpointWarning(UserWarning):
@@ -40,6 +47,53 @@ class CheckpointWarning(UserWarning):
 def step_dir(step):
     """Directory name of the checkpoint of ``step``."""
     return f"step-{step:08d}"
+
+
+def read_best(directory):
+    """The ``best.json`` of a checkpoint directory as a dict (``checkpoint``: the step
+    directory's name, ``step``, ``metric``, ``value``), or None when there is none."""
+    try:
+        with open(os.path.join(directory, BEST_FILE), encoding="utf-8") as fh:
+            doc = json.load(fh)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{os.path.join(directory, BEST_FILE)}: unreadable: "
+                              f"{describe(exc)}") from None
+    if not isinstance(doc, dict) or not _STEP_DIR.match(str(doc.get("checkpoint", ""))):
+        raise CheckpointError(f"{os.path.join(directory, BEST_FILE)}: names no step-XXXXXXXX "
+                              f"checkpoint")
+    return doc
+
+
+def resolve_best(path):
+    """``path`` itself, or the checkpoint a ``best`` / ``best.json`` path points to (``DIR/best``,
+    ``DIR/best.json``: the best checkpoint of the checkpoint directory ``DIR``)."""
+    path = os.fspath(path)
+    if os.path.basename(path) not in ("best", BEST_FILE) or os.path.isdir(path):
+        return path
+    directory = os.path.dirname(os.path.abspath(path))
+    doc = read_best(directory)
+    if doc is None:
+        raise CheckpointError(f"{directory}: no best checkpoint ({BEST_FILE} is written by "
+                              f"runs with [eval] keep_best = true)")
+    return os.path.join(directory, doc["checkpoint"])
+
+
+def _write_best(directory, step, best):
+    """Point ``best.json`` at the checkpoint of ``step`` (written aside, fsynced, renamed)."""
+    doc = {"checkpoint": step_dir(step), "step": int(step), "metric": best.get("metric"),
+           "value": best.get("value")}
+    tmp = os.path.join(directory, f".{BEST_FILE}.tmp-{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, default=_json_default)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.rename(tmp, os.path.join(directory, BEST_FILE))
+    _files.fsync_dir(directory)
 
 
 def _consistency(gathered):
@@ -257,6 +311,12 @@ class CheckpointManager:
                 final = self._publish(tmp, step, files, summary, rows, ids)
             except Exception as exc:  # noqa: BLE001
                 error, cause = f"publishing {tmp}: {describe(exc)}", exc
+            best = state.get("best") if isinstance(state, dict) else None
+            if final is not None and isinstance(best, dict) and best.get("step") == step:
+                try:
+                    _write_best(self.directory, step, best)
+                except Exception as exc:  # noqa: BLE001
+                    error, cause = f"writing {BEST_FILE}: {describe(exc)}", exc
             if final is not None:
                 self._prune(final)
         raise_together(comm, error, f"cannot save checkpoint of step {step}: ", cause)
@@ -359,7 +419,10 @@ class CheckpointManager:
         # Incomplete step directories older than the new checkpoint are debris.
         doomed = [p for p in others if p not in complete and step_of(p) < step]
         if self.keep_last is not None:
-            doomed += complete[:max(0, len(complete) - self.keep_last + 1)]
+            best = read_best(self.directory)      # kept besides the last keep_last
+            best = os.path.join(self.directory, best["checkpoint"]) if best else None
+            rotated = [p for p in complete if p != best]
+            doomed += rotated[:max(0, len(rotated) - self.keep_last + 1)]
         for name in os.listdir(self.directory):
             if _SCRATCH.match(name):
                 doomed.append(os.path.join(self.directory, name))
@@ -455,8 +518,13 @@ class CheckpointManager:
                           stacklevel=2)
         return manifest["step"], dense, tables, state
 
+    def best(self):
+        """Path of the best checkpoint (``best.json``, ``[eval] keep_best``), or None."""
+        doc = read_best(self.directory)
+        return os.path.join(self.directory, doc["checkpoint"]) if doc else None
+
     def _resolve(self, path):
         path = os.fspath(path)
         if not os.path.isabs(path) and not os.path.exists(path):
             path = os.path.join(self.directory, path)
-        return os.path.abspath(path)
+        return os.path.abspath(resolve_best(path))

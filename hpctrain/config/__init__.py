@@ -13,11 +13,12 @@ Every key is described in docs/configuration.md. One module per section::
     model.py    [model]            kind = "dlrm" | "wide_deep" | "deepfm", layer sizes
     tables.py   [[tables]]         name, features, dim, optimizer, admission, eviction,
                                    pooling, init
-    optim.py    tables[i].optimizer and [dense_optimizer]: kind, lr, hyper-parameters
+    optim.py    tables[i].optimizer and [dense_optimizer]: kind, lr, hyper-parameters;
+                the dense side's clip_norm and [dense_optimizer.schedule]
     data.py     [data]             format, prefetch, shuffle, seed, bad_lines,
                                    [data.train] [data.eval] [data.synthetic]
     schema.py   [data.schema]      column roles of csv files
-    run.py      [eval] [checkpoint] [metrics]
+    run.py      [eval] (keep_best, early_stopping) [checkpoint] [metrics] (tensorboard)
     ps.py       [ps]               parameter servers of mode = "hybrid"
     online.py   [online]           delta exports for serving, progressive validation
     _node.py    the validating reader the section parsers share

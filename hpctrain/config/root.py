@@ -14,7 +14,7 @@ from hpctrain.config._node import INT32_MAX, Node, kind_of
 from hpctrain.config.data import DataConfig, parse_data
 from hpctrain.config.model import ModelConfig, check_model_tables, parse_model
 from hpctrain.config.online import OnlineConfig, parse_online
-from hpctrain.config.optim import DENSE_OPTIMIZER_KEYS, parse_optimizer
+from hpctrain.config.optim import parse_dense_optimizer
 from hpctrain.config.ps import PsConfig, parse_ps, ps_layout
 from hpctrain.config.run import (CheckpointConfig, EvalConfig, MetricsConfig, parse_checkpoint,
                                  parse_eval, parse_metrics)
@@ -176,8 +176,14 @@ def parse_config_dict(d, source):
     out["tables"] = [parse_table(t) for t in root.nodes("tables")]
     if not out["tables"]:
         raise root.error("tables", "at least one [[tables]] entry is required")
-    out["dense_optimizer"] = parse_optimizer(root, "dense_optimizer", DENSE_OPTIMIZER_KEYS,
-                                             fill_all=False)
+    out["dense_optimizer"] = parse_dense_optimizer(root, out["steps"])
+    if "clip_norm" in out["dense_optimizer"] and out["ps"] is not None \
+            and out["ps"].dense_on_servers and out["ps"].groups > 1:
+        raise root.error("dense_optimizer.clip_norm", "the servers sum the gradients of "
+                         f"{out['ps'].groups} worker groups in slices, so no rank sees the "
+                         "norm of the whole gradient: use ps.groups = 1 (the group's reduced "
+                         "gradient is clipped before it is pushed) or ps.dense_on_servers = "
+                         "false")
     data = out["data"] = parse_data(root.node("data", required=True))
     if data.train is None:
         raise root.error("data.train", "training needs a train split")
@@ -190,6 +196,15 @@ def parse_config_dict(d, source):
     if root.has("eval") and data.eval is None:
         raise root.error("eval", "evaluation needs an eval split ([data.eval])")
     out["checkpoint"] = parse_checkpoint(root.node("checkpoint"))
+    ev = out["eval"]
+    uses = [k for k, on in (("early_stopping", ev.early_stopping is not None),
+                            ("keep_best", ev.keep_best)) if on]
+    if uses and not ev.interval:
+        raise root.error("eval.interval", f"{' and '.join(uses)} compare(s) evaluations during "
+                                          f"training: set interval (the steps between them)")
+    if ev.keep_best and out["checkpoint"] is None:
+        raise root.error("eval.keep_best", "keeping the best checkpoint needs a [checkpoint] "
+                                           "section (its directory)")
     out["metrics"] = parse_metrics(root.node("metrics"))
     out["online"] = parse_online(root.node("online"))
     root.finish()

@@ -31,12 +31,14 @@ class Optimizer:
 
     Args:
         params: the model's ``FlatParameters`` (built).
-        lr: learning rate (may be changed between steps, e.g. by a schedule).
+        lr: learning rate (may be changed between steps; a ``schedule`` sets it every step).
         weight_decay: L2 coefficient.
     """
 
     kind = None
     slots = ()
+    #: ``step -> lr`` (``hpctrain.dense.schedule.LrSchedule``), or None: ``lr`` stays as set.
+    schedule = None
 
     def __init__(self, params, lr, weight_decay=0.0):
         if params.data is None:
@@ -67,8 +69,15 @@ class Optimizer:
         t += g
         return t
 
-    def step(self):
-        """Apply one update from ``params.grad`` to ``params.data``."""
+    def step(self, at=None):
+        """Apply one update from ``params.grad`` to ``params.data``.
+
+        Args:
+            at: the training step (1-based) this update belongs to; with a ``schedule`` the
+                update takes ``lr = schedule(at)`` (default: this optimizer's step count + 1).
+        """
+        if self.schedule is not None:
+            self.lr = float(self.schedule(self.step_count + 1 if at is None else at))
         self.step_count += 1
         self._update()
 

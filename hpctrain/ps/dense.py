@@ -77,13 +77,14 @@ class DenseShard:
             self.opt.state[name][...] = buf
         self.opt.step_count = int(step)
 
-    def apply(self, group_grads):
-        """Sum the groups' gradient slices in group order, then one optimizer step."""
+    def apply(self, group_grads, clock=None):
+        """Sum the groups' gradient slices in group order, then one optimizer step (at the
+        learning rate of ``clock`` when the optimizer has a schedule)."""
         g = self.params.grad
         g[...] = group_grads[0]
         for other in group_grads[1:]:
             g += other
-        self.opt.step()
+        self.opt.step(clock)
 
 
 class DenseClient:

@@ -395,7 +395,7 @@ class Server:
         self._expect(self.dense_clock, g, clock, "DPUSH", msg.source)
         grad = msg.arrays[0]
         if self.asp:
-            self.dense.apply([grad])
+            self.dense.apply([grad], clock)
         else:
             self._dpushes.setdefault(clock, [None] * self.G)[g] = grad
         self._ndpush[clock] = self._ndpush.get(clock, 0) + 1
@@ -510,7 +510,7 @@ class Server:
                 for i in range(len(self.specs)):
                     self._apply_table(i, pushes, c)
                 if self.dense is not None:
-                    self.dense.apply(self._dpushes.pop(c))
+                    self.dense.apply(self._dpushes.pop(c), c)
             del self._npush[c]
             self._ndpush.pop(c, None)
             if self._evicts:

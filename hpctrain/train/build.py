@@ -114,11 +114,18 @@ def build_model(cfg, num_dense, xp="numpy"):
 
 
 def dense_optimizer(cfg, params):
-    """The dense optimizer of ``cfg.dense_optimizer`` over ``params``."""
+    """The dense optimizer of ``cfg.dense_optimizer`` over ``params``, with its learning-rate
+    ``schedule`` attached when one is configured (``clip_norm`` is the trainer's)."""
     from hpctrain.dense.optim import make_optimizer
+    from hpctrain.dense.schedule import LrSchedule
     hyper = dict(cfg.dense_optimizer)
     kind = hyper.pop("kind")
+    schedule = hyper.pop("schedule", None)
+    hyper.pop("clip_norm", None)
     try:
-        return make_optimizer(kind, params, **hyper)
+        opt = make_optimizer(kind, params, **hyper)
+        if schedule is not None:
+            opt.schedule = LrSchedule(opt.lr, **schedule)
+        return opt
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{cfg.source}: dense_optimizer: {e}") from None

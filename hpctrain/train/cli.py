@@ -106,9 +106,13 @@ def train_main(argv):
         tail = "" if not ev else "  " + "  ".join(
             f"eval_{k} {v:.5f}" if isinstance(v, float) else f"eval_{k} {v}"
             for k, v in ev.items())
+        best = result.get("best")
         print(f"hpctrain: {result['stopped']} at step {result['step']}  loss "
               f"{result['loss']:.6f}{tail}"
               + (f"\nhpctrain: checkpoint {result['checkpoint']}" if result["checkpoint"] else "")
+              + (f"\nhpctrain: best {best['metric']} {best['value']:.6f} at step {best['step']}"
+                 + (f" (checkpoint {best['checkpoint']})" if best.get("checkpoint") else "")
+                 if best else "")
               + (f"\nhpctrain: metrics {cfg.metrics.path}" if cfg.metrics.path else ""),
               flush=True)
     return 0
@@ -121,7 +125,8 @@ def eval_main(argv):
                                 description="Evaluate a checkpoint: exact AUC and logloss.")
     p.add_argument("config")
     p.add_argument("--checkpoint", default=None,
-                   help="checkpoint directory (default: the latest in the configured directory)")
+                   help="checkpoint directory, or \"best\" (the [eval] keep_best one) (default: "
+                        "the latest in the configured directory)")
     p.add_argument("--split", default="eval", choices=("eval", "train"))
     _set_option(p)
     args = p.parse_args(argv)

@@ -168,7 +168,12 @@ class HybridTrainer(Trainer):
                         timeout_s=self.cfg.ps.timeout_s)
 
     def _apply_dense(self, step):
-        """Dense update of ``step``: through the servers, or allreduced over all workers."""
+        """Dense update of ``step``: through the servers, or allreduced over all workers.
+
+        Through the servers, the group's reduced gradient is clipped (``clip_norm``; the
+        config allows it with one group only, where that is the whole gradient) before it
+        is pushed, and the servers' optimizers follow the ``schedule`` by clock.
+        """
         if not self.dense_on_servers:
             super()._apply_dense(step)
             return
@@ -176,6 +181,7 @@ class HybridTrainer(Trainer):
         from hpctrain.dense.parallel import allreduce_gradients
         with self.timer("allreduce"), self.device.phase("allreduce"):
             allreduce_gradients(self.model.params, self.dense_comm)
+        self._clip_dense()
         with self.timer("dense_push"):
             self.dense.push(step, to_numpy(self.model.params.grad))
             self.dense.start_pull(step + 1)
@@ -275,6 +281,7 @@ class HybridTrainer(Trainer):
                "sent_bytes": st["sent_bytes"], "recv_bytes": st["recv_bytes"]}
         if self.dense is not None and self.dense.staleness:
             rec["dense_staleness_max"] = int(max(self.dense.staleness[-k:]))
+        rec.update(self._optimizer_metrics(step))
         log.write(rec)
 
     # ------------------------------------------------------------------ evaluation
@@ -317,7 +324,8 @@ class HybridTrainer(Trainer):
                          "ps": {"servers": self.roles.num_servers,
                                 "workers": self.roles.num_workers, "groups": self.groups,
                                 "consistency": ps.consistency, "staleness": ps.staleness,
-                                "dense_on_servers": self.dense_on_servers}}
+                                "dense_on_servers": self.dense_on_servers},
+                         **self._best_state()}
                 dense = None if self.dense_on_servers else self._dense_state()
                 self._ckpt_sends = [s for s in self._ckpt_sends if not s.test()]
                 self._ckpt_sends += request_checkpoint(
@@ -376,6 +384,8 @@ class HybridTrainer(Trainer):
         tail = state.get("losses_tail") or []
         self._last_loss = float(tail[-1]) if tail else float("nan")
         self._window_loss = state.get("window_loss")
+        if self.best is not None:
+            self.best.restore(state.get("early_stopping"))
         if self.worker == 0:
             self._ckpt_sends += request_restore(
                 self.p2p, self.roles.servers, step, self.worker, self.group, path,

@@ -111,6 +111,11 @@ class Trainer:
         self._last_loss = float("nan")
         self._window_loss = None    # mean loss of the last reported window (live line)
         self._restored_from = None
+        self.best = None            # [eval] keep_best / early_stopping (hpctrain.train.best)
+        if cfg.eval.keep_best or cfg.eval.early_stopping is not None:
+            from hpctrain.train.best import BestTracker
+            self.best = BestTracker(cfg.eval)
+        self._grad_norm = None      # the reduced dense gradient's norm before clipping
 
     # ------------------------------------------------------------------ hooks
     def _make_store(self):
@@ -121,12 +126,22 @@ class Trainer:
                                 node_group_size=self.cfg.node_group_size)
 
     def _apply_dense(self, step):
-        """Average the flat dense gradient over ``dense_comm`` and take the optimizer step."""
+        """Average the flat dense gradient over ``dense_comm``, clip it (``clip_norm``) and
+        take the optimizer step at the learning rate of ``step`` (``schedule``)."""
         from hpctrain.dense.parallel import allreduce_gradients
         with self.timer("allreduce"), self.device.phase("allreduce"):
             allreduce_gradients(self.model.params, self.dense_comm)
         with self.timer("dense"), self.device.phase("update"):
-            self.opt.step()
+            self._clip_dense()
+            self.opt.step(step)
+
+    def _clip_dense(self):
+        """``dense_optimizer.clip_norm``: scale the reduced gradient (the same bits on every
+        rank, so every rank clips alike) to that L2 norm at most."""
+        clip = self.cfg.dense_optimizer.get("clip_norm")
+        if clip is not None:
+            from hpctrain.dense.schedule import clip_gradient
+            self._grad_norm = clip_gradient(self.model.params.grad, clip)
 
     def _make_device(self):
         """Where the dense model trains (``cfg.device``; the GPU from ``comm.local_rank``)."""
@@ -229,7 +244,9 @@ class Trainer:
 
         Returns:
             dict with ``step``, ``loss`` (last step's), ``stopped`` ("done", "preempted",
-            "max_steps"), ``checkpoint`` (last written) and ``eval`` (final metrics or None).
+            "max_steps", "early_stopped"), ``checkpoint`` (last written), ``eval`` (final
+            metrics or None) and ``best`` (``[eval] keep_best``/``early_stopping``: metric,
+            value, step and, with keep_best, checkpoint of the best evaluation; else None).
         """
         from hpctrain.train.preemption import PreemptionWatcher
         cfg, comm, t = self.cfg, self.comm, self.timer
@@ -248,7 +265,7 @@ class Trainer:
         mcfg = cfg.metrics
         total = cfg.steps
         log = MetricsLogger(mcfg.path, comm, total, stream=self.stream,
-                            start_step=self.step if resume else 0)
+                            start_step=self.step if resume else 0, tensorboard=mcfg.tensorboard)
         ck = cfg.checkpoint
         last_ckpt_time, last_ckpt = time.monotonic(), None
         stopped, loss = "done", float("nan")
@@ -273,7 +290,18 @@ class Trainer:
                 log.message(f"step {self.step} of {cfg.steps} already reached: nothing to "
                             f"train")
                 loss = self._last_loss
-            batch, state = (None, None) if self._done(self.step) else self._next_batch(it)
+            elif self.best is not None and self.best.stopped:
+                log.message(f"early stopped at step {self.step} (no {self.best.metric} "
+                            f"improvement in {self.best.bad} evaluations): nothing to train")
+                stopped, loss = "early_stopped", self._last_loss
+            elif self._missed_eval(self.step):
+                with t("eval"):     # stopped right after training it: count it now
+                    metrics = self.evaluate()
+                self._log_eval(log, metrics)
+                if self._count_eval(metrics) and ck is not None:
+                    last_ckpt = self.save_checkpoint()
+            batch, state = (None, None) if self._done(self.step) or stopped != "done" \
+                else self._next_batch(it)
             next_ticket = None
             if batch is not None:
                 with t("exchange"):
@@ -286,10 +314,12 @@ class Trainer:
                 steps_this_call += 1
                 last_step = self._done(step) or (max_steps is not None
                                                  and steps_this_call >= max_steps)
+                # an evaluation that may stop the run: the next lookup waits for it
+                defer = self._may_stop_at(step)
                 nxt, nxt_state, next_ticket = None, None, None
                 if not last_step and not streaming:
                     nxt, nxt_state = self._next_batch(it)
-                if cfg.overlap and nxt is not None:
+                if cfg.overlap and nxt is not None and not defer:
                     with t("exchange"):
                         next_ticket = self.emb.start_lookup(self.jagged(nxt), step + 1)
                 ckpt_due = (comm.rank == 0 and ck is not None and ck.every_minutes is not None
@@ -311,7 +341,7 @@ class Trainer:
                 window_samples += int(batch.global_size or self.global_batch)
                 window_loss.append(loss)
                 preempted = flags[0] > 0
-                if nxt is not None and not cfg.overlap and not preempted:
+                if nxt is not None and not cfg.overlap and not preempted and not defer:
                     with t("exchange"):
                         next_ticket = self.emb.start_lookup(self.jagged(nxt), step + 1)
                 if step % mcfg.every_steps == 0 or (nxt is None and not streaming) or preempted:
@@ -321,8 +351,18 @@ class Trainer:
                     if self.online is not None:
                         self.online.report(log, step)
                     window_t0, window_samples, window_loss = time.perf_counter(), 0, []
-                if ck is not None and (preempted or flags[1] > 0 or
-                                       (ck.every_steps and step % ck.every_steps == 0)):
+                new_best = False    # evaluated before the checkpoint: it holds the count
+                if cfg.eval.interval and step % cfg.eval.interval == 0 and nxt is not None \
+                        and not preempted:
+                    t_eval = time.perf_counter()
+                    with t("eval"):
+                        metrics = self.evaluate()
+                    self._log_eval(log, metrics)
+                    new_best = self._count_eval(metrics)
+                    window_t0 += time.perf_counter() - t_eval   # samples/s: training time only
+                if ck is not None and (preempted or flags[1] > 0 or new_best or
+                                       (ck.every_steps and step % ck.every_steps == 0)) \
+                        and not self._final_eval_follows(nxt, streaming, preempted):
                     t_save = time.perf_counter()
                     last_ckpt = self.save_checkpoint()
                     last_ckpt_time = time.monotonic()
@@ -332,12 +372,17 @@ class Trainer:
                     log.message(f"stopping at step {step}: {watcher.reason or 'signal'} on some "
                                 f"rank; checkpoint {last_ckpt or '(no checkpoint configured)'}")
                     break
-                if cfg.eval.interval and step % cfg.eval.interval == 0 and nxt is not None:
-                    t_eval = time.perf_counter()
-                    with t("eval"):
-                        metrics = self.evaluate()
-                    self._log_eval(log, metrics)
-                    window_t0 += time.perf_counter() - t_eval   # samples/s: training time only
+                if self.best is not None and self.best.stopped:
+                    stopped = "early_stopped"
+                    b = self.best
+                    log.message(f"early stopping at step {step}: no {b.metric} improvement in "
+                                f"{b.bad} evaluations; best " + (
+                                    f"{b.best:.6f} at step {b.best_step}" if b.best_step
+                                    else "none (no finite value)"))
+                    break
+                if defer and nxt is not None:
+                    with t("exchange"):
+                        next_ticket = self.emb.start_lookup(self.jagged(nxt), step + 1)
                 if streaming and not last_step:
                     nxt, nxt_state = self._next_batch(it)
                     if nxt is not None:
@@ -364,15 +409,20 @@ class Trainer:
             result = {"step": self.step, "loss": loss, "stopped": stopped, "eval": None}
             if self.online is not None:      # the last step's delta, checkpoint or not
                 self.online.finish(log, self.step)
-            if stopped in ("done", "max_steps") and ck is not None \
-                    and self._ckpt_step != self.step:
+            final_save = stopped in ("done", "max_steps", "early_stopped") and ck is not None
+            if final_save and self.best is None and self._ckpt_step != self.step:
                 last_ckpt = self.save_checkpoint()
             if stopped == "done":
                 if cfg.data.eval is not None and cfg.eval.at_end:
                     with t("eval"):
                         result["eval"] = self.evaluate()
                     self._log_eval(log, result["eval"])
+                    self._count_eval(result["eval"])
+            # keep_best, early stopping: after the final evaluation, so that it counts
+            if final_save and self._ckpt_step != self.step:
+                last_ckpt = self.save_checkpoint()
             result["checkpoint"] = last_ckpt
+            result["best"] = self._best_result()
             return result
         finally:
             t.observer = None
@@ -444,6 +494,64 @@ class Trainer:
     def _done(self, step):
         return self.cfg.steps is not None and step >= self.cfg.steps
 
+    # ------------------------------------------------------------------ best, early stopping
+    def _may_stop_at(self, step):
+        """Whether the evaluation after ``step`` may end the run (early stopping)."""
+        ev = self.cfg.eval
+        return bool(self.best is not None and ev.early_stopping is not None and ev.interval
+                    and step % ev.interval == 0)
+
+    def _missed_eval(self, step):
+        """Whether a resumed run starts at an evaluation step whose evaluation the
+        checkpoint does not count (the run stopped right after training the step)."""
+        ev = self.cfg.eval
+        return bool(self.best is not None and step and ev.interval and step % ev.interval == 0
+                    and self.best.last_step != step and not self._done(step))
+
+    def _final_eval_follows(self, nxt, streaming, preempted):
+        """The last step of a keep_best run with a final evaluation: its checkpoint waits
+        for that evaluation (written once, counting it; ``fit``'s end writes it)."""
+        ev = self.cfg.eval
+        return bool(self.best is not None and self.best.keep_best and nxt is None
+                    and not streaming and not preempted and ev.at_end
+                    and self.cfg.data.eval is not None)
+
+    def _count_eval(self, metrics):
+        """Count an evaluation of the current step; True when it is a new best whose
+        checkpoint is to be kept (``keep_best``)."""
+        if self.best is None:
+            return False
+        return self.best.update(self.step, metrics) and self.best.keep_best
+
+    def _best_state(self):
+        """The tracker's part of a checkpoint's run state: ``early_stopping`` (the counts) and
+        ``best`` (with ``keep_best``; the checkpoint manager points best.json at the
+        checkpoint whose step it names)."""
+        if self.best is None:
+            return {}
+        out = {"early_stopping": self.best.state()}
+        if self.best.keep_best and self.best.summary() is not None:
+            out["best"] = self.best.summary()
+        return out
+
+    def _best_result(self):
+        """``fit``'s ``best``: metric, value, step (and checkpoint with keep_best), or None."""
+        out = self.best.summary() if self.best is not None else None
+        if out is not None and self.best.keep_best and self.ckpt is not None:
+            from hpctrain.checkpoint.manager import step_dir
+            out["checkpoint"] = os.path.join(self.ckpt.directory, step_dir(out["step"]))
+        return out
+
+    def _optimizer_metrics(self, step):
+        """The dense learning rate of ``step`` (with a schedule) and the gradient norm before
+        clipping (with clip_norm), for the metrics record."""
+        out = {}
+        if getattr(self.opt, "schedule", None) is not None:
+            out["lr"] = self.opt.schedule(step)
+        if self._grad_norm is not None:
+            out["grad_norm"] = self._grad_norm
+        return out
+
     def _report(self, log, step, window_loss, samples_per_s):
         """Live line and one JSON-lines record (phase times: max over ranks)."""
         from hpctrain.memory import peak_rss_bytes
@@ -464,6 +572,7 @@ class Trainer:
             "phases_s": {k: max(p.get(k, 0.0) for p, _, _ in per_rank) for k in names},
             "table_rows": [rows for _, rows, _ in per_rank],
             "peak_rss_bytes": [rss for _, _, rss in per_rank],
+            **self._optimizer_metrics(step),
         })
 
     def _log_eval(self, log, metrics):
@@ -527,7 +636,7 @@ class Trainer:
             state = {"step": self.step, "reader": self._reader_state, "config": self.cfg.text,
                      "versions": versions(), "world_size": self.comm.size,
                      "seed": self.cfg.seed, "losses_tail": self.losses[-5:],
-                     "window_loss": self._window_loss}
+                     "window_loss": self._window_loss, **self._best_state()}
             path = self.ckpt.save(self.step, dense, tables, state, table_ids=self.table_ids)
         self._ckpt_step = self.step
         if self.online is not None:      # a delta boundary; a stream may acknowledge
@@ -573,4 +682,6 @@ class Trainer:
         tail = state.get("losses_tail") or []
         self._last_loss = float(tail[-1]) if tail else float("nan")
         self._window_loss = state.get("window_loss")
+        if self.best is not None:
+            self.best.restore(state.get("early_stopping"))
         return self.step

@@ -30,9 +30,15 @@ class MetricsLogger:
         comm: hpctrain Communicator (for rank and reductions).
         total_steps: for the ETA and the progress bar.
         stream: where the live line goes (default stdout); a progress bar when it is a TTY.
+        start_step: the step a resumed run starts from (0: a fresh run).
+        tensorboard: a directory for TensorBoard event files of the same records
+            (``hpctrain.train.tensorboard``), or None.
+
+    Raises:
+        ConfigError: (every rank) ``tensorboard`` is set but its extra is not installed.
     """
 
-    def __init__(self, path, comm, total_steps, stream=None, start_step=0):
+    def __init__(self, path, comm, total_steps, stream=None, start_step=0, tensorboard=None):
         self.comm = comm
         self.start_step = int(start_step)
         self.path = path
@@ -41,6 +47,12 @@ class MetricsLogger:
         self.interactive = bool(getattr(self.stream, "isatty", lambda: False)())
         self._t_start = time.perf_counter()
         self._file = None
+        self._events = None
+        if tensorboard:
+            from hpctrain.train import tensorboard as tb
+            tb.require()        # every rank, before any opens a file
+            if comm.rank == 0:
+                self._events = tb.EventWriter(tensorboard, self.start_step)
         if comm.rank == 0 and path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             if os.path.islink(path):
@@ -55,6 +67,8 @@ class MetricsLogger:
         """Append ``record`` (JSON-able dict) on rank 0."""
         if self._file is not None:
             self._file.write(json.dumps(record, sort_keys=True) + "\n")
+        if self._events is not None:
+            self._events.write(record)
 
     def live(self, step, loss, samples_per_s):
         """Print the live line (or redraw the bar) on rank 0."""
@@ -87,6 +101,9 @@ class MetricsLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._events is not None:
+            self._events.close()
+            self._events = None
 
 
 def _drop_after(path, step):

@@ -1,4 +1,4 @@
-"""Command line: ``hpctrain train|eval|convert|export|info|predict|serve-sync|stream-produce``.
+"""Command line: ``hpctrain train|eval|convert|export|info|configs|predict|serve-sync|...``.
 
 Each sub-command lives in the module that owns it; this file only dispatches,
 so ``hpctrain info`` does not import the trainer. Run distributed commands as
@@ -16,6 +16,7 @@ COMMANDS = {
     "export": ("hpctrain.train.cli", "export_main", "write a single HDF5 model file from a checkpoint"),
     "convert": ("hpctrain.data.convert", "main", "convert TSV/CSV data into hpctrain HDF5"),
     "plot": ("hpctrain.train.plot", "main", "PNG loss/AUC/throughput curves from a run's metrics"),
+    "configs": ("hpctrain.examples", "main", "list the example configs, print or copy one"),
     "predict": ("hpctrain.train.serving", "predict_main",
                 "score files or a split with an exported model"),
     "serve-sync": ("hpctrain.train.serving", "serve_sync_main",
@@ -48,4 +49,25 @@ def main(argv=None):
         print(f"hpctrain: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module, func, _ = COMMANDS[argv[0]]
-    return getattr(importlib.import_module(module), func)(argv[1:]) or 0
+    try:
+        return getattr(importlib.import_module(module), func)(argv[1:]) or 0
+    except (ImportError, RuntimeError) as exc:
+        err = _install_error(exc)
+        if err is None:
+            raise
+        print(f"hpctrain {argv[0]}: error: {err}", file=sys.stderr, flush=True)
+        return 1
+
+
+def _install_error(exc):
+    """The ``InstallError`` behind ``exc`` (kernels missing or built for another CPU, no MPI
+    library, including mpi4py's own error when a module imported it first), or None."""
+    from hpctrain.comm.world import no_mpi_error
+    from hpctrain.errors import InstallError
+    while exc is not None:
+        if isinstance(exc, InstallError):
+            return exc
+        if no_mpi_error(exc) is not None:
+            return no_mpi_error(exc)
+        exc = exc.__cause__ or exc.__context__
+    return None

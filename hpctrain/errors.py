@@ -9,7 +9,9 @@ message names the culprit: file and line, config key, table, or rank.
     ├── DataError        malformed input data (file, line number), missing files
     ├── CommError        collectives that disagree across ranks, launcher problems
     ├── CheckpointError  missing, partial or corrupt checkpoints
-    └── NonFiniteError   NaN/Inf losses or gradients
+    ├── NonFiniteError   NaN/Inf losses or gradients
+    └── InstallError     the installation cannot run here: kernels missing or built for
+                         another CPU, no MPI library
 """
 
 
@@ -35,3 +37,7 @@ class CheckpointError(HpctrainError, RuntimeError):
 
 class NonFiniteError(HpctrainError, FloatingPointError):
     """A loss or gradient became NaN or infinite."""
+
+
+class InstallError(HpctrainError, ImportError):
+    """hpctrain as installed cannot run here; the message says what to install or build."""

@@ -28,15 +28,26 @@ def _h5py_facts():
 
 
 def _kernel_facts():
-    import hpctrain._kernels as kernels
-    names = sorted(m.name for m in pkgutil.iter_modules(kernels.__path__))
     try:
-        from hpctrain._kernels import _openmp
-    except ImportError as exc:
-        return {"kernels": names, "openmp": None,
-                "kernels_error": f"{exc} (build with: python setup.py build_ext --inplace)"}
+        import hpctrain._kernels as kernels
+        from hpctrain._kernels import _build, _openmp, table
+    except ImportError as exc:      # missing, or built for another CPU: reported, info fails
+        return {"kernels": [], "openmp": None, "kernels_error": str(exc)}
+    names = sorted(m.name for m in pkgutil.iter_modules(kernels.__path__))
     return {"kernels": names, "openmp": _openmp.openmp_enabled(),
-            "openmp_version": _openmp.openmp_version(), "threads": _openmp.get_num_threads()}
+            "openmp_version": _openmp.openmp_version(), "threads": _openmp.get_num_threads(),
+            "kernel_flags": _build.FLAGS, "kernel_isa": list(_build.ISA),
+            "kernel_simd": table.simd_level()}
+
+
+def _isa_line(f):
+    """What the kernels were compiled for (the architecture's baseline or the extensions
+    beyond it, and the flags), and the variant of the row updates chosen at run time."""
+    if "kernel_flags" not in f:
+        return "-"
+    isa = " + " + ", ".join(f["kernel_isa"]) if f["kernel_isa"] else " baseline"
+    return (f"{f['machine']}{isa} (flags: {f['kernel_flags']}); optimizer row updates "
+            f"{f['kernel_simd']}")
 
 
 def _cuda_version(v):
@@ -83,6 +94,7 @@ def collect(mpi_comm):
     threads, threads_from = threads_per_rank(None, local_size)
     facts = {"hpctrain": hpctrain.__version__, "python": platform.python_version(),
              "python_executable": sys.executable, "numpy": numpy.__version__,
+             "machine": platform.machine(),
              **_mpi_facts(), **_h5py_facts(), **_kernel_facts(), **_gpu_facts()}
     # the GPU this rank trains on with device = "gpu" (as hpctrain.dense.device picks it),
     # named by its PCI bus id: under srun --gpus-per-task every rank's index is 0
@@ -125,8 +137,9 @@ def format_summary(f):
         f"MPI           {f['mpi_library']} (MPI {f['mpi_standard']}), thread level "
         f"{f['thread_level']} (requested {f['thread_level_requested']})",
         f"h5py          {f['h5py']}" + (f" (HDF5 {f['hdf5']})" if "hdf5" in f else ""),
-        f"kernels       {', '.join(f['kernels']) or 'none'} ({omp})"
-        + (f" -- {f['kernels_error']}" if "kernels_error" in f else ""),
+        f"kernels       {', '.join(f['kernels'])} ({omp})" if "kernels_error" not in f
+        else f"kernels       ERROR: {f['kernels_error']}",
+        f"kernel ISA    {_isa_line(f)}",
         f"CuPy          {f['cupy'] or 'not installed'}",
         f"GPUs          {gpus}",
         f"NCCL          {_nccl_text(f)}",
@@ -147,7 +160,8 @@ def format_summary(f):
 
 
 def main(argv=None):
-    """Print the summary on rank 0; returns the exit code (1 on a broken launch)."""
+    """Print the summary on rank 0; returns the exit code (1 on a broken launch or when
+    the kernels cannot be used)."""
     p = argparse.ArgumentParser(prog="hpctrain info", description=__doc__.splitlines()[0])
     p.add_argument("--json", action="store_true", help="print the facts as JSON")
     args = p.parse_args(argv)
@@ -163,4 +177,8 @@ def main(argv=None):
     facts = collect(comm)
     if comm.rank == 0:
         print(json.dumps(facts, indent=1) if args.json else format_summary(facts), flush=True)
+    if "kernels_error" in facts:
+        if comm.rank == 0:
+            print(f"hpctrain info: error: {facts['kernels_error']}", file=sys.stderr, flush=True)
+        return 1
     return 0

@@ -326,8 +326,32 @@ def test_relative_paths_resolve_against_the_working_directory(tmp_path, monkeypa
     assert cfg.checkpoint.directory == str(tmp_path / "ckpt")
 
 
+def test_data_paths_of_a_file_are_relative_to_it_outputs_to_the_working_directory(
+        tmp_path, monkeypatch):
+    from hpctrain.config.overrides import dumps
+    conf = tmp_path / "exp" / "run.toml"
+    conf.parent.mkdir()
+    d = mutate(csv_base(), "data.train.paths", ["data/x.csv", "/abs/y.csv"])
+    d = mutate(d, "data.eval", {"paths": "../shared/z.csv"})
+    d = mutate(d, "metrics", {"path": "runs/m.jsonl"})
+    conf.write_text(dumps(d))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    for cfg in (load_config(conf), load_config(os.path.relpath(conf))):
+        assert cfg.data.train.paths == [str(tmp_path / "exp" / "data" / "x.csv"), "/abs/y.csv"]
+        assert cfg.data.eval.paths == [str(tmp_path / "shared" / "z.csv")]
+        assert cfg.checkpoint.directory == str(work / "ckpt")
+        assert cfg.metrics.path == str(work / "runs" / "m.jsonl")
+    # without its file (the text a checkpoint stores) the working directory is the base
+    assert loads_config(conf.read_text()).data.train.paths[0] == str(work / "data" / "x.csv")
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=[os.path.basename(p) for p in EXAMPLES])
-def test_examples_load_and_round_trip_through_their_text(path):
+def test_examples_load_and_round_trip_through_their_text(path, monkeypatch):
+    # the stored text has no file: its relative data paths resolve against the working
+    # directory, made the config's folder here
+    monkeypatch.chdir(os.path.dirname(path))
     cfg = load_config(path)
     assert cfg.source == path and cfg.text == open(path, encoding="utf-8").read()
     again = loads_config(cfg.text, source="checkpoint")

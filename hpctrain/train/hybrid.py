@@ -285,6 +285,10 @@ class HybridTrainer(Trainer):
         log.write(rec)
 
     # ------------------------------------------------------------------ evaluation
+    def _lockstep_comm(self):
+        """Groups run at their own clocks: only a group reads in lockstep."""
+        return self.group_comm
+
     def _predict_local(self, split, gb):
         """As the collective one (``predict``, ``evaluate``), reading every clock up to the
         current step."""

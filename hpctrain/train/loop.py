@@ -184,10 +184,26 @@ class Trainer:
         if self.online is not None and getattr(self.reader, "streaming", False):
             with self.timer("data"):
                 return self.online.wait_for_batch(self._watcher)
+        from hpctrain.errors import DataError
         with self.timer("data"):
-            batch = next(it, None)
+            try:
+                batch, problem = next(it, None), None
+            except DataError as e:
+                batch, problem = None, f"rank {self.comm.rank}: {e}"
+            # a bad file seen by one rank is named on every rank's output, rank 0's included
+            # (one small allreduce; ranks that read in lockstep: the data-parallel ranks)
+            comm = self._lockstep_comm()
+            if comm.size > 1 and comm.any_true(problem is not None):
+                found = [p for p in comm.allgather_object(problem) if p is not None]
+                raise DataError("; ".join(found))
+            if problem is not None:
+                raise DataError(problem)
             state = self.reader.state() if batch is not None else None
         return batch, state
+
+    def _lockstep_comm(self):
+        """The ranks that read their batches in lockstep (a data error is shared over them)."""
+        return self.comm
 
     def _dense_step(self, batch, pooled, step, flags):
         """Forward, global loss, backward, gradient allreduce, dense update.

@@ -317,3 +317,21 @@ def test_bad_line_on_one_rank_is_named_on_rank_zero(tmp_path):
     assert res.returncode != 0
     assert re.search(r"rank 0/2: DataError: rank 1: .*day.tsv:101", res.stdout), res.stdout
     assert "Traceback" not in res.stdout
+
+
+def test_quiet_log_level_and_epoch_runs_on_the_live_line(tmp_path):
+    path = _write_config(tmp_path, steps=6)
+    quiet = run_mpi(1, ["-m", "hpctrain", "train", str(path), "--quiet"], cwd=str(tmp_path))
+    assert "step 2/6" not in quiet.stdout and "fresh start" not in quiet.stdout
+    assert "hpctrain: done at step 6" in quiet.stdout      # the summary stays
+    # an epoch-bound run knows its length: total, epoch and ETA on the live line
+    out = io.StringIO()
+    cfg = small_config(steps=2)
+    finite = cfg.replace(steps=None, epochs=2, data=dataclasses.replace(
+        cfg.data, train=dataclasses.replace(cfg.data.train, num_samples=64 * 5)),
+        metrics=dataclasses.replace(cfg.metrics, every_steps=3))
+    Trainer(finite, stream=out).fit()
+    text = out.getvalue()
+    assert "step 3/10  epoch 1/2" in text and "step 9/10  epoch 2/2" in text, text
+    assert "ETA" in text
+    assert re.search(r"^\d\d:\d\d:\d\d hpctrain: fresh start", text, re.M), text

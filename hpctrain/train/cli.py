@@ -60,6 +60,20 @@ def quickstart_config():
     return str(resources.files("hpctrain") / "configs" / "dlrm_synthetic.toml")
 
 
+def _output_options(p):
+    p.add_argument("--quiet", action="store_true",
+                   help="no live line; only warnings and errors (rank 0's messages included)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="level of rank 0's messages and of every rank's log records "
+                        "(stderr, with time and rank)")
+
+
+def _configure_output(args):
+    from hpctrain.comm.world import rank_and_size
+    from hpctrain.train.metrics import configure
+    configure(quiet=args.quiet, level=args.log_level, rank=rank_and_size()[0])
+
+
 def _set_option(p):
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set steps=300 --set "
@@ -84,7 +98,9 @@ def train_main(argv):
                    help="stop (with a checkpoint when configured) after N steps of this run; "
                         "0 writes the checkpoint of the current (initial) model")
     _set_option(p)
+    _output_options(p)
     args = p.parse_args(argv)
+    _configure_output(args)
     if args.max_steps is not None and args.max_steps < 0:
         p.error(f"--max-steps must be >= 0, got {args.max_steps}")
     path = args.config or quickstart_config()
@@ -129,7 +145,9 @@ def eval_main(argv):
                         "the latest in the configured directory)")
     p.add_argument("--split", default="eval", choices=("eval", "train"))
     _set_option(p)
+    _output_options(p)
     args = p.parse_args(argv)
+    _configure_output(args)
     cfg = _load(args.config, args.set)
     if cfg.mode == "hybrid":
         # a hybrid checkpoint has the collective layout (the servers as ranks): the

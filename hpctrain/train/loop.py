@@ -279,9 +279,13 @@ class Trainer:
         t.observer = stall
         self._watcher = watcher
         mcfg = cfg.metrics
+        per_epoch = getattr(self.reader, "batches_per_epoch", None)
         total = cfg.steps
+        if cfg.epochs is not None and per_epoch:
+            total = min(total or cfg.epochs * per_epoch, cfg.epochs * per_epoch)
         log = MetricsLogger(mcfg.path, comm, total, stream=self.stream,
-                            start_step=self.step if resume else 0, tensorboard=mcfg.tensorboard)
+                            start_step=self.step if resume else 0, tensorboard=mcfg.tensorboard,
+                            epochs=cfg.epochs, steps_per_epoch=per_epoch)
         ck = cfg.checkpoint
         last_ckpt_time, last_ckpt = time.monotonic(), None
         stopped, loss = "done", float("nan")

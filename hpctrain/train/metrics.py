@@ -15,6 +15,27 @@ from hpctrain.timing import PhaseTimer
 __all__ = ["MetricsLogger", "PhaseTimer"]
 
 
+LEVELS = ("debug", "info", "warning", "error")
+#: Process-wide output settings (``hpctrain train --quiet / --log-level``).
+SETTINGS = {"quiet": False, "level": "info"}
+
+
+def configure(quiet=False, level="info", rank=0):
+    """Set the live line (off with ``quiet``) and the level of rank 0's messages, and send
+    Python logging and warnings of every rank to stderr with time, rank and level."""
+    import logging
+    if level not in LEVELS:
+        raise ValueError(f"log level must be one of {LEVELS}, got {level!r}")
+    SETTINGS["quiet"], SETTINGS["level"] = bool(quiet), "warning" if quiet else level
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s rank {rank} %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, SETTINGS["level"].upper()))
+    logging.captureWarnings(True)
+
+
 def _fmt_eta(seconds):
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)
@@ -38,8 +59,10 @@ class MetricsLogger:
         ConfigError: (every rank) ``tensorboard`` is set but its extra is not installed.
     """
 
-    def __init__(self, path, comm, total_steps, stream=None, start_step=0, tensorboard=None):
+    def __init__(self, path, comm, total_steps, stream=None, start_step=0, tensorboard=None,
+                 epochs=None, steps_per_epoch=None):
         self.comm = comm
+        self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
         self.start_step = int(start_step)
         self.path = path
         self.total_steps = None if total_steps is None else max(1, int(total_steps))
@@ -72,14 +95,17 @@ class MetricsLogger:
 
     def live(self, step, loss, samples_per_s):
         """Print the live line (or redraw the bar) on rank 0."""
-        if self.comm.rank != 0:
+        if self.comm.rank != 0 or SETTINGS["quiet"]:
             return
         elapsed = time.perf_counter() - self._t_start
-        if self.total_steps is None:   # epochs-bound run: length unknown up front
-            text = f"step {step}  loss {loss:.5f}  {samples_per_s:,.0f} samples/s"
+        epoch = ""
+        if self.epochs and self.steps_per_epoch:
+            epoch = f"  epoch {min(self.epochs, -(-step // self.steps_per_epoch))}/{self.epochs}"
+        if self.total_steps is None:   # length unknown up front (an endless or unsized split)
+            text = f"step {step}{epoch}  loss {loss:.5f}  {samples_per_s:,.0f} samples/s"
         else:
             eta = elapsed / max(step - self.start_step, 1) * (self.total_steps - step)
-            text = (f"step {step}/{self.total_steps}  loss {loss:.5f}  "
+            text = (f"step {step}/{self.total_steps}{epoch}  loss {loss:.5f}  "
                     f"{samples_per_s:,.0f} samples/s  ETA {_fmt_eta(eta)}")
         if self.interactive and self.total_steps is not None:
             width = 24
@@ -91,10 +117,12 @@ class MetricsLogger:
             self.stream.write(text + "\n")
         self.stream.flush()
 
-    def message(self, text):
-        """A plain line on rank 0 (ends any progress bar line first)."""
-        if self.comm.rank == 0:
-            self.stream.write(("\n" if self.interactive else "") + text + "\n")
+    def message(self, text, level="info"):
+        """A line on rank 0 with its time (ends any progress bar line first); lines below
+        the log level (``configure``) are left out."""
+        if self.comm.rank == 0 and LEVELS.index(level) >= LEVELS.index(SETTINGS["level"]):
+            stamp = time.strftime("%H:%M:%S")
+            self.stream.write(("\n" if self.interactive else "") + f"{stamp} {text}\n")
             self.stream.flush()
 
     def close(self):

@@ -7,7 +7,7 @@
 #   benchmarks/multihost/sweep.sh                  measure and model every profile
 #   MEASURE=0 benchmarks/multihost/sweep.sh        model and plot the results already there
 #
-# Environment: PROFILES (default "10gbit 1gbit"), TRIALS (best of, default 2), BATCH (samples
+# Environment: PROFILES (default "10gbit 1gbit"), TRIALS (best of, default 3), BATCH (samples
 # per rank in weak scaling, default 1024), OUT (default bench-results/multihost), PYTHON.
 # Extra arguments go to `python -m hpctrain.bench scaling`. Needs root (hosts.sh); the hosts
 # are torn down at the end, also on failure. The emulated nodes share this machine's cores:
@@ -20,6 +20,7 @@ PROFILES=${PROFILES:-10gbit 1gbit}
 HOSTS=benchmarks/multihost/hosts.sh
 
 if [ "${MEASURE:-1}" = 1 ]; then
+  export PYTHONFAULTHANDLER=1      # a rank that crashes prints where
   trap '"$HOSTS" down >/dev/null 2>&1 || true' EXIT
   "$HOSTS" up 4 none
   for rate in $PROFILES; do
@@ -29,8 +30,8 @@ if [ "${MEASURE:-1}" = 1 ]; then
       eval "$("$HOSTS" env 1)"     # one rank per host: P ranks on P nodes
       "$PY" -m hpctrain.bench scaling --ranks 1,2,4 \
           --benchmarks allreduce,alltoallv,exchange,train --batch "${BATCH:-1024}" \
-          --trials "${TRIALS:-2}" --allreduce-args "--max-bytes 4M" \
-          --alltoallv-args "--max-bytes 4M" --out "$OUT/$rate" "$@"
+          --trials "${TRIALS:-3}" --allreduce-args "--max-bytes 4M --rounds 3 --repeat 20" \
+          --alltoallv-args "--max-bytes 4M --rounds 3 --repeat 20" --out "$OUT/$rate" "$@"
     )
     echo "# $rate: load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
   done

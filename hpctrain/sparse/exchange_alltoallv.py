@@ -48,6 +48,17 @@ class AlltoallvExchange:
     def __init__(self, comm, owner, timer, buffers):
         self.comm, self.owner, self._t, self._buf = comm, owner, timer, buffers
         self._ones = np.ones(comm.size, dtype=np.int64)
+        # bytes this rank sent to other ranks since construction, per path and part
+        self.sent = {"alltoallv": dict.fromkeys(("counts", "ids", "rows", "grads"), 0),
+                     "window": dict.fromkeys(("requests", "rows", "grads"), 0)}
+        self._others = np.ones(comm.size, dtype=bool)
+        self._others[comm.rank] = False
+
+    def _count(self, path, part, per_peer, itemsize, peers=None):
+        """Add the bytes of ``per_peer`` elements sent to ``peers`` (default: every other
+        rank) to ``sent[path][part]``."""
+        mask = self._others if peers is None else peers
+        self.sent[path][part] += int(np.asarray(per_peer)[mask].sum()) * itemsize
 
     def start(self, look, blocking=False):
         """Pack the ids, exchange counts and start the ids ``Alltoallv`` (``look.ids``)."""
@@ -61,6 +72,8 @@ class AlltoallvExchange:
         """Counts by ``Alltoall``, then the ids ``Alltoallv`` (started unless ``blocking``)."""
         r = look.route
         look.from_peer_table = self.comm.alltoallv(r.per_table, self._ones, self._ones)
+        self.sent["alltoallv"]["counts"] += 8 * r.per_table.shape[1] * (self.comm.size - 1)
+        self._count("alltoallv", "ids", r.to_peer, 8)
         look.serve_elems = look.from_peer_table @ self.owner.dims
         self._t.lap("counts")
         serve_ids = look.from_peer_table.sum(axis=1)
@@ -88,6 +101,7 @@ class AlltoallvExchange:
         self._t.lap("lookup")
         rows = self._buf.get(pre + "rows", int(look.route.ask_elems.sum()), np.float32)
         self.comm.alltoallv(reply, look.serve_elems, look.route.ask_elems, recvbuf=rows)
+        self._count("alltoallv", "rows", look.serve_elems, 4)
         self._t.lap("rows_a2a")
         return rows, look.route.unique_off
 
@@ -100,12 +114,17 @@ class AlltoallvExchange:
         t.lap("pool")
         recv = self._buf.get("grad_recv", int(look.serve_elems.sum()), np.float32)
         self.comm.alltoallv(send, r.ask_elems, look.serve_elems, recvbuf=recv)
+        self._count("alltoallv", "grads", r.ask_elems, 4)
         t.lap("grad_a2a")
         self.owner.apply(look.parts, recv, step)
         t.lap("update")
 
     def nbytes(self):
         return 0
+
+    def window_ranks(self):
+        """World ranks sharing this rank's window (none: just this rank)."""
+        return [self.comm.rank]
 
     def close(self):
         pass

@@ -63,6 +63,10 @@ class SharedWindowExchange(AlltoallvExchange):
     def nbytes(self):
         return self.arena.nbytes()
 
+    def window_ranks(self):
+        return [int(r) for r in self.arena.members] if self.arena.enabled else \
+            [self.comm.rank]
+
     def close(self):
         self.arena.close()
 
@@ -83,6 +87,7 @@ class SharedWindowExchange(AlltoallvExchange):
             request[P:2 * P] = exclusive_cumsum(r.to_peer)
             request[2 * P:head] = r.per_table.ravel()
             arena.post(request)
+            self.sent["window"]["requests"] += int(request.shape[0]) * 8
             look.request, look.board, look.ids = request, True, Done(None)
         else:
             super().start(look, blocking)
@@ -169,7 +174,10 @@ class SharedWindowExchange(AlltoallvExchange):
         look.parts = self.owner.serve(recv_ids, look.from_peer_table, look.step, True, reply,
                                       look.id_start)
         self._t.lap("lookup")
+        local = arena.local_index >= 0
+        self._count("window", "rows", look.serve_elems, 4, local & self._others)
         if not arena.all_local:
+            self._count("alltoallv", "rows", look.serve_elems, 4, ~local)
             arena.alltoallv_remote(base, look.serve_elems, look.serve_start,
                                    base + S, look.route.ask_elems, look.ask_start)
         arena.sync()
@@ -199,7 +207,10 @@ class SharedWindowExchange(AlltoallvExchange):
         tables_map(lambda a: a[0].unique_grads(grads, out=flat, out_off=a[1] + look.grad_base),
                    zip(look.plans, look.route.unique_off))
         t.lap("pool")
+        local = arena.local_index >= 0
+        self._count("window", "grads", look.route.ask_elems, 4, local & self._others)
         if not arena.all_local:
+            self._count("alltoallv", "grads", look.route.ask_elems, 4, ~local)
             arena.alltoallv_remote(look.grad_base, look.route.ask_elems, look.ask_start,
                                    look.rgrads_base, look.serve_elems, look.serve_start)
         arena.sync()

@@ -216,6 +216,11 @@ class ShardedEmbedding(EmbeddingStore):
         raise ValueError(f"no table {table!r}; tables: {[s.name for s in self.specs]}")
 
     def stats(self):
-        """Rows per table held here, the exchange in use and its buffer bytes."""
+        """Rows per table held here, the exchange in use, its buffer bytes, the ranks that
+        share this rank's window, and the bytes this rank sent to other ranks since
+        construction per path (``alltoallv``: counts, ids, rows, grads by MPI;
+        ``window``: requests, rows, grads through shared memory; training lookups)."""
         return {"rows": {n: len(t) for n, t in self.tables.items()},
-                "exchange": self.exchange, "buffer_bytes": self.buffer_bytes()}
+                "exchange": self.exchange, "buffer_bytes": self.buffer_bytes(),
+                "window_ranks": self._exchange.window_ranks(),
+                "bytes_sent": {p: dict(v) for p, v in self._exchange.sent.items()}}

@@ -369,3 +369,30 @@ def test_exchange_falls_back_to_alltoallv_without_shared_memory(comm, monkeypatc
     for name, ref in ref_state.items():
         for field in ("keys", "values", "access_count", "last_step"):
             assert np.array_equal(state[name][field], ref[field]), f"{name}.{field}"
+
+
+@pytest.mark.parametrize("group", [None, 1, 2])
+def test_stats_say_which_path_the_bytes_took(comm, group):
+    """Window members' rows and gradients go through shared memory, other ranks' by
+    Alltoallv, and the statistics count each (what a multi-node run is checked with)."""
+    sharded = ShardedEmbedding(_specs("sgd", "sum"), comm, exchange="shm", node_group_size=group)
+    rng = np.random.default_rng(8)
+    for step in range(2):
+        gb = _global_batch(rng, comm.size, vocab=400)
+        out, ticket = sharded.forward(_rank_slice(gb, comm), step)
+        sharded.backward(ticket, {f: np.ones_like(o) for f, o in out.items()}, step)
+    st = sharded.stats()
+    members = st["window_ranks"]
+    size = comm.size if group is None else min(group, comm.size)
+    assert comm.rank in members and len(members) == size
+    a2a, win = st["bytes_sent"]["alltoallv"], st["bytes_sent"]["window"]
+    others_outside = comm.size - size
+    assert (a2a["rows"] > 0) == (others_outside > 0) and (a2a["grads"] > 0) == (others_outside > 0)
+    assert (win["rows"] > 0) == (size > 1) and (win["grads"] > 0) == (size > 1)
+    plain = ShardedEmbedding(_specs("sgd", "sum"), comm, exchange="alltoallv")
+    out, ticket = plain.forward(_rank_slice(gb, comm), 0)
+    plain.backward(ticket, {f: np.ones_like(o) for f, o in out.items()}, 0)
+    pst = plain.stats()
+    assert pst["window_ranks"] == [comm.rank] and not any(pst["bytes_sent"]["window"].values())
+    assert (pst["bytes_sent"]["alltoallv"]["rows"] > 0) == (comm.size > 1)
+    sharded.close()

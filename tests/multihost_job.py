@@ -76,15 +76,8 @@ def count_payload(store, size):
 
 
 def window_members(store):
-    """World ranks sharing this rank's shared window (None: no window).
-
-    ``stats()`` names the exchange but not the ranks its window spans, so this reads the
-    exchange's arena.
-    """
-    arena = getattr(getattr(store, "_exchange", None), "arena", None)
-    if arena is None or not arena.enabled:
-        return None
-    return [int(m) for m in arena.members]
+    """World ranks sharing this rank's shared window (``stats()["window_ranks"]``)."""
+    return store.stats()["window_ranks"]
 
 
 def main(out):

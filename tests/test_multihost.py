@@ -101,6 +101,11 @@ def test_training_across_hosts(hosts, per_host):
         # the shared window inside each host, and only there
         assert r["stats"]["exchange"] == "shm", r["stats"]
         assert r["window_members"] == on_host, (r["rank"], r["window_members"], on_host)
+        # the exchange's own statistics: rows and gradients crossed to the other host by
+        # Alltoallv, and (with two ranks on a host) to the host's peer through the window
+        moved = r["stats"]["bytes_sent"]
+        assert moved["alltoallv"]["rows"] > 0 and moved["alltoallv"]["grads"] > 0, moved
+        assert (moved["window"]["rows"] > 0) == (per_host > 1), moved
 
     # Alltoallv between hosts: what the exchange moved to ranks of other hosts crossed eth0
     sent = np.array([r["payload"]["sent"] for r in ranks])   # [requester, owner]

@@ -14,6 +14,12 @@ and tears them down at the end. mpiexec (MPICH's hydra) starts the ranks of
   ranks exchanged with ranks of the other host (Alltoallv), while the same traffic
   between ranks of one host never touches it.
 
+The hybrid mode's layout across hosts (``tests/multihost_hybrid_job.py``): the server on host
+1, the workers (one group of two, or two groups of one) on host 2, placed by the host file's
+slots. BSP losses equal the same layout's on one host bit for bit (one group: the collective
+trainer's too), and each host's eth0 carried at least the server <-> worker messages its
+ranks sent to the other host.
+
 Skips with the reason where namespaces cannot be made (not root, no iproute2/util-linux,
 kernel without veth/bridge/tbf) or where mpiexec is not hydra.
 """
@@ -121,6 +127,65 @@ def test_training_across_hosts(hosts, per_host):
         assert eth0["tx"] >= out_bytes, (host, eth0, out_bytes)
         assert eth0["rx"] >= in_bytes, (host, eth0, in_bytes)
 
+
+
+HYBRID_JOB = os.path.join(ROOT, "tests", "multihost_hybrid_job.py")
+
+
+def _run_hybrid(env, slots, servers, groups, placement):
+    """The hybrid job on ``slots`` ranks per host (host file order), or on this host (env None)."""
+    with tempfile.TemporaryDirectory(prefix="hpctrain-multihost-") as tmp:
+        out = os.path.join(tmp, "job.json")
+        job_env = None
+        if env is not None:
+            job_env = _hydra_env(env, 1)
+            hostfile = os.path.join(tmp, "hosts")
+            with open(hostfile, "w") as f:
+                f.writelines(f"{env['HPCTRAIN_MH_PREFIX']}-h{k + 1}:{n}\n"
+                             for k, n in enumerate(slots))
+            job_env["HYDRA_HOST_FILE"] = hostfile
+        run_mpi(sum(slots), [HYBRID_JOB, out, str(servers), str(groups), placement],
+                timeout=120, env=job_env)
+        with open(out) as f:
+            return json.load(f)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_hybrid_servers_and_workers_on_separate_hosts(hosts, groups):
+    """Server on host 1, the workers (one group of 2, or 2 groups of 1) on host 2 (BSP)."""
+    slots, servers = [1, 2], 1
+    job = _run_hybrid(hosts, slots, servers, groups, "first")
+    ranks = job["ranks"]
+    prefix = hosts["HPCTRAIN_MH_PREFIX"]
+    assert [(r["host"], r["role"]) for r in ranks] == [
+        (f"{prefix}-h1", "server"), (f"{prefix}-h2", "worker"), (f"{prefix}-h2", "worker")]
+    workers = [r for r in ranks if r["role"] == "worker"]
+    assert sorted({r["group"] for r in workers}) == list(range(groups))
+
+    # the same layout on one host: the same losses, bit for bit (BSP is deterministic)
+    ref = _run_hybrid(None, slots, servers, groups, "first")
+    ref_workers = [r for r in ref["ranks"] if r["role"] == "worker"]
+    for a, b in zip(workers, ref_workers):
+        assert len(a["losses"]) == 6
+        assert a["losses"] == b["losses"] and a["loss_parts"] == b["loss_parts"], (a, b)
+    if groups == 1:
+        # one group at s = 0 is the collective trainer on the workers, bit for bit
+        for w in workers:
+            assert w["losses"] == job["collective_losses"]
+
+    # server <-> worker messages crossed the link: every pull, push and reply went between
+    # the hosts, so each host's eth0 carried at least what its ranks sent to the other
+    sent = np.array([r["p2p_sent"] for r in ranks])          # [sender, receiver]
+    names = [r["host"] for r in ranks]
+    for host in sorted(set(names)):
+        mine = np.array([n == host for n in names])
+        eth0 = next((r["eth0"] for r in ranks if r["host"] == host and r["eth0"]), None)
+        assert eth0 is not None, f"{host}: no eth0 counters (not in a network namespace?)"
+        out_bytes = sent[np.ix_(mine, ~mine)].sum()
+        in_bytes = sent[np.ix_(~mine, mine)].sum()
+        assert out_bytes > 10_000 and in_bytes > 10_000, (host, out_bytes, in_bytes)
+        assert eth0["tx"] >= out_bytes, (host, eth0, out_bytes)
+        assert eth0["rx"] >= in_bytes, (host, eth0, in_bytes)
 
 def test_teardown_is_idempotent_and_complete():
     """``down`` twice is fine and leaves nothing of its prefix behind."""

@@ -601,6 +601,20 @@ def test_hybrid_step_bsp_waits_for_the_apply_and_the_round_trip():
     assert t["step"] == pytest.approx(0.062)
 
 
+def test_hybrid_bsp_clock_waits_for_the_slowest_worker():
+    r = _rates()
+    from hpctrain.bench.costmodel.hybrid import expected_max_normal
+    assert expected_max_normal(1) == 0 and expected_max_normal(2) == pytest.approx(0.5642)
+    rng = np.random.default_rng(0)
+    for n in (4, 16, 100):
+        sim = rng.standard_normal((50_000, n)).max(axis=1).mean()
+        assert expected_max_normal(n) == pytest.approx(sim, rel=0.1)
+    t = cm.hybrid_step(r, 0.050, 20_000, 0, workers=4, compute_std_s=0.004)
+    assert t["imbalance"] == pytest.approx(1.0294 * 0.004)
+    assert t["step"] == pytest.approx(0.062 + 1.0294 * 0.004)
+    assert cm.hybrid_step(r, 0.050, 20_000, 1, workers=4, compute_std_s=0.004)["imbalance"] == 0
+
+
 def test_hybrid_step_prefetch_hides_the_round_trip_behind_compute():
     r = _rates()
     for s in (1, 2, None):                                     # SSP and ASP

@@ -6,8 +6,10 @@ deduplication, pooling, packing the push), the pull round trip ``R(u) = r0 + r1 
 ids, the dense pull round trip ``D``, the server's apply time per clock ``A`` and its CPU
 time per clock ``K`` (applies and reads), with staleness bound ``s``::
 
-    s = 0 (BSP):  T = C + A + max(R(u), D)      the next clock's reads are answered only
-                                                after this clock is applied
+    s = 0 (BSP):  T = C + I + A + max(R(u), D)  the next clock's reads are answered only
+                                                after this clock is applied, which waits
+                                                for the slowest of the W workers: I =
+                                                E[max of W] - mean = e_W sigma_C
     s >= 1:       T = max(C + max(0, max(R(u), D) - C), K)
                                                 prefetch: the next reads travel during the
                                                 dense step; the server is a pipeline stage
@@ -26,10 +28,12 @@ Fitted from ``python -m hpctrain.bench hybrid``'s JSON (``fit_hybrid``): ``r0, r
 squares on the pull round trip p50 against the ids per pull, ``D`` its dense pull p50, ``A``
 the median apply time of a BSP clock (the workers idle while the server applies), ``K`` the
 median server CPU per clock over the cases; ``C`` of every case is the worker compute measured
-in the BSP case of the same layout. ``pull_rtt_over`` adds a network between workers and
-servers for predictions beyond one machine.
+in the BSP case of the same layout, ``sigma_C`` the spread of its per-step compute (``e_W``:
+the expected maximum of W standard normals, 0.56 for 2, 1.03 for 4). ``pull_rtt_over`` adds a
+network between workers and servers for predictions beyond one machine.
 """
 import dataclasses
+import math
 
 import numpy as np
 
@@ -58,6 +62,17 @@ class HybridRates:
         return self.rtt_fixed_s + ids * self.rtt_per_id_s
 
 
+def expected_max_normal(n):
+    """E[max of n independent standard normals] (to 4 digits up to 8; beyond, the Gumbel
+    approximation, within 10%)."""
+    table = {1: 0.0, 2: 0.5642, 3: 0.8463, 4: 1.0294, 5: 1.1630, 6: 1.2672, 7: 1.3522,
+             8: 1.4236}
+    if n in table:
+        return table[n]
+    a = math.sqrt(2.0 * math.log(n))
+    return a - (math.log(math.log(n)) + math.log(4.0 * math.pi) - 2.0 * 0.5772) / (2.0 * a)
+
+
 def pull_rtt_over(link, ids, dim, rates):
     """The pull round trip of ``ids`` ids with a network ``link`` (a ``model.Link``) between
     worker and server: the measured one plus a latency each way, the ids (8 B) out and their
@@ -67,7 +82,7 @@ def pull_rtt_over(link, ids, dim, rates):
 
 
 def hybrid_step(rates, compute_s, ids, staleness, groups=1, straggler=None, workers=1,
-                servers=1, cores=None, pull_rtt_s=None):
+                servers=1, cores=None, pull_rtt_s=None, compute_std_s=0.0):
     """Phase times (seconds) of one hybrid clock.
 
     Args:
@@ -79,15 +94,20 @@ def hybrid_step(rates, compute_s, ids, staleness, groups=1, straggler=None, work
         straggler: None, or ``(kind, delay_s, p)`` with kind "transient" / "persistent".
         workers, servers, cores: ranks sharing ``cores`` cores (None: not oversubscribed).
         pull_rtt_s: ``R(u)`` if not ``rates.pull_rtt(ids)`` (e.g. ``pull_rtt_over``).
+        compute_std_s: ``sigma_C``, the spread of a worker's compute from step to step: a
+            BSP clock waits for the slowest of the ``workers`` (an SSP one does not).
 
     Returns:
-        dict: compute, blocked, server, shared (the cores' bound), straggler, step.
+        dict: compute, blocked (imbalance included), imbalance, server, shared (the cores'
+        bound), straggler, step.
     """
     c = float(compute_s)
     rtt = max(rates.pull_rtt(ids) if pull_rtt_s is None else pull_rtt_s, rates.dense_rtt_s)
     bsp = staleness == 0
+    imbalance = 0.0
     if bsp:
-        blocked = rates.apply_s + rtt
+        imbalance = expected_max_normal(max(int(workers), 1)) * float(compute_std_s)
+        blocked = imbalance + rates.apply_s + rtt
         step = c + blocked
     else:
         blocked = max(0.0, rtt - c)
@@ -105,8 +125,9 @@ def hybrid_step(rates, compute_s, ids, staleness, groups=1, straggler=None, work
             extra = p * delay if bsp else p * delay / max(groups, 1)
         else:
             raise ValueError(f"straggler kind {kind!r}: expected 'transient' or 'persistent'")
-    return {"compute": c, "blocked": blocked, "server": rates.server_cpu_s, "shared": shared,
-            "straggler": extra, "step": step + extra}
+    return {"compute": c, "blocked": blocked, "imbalance": imbalance,
+            "server": rates.server_cpu_s, "shared": shared, "straggler": extra,
+            "step": step + extra}
 
 
 def fit_hybrid(doc):
@@ -154,7 +175,7 @@ def hybrid_points(doc, rates):
             t = hybrid_step(rates, b["compute_s_per_step"], r.get("ids_per_pull", 0.0), s,
                             r["groups"], straggler=(st["kind"], st["delay_s"], st["p"] or 0.0)
                             if st else None, workers=r["workers"], servers=r["servers"],
-                            cores=cores)
+                            cores=cores, compute_std_s=b.get("compute_std_s", 0.0))
             measured = r["global_batch"] / r["samples_per_s"]
             out.append({"case": r["case"], "section": section, "groups": r["groups"],
                         "staleness": s, "measured_s": measured, "predicted_s": t["step"],
@@ -172,10 +193,11 @@ def report(doc, print_table, out=print):
         f"pull {rates.dense_rtt_s * 1e3:.3g} ms, server apply {rates.apply_s * 1e3:.3g} ms "
         f"and CPU {rates.server_cpu_s * 1e3:.3g} ms per clock")
     pts = hybrid_points(doc, rates)
-    print_table(["case", "G", "s", "compute ms", "blocked ms", "straggler ms", "measured ms",
-                 "predicted ms", "error %"],
+    print_table(["case", "G", "s", "compute ms", "blocked ms", "of it imbalance",
+                 "straggler ms", "measured ms", "predicted ms", "error %"],
                 [[p["case"], p["groups"], "asp" if p["staleness"] is None else p["staleness"],
                   p["phases"]["compute"] * 1e3, p["phases"]["blocked"] * 1e3,
+                  p["phases"]["imbalance"] * 1e3,
                   p["phases"]["straggler"] * 1e3, p["measured_s"] * 1e3,
                   p["predicted_s"] * 1e3,
                   f"{p['rel_error'] * 100:+.1f}{' c' if p['calibration'] else ''}"]

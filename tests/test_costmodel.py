@@ -500,6 +500,59 @@ def test_reader_load_sets_the_oversubscription_of_the_train_step():
         (pts[1]["predicted_s"] - comm) * 2.0 / 1.1)
 
 
+def test_dense_contention_factor_in_the_step():
+    rates = cm.ComputeRates(s_per_flop=1e-10, s_per_id=100e-9, s_fixed=1e-3, threads=1,
+                            contention_per_rank=0.2, dense_contention_per_rank=0.5)
+    assert [rates.dense_contention(r) for r in (1, 2, 3)] == pytest.approx([1, 1.5, 2.0])
+    w = cm.Workload()
+    dense = 1000 * w.flops_per_sample * 1e-10
+    sparse = 1e-3 + 1000 * w.ids_per_sample * 100e-9
+    assert rates.step(w, 1000, 1) == pytest.approx(dense + sparse)
+    assert rates.step(w, 1000, 2) == pytest.approx(1.5 * dense + 1.2 * sparse)
+    # a run's measured factor replaces kappa_d's
+    assert rates.step(w, 1000, 2, dense_contention=1.8) == pytest.approx(1.8 * dense + 1.2 * sparse)
+    model = cm.CostModel(_network(), rates, ranks_per_node=2, cores_per_node=2)
+    assert model.step(w, 2, 1000)["compute"] == pytest.approx(1.5 * dense + 1.2 * sparse)
+    assert model.step(w, 2, 1000, 1.8)["compute"] == pytest.approx(1.8 * dense + 1.2 * sparse)
+
+
+def test_dense_contention_is_measured_by_the_bare_products_of_each_train_run():
+    def doc(p, step_s, gemm_s, batch, machine=None):
+        d = _train_doc(p, step_s, 0.0, batch)
+        d["results"][0]["bare_gemm_s"] = gemm_s
+        d["ranks_per_node"] = 1
+        d["ranks_per_machine"] = machine or p
+        return d
+    # 1 rank: 10 us per sample of bare products (the mean of 9 and 11); 2 emulated nodes on
+    # one 2-core machine, weak (2048 per rank) and strong (1024 per rank), their slowest
+    # rank's products 1.6x and 1.4x slower per sample; 4 ranks on 2 cores: 2 x 1.5
+    docs = [doc(1, 0.080, 9e-6 * 2048, 2048), doc(1, 0.080, 11e-6 * 2048, 2048),
+            doc(2, 0.150, 1.6e-5 * 2048, 4096), doc(2, 0.100, 1.4e-5 * 1024, 2048),
+            doc(4, 0.300, 3e-5 * 2048, 8192)]
+    c, kappa = cm.dense_contention(docs)
+    assert [c[id(d)] for d in docs] == pytest.approx([None, None, 1.6, 1.4, 1.5])
+    assert kappa == pytest.approx(0.5)                     # the 2-rank runs only
+    net, rates = _network(), cm.ComputeRates(s_per_flop=1e-10, s_per_id=100e-9, s_fixed=1e-3)
+    fitted, pts = cm.train_rates_and_points(docs, net, rates, 1.0, data_threads=0.0)
+    assert fitted.dense_contention_per_rank == pytest.approx(0.5)
+    for d, pt, cd in zip(docs[2:], pts[2:], (1.6, 1.4, 1.5)):
+        p, res = d["world_size"], d["results"][0]
+        model = cm.CostModel(net, fitted, 1, 2, 0.0, "shm", p)
+        w = cm.train_workload(res, 1.0)
+        assert pt["predicted_s"] == pytest.approx(model.step(w, p, res["global_batch"] / p,
+                                                             cd)["step"])
+        assert pt["dense_contention"] == pytest.approx(cd)
+        # the dense work is slowed by the run's own factor, the sparse work by kappa's
+        flat = model.step(w, p, res["global_batch"] / p, 1.0)["compute"]
+        dense = res["global_batch"] / p * w.flops_per_sample * fitted.s_per_flop
+        assert model.step(w, p, res["global_batch"] / p, cd)["compute"] == pytest.approx(
+            flat + (cd - 1) * dense * model.oversubscription(p))
+    # runs without the bare products: no dense contention, as before
+    plain = [_train_doc(1, 0.080, 0.0), _train_doc(2, 0.090, 0.0)]
+    fitted, pts = cm.train_rates_and_points(plain, net, rates, 1.0)
+    assert fitted.dense_contention_per_rank == 0.0 and pts[1]["dense_contention"] is None
+
+
 def test_data_threads_option_takes_a_share(tmp_path, capsys):
     import json
     for i, d in enumerate([_train_doc(1, 0.080, 0.25), _train_doc(2, 0.090, 0.3)]):

@@ -23,8 +23,9 @@ from hpctrain.bench.costmodel.fit_links import (collective_points, fit_alpha_bet
                                                 fit_net_links, fit_node_links, fit_regimes,
                                                 net_points, oversubscribed, ranks_per_machine,
                                                 relative_errors)
-from hpctrain.bench.costmodel.fit_rates import (TRAIN_DATA_THREADS, dense_rate_and_points,
-                                                exchange_comm, exchange_runs, fit_compute,
+from hpctrain.bench.costmodel.fit_rates import (TRAIN_DATA_THREADS, dense_contention,
+                                                dense_rate_and_points, exchange_comm,
+                                                exchange_runs, fit_compute,
                                                 sparse_rates_and_points, train_data_threads,
                                                 train_rates_and_points, train_workload,
                                                 unique_fraction)
@@ -40,7 +41,8 @@ __all__ = [
     "INTERCONNECTS", "TRAIN_DATA_THREADS", "ComputeRates", "CostModel", "HybridRates", "Link",
     "Network", "fit_hybrid", "hybrid_points", "hybrid_step", "pull_rtt_over",
     "Regimes", "Workload", "allreduce_terms", "alltoallv_net_terms", "alltoallv_terms",
-    "collective_points", "copy_cost", "dense_rate_and_points", "exchange_comm",
+    "collective_points", "copy_cost", "dense_contention", "dense_rate_and_points",
+    "exchange_comm",
     "exchange_runs", "fit_alpha_beta", "fit_compute", "fit_net_links", "fit_node_links",
     "fit_regimes", "load_results", "main", "net_points", "oversubscribed", "parse_args",
     "parse_net_regimes", "ranks_per_machine", "relative_errors", "sparse_exchange_bytes",

@@ -194,12 +194,49 @@ def train_workload(res, u):
                     (512, 256, 1), u)
 
 
+def dense_contention(runs):
+    """Measured dense contention of each train run, and ``kappa_d`` of ComputeRates.
+
+    The train benchmark times the dense step's bare matrix products in the same run, on
+    every rank at once between barriers, the slowest rank's time per repetition
+    (``bare_gemm_s``). Per sample against the 1-rank runs' mean, that is a run's ``c_d``:
+    the contention of its busy ranks on the dense work and the wait for the slowest of
+    them, as the exchange benchmark's ``alone`` column is for the sparse work. A 1-rank
+    run has ``c_d = 1`` (their spread is the calibration's to average); an oversubscribed
+    run's is divided by its rank-threads over cores, which the model applies on its own.
+    ``kappa_d`` is the mean ``(c_d - 1) / (r - 1)`` of the runs with ``r > 1`` busy ranks
+    and no more rank-threads than cores (0 without them).
+
+    Returns:
+        (dict id(run) -> c_d, or None where not measured; kappa_d).
+    """
+    def per_sample(d):
+        res = d["results"][0]
+        g = res.get("bare_gemm_s")
+        return g / (res["global_batch"] / d["world_size"]) if g else None
+
+    ref = [per_sample(d) for d in runs if d["world_size"] == 1 and per_sample(d)]
+    if not ref:
+        return {id(d): None for d in runs}, 0.0
+    ref = float(np.mean(ref))
+    c = {id(d): (None if d["world_size"] == 1 or not per_sample(d)
+                 else per_sample(d) / ref / _oversub(d)) for d in runs}
+    kappas = [(c[id(d)] - 1.0) / (min(d["world_size"], ranks_per_machine(d)) - 1)
+              for d in runs if c[id(d)] is not None and not oversubscribed(d)
+              and min(d["world_size"], ranks_per_machine(d)) > 1]
+    return c, max(float(np.mean(kappas)), 0.0) if kappas else 0.0
+
+
 def train_rates_and_points(docs, network, rates, u, node_exchange="shm", data_threads=None):
     """Calibrate ``rates`` on the 1-rank train runs; predict every train run.
 
     The split between dense FLOPs and sparse ids keeps the ratio the dense and
     exchange benchmarks measured; both are scaled so the 1-rank DLRM step is exact.
     ``data_threads`` is the reader's load per rank (default: :func:`train_data_threads`).
+    The dense work of each run is slowed by its measured contention ``c_d``
+    (:func:`dense_contention`; 1 on the 1-rank runs the calibration solves with), and
+    ``rates.dense_contention_per_rank`` becomes
+    ``kappa_d`` for predictions of runs not measured.
     """
     if data_threads is None:
         data_threads = train_data_threads(docs)[0]
@@ -207,24 +244,28 @@ def train_rates_and_points(docs, network, rates, u, node_exchange="shm", data_th
     ones = [d for d in runs if d["world_size"] == 1]
     if not ones:
         return rates, []
+    c_d, kappa_d = dense_contention(runs)
     scale = []
     for d in ones:
         res = d["results"][0]
         model = CostModel(network, dataclasses.replace(rates, threads=_threads(d)), 1,
                           _cores(d), data_threads, node_exchange)
-        t = model.step(train_workload(res, u), 1, res["global_batch"])
+        t = model.step(train_workload(res, u), 1, res["global_batch"], c_d[id(d)])
         scale.append((res["median_step_s"] - t["allreduce"] - t["alltoallv"]) / t["compute"])
     k = float(np.mean(scale))
     rates = dataclasses.replace(rates, s_per_flop=rates.s_per_flop * k,
-                                s_per_id=rates.s_per_id * k, s_fixed=rates.s_fixed * k)
+                                s_per_id=rates.s_per_id * k, s_fixed=rates.s_fixed * k,
+                                dense_contention_per_rank=kappa_d)
     points = []
     for d in runs:
         res, p = d["results"][0], d["world_size"]
         model = CostModel(network, dataclasses.replace(rates, threads=_threads(d)),
                           d.get("ranks_per_node", p), _cores(d), data_threads,
                           node_exchange, ranks_per_machine(d))
-        pred = model.step(train_workload(res, u), p, res["global_batch"] / p)["step"]
-        points.append(_point(d, "train", res["median_step_s"], pred, calibration=p == 1))
+        pred = model.step(train_workload(res, u), p, res["global_batch"] / p, c_d[id(d)])["step"]
+        pt = _point(d, "train", res["median_step_s"], pred, calibration=p == 1)
+        pt["dense_contention"] = c_d[id(d)]
+        points.append(pt)
     return rates, points
 
 

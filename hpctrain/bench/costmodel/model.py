@@ -2,12 +2,13 @@
 
 One step on ``p`` ranks (``r`` per node, ``N = p / r`` nodes), local batch ``b``:
 
-    T(p) = [T_dense(b) + T_sparse(b) * c(r)] * max(1, r * (threads + d) / cores)
+    T(p) = [T_dense(b) * c_d(r) + T_sparse(b) * c(r)] * max(1, r * (threads + d) / cores)
          + T_allreduce(4 * dense_params, p)                 (one fused allreduce)
          + sum over the exchanges of T_alltoallv(bytes, p)   (counts, ids, rows, grads)
 
 ``c(r)`` is the memory contention of ``r`` busy ranks on a node, measured by the exchange
-benchmark; ``d`` is the reader's load, the share of a core its prefetch thread keeps busy
+benchmark, ``c_d(r)`` that of their dense work (the slowest rank's), measured by the train
+benchmark's bare matrix products; ``d`` is the reader's load, the share of a core its prefetch thread keeps busy
 per rank (measured by the 1-rank train run as ``reader_busy_share``). The collectives are
 piecewise alpha-beta: every message-size regime (eager, rendezvous, ...) has its own
 latency ``a`` and seconds per byte ``B``, with ``s`` the bytes per peer of an alltoallv
@@ -297,12 +298,17 @@ class ComputeRates:
         s_fixed: sparse per-step cost independent of the batch (per-table calls).
         contention_per_rank: ``kappa`` of the memory contention ``c(r) = 1 + kappa (r-1)``
             that slows sparse work when ``r`` ranks of a node are busy at once.
+        dense_contention_per_rank: ``kappa_d`` of the same form for the dense work,
+            ``c_d(r) = 1 + kappa_d (r-1)``: the slowest of ``r`` busy ranks' matrix
+            products against one rank's alone (measured by the train benchmark's bare
+            products, timed on every rank at once; 0: dense work free of contention).
     """
     s_per_flop: float = 1.0 / 20e9
     s_per_id: float = 100e-9
     s_fixed: float = 1e-3
     threads: int = 1
     contention_per_rank: float = 0.0
+    dense_contention_per_rank: float = 0.0
 
     def contention(self, busy_ranks):
         """Slow-down of sparse work with ``busy_ranks`` ranks busy on one node.
@@ -313,10 +319,23 @@ class ComputeRates:
         """
         return 1.0 + self.contention_per_rank * max(busy_ranks - 1, 0)
 
-    def step(self, workload, batch, busy_ranks=1):
-        """Compute seconds of one step with local batch ``batch``."""
+    def dense_contention(self, busy_ranks):
+        """Slow-down of the slowest rank's dense work with ``busy_ranks`` ranks busy at once.
+
+        ``1 + kappa_d (r - 1)``. Measured as the slowest rank's (a synchronous step waits
+        for it at the allreduce), so it holds both the cores' and memory's contention and
+        the wait for the slowest rank's dense work.
+        """
+        return 1.0 + self.dense_contention_per_rank * max(busy_ranks - 1, 0)
+
+    def step(self, workload, batch, busy_ranks=1, dense_contention=None):
+        """Compute seconds of one step with local batch ``batch``.
+
+        ``dense_contention``: a measured ``c_d`` for this run in place of ``c_d(r)``.
+        """
         sparse = self.s_fixed + batch * workload.ids_per_sample * self.s_per_id
-        return (batch * workload.flops_per_sample * self.s_per_flop
+        c_d = self.dense_contention(busy_ranks) if dense_contention is None else dense_contention
+        return (batch * workload.flops_per_sample * self.s_per_flop * c_d
                 + sparse * self.contention(busy_ranks))
 
 
@@ -353,11 +372,14 @@ class CostModel:
         busy = self.busy_ranks(p)
         return max(1.0, busy * (self.compute.threads + self.data_threads) / self.cores_per_node)
 
-    def step(self, workload, p, batch_per_rank):
-        """Phase times (seconds) of one step on ``p`` ranks."""
+    def step(self, workload, p, batch_per_rank, dense_contention=None):
+        """Phase times (seconds) of one step on ``p`` ranks.
+
+        ``dense_contention``: a run's measured ``c_d`` (:meth:`ComputeRates.step`).
+        """
         r = min(p, self.ranks_per_node)
-        t = {"compute": self.compute.step(workload, batch_per_rank, self.busy_ranks(p))
-             * self.oversubscription(p),
+        t = {"compute": self.compute.step(workload, batch_per_rank, self.busy_ranks(p),
+                                          dense_contention) * self.oversubscription(p),
              "allreduce": self.network.allreduce(4.0 * workload.dense_params, p, r),
              "alltoallv": sparse_exchange_time(self.network, workload.exchange_bytes(
                  batch_per_rank, p), p, r, self.node_exchange)}

@@ -223,7 +223,8 @@ def main(argv=None):
     print(f"#   compute per rank: {1e-9 / compute.s_per_flop:.3g} GFLOP/s dense, "
           f"{compute.s_per_id * 1e9:.4g} ns per sparse id + {compute.s_fixed * 1e3:.3g} ms "
           f"per step; sparse contention kappa {compute.contention_per_rank:.3f} per busy rank; "
-          f"unique fraction {u:.3f}")
+          f"dense contention kappa_d {compute.dense_contention_per_rank:.3f} per busy rank "
+          f"(the slowest rank's); unique fraction {u:.3f}")
     print(f"#   reader load: {data_threads:.3f} of a core per rank ({data_src})")
     if points:
         print("# predicted vs measured, every measured point (size: allreduce buffer, alltoallv "

@@ -14,11 +14,12 @@ and tears them down at the end. mpiexec (MPICH's hydra) starts the ranks of
   ranks exchanged with ranks of the other host (Alltoallv), while the same traffic
   between ranks of one host never touches it.
 
-The hybrid mode's layout across hosts (``tests/multihost_hybrid_job.py``): the server on host
+The hybrid mode's layouts across hosts (``tests/multihost_hybrid_job.py``): the server on host
 1, the workers (one group of two, or two groups of one) on host 2, placed by the host file's
-slots. BSP losses equal the same layout's on one host bit for bit (one group: the collective
-trainer's too), and each host's eth0 carried at least the server <-> worker messages its
-ranks sent to the other host.
+slots; and placement "per_node", one server beside one worker on each host. BSP losses
+equal the same layout's on one host bit for bit (one group: the collective trainer's too),
+and each host's eth0 carried at least the server <-> worker messages its ranks sent to the
+other host.
 
 Skips with the reason where namespaces cannot be made (not root, no iproute2/util-linux,
 kernel without veth/bridge/tbf) or where mpiexec is not hydra.
@@ -150,21 +151,29 @@ def _run_hybrid(env, slots, servers, groups, placement):
             return json.load(f)
 
 
-@pytest.mark.parametrize("groups", [1, 2])
-def test_hybrid_servers_and_workers_on_separate_hosts(hosts, groups):
-    """Server on host 1, the workers (one group of 2, or 2 groups of 1) on host 2 (BSP)."""
-    slots, servers = [1, 2], 1
-    job = _run_hybrid(hosts, slots, servers, groups, "first")
+@pytest.mark.parametrize("slots,servers,groups,placement", [
+    ([1, 2], 1, 1, "first"), ([1, 2], 1, 2, "first"), ([2, 2], 2, 1, "per_node")],
+    ids=["server-host-one-group", "server-host-two-groups", "per-node-servers"])
+def test_hybrid_layouts_across_hosts(hosts, slots, servers, groups, placement):
+    """The server on host 1 and the workers (one group of 2, or 2 groups of 1) on host 2
+    ("first", host file slots 1 + 2); or one server beside one worker on each host
+    ("per_node", 2 + 2). BSP, s = 0."""
+    job = _run_hybrid(hosts, slots, servers, groups, placement)
     ranks = job["ranks"]
     prefix = hosts["HPCTRAIN_MH_PREFIX"]
-    assert [(r["host"], r["role"]) for r in ranks] == [
-        (f"{prefix}-h1", "server"), (f"{prefix}-h2", "worker"), (f"{prefix}-h2", "worker")]
-    workers = [r for r in ranks if r["role"] == "worker"]
+    expect = {"first": ["server", "worker", "worker"],
+              "per_node": ["server", "worker", "server", "worker"]}[placement]
+    assert [r["role"] for r in ranks] == expect
+    assert [r["host"] for r in ranks] == [f"{prefix}-h{k + 1}" for k, n in enumerate(slots)
+                                          for _ in range(n)]
+    workers = sorted((r for r in ranks if r["role"] == "worker"), key=lambda r: r["index"])
     assert sorted({r["group"] for r in workers}) == list(range(groups))
 
     # the same layout on one host: the same losses, bit for bit (BSP is deterministic)
-    ref = _run_hybrid(None, slots, servers, groups, "first")
-    ref_workers = [r for r in ref["ranks"] if r["role"] == "worker"]
+    ref = _run_hybrid(None, slots, servers, groups, placement)
+    ref_workers = sorted((r for r in ref["ranks"] if r["role"] == "worker"),
+                         key=lambda r: r["index"])
+    assert len(ref_workers) == len(workers)
     for a, b in zip(workers, ref_workers):
         assert len(a["losses"]) == 6
         assert a["losses"] == b["losses"] and a["loss_parts"] == b["loss_parts"], (a, b)
@@ -186,6 +195,7 @@ def test_hybrid_servers_and_workers_on_separate_hosts(hosts, groups):
         assert out_bytes > 10_000 and in_bytes > 10_000, (host, out_bytes, in_bytes)
         assert eth0["tx"] >= out_bytes, (host, eth0, out_bytes)
         assert eth0["rx"] >= in_bytes, (host, eth0, in_bytes)
+
 
 def test_teardown_is_idempotent_and_complete():
     """``down`` twice is fine and leaves nothing of its prefix behind."""

@@ -6,5 +6,8 @@ MPI Alltoallv. See DESIGN in the docs for one training step.
 """
 __version__ = "0.1.0"
 
+# First, before NumPy's BLAS or the kernels' OpenMP runtime loads: idle threads sleep.
+from hpctrain import _idle_threads  # noqa: E402,F401
+
 from hpctrain.errors import (  # noqa: F401
     CheckpointError, CommError, ConfigError, DataError, HpctrainError, NonFiniteError)

@@ -1,0 +1,46 @@
+"""Idle threads sleep: the wait settings of the OpenMP runtime and of OpenBLAS.
+
+Both runtimes read their setting once, when they load, and by default park a thread that
+has finished its part of a job in a spin loop (OpenBLAS for about 2^28 cycles, a tenth
+of a second, after every matrix product). A rank runs kernel threads, BLAS threads, its
+Python code and a data reader on the same cores, one phase after another: the sparse
+phases right after the dense GEMMs shared the cores with a spinning BLAS thread, and one
+rank with 2 threads was slower than with 1 (benchmarks/README.md, threads).
+
+``import hpctrain`` therefore sets, when the environment does not:
+
+* ``OMP_WAIT_POLICY=PASSIVE``: idle kernel threads sleep at once;
+* ``OPENBLAS_THREAD_TIMEOUT=20``: an idle BLAS thread spins 2^20 cycles (well under a
+  millisecond, enough to bridge the row blocks of one layer) and then sleeps.
+
+Exported values are kept. A runtime already loaded (NumPy imported before hpctrain, or
+another OpenMP library first) does not see the value: the ``*_SOURCE`` names say so.
+"""
+import os
+import sys
+
+DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "20"}
+
+_OPENMP_RUNTIMES = ("libgomp", "libomp.", "libiomp")
+
+
+def openmp_runtime_loaded():
+    """True when an OpenMP runtime is already mapped into this process (Linux; else False)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return any(name in line for line in f for name in _OPENMP_RUNTIMES)
+    except OSError:
+        return False
+
+
+def _set(var, loaded):
+    if var in os.environ:
+        return "environment"
+    os.environ[var] = DEFAULTS[var]
+    return "too late" if loaded() else "hpctrain"
+
+
+#: Where each setting of this process comes from: "environment", "hpctrain", or "too late"
+#: (set here, but the runtime had been loaded before and kept its default).
+WAIT_POLICY_SOURCE = _set("OMP_WAIT_POLICY", openmp_runtime_loaded)
+BLAS_TIMEOUT_SOURCE = _set("OPENBLAS_THREAD_TIMEOUT", lambda: "numpy" in sys.modules)

@@ -22,7 +22,7 @@ line (the collective trainer gets the same batch per rank). Sections:
   probability 0.3, one group chosen at random sleeps one step time) and a *persistent* one
   (the last group sleeps half a step every clock: 1.5x slower), each for BSP and SSP
   ``s = 2`` and ``s = 4`` beside the same consistencies without a straggler, measured in the
-  same section. "A step" is the consistency's own no-straggler median step (first trial);
+  same section. "A step" is the consistency's own no-straggler median step (its best trial);
   ``transient-ssp2-bspdelay`` gives SSP s = 2 BSP's delays (one BSP step, longer than SSP's
   own), the same absolute delays as BSP. The draws depend only on the clock, so every run
   sees the same straggler clocks. Per group clock rates show who runs at whose speed.
@@ -560,7 +560,7 @@ def main(argv=None):
                    help="comma-separated subset of throughput,stragglers,rtt,convergence")
     p.add_argument("--rtt-sizes", default="1024,4096,16384,65536",
                    help="ids per pull of the round-trip measurement")
-    p.add_argument("--trials", type=int, default=2,
+    p.add_argument("--trials", type=int, default=3,
                    help="run the throughput and straggler sections this many times over and "
                         "keep each case's fastest run (other jobs only ever slow a run down)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per convergence point")
@@ -629,17 +629,16 @@ def main(argv=None):
                 say(f"{name}: {r['samples_per_s']:,.0f} samples/s, group clocks/s "
                     f"{_fmt_rates(r)}")
                 return r
-            # the no-straggler runs of the first trial set the delays of every trial
+            # the no-straggler runs first (best of the trials): their median steps are the
+            # delays of the straggler runs
             base_cases = [(f"none-{_label(c, s)}", None, c, s, None) for c, s in consistencies]
-            first = {case[0]: run_straggler(*case) for case in base_cases}
-            steps = {_label(c, s): first[f"none-{_label(c, s)}"]["median_step_s"]
-                     for c, s in consistencies}
-            cases = base_cases + [(f"{kind}-{_label(c, s)}", kind, c, s, steps[_label(c, s)])
-                                  for kind in ("transient", "persistent")
-                                  for c, s in consistencies]
+            base_runs = _best_of(args.trials, base_cases, run_straggler, say)
+            steps = {_label(c, s): r["median_step_s"]
+                     for (c, s), r in zip(consistencies, base_runs)}
+            cases = [(f"{kind}-{_label(c, s)}", kind, c, s, steps[_label(c, s)])
+                     for kind in ("transient", "persistent") for c, s in consistencies]
             cases.append(("transient-ssp2-bspdelay", "transient", "ssp", 2, steps["bsp"]))
-            results["stragglers"] = _best_of(args.trials, cases, run_straggler, say,
-                                             done=first)
+            results["stragglers"] = base_runs + _best_of(args.trials, cases, run_straggler, say)
             results["straggler_step_s"] = steps
     if "rtt" in sections:
         sizes = [int(x) for x in args.rtt_sizes.split(",") if x]
@@ -684,18 +683,16 @@ def main(argv=None):
     return 0
 
 
-def _best_of(trials, cases, run, say, done=None):
+def _best_of(trials, cases, run, say):
     """Every case ``trials`` times over (all cases, then all again: the runs of one case
-    minutes apart); each case's run with the most samples/s, with ``trials`` recorded."""
-    best = dict(done or {})
-    runs = {name: [r["samples_per_s"]] for name, r in best.items()}
+    minutes apart); each case's run with the most samples/s, with every trial's samples/s
+    recorded (``trials_samples_per_s``)."""
+    best, runs = {}, {}
     for trial in range(max(trials, 1)):
         if trials > 1:
             say(f"trial {trial + 1} of {trials}")
         for case in cases:
             name = case[0]
-            if trial == 0 and name in best:
-                continue
             r = run(*case)
             runs.setdefault(name, []).append(r["samples_per_s"])
             if name not in best or r["samples_per_s"] > best[name]["samples_per_s"]:

@@ -11,19 +11,20 @@ Alltoallv) runs before this batch's dense work; its rows are read only after thi
 step's sparse update, so results are identical with and without overlap.
 """
 import math
-import os
 import time
 
 import numpy as np
 
-from hpctrain.dense.backend import to_numpy
 from hpctrain.dense.transfer import EmbeddingTransfer
 from hpctrain.errors import ConfigError, NonFiniteError
 from hpctrain.train.build import (BatchFeatures, build_model, dense_optimizer, feature_order,
                                   table_specs)
-from hpctrain.train.evaluation import evaluate_distributed, gather_eval
+from hpctrain.train.best_tracking import BestTracking
+from hpctrain.train.checkpointing import Checkpointing
 from hpctrain.train.metrics import MetricsLogger, PhaseTimer
-
+from hpctrain.train.predicting import Predicting
+from hpctrain.train.reporting import Reporting
+from hpctrain.train.run_checks import RunChecks
 
 def _set_threads(configured, ranks_on_host):
     """Set the threads of this rank's kernels and BLAS by the one rule of
@@ -37,8 +38,7 @@ def _set_threads(configured, ranks_on_host):
     threadpool_limits(limits=n, user_api="blas")
     return n
 
-
-class Trainer:
+class Trainer(RunChecks, BestTracking, Reporting, Checkpointing, Predicting):
     """Trains the model a ``Config`` describes on the ranks of ``comm``.
 
     The sparse side is an ``EmbeddingStore`` used only through its interface
@@ -451,257 +451,5 @@ class Trainer:
             if own_watcher:
                 watcher.close()
 
-    def _preflight(self):
-        """What would otherwise fail only after training, checked before step 1: the eval
-        files can be read and the checkpoint directory written (rank 0 looks, every rank
-        raises the same named error)."""
-        from hpctrain.errors import CheckpointError, DataError
-        cfg, problem = self.cfg, None
-        if self.comm.rank == 0:
-            ev = cfg.data.eval
-            for path in (ev.paths if ev is not None else []):
-                if not os.path.isfile(path) or not os.access(path, os.R_OK):
-                    why = "does not exist" if not os.path.exists(path) else \
-                        "is not a readable file"
-                    problem = ("data", f"{cfg.source}: data.eval.paths: {path} {why} (checked "
-                                       f"before training, not after it)")
-                    break
-            ck = self.ckpt
-            if problem is None and ck is not None:
-                try:
-                    os.makedirs(ck.directory, mode=0o700, exist_ok=True)
-                    writable = os.access(ck.directory, os.W_OK | os.X_OK)
-                except OSError as e:
-                    writable, why = False, e.strerror
-                else:
-                    why = "not writable by this user"
-                if not writable:
-                    problem = ("checkpoint", f"{cfg.source}: checkpoint.directory: "
-                                             f"{ck.directory}: {why} (checked before training)")
-        problem = self.comm.bcast(problem)
-        if problem is not None:
-            raise (DataError if problem[0] == "data" else CheckpointError)(problem[1])
-
-    def _check_fresh_start(self):
-        """A fresh run never trains over another run's checkpoints or appends to its
-        metrics: ``ConfigError`` naming them (decided on rank 0, raised on every rank)."""
-        cfg, found = self.cfg, []
-        if self.comm.rank == 0:
-            if self.ckpt is not None and self.ckpt.checkpoints():
-                found.append(f"checkpoints in {self.ckpt.directory}")
-            path = cfg.metrics.path
-            if path and os.path.isfile(path) and os.path.getsize(path) > 0:
-                found.append(f"metrics in {path}")
-        found = self.comm.bcast(found)
-        if found:
-            raise ConfigError(
-                f"{cfg.source}: a fresh run would mix with another run's files "
-                f"({'; '.join(found)}): continue that run with --resume, or give this one a "
-                f"new [checkpoint] directory and [metrics] path")
-
-    def _start_line(self, resume):
-        """What this run starts from, where, and on what: one line on rank 0."""
-        cfg, comm = self.cfg, self.comm
-        what = (f"resumed at step {self.step} from {self._restored_from}" if self.step
-                else "fresh start" + (" (no checkpoint to resume)" if resume else ""))
-        length = (f"{cfg.steps} steps" if cfg.steps is not None else "") + (
-            f"{' or ' if cfg.steps is not None else ''}{cfg.epochs} epoch(s)"
-            if cfg.epochs is not None else "") or "until the stream's END"
-        return (f"hpctrain: {what}; {length} of global batch {self.global_batch}; "
-                f"{comm.size} rank(s) x {self.threads} thread(s); data {cfg.data.format}; "
-                f"mode {cfg.mode}")
-
     def _done(self, step):
         return self.cfg.steps is not None and step >= self.cfg.steps
-
-    # ------------------------------------------------------------------ best, early stopping
-    def _may_stop_at(self, step):
-        """Whether the evaluation after ``step`` may end the run (early stopping)."""
-        ev = self.cfg.eval
-        return bool(self.best is not None and ev.early_stopping is not None and ev.interval
-                    and step % ev.interval == 0)
-
-    def _missed_eval(self, step):
-        """Whether a resumed run starts at an evaluation step whose evaluation the
-        checkpoint does not count (the run stopped right after training the step)."""
-        ev = self.cfg.eval
-        return bool(self.best is not None and step and ev.interval and step % ev.interval == 0
-                    and self.best.last_step != step and not self._done(step))
-
-    def _final_eval_follows(self, nxt, streaming, preempted):
-        """The last step of a keep_best run with a final evaluation: its checkpoint waits
-        for that evaluation (written once, counting it; ``fit``'s end writes it)."""
-        ev = self.cfg.eval
-        return bool(self.best is not None and self.best.keep_best and nxt is None
-                    and not streaming and not preempted and ev.at_end
-                    and self.cfg.data.eval is not None)
-
-    def _count_eval(self, metrics):
-        """Count an evaluation of the current step; True when it is a new best whose
-        checkpoint is to be kept (``keep_best``)."""
-        if self.best is None:
-            return False
-        return self.best.update(self.step, metrics) and self.best.keep_best
-
-    def _best_state(self):
-        """The tracker's part of a checkpoint's run state: ``early_stopping`` (the counts) and
-        ``best`` (with ``keep_best``; the checkpoint manager points best.json at the
-        checkpoint whose step it names)."""
-        if self.best is None:
-            return {}
-        out = {"early_stopping": self.best.state()}
-        if self.best.keep_best and self.best.summary() is not None:
-            out["best"] = self.best.summary()
-        return out
-
-    def _best_result(self):
-        """``fit``'s ``best``: metric, value, step (and checkpoint with keep_best), or None."""
-        out = self.best.summary() if self.best is not None else None
-        if out is not None and self.best.keep_best and self.ckpt is not None:
-            from hpctrain.checkpoint.manager import step_dir
-            out["checkpoint"] = os.path.join(self.ckpt.directory, step_dir(out["step"]))
-        return out
-
-    def _optimizer_metrics(self, step):
-        """The dense learning rate of ``step`` (with a schedule) and the gradient norm before
-        clipping (with clip_norm), for the metrics record."""
-        out = {}
-        if getattr(self.opt, "schedule", None) is not None:
-            out["lr"] = self.opt.schedule(step)
-        if self._grad_norm is not None:
-            out["grad_norm"] = self._grad_norm
-        return out
-
-    def _report(self, log, step, window_loss, samples_per_s):
-        """Live line and one JSON-lines record (phase times: max over ranks)."""
-        from hpctrain.memory import peak_rss_bytes
-        phases = self.timer.take()
-        phases.update({f"sparse.{k}": v for k, v in self.emb.timers.items()})
-        self.emb.reset_timers()
-        for k, v in phases.items():
-            self.phase_totals[k] = self.phase_totals.get(k, 0.0) + v
-        with self.timer("report"):
-            per_rank = self.comm.allgather_object(
-                (phases, self.emb.stats()["rows"], peak_rss_bytes()))
-        names = sorted({k for p, _, _ in per_rank for k in p})
-        loss = float(np.mean(window_loss))
-        log.live(step, loss, samples_per_s)
-        log.write({
-            "step": step, "loss": loss, "samples_per_s": samples_per_s,
-            "time": time.time(), "world_size": self.comm.size,
-            "phases_s": {k: max(p.get(k, 0.0) for p, _, _ in per_rank) for k in names},
-            "table_rows": [rows for _, rows, _ in per_rank],
-            "peak_rss_bytes": [rss for _, _, rss in per_rank],
-            **self._optimizer_metrics(step),
-        })
-
-    def _log_eval(self, log, metrics):
-        log.message(f"eval at step {self.step}: " + "  ".join(
-            f"{k} {v:.5f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
-        log.write({"step": self.step, "eval": metrics, "time": time.time()})
-
-    # ------------------------------------------------------------------ evaluation
-    def predict(self, split="eval", global_batch=None):
-        """``(labels, logits)`` of a whole split, gathered in sample order on every rank.
-
-        Embedding lookups do not insert ids (unknown ids read as the default row).
-        """
-        gb = global_batch or self.cfg.eval.global_batch or self.global_batch
-        if gb % self.comm.size:
-            gb = (gb // self.comm.size + 1) * self.comm.size
-        labels, logits = self._predict_local(split, gb)
-        # Gather per global batch so the order is the data order for any world size.
-        out_y, out_z = [], []
-        for y, z in zip(labels, logits):
-            gy, gz = gather_eval(self.comm, y, z)
-            out_y.append(gy)
-            out_z.append(gz)
-        cat = (lambda a: np.concatenate(a) if a else np.zeros(0))
-        return cat(out_y), cat(out_z)
-
-    def _predict_local(self, split, gb):
-        """This rank's ``(labels, logits)`` per global batch of ``split`` (lists)."""
-        reader = self._reader(split, gb, evaluation=True)
-        labels, logits = [], []
-        for batch in reader:
-            pooled, _ = self.emb.forward(self.jagged(batch), self.step, train=False)
-            z = self.model.forward(batch.dense, [pooled[f] for f in self.features],
-                                   training=False)
-            labels.append(np.asarray(batch.labels, dtype=np.float64))
-            logits.append(np.asarray(to_numpy(z), dtype=np.float64))
-        return labels, logits
-
-    def evaluate(self, split="eval", global_batch=None):
-        """Exact AUC, logloss and accuracy over the whole split (same on every rank).
-
-        Scores are never gathered: memory per rank is its share of the split
-        (``hpctrain.train.evaluation.evaluate_distributed``).
-        """
-        gb = global_batch or self.cfg.eval.global_batch or self.global_batch
-        if gb % self.comm.size:
-            gb = (gb // self.comm.size + 1) * self.comm.size
-        labels, logits = self._predict_local(split, gb)
-        cat = (lambda a: np.concatenate(a) if a else np.zeros(0))
-        return evaluate_distributed(self.comm, cat(labels), cat(logits))
-
-    # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self):
-        """Write a checkpoint of the current step; returns its path (all ranks)."""
-        from hpctrain.versions import versions
-        if self.ckpt is None:
-            raise ConfigError(f"{self.cfg.source}: no [checkpoint] section: nowhere to save")
-        with self.timer("checkpoint"):
-            dense = {"params": self.model.state_dict(), "optimizer": self.opt.state_dict()}
-            tables = self.emb.export()
-            state = {"step": self.step, "reader": self._reader_state, "config": self.cfg.text,
-                     "versions": versions(), "world_size": self.comm.size,
-                     "seed": self.cfg.seed, "losses_tail": self.losses[-5:],
-                     "window_loss": self._window_loss, **self._best_state()}
-            path = self.ckpt.save(self.step, dense, tables, state, table_ids=self.table_ids)
-        self._ckpt_step = self.step
-        if self.online is not None:      # a delta boundary; a stream may acknowledge
-            self.online.checkpointed(self.step)
-        return path
-
-    def restore(self, path=None, missing_ok=False):
-        """Load a checkpoint (default: the latest complete one) onto this world.
-
-        Rows are re-routed to their owners under the current world size, so a
-        checkpoint written by any number of ranks restores here.
-
-        Returns:
-            The checkpoint's step, or None when ``missing_ok`` and there is none.
-        """
-        from hpctrain.errors import CheckpointError
-        if self.ckpt is None:
-            raise ConfigError(f"{self.cfg.source}: resuming needs a [checkpoint] section")
-        if path is None and missing_ok and self.ckpt.latest(strict=True) is None:
-            return None
-        step, dense, tables, state = self.ckpt.load(
-            path, owner=self.emb.owner_of,
-            table_dims={s.name: s.dim for s in self.specs},
-            dense_like={"params": self.model.state_dict(), "optimizer": self.opt.state_dict()},
-            tables_like=self.emb.export())
-        try:
-            self.model.load_state_dict(dense["params"])
-            self.opt.load_state_dict(dense["optimizer"])
-            self.emb.import_(tables)
-        except KeyError as e:
-            raise CheckpointError(f"checkpoint of step {step}: missing entry {e}") from None
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"checkpoint of step {step}: does not fit this model: "
-                                  f"{e}") from None
-        if state.get("reader") is not None:
-            self.reader.restore(state["reader"])
-            self._reader_state = state["reader"]
-        self.step = int(step)
-        self._ckpt_step = self.step
-        if self.online is not None:
-            self.online.restored(self.step)
-        self._restored_from = path or os.path.join(self.ckpt.directory, f"step-{int(step):08d}")
-        tail = state.get("losses_tail") or []
-        self._last_loss = float(tail[-1]) if tail else float("nan")
-        self._window_loss = state.get("window_loss")
-        if self.best is not None:
-            self.best.restore(state.get("early_stopping"))
-        return self.step

@@ -48,7 +48,6 @@ below the 15% goal, which needs G >= 3 (1.19 at G = 4); the summary prints that 
 """
 import copy
 import io
-import math
 import time
 
 import numpy as np
@@ -223,10 +222,8 @@ def _server_class():
 def _serve(cfg, roles, p2p, prefill=None):
     """``run_server`` with a ``TimedServer``; returns the server after its loop ended."""
     from hpctrain.train.build import dense_optimizer, table_specs
-    make_opt = None
-    if cfg.ps.dense_on_servers:
-        def make_opt(params):
-            return dense_optimizer(cfg, params)
+    make_opt = ((lambda params: dense_optimizer(cfg, params)) if cfg.ps.dense_on_servers
+                else None)
     server = _server_class()(table_specs(cfg), p2p, roles, seed=cfg.seed,
                              consistency=cfg.ps.consistency, staleness=cfg.ps.staleness,
                              timeout_s=cfg.ps.timeout_s, make_dense_optimizer=make_opt,

@@ -16,6 +16,8 @@ alternation (old, new, new, old, ...), the same two benchmarks as fresh 2-rank j
 
 A round's ratio is new / old of the pair run back to back, so load swings of the
 machine cancel; the table reports the median ratio over rounds and its range.
+``--new-ref`` compares two past versions (both checked out and built). Building a
+worktree needs the build requirements (Cython, NumPy) importable by this Python.
 A ratio above 1 means the new version is slower.
 """
 import argparse
@@ -77,16 +79,22 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ref", required=True, help="git ref of the previous version")
     p.add_argument("--old-tree", default=None)
+    p.add_argument("--new-ref", default=None,
+                   help="compare against this git ref instead of the working tree")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", default=os.path.join(ROOT, "bench-results", "versions.json"))
     args = p.parse_args(argv)
     old = args.old_tree or os.path.join(tempfile.gettempdir(), f"hpctrain-{args.ref}")
     _worktree(args.ref, old)
+    new = ROOT
+    if args.new_ref:
+        new = os.path.join(tempfile.gettempdir(), f"hpctrain-{args.new_ref}")
+        _worktree(args.new_ref, new)
     pairs = {}
     with tempfile.TemporaryDirectory() as tmp:
         for rnd in range(args.rounds):
             for name, (bench_args, pick) in BENCHES.items():
-                order = [("old", old), ("new", ROOT)]
+                order = [("old", old), ("new", new)]
                 if rnd % 2:
                     order.reverse()
                 got = {}
@@ -109,7 +117,7 @@ def main(argv=None):
               f"{row['ratio_median']:>8.3f} {row['ratio_min']:>6.3f}-{row['ratio_max']:.3f}")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"ref": args.ref, "cpu": _cpu_model(), "cores": os.cpu_count(),
+        json.dump({"ref": args.ref, "new": args.new_ref or "working tree", "cpu": _cpu_model(), "cores": os.cpu_count(),
                    "ranks": 2, "threads_per_rank": 1, "results": rows}, f, indent=1)
     return 0
 

@@ -125,9 +125,8 @@ class MpiCommunicator(Communicator):
     Args:
         mpi_comm: the ``mpi4py`` communicator (default ``MPI.COMM_WORLD``).
         chunk_limit: largest element count per MPI call (default: module ``CHUNK_LIMIT``,
-            read at each call so tests can lower it; the allreduce fast path, a single
-            call on buffers up to the limit at construction, is not split by a lowered
-            module limit, which changes no result).
+            read at each call so tests can lower it; the allreduce fast path, one call
+            whatever the module limit, changes no result).
 
     Construction is collective (it gathers host names for ``local_rank``).
     """
@@ -146,7 +145,7 @@ class MpiCommunicator(Communicator):
         # Fast paths (see allreduce, alltoallv): the bound MPI calls, and the arguments
         # of the last plain alltoallv with what they were built from.
         self._Allreduce, self._Alltoallv = self.mpi_comm.Allreduce, self.mpi_comm.Alltoallv
-        self._fast_max = CHUNK_LIMIT if chunk_limit is None else -1   # -1: never the fast path
+        self._fast = chunk_limit is None       # a caller's own limit: always the checked path
         self._a2av = None
 
     @property
@@ -164,11 +163,13 @@ class MpiCommunicator(Communicator):
         # The common case costs what raw mpi4py's call costs: a sum of one contiguous
         # array that fits one call goes straight to MPI, which takes the type from the
         # buffer; anything else (or a buffer MPI refuses) takes the checked path below.
-        if op == "sum" and type(buf) is _ndarray and buf.size <= self._fast_max:
+        # Beyond INT_MAX elements mpi4py uses MPI-4's large-count call, or refuses the
+        # count (OverflowError) and the checked path splits the buffer.
+        if op == "sum" and self._fast and type(buf) is _ndarray:
             try:
                 self._Allreduce(_IN_PLACE, buf, _SUM)
                 return buf
-            except (BufferError, KeyError, ValueError, TypeError):
+            except (BufferError, KeyError, ValueError, TypeError, OverflowError):
                 pass    # refused before any communication: the checked path says why
         return self._allreduce_checked(buf, op)
 

@@ -18,7 +18,7 @@ import numpy as np
 from hpctrain.sparse.plan import (TableBatch, check_grads, make_table,  # noqa: F401
                                   split_batch)
 from hpctrain.sparse.spec import resolve_specs
-from hpctrain.sparse.store import EmbeddingStore, Ticket
+from hpctrain.sparse.store import EmbeddingStore, LocalShards, Ticket
 from hpctrain.timing import PhaseTimer
 
 PHASES = ("dedup", "route", "counts", "ids_a2a", "lookup", "rows_a2a", "pool", "grad_a2a",
@@ -35,7 +35,7 @@ class _Lookup(Ticket):
         self.plans, self.indices = plans, []
 
 
-class EmbeddingCollection(EmbeddingStore):
+class EmbeddingCollection(LocalShards, EmbeddingStore):
     """Embedding tables trained in one process: the reference ``ShardedEmbedding`` matches.
 
     Args:
@@ -113,28 +113,6 @@ class EmbeddingCollection(EmbeddingStore):
         for p, idx, g in zip(ticket.plans, ticket.indices, per_table):
             self.tables[p.spec.name].apply_gradients(idx, g, step)
         t.lap("update")
-
-    def evict(self, step):
-        """Evict stale/rare rows of every table; returns dict table -> rows evicted."""
-        return {name: int(t.evict(step)) for name, t in self.tables.items()}
-
-    def export(self):
-        """dict table -> ``EmbeddingTable.export()`` of every row."""
-        return {name: t.export() for name, t in self.tables.items()}
-
-    def track_evictions(self):
-        """Every table remembers its evicted keys for ``export_delta``."""
-        for t in self.tables.values():
-            t.track_evictions()
-
-    def export_delta(self, since):
-        """dict table -> ``EmbeddingTable.export_delta(since)`` of this rank's shard."""
-        return {name: t.export_delta(since) for name, t in self.tables.items()}
-
-    def import_(self, tables):
-        """Store exported rows (dict table -> export state)."""
-        for name, state in tables.items():
-            self.tables[name].import_(state)
 
     def owner_of(self, table, keys):
         """Every key is here: zeros."""

@@ -22,7 +22,7 @@ from hpctrain.sparse.owner import OwnerSide
 from hpctrain.sparse.plan import Buffers, check_grads, make_table, route, split_batch
 from hpctrain.sparse.routing import owner_of
 from hpctrain.sparse.spec import resolve_specs
-from hpctrain.sparse.store import EmbeddingStore, Ticket
+from hpctrain.sparse.store import EmbeddingStore, LocalShards, Ticket
 from hpctrain.sparse.tablepool import tables_map
 from hpctrain.timing import PhaseTimer
 
@@ -51,7 +51,7 @@ class ShardedLookup(Ticket):
         self.grad_base = self.grad_shift = self.rgrads_base = None
 
 
-class ShardedEmbedding(EmbeddingStore):
+class ShardedEmbedding(LocalShards, EmbeddingStore):
     """Embedding tables whose rows are sharded over the ranks of ``comm``.
 
     Same semantics as ``EmbeddingCollection`` applied to the global batch (the
@@ -182,28 +182,6 @@ class ShardedEmbedding(EmbeddingStore):
         ticket._mark_applied("ShardedEmbedding")
         self._timer.start()
         self._exchange.backward(ticket, grads, step)
-
-    def evict(self, step):
-        """Evict stale/rare rows of this rank's shards; dict table -> rows evicted here."""
-        return {name: int(t.evict(step)) for name, t in self.tables.items()}
-
-    def export(self):
-        """This rank's shard of every table: dict table -> ``EmbeddingTable.export()``."""
-        return {name: t.export() for name, t in self.tables.items()}
-
-    def track_evictions(self):
-        """Every table remembers its evicted keys for ``export_delta``."""
-        for t in self.tables.values():
-            t.track_evictions()
-
-    def export_delta(self, since):
-        """dict table -> ``EmbeddingTable.export_delta(since)`` of this rank's shard."""
-        return {name: t.export_delta(since) for name, t in self.tables.items()}
-
-    def import_(self, tables):
-        """Store rows this rank owns (dict table -> export state)."""
-        for name, state in tables.items():
-            self.tables[name].import_(state)
 
     def owner_of(self, table, keys):
         """Rank of this store's communicator that owns each key of ``table``."""

@@ -127,3 +127,31 @@ class EmbeddingStore(ABC):
 
     def close(self):
         """Release what the store holds outside Python (windows, connections)."""
+
+
+class LocalShards:
+    """The store methods of a store whose rows of this rank are ``self.tables`` (dict table
+    name -> ``EmbeddingTable``): the twin (every row) and the sharded store (this rank's
+    shard)."""
+
+    def evict(self, step):
+        """Evict stale/rare rows of this rank's tables; dict table -> rows evicted here."""
+        return {name: int(t.evict(step)) for name, t in self.tables.items()}
+
+    def export(self):
+        """This rank's rows of every table: dict table -> ``EmbeddingTable.export()``."""
+        return {name: t.export() for name, t in self.tables.items()}
+
+    def track_evictions(self):
+        """Every table remembers its evicted keys for ``export_delta``."""
+        for t in self.tables.values():
+            t.track_evictions()
+
+    def export_delta(self, since):
+        """dict table -> ``EmbeddingTable.export_delta(since)`` of this rank's rows."""
+        return {name: t.export_delta(since) for name, t in self.tables.items()}
+
+    def import_(self, tables):
+        """Store exported rows that live on this rank (dict table -> export state)."""
+        for name, state in tables.items():
+            self.tables[name].import_(state)

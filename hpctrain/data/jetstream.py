@@ -76,17 +76,8 @@ class JetStreamReader(StreamReader):
         require_nats()
         self.url, self.stream, self.subject, self.durable = url, stream, subject, durable
         self.directory = f"{url} {stream}/{subject}"
-        self.rank, self.world_size, self.global_batch = rank, world_size, global_batch
-        self.bad_lines, self.poll_seconds = bad_lines, float(poll_seconds)
-        self.prefetch, self.split = max(1, int(prefetch)), split
-        self.features, self.num_dense = tuple(features), int(num_dense)
-        self.partitions = 1
-        self._initial = {"version": 1, "epoch": 0, "row": 0, "file": 0, "offset": -1, "line": 0}
-        self._state = dict(self._initial)
-        self._thread, self._q, self._stop_ev = None, None, None
-        self.ended = False
-        self._waiting = None
-        self._busy = 0.0
+        self._setup(features, num_dense, 1, rank, world_size, global_batch, bad_lines,
+                    poll_seconds, prefetch, split)
         self._nats = _Loop()
         self._nc = self._js = self._sub = None
         self._unacked = OrderedDict()        # rank 0: stream sequence -> message, not acked
@@ -134,7 +125,7 @@ class JetStreamReader(StreamReader):
 
     # ------------------------------------------------------------------ the reading thread
     def _generate(self, st):
-        G, n, r = self.global_batch, self.world_size, self.rank
+        G, r = self.global_batch, self.rank
         seq, row = st["line"], st["row"]
         if self._sub is not None:
             self._nats.call(self._sub.unsubscribe())
@@ -166,14 +157,8 @@ class JetStreamReader(StreamReader):
                         self._unacked[s] = msg
                 window.append((name, s - 1, msg.data))   # record names are 1-based
                 seq = s
-            t0 = time.thread_time()
-            lo, hi = r * G // n, (r + 1) * G // n
-            rows, ids = self._parse(window[lo:hi])
-            batch = rows.to_batch(self.features, epoch=0, index=row // G, global_size=G,
-                                  offset=lo)
-            batch.sample_ids = ids
+            batch = self._batch(window, row)
             row += G
-            self._busy += time.thread_time() - t0
             yield batch, dict(self._initial, row=row, line=seq)
 
     # ------------------------------------------------------------------ acknowledgement

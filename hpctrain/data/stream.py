@@ -42,13 +42,13 @@ import time
 import numpy as np
 
 from hpctrain.data.batch import Rows
+from hpctrain.data.reader import _STATE_KEYS, STATE_VERSION, state_problem
 from hpctrain.errors import DataError
 
 STREAM_FORMAT = "hpctrain-stream"
 STREAM_VERSION = 1
 LAYOUT = "STREAM.json"
 END = "END"
-_STATE_KEYS = ("version", "epoch", "row", "file", "offset", "line")
 _ENDED = object()
 
 
@@ -168,14 +168,20 @@ class StreamReader:
     def __init__(self, directory, rank, world_size, global_batch, bad_lines, poll_seconds=0.2,
                  prefetch=2, split="train"):
         self.directory = os.path.abspath(directory)
+        layout = read_layout(self.directory)
+        self._setup(layout["features"], layout["num_dense"], layout["partitions"], rank,
+                    world_size, global_batch, bad_lines, poll_seconds, prefetch, split)
+
+    def _setup(self, features, num_dense, partitions, rank, world_size, global_batch,
+               bad_lines, poll_seconds, prefetch, split):
+        """The state every stream reader starts with (the offset at the first record)."""
         self.rank, self.world_size, self.global_batch = rank, world_size, global_batch
         self.bad_lines, self.poll_seconds = bad_lines, float(poll_seconds)
         self.prefetch, self.split = max(1, int(prefetch)), split
-        layout = read_layout(self.directory)
-        self.partitions = layout["partitions"]
-        self.features = tuple(layout["features"])
-        self.num_dense = layout["num_dense"]
-        self._initial = {"version": 1, "epoch": 0, "row": 0, "file": 0, "offset": -1, "line": 0}
+        self.features, self.num_dense = tuple(features), int(num_dense)
+        self.partitions = partitions
+        # the reader state of hpctrain.data.reader (version, epoch, row, file, offset, line)
+        self._initial = dict(dict.fromkeys(_STATE_KEYS, 0), version=STATE_VERSION, offset=-1)
         self._state = dict(self._initial)
         self._thread, self._q, self._stop_ev = None, None, None
         self.ended = False
@@ -289,7 +295,7 @@ class StreamReader:
         return rel, lines
 
     def _generate(self, st):
-        G, n, r = self.global_batch, self.world_size, self.rank
+        G = self.global_batch
         ordinal, line, row = st["file"], st["line"], st["row"]
         seg = None
         while True:
@@ -305,15 +311,21 @@ class StreamReader:
                 line += take
                 if line == len(lines):
                     ordinal, line, seg = ordinal + 1, 0, None
-            t0 = time.thread_time()
-            lo, hi = r * G // n, (r + 1) * G // n
-            rows, ids = self._parse(window[lo:hi])
-            batch = rows.to_batch(self.features, epoch=0, index=row // G, global_size=G,
-                                  offset=lo)
-            batch.sample_ids = ids
+            batch = self._batch(window, row)
             row += G
-            self._busy += time.thread_time() - t0
             yield batch, dict(self._initial, row=row, file=ordinal, line=line)
+
+    def _batch(self, window, row):
+        """This rank's slice of the global batch ``window`` (records of global row ``row``
+        on), parsed; its parsing time counts in ``busy_seconds``."""
+        t0 = time.thread_time()
+        G, r, n = self.global_batch, self.rank, self.world_size
+        lo, hi = r * G // n, (r + 1) * G // n
+        rows, ids = self._parse(window[lo:hi])
+        batch = rows.to_batch(self.features, epoch=0, index=row // G, global_size=G, offset=lo)
+        batch.sample_ids = ids
+        self._busy += time.thread_time() - t0
+        return batch
 
     def _parse(self, records):
         """Rows of ``records`` (good ones) and their sample ids; bad ones go to the policy."""
@@ -385,10 +397,9 @@ class StreamReader:
         Raises:
             DataError: ``state`` is not a reader state.
         """
-        if not isinstance(state, dict) or sorted(state) != sorted(_STATE_KEYS) or any(
-                isinstance(state[k], bool) or not isinstance(state[k], (int, np.integer))
-                for k in _STATE_KEYS):
-            raise DataError(f"data.{self.split}: not a stream offset: {state!r}")
+        problem = state_problem(state)
+        if problem:
+            raise DataError(f"data.{self.split}: not a stream offset: {problem}")
         self._stop()
         self._state = {k: int(state[k]) for k in _STATE_KEYS}
         self.ended = False

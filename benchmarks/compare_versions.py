@@ -23,23 +23,14 @@ A ratio above 1 means the new version is slower.
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _cpu_model():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+sys.path.insert(0, ROOT)
+from hpctrain.versions import cpu_model  # noqa: E402  (this tree's; the timed trees run apart)
 
 
 def _worktree(ref, path):
@@ -117,7 +108,7 @@ def main(argv=None):
               f"{row['ratio_median']:>8.3f} {row['ratio_min']:>6.3f}-{row['ratio_max']:.3f}")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"ref": args.ref, "new": args.new_ref or "working tree", "cpu": _cpu_model(), "cores": os.cpu_count(),
+        json.dump({"ref": args.ref, "new": args.new_ref or "working tree", "cpu": cpu_model(), "cores": os.cpu_count(),
                    "ranks": 2, "threads_per_rank": 1, "results": rows}, f, indent=1)
     return 0
 

@@ -46,6 +46,7 @@ from hpctrain.data.stream_produce import DriftingSource, produce  # noqa: E402
 from hpctrain.train.evaluation import logloss, roc_auc  # noqa: E402
 from hpctrain.train.loop import Trainer  # noqa: E402
 from hpctrain.train.serving import DeltaApplier, Predictor, ServingModel  # noqa: E402
+from hpctrain.versions import cpu_model  # noqa: E402
 
 CONFIG = """
 seed = 7
@@ -95,16 +96,6 @@ eviction = {{ ttl = {ttl} }}
 """
 
 INTERVALS = (10, 50, 200)
-
-
-def _cpu_model():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class Replica:
@@ -206,7 +197,7 @@ def main(argv=None):
     for r in tr.replicas:
         lines.append((r.name, r.z, float(np.mean(r.lag_steps)) if r.lag_steps else None,
                       float(np.mean(r.lag_s)) if r.lag_s else None))
-    result = {"cpu": _cpu_model(), "python": platform.python_version(),
+    result = {"cpu": cpu_model(), "python": platform.python_version(),
               "batch": a.batch, "warmup_steps": a.warmup_steps, "online_steps": a.online_steps,
               "drift_samples": a.drift_samples, "id_drift": a.id_drift, "vocab": a.vocab,
               "features": a.features, "ttl": a.ttl, "produce_s": produce_s, "train_s": train_s,
@@ -246,7 +237,7 @@ def main(argv=None):
           f"{d['bytes'] / 1024:.1f} KiB ({d['bytes_per_row']:.0f} B/row); "
           f"{d['ids_touched']:.0f} distinct ids touched in those 10 steps")
     print(f"stream written in {produce_s:.1f} s; {steps} steps trained in {train_s:.1f} s "
-          f"({_cpu_model()})")
+          f"({cpu_model()})")
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     with open(a.json, "w") as fh:
         json.dump(result, fh, indent=1)

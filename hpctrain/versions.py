@@ -19,5 +19,17 @@ def versions():
         "hpctrain": hpctrain.__version__, "python": platform.python_version(),
         "numpy": numpy.__version__, "mpi4py": mpi["mpi4py"], "mpi": mpi["mpi_library_line"],
         "openmp": _openmp.openmp_enabled(), "threads": _openmp.get_num_threads(),
-        "machine": platform.machine(), "cpu_count": os.cpu_count(),
+        "machine": platform.machine(), "cpu": cpu_model(), "cpu_count": os.cpu_count(),
     }
+
+
+def cpu_model():
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

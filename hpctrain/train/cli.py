@@ -8,31 +8,15 @@ ranks through ``MPI_Abort``, so no rank is left waiting in a collective.
 import argparse
 import functools
 import sys
-import time
 
 from hpctrain.errors import HpctrainError
 from hpctrain.train import errorfile
 
-#: Seconds between writing the error line and ``MPI_Abort``, so the launcher forwards it.
-ABORT_GRACE_S = 0.5
-
-
 def _fail_job(exc):
     """Report ``exc`` and end the job; returns the exit code for a 1-rank run."""
-    from hpctrain.comm.world import abort_world, rank_and_size
+    from hpctrain.comm.world import rank_and_size
     rank, size = rank_and_size()
-    line = f"hpctrain: rank {rank}/{size}: {type(exc).__name__}: {exc}"
-    sys.stdout.flush()
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
-    errorfile.append(line)   # <run directory>/hpctrain-error.txt
-    if size > 1:
-        # MPI_Abort skips MPI_Finalize, which would have unlinked the job's /dev/shm
-        # segments (MPICH's and the exchange windows): unlink them here
-        from hpctrain.comm.shmclean import unlink_own_segments
-        unlink_own_segments()
-        time.sleep(ABORT_GRACE_S)
-    abort_world(1)
+    errorfile.end_job(f"hpctrain: rank {rank}/{size}: {type(exc).__name__}: {exc}", 1, size)
     return 1
 
 

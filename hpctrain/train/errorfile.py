@@ -39,3 +39,27 @@ def append(line):
             f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n")
     except OSError:
         pass
+
+
+#: Seconds between writing the error line and ``MPI_Abort``, so the launcher forwards it.
+ABORT_GRACE_S = 0.5
+
+
+def end_job(line, code, size):
+    """Report ``line`` (stderr and this file) and end a job of ``size`` ranks with ``code``.
+
+    With several ranks: unlink this rank's /dev/shm segments (``MPI_Abort`` skips the
+    ``MPI_Finalize`` that would have), wait ``ABORT_GRACE_S`` and abort the job. A
+    1-rank job returns, and its caller exits.
+    """
+    import sys
+    sys.stdout.flush()
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    append(line)
+    if size > 1:
+        from hpctrain.comm.shmclean import unlink_own_segments
+        from hpctrain.comm.world import abort_world
+        unlink_own_segments()
+        time.sleep(ABORT_GRACE_S)
+        abort_world(code)

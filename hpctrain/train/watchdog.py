@@ -13,7 +13,6 @@ report; the first deadline to pass ends the job.
 Phases in ``exempt`` never time out (an idle online stream waiting for data is not a stall).
 """
 import os
-import sys
 import threading
 import time
 
@@ -71,14 +70,9 @@ class Watchdog:
         if self._on_stall is not None:
             self._on_stall(msg)
             return
-        sys.stderr.write(msg + "\n")
-        sys.stderr.flush()
         from hpctrain.train import errorfile
-        errorfile.append(msg)
+        errorfile.end_job(msg, 3, self.size)
+        # a 1-rank job: this thread ends the process, past MPI_Finalize too
         from hpctrain.comm.shmclean import unlink_own_segments
         unlink_own_segments()
-        time.sleep(0.5)
-        if self.size > 1:
-            from hpctrain.comm.world import abort_world
-            abort_world(3)
         os._exit(3)

@@ -42,17 +42,26 @@ def roc_auc(labels, scores):
     return float(u / (n_pos * n_neg))
 
 
+def _bce(y, z):
+    """Per-sample binary cross-entropy of logits ``z`` (stable form), float64 arrays."""
+    return np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))
+
+
+def _correct(y, z):
+    """Per-sample: does the logit's sign match the label."""
+    return (np.asarray(z).ravel() > 0) == (np.asarray(y).ravel() > 0.5)
+
+
 def logloss(labels, logits):
     """Mean binary cross-entropy of ``logits`` (stable form), as float64."""
     y = np.asarray(labels, dtype=np.float64).ravel()
     z = np.asarray(logits, dtype=np.float64).ravel()
-    return float(np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))))
+    return float(np.mean(_bce(y, z)))
 
 
 def accuracy(labels, logits):
     """Share of samples whose logit sign matches the label."""
-    y = np.asarray(labels).ravel() > 0.5
-    return float(np.mean((np.asarray(logits).ravel() > 0) == y))
+    return float(np.mean(_correct(labels, logits)))
 
 
 def gather_eval(comm, labels, logits):
@@ -94,8 +103,8 @@ def evaluate_distributed(comm, labels, logits):
         raise ValueError(f"labels shape {y.shape} != logits shape {z.shape}")
     P = comm.size
     sums = np.array([y.size, float((y > 0.5).sum()),
-                     float(np.sum(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z))))),
-                     float(np.sum((z > 0) == (y > 0.5)))], dtype=np.float64)
+                     float(np.sum(_bce(y, z))), float(np.sum(_correct(y, z)))],
+                    dtype=np.float64)
     comm.allreduce(sums, op="sum")
     n, n_pos = int(sums[0]), int(sums[1])
     out = {"auc": float("nan"), "logloss": float(sums[2] / max(n, 1)),

@@ -258,11 +258,7 @@ class HybridTrainer(Trainer):
     def _report(self, log, step, window_loss, samples_per_s):
         """Live line and one JSON-lines record from worker 0 (no collective across groups)."""
         from hpctrain.memory import peak_rss_bytes
-        phases = self.timer.take()
-        phases.update({f"sparse.{k}": v for k, v in self.emb.timers.items()})
-        self.emb.reset_timers()
-        for k, v in phases.items():
-            self.phase_totals[k] = self.phase_totals.get(k, 0.0) + v
+        phases = self._take_phases()
         per_rank = self.group_comm.allgather_object((phases, peak_rss_bytes()))
         names = sorted({k for p, _ in per_rank for k in p})
         st = self.emb.stats()

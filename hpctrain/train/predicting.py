@@ -18,10 +18,7 @@ class Predicting:
 
         Embedding lookups do not insert ids (unknown ids read as the default row).
         """
-        gb = global_batch or self.cfg.eval.global_batch or self.global_batch
-        if gb % self.comm.size:
-            gb = (gb // self.comm.size + 1) * self.comm.size
-        labels, logits = self._predict_local(split, gb)
+        labels, logits = self._predict_local(split, self._eval_batch(global_batch))
         # Gather per global batch so the order is the data order for any world size.
         out_y, out_z = [], []
         for y, z in zip(labels, logits):
@@ -30,6 +27,12 @@ class Predicting:
             out_z.append(gz)
         cat = (lambda a: np.concatenate(a) if a else np.zeros(0))
         return cat(out_y), cat(out_z)
+
+    def _eval_batch(self, global_batch=None):
+        """The evaluation's global batch: the argument, ``eval.global_batch`` or the
+        training one, rounded up to a multiple of the ranks."""
+        gb = global_batch or self.cfg.eval.global_batch or self.global_batch
+        return -(-gb // self.comm.size) * self.comm.size
 
     def _predict_local(self, split, gb):
         """This rank's ``(labels, logits)`` per global batch of ``split`` (lists)."""
@@ -49,9 +52,6 @@ class Predicting:
         Scores are never gathered: memory per rank is its share of the split
         (``hpctrain.train.evaluation.evaluate_distributed``).
         """
-        gb = global_batch or self.cfg.eval.global_batch or self.global_batch
-        if gb % self.comm.size:
-            gb = (gb // self.comm.size + 1) * self.comm.size
-        labels, logits = self._predict_local(split, gb)
+        labels, logits = self._predict_local(split, self._eval_batch(global_batch))
         cat = (lambda a: np.concatenate(a) if a else np.zeros(0))
         return evaluate_distributed(self.comm, cat(labels), cat(logits))

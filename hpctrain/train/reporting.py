@@ -21,14 +21,20 @@ class Reporting:
             out["grad_norm"] = self._grad_norm
         return out
 
-    def _report(self, log, step, window_loss, samples_per_s):
-        """Live line and one JSON-lines record (phase times: max over ranks)."""
-        from hpctrain.memory import peak_rss_bytes
+    def _take_phases(self):
+        """This rank's seconds per phase since the last report (the store's as ``sparse.*``),
+        added to ``phase_totals``; the timers start over."""
         phases = self.timer.take()
         phases.update({f"sparse.{k}": v for k, v in self.emb.timers.items()})
         self.emb.reset_timers()
         for k, v in phases.items():
             self.phase_totals[k] = self.phase_totals.get(k, 0.0) + v
+        return phases
+
+    def _report(self, log, step, window_loss, samples_per_s):
+        """Live line and one JSON-lines record (phase times: max over ranks)."""
+        from hpctrain.memory import peak_rss_bytes
+        phases = self._take_phases()
         with self.timer("report"):
             per_rank = self.comm.allgather_object(
                 (phases, self.emb.stats()["rows"], peak_rss_bytes()))

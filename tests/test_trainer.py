@@ -335,3 +335,14 @@ def test_quiet_log_level_and_epoch_runs_on_the_live_line(tmp_path):
     assert "step 3/10  epoch 1/2" in text and "step 9/10  epoch 2/2" in text, text
     assert "ETA" in text
     assert re.search(r"^\d\d:\d\d:\d\d hpctrain: fresh start", text, re.M), text
+
+
+def test_a_checkpoint_directory_others_can_write_is_refused_before_step_one(tmp_path):
+    from hpctrain.errors import CheckpointError
+    (tmp_path / "ckpt").mkdir()
+    os.chmod(tmp_path / "ckpt", 0o777)
+    trainer = Trainer(small_config(str(tmp_path), steps=4, checkpoint_every=2),
+                      stream=io.StringIO())
+    with pytest.raises(CheckpointError, match=r"checkpoint.directory: .*writable by every user"):
+        trainer.fit()
+    assert trainer.step == 0 and os.listdir(tmp_path / "ckpt") == []

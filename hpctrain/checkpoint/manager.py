@@ -213,6 +213,12 @@ class CheckpointManager:
         self._check_private()
         return self.checkpoints()
 
+    def ensure_directory(self):
+        """Create the directory if needed (private: 0700) and refuse one that others can
+        write to (this rank only; ``CheckpointError``)."""
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        self._check_private()
+
     def _check_private(self):
         """Refuse a directory others can write to; warn once when its group can.
 
@@ -267,8 +273,7 @@ class CheckpointManager:
                        for n, d in described.items()}
             ids = _table_ids(tables, table_ids)
             if comm.rank == 0:
-                os.makedirs(self.directory, mode=0o700, exist_ok=True)
-                self._check_private()
+                self.ensure_directory()
                 tmp = os.path.join(self.directory,
                                    f".{step_dir(step)}.tmp-{secrets.token_hex(4)}")
                 # Only this user can create entries while the files are written, so no

@@ -31,10 +31,12 @@ class RunChecks:
             ck = self.ckpt
             if problem is None and ck is not None:
                 try:
-                    os.makedirs(ck.directory, mode=0o700, exist_ok=True)
+                    ck.ensure_directory()
                     writable = os.access(ck.directory, os.W_OK | os.X_OK)
                 except OSError as e:
                     writable, why = False, e.strerror
+                except CheckpointError as e:
+                    writable, why = False, str(e)
                 else:
                     why = "not writable by this user"
                 if not writable:

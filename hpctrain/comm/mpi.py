@@ -377,9 +377,9 @@ class MpiCommunicator(Communicator):
         """Every rank's 1-D ``local`` concatenated in rank order (typed ``Allgatherv``)."""
         local = np.ascontiguousarray(local).reshape(-1)
         counts = np.asarray(self.mpi_comm.allgather(local.size), dtype=np.int64)
-        full = np.empty(int(counts.sum()), dtype=local.dtype)
         if counts.sum() > self.chunk_limit:
             return np.concatenate(self.mpi_comm.allgather(local))
+        full = np.empty(int(counts.sum()), dtype=local.dtype)
         self.mpi_comm.Allgatherv([local, mpi_type(local.dtype)],
                                  [full, (counts, displacements(counts)), mpi_type(local.dtype)])
         return full

@@ -29,6 +29,10 @@ from hpctrain.dense.transfer import StepTransfer
 class DeviceStep:
     """``Trainer._dense_step`` for a model on a device (``trainer.device.pipelined``).
 
+    The two host reductions are methods (``reduce_count``, ``reduce_loss``), so a
+    subclass changes over which ranks they run and what the loss means: the hybrid
+    worker's (``hpctrain.train.hybrid_device.HybridDeviceStep``) reduces in its group.
+
     Args:
         trainer: the ``Trainer``; its ``device``, ``model``, ``comm``, ``timer``,
             ``features`` and ``_apply_dense`` hook are used.
@@ -82,9 +86,7 @@ class DeviceStep:
                 d_logits = bce_with_logits_sum(logits, labels, out=tx.loss_slot)
                 ph.stop("forward")
             with t("allreduce"):  # on the host while the device runs the forward
-                red = np.array([batch.size, *flags], dtype=np.float64)
-                comm.allreduce(red, op="sum")
-            n = red[0]
+                n, flags = self.reduce_count(batch, flags)
             with t("dense"):
                 ph.start("backward")
                 d_logits *= 1.0 / n
@@ -98,12 +100,25 @@ class DeviceStep:
         with t("d2h"):
             grads, loss_sum = tx.finish_download()
         with t("allreduce"):
-            red_loss = np.array([loss_sum], dtype=np.float64)
-            comm.allreduce(red_loss, op="sum")
-        loss = float(red_loss[0] / max(n, 1.0))
-        if not math.isfinite(loss):
-            tr._non_finite(step, loss)
+            loss = self.reduce_loss(loss_sum, n, step)
         tr._apply_dense(step)
         for name, seconds in self.device.take_phases().items():
             t.add(f"gpu.{name}", seconds)
-        return loss, dict(zip(tr.features, grads)), red[1:]
+        return loss, dict(zip(tr.features, grads)), flags
+
+    def reduce_count(self, batch, flags):
+        """``(n, flags)``: the global batch's sample count (the gradients' divisor) and the
+        flags, summed over ``trainer.comm`` in one host allreduce."""
+        red = np.array([batch.size, *flags], dtype=np.float64)
+        self.trainer.comm.allreduce(red, op="sum")
+        return red[0], red[1:]
+
+    def reduce_loss(self, loss_sum, n, step):
+        """The global mean loss from this rank's loss sum (summed over ``trainer.comm``);
+        a non-finite one stops the run (``Trainer._non_finite``)."""
+        red = np.array([loss_sum], dtype=np.float64)
+        self.trainer.comm.allreduce(red, op="sum")
+        loss = float(red[0] / max(n, 1.0))
+        if not math.isfinite(loss):
+            self.trainer._non_finite(step, loss)
+        return loss

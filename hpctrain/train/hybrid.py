@@ -6,8 +6,8 @@ One job, ``S`` server ranks and ``W`` worker ranks in ``G`` groups (``hpctrain.p
     wait ROWS(c), send PULL(c + 1) (prefetch)
     leader: wait DROWS(c), broadcast in the group
     dense forward / backward, group allreduce
-    leader: DPUSH(c), DPULL(c + 1)  ───────────>  buffered; clock c applied once every
-    PUSH(c) (per-id gradient sums)  ───────────>  worker and every leader pushed it
+    PUSH(c) (per-id gradient sums)  ───────────>  buffered; clock c applied once every
+    leader: DPUSH(c), DPULL(c + 1)  ───────────>  worker and every leader pushed it
                                     <───────────  ROWS / DROWS answered once
                                                   applied >= clock - 1 - s
 
@@ -15,7 +15,9 @@ Workers run the collective ``Trainer`` with two hooks changed: the embedding
 store is a ``PSClient`` and the dense update goes through the servers
 (``ps.dense_on_servers``, the default) or, without it, is the collective
 allreduce over all workers (PERSIA's layout: dense synchronous, embeddings on
-the servers). Servers run ``run_server``. ``run_hybrid`` does both: every rank
+the servers). With ``device = "gpu"`` the dense step is the collective device
+step with the group in place of the world (``hpctrain.train.hybrid_device``); the
+servers stay on CPUs. Servers run ``run_server``. ``run_hybrid`` does both: every rank
 calls it, and it returns the worker's ``fit`` result (None on servers).
 
 What a worker's loss means: the mean over its group's part of each global batch
@@ -141,17 +143,25 @@ class HybridTrainer(Trainer):
         self._stop_sent = False
         self._ckpt_sends = []
         self.dense = None
-        self._dpull = None
+        self._dpull = None          # the clock whose dense pull is pending
+        self._dpush = None          # the clock whose reduced gradient awaits its DPUSH
         self._host = None
+        self._staging = None        # DenseStaging: the pinned dense traffic of a device
         if self.dense_on_servers:
             from hpctrain.dense.backend import to_numpy
             from hpctrain.ps.dense import DenseClient
-            self.dense = DenseClient(p2p, roles.servers, self.group_comm,
-                                     self.group_comm.rank == 0, self.worker, self.group,
-                                     self.model.params.size, cfg.ps.timeout_s)
+            leader = self.group_comm.rank == 0
+            self.dense = DenseClient(p2p, roles.servers, self.group_comm, leader,
+                                     self.worker, self.group, self.model.params.size,
+                                     cfg.ps.timeout_s)
             if self.worker == 0:
                 self.dense.init_servers(to_numpy(self.model.params.data))
-            self._host = np.empty(self.model.params.size, dtype=np.float32)
+            if self.device.pipelined:
+                from hpctrain.train.hybrid_device import DenseStaging
+                self._staging = DenseStaging(self.device, self.model.params.size,
+                                             self.model.params.dtype, leader)
+            else:
+                self._host = np.empty(self.model.params.size, dtype=np.float32)
 
     # ------------------------------------------------------------------ hooks
     def _make_dense_comm(self, over=None):
@@ -171,36 +181,84 @@ class HybridTrainer(Trainer):
         """Dense update of ``step``: through the servers, or allreduced over all workers.
 
         Through the servers, the group's reduced gradient is clipped (``clip_norm``; the
-        config allows it with one group only, where that is the whole gradient) before it
-        is pushed, and the servers' optimizers follow the ``schedule`` by clock.
+        config allows it with one group only, where that is the whole gradient); on a
+        device the leader starts copying it to the host. It is pushed once the step's
+        sparse update has gone out (``_after_sparse_update``), and the servers' optimizers
+        follow the ``schedule`` by clock.
         """
         if not self.dense_on_servers:
             super()._apply_dense(step)
             return
-        from hpctrain.dense.backend import to_numpy
         from hpctrain.dense.parallel import allreduce_gradients
         with self.timer("allreduce"), self.device.phase("allreduce"):
             allreduce_gradients(self.model.params, self.dense_comm)
         self._clip_dense()
+        if self._staging is not None:
+            self._staging.start_download(self.model.params.grad)
+        self._dpush = step
+
+    def _after_sparse_update(self, step):
+        """Leader: DPUSH the group's reduced gradient of ``step`` and DPULL ``step + 1``
+        (after the step's PUSH, so that on a device the host sent the sparse update while
+        the device reduced and copied the gradient)."""
+        if self._dpush != step:
+            return
+        from hpctrain.dense.backend import to_numpy
+        self._dpush = None
         with self.timer("dense_push"):
-            self.dense.push(step, to_numpy(self.model.params.grad))
+            grad = (self._staging.gradient() if self._staging is not None
+                    else to_numpy(self.model.params.grad))
+            self.dense.push(step, grad)
             self.dense.start_pull(step + 1)
         self._dpull = step + 1
+
+    def _gradient_divisor(self, batch, samples):
+        """What the gradients are divided by: the group's reduced sample count with one
+        group (as in collective mode), else the global batch's sample count."""
+        return samples if self.groups == 1 else np.float64(batch.global_size
+                                                           or self.global_batch)
+
+    def _group_loss(self, step, loss_sum, samples):
+        """The group's mean loss; a non-finite one stops the job before the clock is
+        pushed."""
+        loss = float(loss_sum / max(samples, 1.0))
+        if not math.isfinite(loss):
+            raise NonFiniteError(
+                f"step {step}: the loss of group {self.group} is {loss} (non-finite); the job "
+                f"stops before this clock is applied. Lower the learning rates or check the "
+                f"data around this step.")
+        return loss
 
     def _dense_step(self, batch, pooled, step, flags):
         """The collective ``_dense_step`` with the group in place of the world.
 
         The loss and the sample count are reduced inside the group only (no
         collective across groups); gradients are divided by the global batch's
-        sample count (with G = 1 the reduced count, as in collective mode).
+        sample count (with G = 1 the reduced count, as in collective mode). A model on
+        a device runs the device step (``hpctrain.train.hybrid_device``).
         """
-        from hpctrain.dense.loss import bce_with_logits
         if flags[0] > 0 and not self._stop_sent:
             # a stop signal here: server 0 settles the clock every worker stops at
             self._stop_sent = True
             signum = getattr(self._watcher, "signum", None)
             self.emb.request_stop(step, signum if signum is not None else 0)
         self._receive_dense(step)
+        if self.device.pipelined:
+            if self._device_step is None:
+                from hpctrain.train.hybrid_device import HybridDeviceStep
+                self._device_step = HybridDeviceStep(self)
+            loss, d_pooled, _ = self._device_step(batch, pooled, step, flags)
+            self.loss_parts.append(self._device_step.parts)
+        else:
+            loss, d_pooled = self._host_step(batch, pooled, step)
+        # [stop here (the settled stop clock), checkpoint now (worker 0's every_minutes)]
+        stop = self.emb.stop_clock
+        out = np.array([1.0 if stop and step >= stop else 0.0, flags[1]])
+        return loss, d_pooled, out
+
+    def _host_step(self, batch, pooled, step):
+        """Forward, group loss, backward and dense update of a model on the host."""
+        from hpctrain.dense.loss import bce_with_logits
         t, comm = self.timer, self.comm
         with t("dense"):
             if self.model.dropouts():
@@ -212,22 +270,14 @@ class HybridTrainer(Trainer):
         with t("allreduce"):
             red = np.array([batch.size, loss_sum], dtype=np.float64)
             self.group_comm.allreduce(red, op="sum")
-        n = red[0] if self.groups == 1 else np.float64(batch.global_size or self.global_batch)
-        loss = float(red[1] / max(red[0], 1.0))
-        if not math.isfinite(loss):
-            raise NonFiniteError(
-                f"step {step}: the loss of group {self.group} is {loss} (non-finite); the job "
-                f"stops before this clock is applied. Lower the learning rates or check the "
-                f"data around this step.")
+        n = self._gradient_divisor(batch, red[0])
+        loss = self._group_loss(step, red[1], red[0])
         with t("dense"):
             d_logits *= 1.0 / n
             d_embs = self.transfer.to_host(self.model.backward(d_logits))
         self._apply_dense(step)
         self.loss_parts.append((float(red[1]), float(red[0])))
-        # [stop here (the settled stop clock), checkpoint now (worker 0's every_minutes)]
-        stop = self.emb.stop_clock
-        out = np.array([1.0 if stop and step >= stop else 0.0, flags[1]])
-        return loss, dict(zip(self.features, d_embs)), out
+        return loss, dict(zip(self.features, d_embs))
 
     def _done(self, step):
         """The last step: the configured one, or the clock a stop signal settled on (then
@@ -243,10 +293,16 @@ class HybridTrainer(Trainer):
         self._install_dense(step, fresh=False)
 
     def _install_dense(self, clock, fresh):
+        """Receive the dense parameters of ``clock`` and make them the model's (on a
+        device: copied up in stream order, before the next forward)."""
+        buf = self._staging.buffer() if self._staging is not None else self._host
         with self.timer("dense_pull"):
-            self.dense.wait_pull(clock, self._host, fresh=fresh)
-        xp = self.model.params.xp
-        self.model.params.data[...] = self._host if xp is np else xp.asarray(self._host)
+            self.dense.wait_pull(clock, buf, fresh=fresh)
+        if self._staging is not None:
+            self._staging.install(self.model.params.data)
+        else:
+            xp = self.model.params.xp
+            self.model.params.data[...] = buf if xp is np else xp.asarray(buf)
 
     def _fresh_dense(self):
         """Install the dense parameters with every clock up to ``self.step`` applied."""

@@ -135,6 +135,11 @@ class Trainer(RunChecks, BestTracking, Reporting, Checkpointing, Predicting):
             self._clip_dense()
             self.opt.step(step)
 
+    def _after_sparse_update(self, step):
+        """Hook: the step's sparse update is done, its export, evaluation and checkpoint
+        follow (nothing here; a hybrid worker sends its group's dense gradient now, so the
+        device reduces and copies it while the host runs the sparse update)."""
+
     def _clip_dense(self):
         """``dense_optimizer.clip_norm``: scale the reduced gradient (the same bits on every
         rank, so every rank clips alike) to that L2 norm at most."""
@@ -352,6 +357,7 @@ class Trainer(RunChecks, BestTracking, Reporting, Checkpointing, Predicting):
                     self.emb.backward(ticket, d_pooled, step)
                     if any(s.eviction is not None for s in self.specs):
                         self.emb.evict(step)
+                self._after_sparse_update(step)
                 self.step, self._reader_state = step, state
                 if self.online is not None:     # dense weights too where a checkpoint follows
                     self.online.export(step, boundary=last_step or flags[0] > 0 or flags[1] > 0

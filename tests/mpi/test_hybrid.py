@@ -13,6 +13,8 @@ from mpi4py import MPI
 
 from hpctrain.comm import create_communicator
 from hpctrain.comm.p2p import PointToPoint
+from hpctrain.dense.device import Device
+from hpctrain.dense.streams import HostOps
 from hpctrain.ps.client import PSClient
 from hpctrain.ps.roles import split_roles
 from hpctrain.ps.server import Server, read_rows
@@ -53,18 +55,19 @@ def _rows(tables):
     return out
 
 
-def _hybrid(world, cfg):
+def _hybrid(world, cfg, trainer=HybridTrainer):
     """One hybrid run: dict with the rows of every server, and per worker its results."""
     roles, p2p = setup_hybrid(cfg, world)
     if roles.is_server:
         stats, server = run_server(cfg, roles, p2p, stream=io.StringIO())
         mine = ("server", {n: t.export() for n, t in server.tables.items()}, stats)
     else:
-        tr = HybridTrainer(cfg, roles, p2p, stream=io.StringIO())
+        tr = trainer(cfg, roles, p2p, stream=io.StringIO())
         res = tr.fit()
         tr.close()
         mine = ("worker", roles.worker_index, roles.group, tr.losses, tr.loss_parts,
-                np.array(tr.model.params.data), res["eval"], tr.emb.stats())
+                np.array(tr.model.params.data), res["eval"], tr.emb.stats(),
+                sorted(k for k in tr.phase_totals if k.startswith("gpu.")))
     p2p.close()
     parts = world.allgather_object(mine)
     rows = {}
@@ -107,7 +110,7 @@ def test_one_group_bsp_is_bitwise_the_collective_trainer(world, dense_on_servers
                                dense_on_servers=dense_on_servers))
     assert len(ref["rows"]) > 100
     assert run["rows"] == ref["rows"]          # values, optimizer slots, counts, steps
-    for _, _, losses, _, dense, ev, stats in run["workers"]:
+    for _, _, losses, _, dense, ev, stats, _ in run["workers"]:
         assert losses == ref["losses"]
         assert np.array_equal(dense, ref["dense"])
         assert ev == ref["eval"]
@@ -128,6 +131,48 @@ def test_two_groups_bsp_match_collective_and_repeat_bitwise(world):
         assert a[2] == b[2] and a[3] == b[3]                 # losses, loss parts
         assert np.array_equal(a[4], b[4])                    # dense parameters
         assert a[5]["auc"] == pytest.approx(ref["eval"]["auc"], abs=1e-4)
+
+
+# -------------------------------------------------------------------- the GPU path
+class TwinHybridTrainer(HybridTrainer):
+    """The hybrid worker's GPU path with xp = numpy: the device step on ``HostOps``."""
+
+    def _make_device(self):
+        return Device("gpu", np, ops=HostOps(), source=self.cfg.source)
+
+
+@needs_two
+@pytest.mark.parametrize("groups,dense_on_servers,staleness", [
+    (1, True, 0), (2, True, 0), (1, False, 0), (2, False, 0), (1, False, 1), (2, False, 1)])
+def test_twin_of_the_gpu_path_is_bitwise_the_cpu_run(world, groups, dense_on_servers,
+                                                     staleness):
+    """``device = "gpu"`` through its NumPy twin: the device step reduced in the group,
+    the group's gradient copied down through pinned memory and pushed, the pulled
+    parameters copied up; the same losses, rows and dense parameters as the CPU run.
+
+    With ``s = 1`` and the dense model allreduced the run is still deterministic: a worker's
+    PULL of clock c + 1 leaves before its PUSH of c, and a server answers deferred pulls
+    as each clock is applied, so every row read is exactly one clock stale. (A dense pull
+    leaves after the leader's DPUSH of c, so with the dense model on the servers it may
+    or may not see clock c: timing, no bitwise reference.)"""
+    if groups > WORKERS or WORKERS % groups:
+        pytest.skip(f"{WORKERS} workers do not split into {groups} groups")
+    ps = dict(servers=SERVERS, groups=groups, dense_on_servers=dense_on_servers,
+              consistency="ssp" if staleness else "bsp", staleness=staleness)
+    cpu = _hybrid(world, small("hybrid", **ps))
+    twin = _hybrid(world, small("hybrid", **ps).replace(device="gpu"), TwinHybridTrainer)
+    assert len(cpu["rows"]) > 100 and twin["rows"] == cpu["rows"]
+    for a, b in zip(cpu["workers"], twin["workers"]):
+        assert a[6]["staleness_max"] == b[6]["staleness_max"] == staleness
+        assert a[2] == b[2] and len(a[2]) == 6                # losses, per step
+        assert a[3] == b[3]                                   # (loss sum, samples) of the group
+        assert np.array_equal(a[4], b[4])                     # dense parameters
+        assert a[5] == b[5]                                   # final evaluation
+        # the twin took the device path: timed device phases, the dense copies included
+        assert a[7] == [] and {"gpu.h2d", "gpu.forward", "gpu.d2h"} <= set(b[7])
+        leader = b[0] % (WORKERS // groups) == 0
+        assert ("gpu.dense_h2d" in b[7]) == dense_on_servers
+        assert ("gpu.dense_d2h" in b[7]) == (dense_on_servers and leader)
 
 
 # -------------------------------------------------------------------- SSP clock table

@@ -118,3 +118,24 @@ def test_example_config_fits_five_ranks():
     assert cfg.mode == "hybrid" and cfg.ps.consistency == "ssp" and cfg.ps.staleness == 2
     assert cfg.ps_layout(5) == (1, 4, 2)
     assert cfg.batch_sizes(4) == (512, 128)
+
+
+def test_resume_best_resolves_best_json_or_names_why_it_cannot(tmp_path):
+    """``--resume best`` in hybrid mode: worker 0 resolves the name as the collective
+    manager does (best.json), and without one every worker gets the reason."""
+    import json
+    import types
+    from hpctrain.checkpoint import CheckpointManager
+    from hpctrain.errors import CheckpointError
+    from hpctrain.train.hybrid import HybridTrainer
+    null = create_communicator("null")
+    worker = types.SimpleNamespace(comm=null, ckpt=CheckpointManager(str(tmp_path), null))
+    with pytest.raises(CheckpointError, match=r"resuming from .*best: .*no best checkpoint "
+                                              r"\(best\.json is written by runs with \[eval\] "
+                                              r"keep_best = true\)"):
+        HybridTrainer._resolve_checkpoint(worker, "best")
+    (tmp_path / "best.json").write_text(json.dumps({"checkpoint": "step-00000004", "step": 4}))
+    for name in ("best", str(tmp_path / "best"), str(tmp_path / "best.json")):
+        assert HybridTrainer._resolve_checkpoint(worker, name) == str(tmp_path / "step-00000004")
+    assert HybridTrainer._resolve_checkpoint(worker, "step-00000002") == \
+        str(tmp_path / "step-00000002")

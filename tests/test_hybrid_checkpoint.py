@@ -135,6 +135,65 @@ def test_sigterm_checkpoints_at_the_agreed_clock_and_the_cli_resumes(tmp_path):
     assert abs(auc - float(m.group(1))) < 1e-5, (auc, m.group(1))
 
 
+# BSP with two groups (bitwise repeatable); accuracy reaches the majority-class rate by step 10
+# and stays there, so step 10 is the best evaluation and step 16 the latest checkpoint
+BEST = CONFIG.replace('consistency = "ssp"\nstaleness = 1', 'consistency = "bsp"').replace(
+    "steps = 30", "steps = 16").replace("every_steps = 5", "every_steps = 1") + """
+[eval]
+interval = 2
+keep_best = true
+metric = "accuracy"
+"""
+
+
+def _losses(path):
+    return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines())
+            if "loss" in r}
+
+
+def _arrays(ckpt):
+    """Every dataset of a checkpoint's HDF5 files but the run state: file/name -> bytes."""
+    import h5py
+    out = {}
+    for name in sorted(os.listdir(ckpt)):
+        if name.endswith(".h5"):
+            with h5py.File(ckpt / name, "r") as f:
+                f.visititems(lambda key, obj, name=name: out.__setitem__(
+                    f"{name}/{key}", obj[()].tobytes()) if hasattr(obj, "dtype")
+                    and not key.startswith("state") else None)
+    return out
+
+
+def test_resume_best_continues_from_the_kept_best_checkpoint(tmp_path):
+    """``hpctrain train CONFIG --resume best`` on 1 server + 2 workers: it starts from the
+    checkpoint best.json names (not the latest), and training on from it repeats what the
+    first run trained after that step bit for bit: losses, final rows, dense parameters and
+    optimizer state."""
+    cfg = tmp_path / "hybrid.toml"
+    cfg.write_text(BEST.format(root=tmp_path).replace(
+        "[checkpoint]", "[checkpoint]\nevery_steps = 4\nkeep_last = 1"))
+    out = run_mpi(3, ["-m", "hpctrain", "train", str(cfg)], timeout=120).stdout
+    m = re.search(r"hpctrain: best accuracy \S+ at step (\d+) \(checkpoint (\S+)\)", out)
+    assert m, out[-3000:]
+    best, ckpt = int(m.group(1)), tmp_path / "ckpt"
+    assert best == 10 and m.group(2) == str(ckpt / "step-00000010")
+    assert json.loads((ckpt / "best.json").read_text())["step"] == best
+    assert sorted(os.listdir(ckpt)) == ["best.json", "step-00000010", "step-00000016"]
+    first, final = _losses(tmp_path / "metrics.jsonl"), _arrays(ckpt / "step-00000016")
+    assert sorted(first) == list(range(1, 17))
+
+    out = run_mpi(3, ["-m", "hpctrain", "train", str(cfg), "--resume", "best"],
+                  timeout=120).stdout
+    assert f"resumed at step {best} from {ckpt / 'step-00000010'}" in out, out[-3000:]
+    assert "hpctrain: done at step 16" in out, out[-3000:]
+    again = _losses(tmp_path / "metrics.jsonl")    # a resumed run rewrites the later records
+    assert sorted(again) == list(range(1, 17))
+    assert [again[k] for k in range(best + 1, 17)] == [first[k] for k in range(best + 1, 17)]
+    got = _arrays(ckpt / "step-00000016")
+    assert got.keys() == final.keys() and any(k.startswith("tables") for k in got)
+    assert [k for k in got if got[k] != final[k]] == []
+
+
 def test_checkpoint_suite_on_six_ranks():
     """2 servers + 2 groups of 2 workers, resumed on 1 server + 1 group of 4 (the mpiexec -n 2
     and -n 4 runs of every tests/mpi file are tests/test_mpi_suites.py)."""

@@ -75,8 +75,10 @@ def train_main(argv):
                         "built-in quick start (a small DLRM on synthetic data) trains into "
                         "runs/dlrm_synthetic, continuing it when it is there")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                   help="continue from CHECKPOINT, or from the latest complete checkpoint in "
-                        "the configured directory (starting fresh when there is none)")
+                   help="continue from CHECKPOINT (a directory, or \"best\": the [eval] "
+                        "keep_best one, in either mode), or from the latest complete "
+                        "checkpoint in the configured directory (starting fresh when there "
+                        "is none)")
     p.add_argument("--steps", type=int, default=None, help="override the config's steps")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop (with a checkpoint when configured) after N steps of this run; "

@@ -449,11 +449,23 @@ class HybridTrainer(Trainer):
         return step
 
     def _resolve_checkpoint(self, path):
-        """A checkpoint path as ``CheckpointManager.load`` reads it (worker 0 decides)."""
-        path = os.fspath(path)
-        if self.comm.rank == 0 and not os.path.isabs(path) and not os.path.exists(path):
-            path = os.path.join(self.ckpt.directory, path)
-        return self.comm.bcast(os.path.abspath(path), root=0)
+        """A checkpoint path as ``CheckpointManager.load`` reads it (worker 0 decides, and
+        its error is raised on every worker): a name under the checkpoint directory, and
+        ``best`` (``hpctrain train --resume best``) the checkpoint ``best.json`` names."""
+        from hpctrain.checkpoint.manager import resolve_best
+        from hpctrain.errors import CheckpointError
+        path, error = os.fspath(path), None
+        if self.comm.rank == 0:
+            if not os.path.isabs(path) and not os.path.exists(path):
+                path = os.path.join(self.ckpt.directory, path)
+            try:
+                path = os.path.abspath(resolve_best(path))
+            except CheckpointError as exc:
+                error = str(exc)
+        path, error = self.comm.bcast((path, error), root=0)
+        if error:
+            raise CheckpointError(f"resuming from {path}: {error}")
+        return path
 
     def close(self):
         """Finish: install any pending dense pull, then tell the servers (DONE)."""

@@ -11,12 +11,15 @@ work left, instead of the others waiting for its fixed half.
 Determinism: ``find``, ``gather`` and ``apply`` touch each row independently. ``find_or_insert``
 probes every key in parallel, then inserts the missing keys serially in batch order (so row
 ids and admission counts do not depend on the thread count), then initialises the new rows
-in parallel. Input validation (dtypes, shapes, steps) is done by the Python wrapper
+in parallel. Reduced-precision rows (fp16, bf16) are widened to float32 by every read and
+written back by ``apply`` with stochastic rounding whose random bits are a function of
+(table, key, step, column) only, so they too are independent of threads, row ids and
+shards. Input validation (dtypes, shapes, steps) is done by the Python wrapper
 ``hpctrain.sparse.table.EmbeddingTable``; this core still range-checks every row index so
 that nothing a caller passes can touch memory outside the table.
 """
-from cython.parallel cimport prange
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from cython.parallel cimport prange, threadid
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset
 
@@ -30,6 +33,9 @@ include "table_admit.pxi"
 
 cdef double MAX_LOAD = 0.8           # index load that triggers a 1.125x rehash
 cdef int64_t INDEX_GROWTH_DIV = 8    # growth step of the index: 1/8 (see table_core.pxd)
+cdef double MAX_LOAD_REDUCED = 0.82  # fp16/bf16 rows: 1.0625x rehash at 0.82 (table_core.pxd)
+cdef int64_t INDEX_GROWTH_DIV_REDUCED = 16
+cdef uint64_t SR_SALT = 0xD1B54A32D192ED03ULL  # separates SR bits from initial values
 cdef double COUNTER_MAX_LOAD = 0.5   # exact admission counter map
 cdef int64_t MAX_ROWS = 2147483647   # row ids are int32 in the index
 
@@ -51,6 +57,78 @@ def set_parallel_threshold(int64_t n):
 def parallel_threshold():
     """The current single-thread cut-off of batched table kernels."""
     return _par_min
+
+
+ROW_DTYPES = ("fp32", "fp16", "bf16")   # row_dtype codes 0, 1, 2 (table_half.h)
+
+
+def _init_half():
+    import os
+    allow = os.environ.get("HPCTRAIN_SIMD", "").strip() != "scalar"
+    return "f16c" if ht_half_init(allow) else "portable"
+
+
+_half = _init_half()
+
+
+def half_path():
+    """How fp16 rows are converted: "f16c" (the CPU's instructions) or "portable" (bit
+    manipulation; also with HPCTRAIN_SIMD=scalar)."""
+    return _half
+
+
+def set_half_path(bint f16c):
+    """Use F16C for fp16 conversions if this CPU has it (True) or the portable code (False);
+    returns the path now in use. For tests and benchmarks."""
+    global _half
+    _half = "f16c" if ht_half_init(f16c) else "portable"
+    return _half
+
+
+def encode_rows(const float[:, ::1] src, int dtype):
+    """(uint16[n, d] bits of src rounded to nearest even in dtype (1 fp16, 2 bf16), count of
+    finite values that became Inf)."""
+    cdef int64_t n = src.shape[0], d = src.shape[1], i, over = 0
+    if dtype != HT_F16 and dtype != HT_BF16:
+        raise ValueError(f"encode_rows: dtype code {dtype} is not fp16 (1) or bf16 (2)")
+    out = np.empty((n, d), dtype=np.uint16)
+    cdef uint16_t[:, ::1] o = out
+    if n and d:
+        with nogil:
+            for i in range(n):
+                over += ht_store_row_rne(dtype, &src[i, 0], &o[i, 0], d)
+    return out, over
+
+
+def decode_rows(const uint16_t[:, ::1] src, int dtype):
+    """float32[n, d] of the fp16 (dtype 1) or bf16 (2) bits src (exact)."""
+    cdef int64_t n = src.shape[0], d = src.shape[1], i
+    if dtype != HT_F16 and dtype != HT_BF16:
+        raise ValueError(f"decode_rows: dtype code {dtype} is not fp16 (1) or bf16 (2)")
+    out = np.empty((n, d), dtype=np.float32)
+    cdef float[:, ::1] o = out
+    if n and d:
+        with nogil:
+            for i in range(n):
+                ht_load_row(dtype, &src[i, 0], &o[i, 0], d)
+    return out
+
+
+def stochastic_round_rows(const float[:, ::1] src, const uint16_t[:, ::1] bits, int dtype):
+    """uint16[n, d]: src stochastically rounded to fp16 (dtype 1) or bf16 (2) with the given
+    16 random bits per value (the rounding ``apply`` does; for tests)."""
+    cdef int64_t n = src.shape[0], d = src.shape[1], i, j
+    if dtype != HT_F16 and dtype != HT_BF16:
+        raise ValueError(f"stochastic_round_rows: dtype code {dtype} is not fp16 (1) or bf16 (2)")
+    if bits.shape[0] != n or bits.shape[1] != d:
+        raise ValueError("stochastic_round_rows: bits must have the shape of src")
+    out = np.empty((n, d), dtype=np.uint16)
+    cdef uint16_t[:, ::1] o = out
+    for i in range(n):
+        for j in range(d):
+            o[i, j] = (ht_f32_to_f16_sr(src[i, j], bits[i, j]) if dtype == HT_F16
+                       else ht_f32_to_bf16_sr(src[i, j], bits[i, j]))
+    return out
 
 
 def init_rows_reference(const int64_t[::1] keys, int64_t dim, uint64_t seed, uint64_t table_id,
@@ -154,6 +232,12 @@ cdef class TableCore:
     cdef readonly int64_t w0, w1
     cdef float init0, init1
     cdef readonly uint64_t init_key
+    cdef uint64_t sr_key
+    cdef readonly int row_dtype
+    cdef readonly int64_t vbytes     # bytes of one stored row of values
+    cdef int64_t index_growth_div
+    cdef double max_load
+    cdef int64_t row_growth_div
     cdef readonly bint init_normal
     cdef readonly double init_scale
     # hash index
@@ -165,7 +249,7 @@ cdef class TableCore:
     cdef readonly int64_t row_cap
     cdef readonly int64_t row_high
     cdef readonly int64_t n_live
-    cdef float* values
+    cdef char* values                # float32, fp16 or bf16 rows (row_dtype)
     cdef float* slot0
     cdef float* slot1
     cdef ht_meta* meta
@@ -197,6 +281,15 @@ cdef class TableCore:
         self.init0, self.init1 = params.slot0_init, params.slot1_init
         self.has_opt_step = params.has_opt_step
         self.init_key = init_table_key(params.seed, params.table_id)
+        self.sr_key = hp_mix64(self.init_key ^ SR_SALT)
+        self.row_dtype = params.row_dtype
+        self.vbytes = self.dim * (4 if params.row_dtype == HT_F32 else 2)
+        if params.row_dtype == HT_F32:
+            self.max_load, self.index_growth_div = MAX_LOAD, INDEX_GROWTH_DIV
+            self.row_growth_div = HT_ROW_GROWTH_DIV
+        else:
+            self.max_load, self.index_growth_div = MAX_LOAD_REDUCED, INDEX_GROWTH_DIV_REDUCED
+            self.row_growth_div = HT_ROW_GROWTH_DIV_FINE
         self.init_normal = params.init_normal
         self.init_scale = params.init_scale
         self.min_count = params.min_count
@@ -204,11 +297,11 @@ cdef class TableCore:
         self.bloom_size = params.bloom_size
         self.bloom_hashes = params.bloom_hashes
 
-        self.index_cap = max(16, <int64_t>(capacity / MAX_LOAD) + 1)
+        self.index_cap = max(16, <int64_t>(capacity / self.max_load) + 1)
         self.index = <ht_slot*>ht_alloc(self.index_cap * sizeof(ht_slot))
         if self.index == NULL:
             raise MemoryError(f"cannot allocate a {self.index_cap}-slot hash index")
-        self.index_grow_at = <int64_t>(self.index_cap * MAX_LOAD)
+        self.index_grow_at = <int64_t>(self.index_cap * self.max_load)
         if self._grow_rows(capacity) != 0:
             raise MemoryError(f"cannot allocate {capacity} rows of dim {self.dim}")
         if self.adm_kind == ADM_BLOOM:
@@ -224,7 +317,7 @@ cdef class TableCore:
     def __dealloc__(self):
         cdef int64_t rc = self.row_cap
         ht_free(self.index, self.index_cap * sizeof(ht_slot))
-        ht_free(self.values, rc * self.dim * sizeof(float))
+        ht_free(self.values, rc * self.vbytes)
         ht_free(self.slot0, rc * self.w0 * sizeof(float))
         ht_free(self.slot1, rc * self.w1 * sizeof(float))
         ht_free(self.meta, rc * sizeof(ht_meta))
@@ -250,15 +343,15 @@ cdef class TableCore:
         self.index = ni
         self.index_cap = new_cap
         self.index_used = used
-        self.index_grow_at = <int64_t>(new_cap * MAX_LOAD)
+        self.index_grow_at = <int64_t>(new_cap * self.max_load)
         return 0
 
     cdef int _reserve_index(self, int64_t n_more) noexcept nogil:
         cdef int64_t need = self.index_used + n_more
         if need <= self.index_grow_at:
             return 0
-        return self._rehash(max(self.index_cap + self.index_cap // INDEX_GROWTH_DIV,
-                                <int64_t>(need / MAX_LOAD) + 1))
+        return self._rehash(max(self.index_cap + self.index_cap // self.index_growth_div,
+                                <int64_t>(need / self.max_load) + 1))
 
     cdef int _grow_rows(self, int64_t new_cap) noexcept nogil:
         cdef int64_t old = self.row_cap
@@ -271,7 +364,7 @@ cdef class TableCore:
         ptrs[2] = <void**>&self.slot1
         ptrs[3] = <void**>&self.meta
         ptrs[4] = <void**>&self.opt_step
-        width[0] = self.dim * sizeof(float)
+        width[0] = self.vbytes
         width[1] = self.w0 * sizeof(float)
         width[2] = self.w1 * sizeof(float)
         width[3] = sizeof(ht_meta)
@@ -304,7 +397,7 @@ cdef class TableCore:
         if need > MAX_ROWS:
             return -1
         return self._grow_rows(min(MAX_ROWS,
-                                   max(need, self.row_cap + self.row_cap // HT_ROW_GROWTH_DIV)))
+                                   max(need, self.row_cap + self.row_cap // self.row_growth_div)))
 
     cdef int64_t _alloc_row(self) noexcept nogil:
         cdef int64_t r
@@ -315,7 +408,7 @@ cdef class TableCore:
             if self.row_cap >= MAX_ROWS:
                 return -1
             if self._grow_rows(min(MAX_ROWS, self.row_cap
-                                   + max(self.row_cap // HT_ROW_GROWTH_DIV, 64))) != 0:
+                                   + max(self.row_cap // self.row_growth_div, 64))) != 0:
                 return -1
         r = self.row_high
         self.row_high += 1
@@ -337,8 +430,9 @@ cdef class TableCore:
 
     cdef void _init_rows(self, const int64_t* rows, const int64_t* keys, int64_t m,
                          int nt) noexcept nogil:
-        cdef int64_t j, r, dim = self.dim, w0 = self.w0, w1 = self.w1
-        cdef float* values = self.values
+        cdef int64_t j, r, dim = self.dim, w0 = self.w0, w1 = self.w1, vb = self.vbytes
+        cdef char* values = self.values
+        cdef int dt = self.row_dtype
         cdef float* slot0 = self.slot0
         cdef float* slot1 = self.slot1
         cdef int64_t* opt_step = self.opt_step
@@ -348,7 +442,11 @@ cdef class TableCore:
         cdef float init0 = self.init0, init1 = self.init1
         for j in prange(m, num_threads=nt, schedule='guided', chunksize=512):
             r = rows[j]
-            init_values(values + r * dim, dim, tkey, keys[j], normal, scale)
+            if dt == HT_F32:
+                init_values(<float*>(values + r * vb), dim, tkey, keys[j], normal, scale)
+            else:
+                init_values_reduced(dt, <uint16_t*>(values + r * vb), dim, tkey, keys[j],
+                                    normal, scale)
             if w0 > 0:
                 fill_floats(slot0 + r * w0, w0, init0)
             if w1 > 0:
@@ -510,16 +608,18 @@ cdef class TableCore:
         return n_new
 
     def gather(self, const int64_t[::1] rows, float[:, ::1] out, int nt, bint check_alive):
-        """out[i] = values[rows[i]] (zeros for -1); returns how many indices were invalid."""
+        """out[i] = values[rows[i]] as float32 (zeros for -1); returns how many indices were
+        invalid."""
         cdef int64_t n = rows.shape[0], i, r, r2, nbad = 0
         if n == 0:
             return 0
         cdef const int64_t* rp = &rows[0]
         cdef float* o = &out[0, 0]
-        cdef const float* values = self.values
+        cdef const char* values = self.values
         cdef const ht_meta* meta = self.meta
-        cdef int64_t dim = self.dim, high = self.row_high
+        cdef int64_t dim = self.dim, high = self.row_high, vb = self.vbytes
         cdef int64_t rb = dim * sizeof(float)
+        cdef int dt = self.row_dtype
         if n < _par_min:
             nt = 1
         with nogil:
@@ -527,10 +627,13 @@ cdef class TableCore:
                 if i + PF < n:
                     r2 = rp[i + PF]
                     if r2 >= 0 and r2 < high:
-                        _prefetch_bytes(values + r2 * dim, rb, False)
+                        _prefetch_bytes(values + r2 * vb, vb, False)
                 r = rp[i]
                 if r >= 0 and r < high and (not check_alive or meta[r].last_step >= 0):
-                    _copy_row(o + i * dim, values + r * dim, rb)
+                    if dt == HT_F32:
+                        _copy_row(o + i * dim, <const float*>(values + r * vb), rb)
+                    else:
+                        ht_load_row(dt, <const uint16_t*>(values + r * vb), o + i * dim, dim)
                 else:
                     memset(o + i * dim, 0, rb)
                     if r != -1:
@@ -556,29 +659,45 @@ cdef class TableCore:
                 return i
         return -1
 
-    def apply(self, const int64_t[::1] rows, const float[:, ::1] grads, int64_t step, int nt):
+    def apply(self, const int64_t[::1] rows, const float[:, ::1] grads, int64_t step, int nt,
+              const int64_t[::1] keys=None):
         """Apply the fused optimizer update of grads[i] to rows[i] (skipping -1).
+
+        ``keys[i]`` is the key of rows[i]: reduced-precision rows need it (the random bits of
+        stochastic rounding depend on it), float32 rows ignore it.
 
         Returns ``(n_bad_rows, n_nonfinite)``; the update runs only when both are 0.
         """
-        cdef int64_t n = rows.shape[0], i, r, r2, nbad = 0, nnf = 0, t
+        cdef int64_t n = rows.shape[0], i, r, r2, nbad = 0, nnf = 0
         if n == 0:
             return 0, 0
+        cdef int dt = self.row_dtype
+        if dt != HT_F32 and (keys is None or keys.shape[0] != n):
+            raise ValueError(f"apply: reduced-precision rows need the key of every row "
+                             f"({n}); got {'none' if keys is None else keys.shape[0]}")
+        cdef const int64_t* kp = &keys[0] if dt != HT_F32 else NULL
         cdef const int64_t* rp = &rows[0]
         cdef const float* gp = &grads[0, 0]
-        cdef float* values = self.values
+        cdef char* values = self.values
         cdef float* slot0 = self.slot0
         cdef float* slot1 = self.slot1
         cdef ht_meta* meta = self.meta
-        cdef int64_t* opt_step = self.opt_step
         cdef int64_t dim = self.dim, w0 = self.w0, w1 = self.w1, high = self.row_high
-        cdef int kind = self.opt_kind
-        cdef double lr = self.lr, mu = self.momentum, b1 = self.beta1, b2 = self.beta2
-        cdef double eps = self.eps, l1 = self.l1, l2 = self.l2, lrp = self.lr_power
-        cdef double wd = self.weight_decay
+        cdef int64_t vb = self.vbytes
+        cdef OptArgs a
+        a.kind, a.dim, a.slot0, a.slot1, a.opt_step = self.opt_kind, dim, slot0, slot1, self.opt_step
+        a.lr, a.mu, a.b1, a.b2 = self.lr, self.momentum, self.beta1, self.beta2
+        a.eps, a.l1, a.l2, a.lrp, a.wd = self.eps, self.l1, self.l2, self.lr_power, self.weight_decay
         cdef int32_t step32 = <int32_t>_check_step(step)
+        cdef uint64_t sr_key = self.sr_key
+        cdef float* scratch = NULL
+        cdef float* buf
         if n < _par_min:
             nt = 1
+        if dt != HT_F32:
+            scratch = <float*>malloc(max(nt, 1) * dim * sizeof(float))
+            if scratch == NULL:
+                raise MemoryError(f"cannot allocate {nt} rows of scratch for the update")
         with nogil:
             # validate everything first so a rejected batch changes nothing
             for i in prange(n, num_threads=nt, schedule='guided', chunksize=512):
@@ -596,7 +715,7 @@ cdef class TableCore:
                     if i + PF_UPDATE < n:
                         r2 = rp[i + PF_UPDATE]
                         if r2 >= 0:
-                            _prefetch_bytes(values + r2 * dim, dim * 4, True)
+                            _prefetch_bytes(values + r2 * vb, vb, True)
                             if w0 > 0:
                                 _prefetch_bytes(slot0 + r2 * w0, w0 * 4, True)
                             if w1 > 0:
@@ -604,26 +723,17 @@ cdef class TableCore:
                     r = rp[i]
                     if r < 0:
                         continue
-                    if kind == OPT_SGD:
-                        upd_sgd(values + r * dim, gp + i * dim, dim, lr, wd)
-                    elif kind == OPT_MOMENTUM or kind == OPT_NESTEROV:
-                        upd_momentum(values + r * dim, slot0 + r * dim, gp + i * dim, dim, lr, mu,
-                                     kind == OPT_NESTEROV, wd)
-                    elif kind == OPT_ADAGRAD:
-                        upd_adagrad(values + r * dim, slot0 + r * dim, gp + i * dim, dim, lr,
-                                    eps, wd)
-                    elif kind == OPT_ROWWISE_ADAGRAD:
-                        upd_rowwise_adagrad(values + r * dim, slot0 + r, gp + i * dim, dim, lr,
-                                            eps, wd)
-                    elif kind == OPT_ADAM:
-                        t = opt_step[r] + 1
-                        opt_step[r] = t
-                        upd_adam(values + r * dim, slot0 + r * dim, slot1 + r * dim, gp + i * dim,
-                                 dim, lr, b1, b2, eps, wd, t)
+                    if dt == HT_F32:
+                        update_row(&a, <float*>(values + r * vb), r, gp + i * dim)
                     else:
-                        upd_ftrl(values + r * dim, slot0 + r * dim, slot1 + r * dim, gp + i * dim,
-                                 dim, lr, l1, l2, lrp, wd)
+                        # widen, update in float32, narrow with stochastic rounding
+                        buf = scratch + threadid() * dim
+                        ht_load_row(dt, <const uint16_t*>(values + r * vb), buf, dim)
+                        update_row(&a, buf, r, gp + i * dim)
+                        ht_store_row_sr(dt, buf, <uint16_t*>(values + r * vb), dim,
+                                        ht_sr_row_key(sr_key, kp[i], step))
                     meta[r].last_step = step32
+        free(scratch)
         return nbad, nnf
 
 

@@ -6,8 +6,10 @@ Memory layout of one table shard (``R`` = row capacity, ``S`` = index slots)::
     index   ht_slot[S]        packed {int64 key; uint32 row + 1}; 0 in the row field marks an
                               empty slot, so every one of the 2^64 keys is a valid key (no
                               sentinel key) and freshly mapped (zero) memory is an empty index
-    values  float32[R, dim]   embedding rows, densely packed: row ids are handed out from
-                              0 upwards and freed rows are reused through ``free_rows``
+    values  E[R, dim]         embedding rows, densely packed: row ids are handed out from
+                              0 upwards and freed rows are reused through ``free_rows``;
+                              E = float32, or fp16 / bf16 (uint16 bits) with reduced-precision
+                              rows (``row_dtype``; conversions in table_half.h)
     slot0   float32[R, w0]    first optimizer state (w0 = dim, or 1 for row-wise Adagrad)
     slot1   float32[R, w1]    second optimizer state (Adam, FTRL)
     meta    ht_meta[R]        {uint32 access count, saturating at 2^32 - 1; int32 last update
@@ -20,8 +22,14 @@ what a batch needs, at least 1/128 more (mremap moves pages without copying rows
 rows must be copied). Small growth steps keep the memory per stored row within the issue's
 bound 1.25 x (8 + 4 * floats per row) at dim 16 with SGD, where the bound leaves 18 bytes per
 row for the index (12 / 0.71 = 16.9 at most) and the row store's slack.
+
+Reduced-precision (fp16, bf16) tables have small rows, so the index and the slack are a
+larger share of them: their index grows by 1/16 at load 0.82 (load in [0.77, 0.82], at most
+15.6 bytes per row) and their row store by 1/512 (at most 0.2% slack). fp16 at dim 64 with
+row-wise Adagrad: 128 + 4 + 8 bytes of row, state and metadata, + 15.6 + 0.3 <= 156 bytes,
+0.6 x the 260 bytes of the same table in float32.
 """
-from libc.stdint cimport int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 cdef extern from *:
     """
@@ -39,6 +47,8 @@ cdef extern from *:
     /* splitmix64's finaliser, hp_mix64 (kernels/hp_mix64.h), for row initialisation and
        the Bloom filter */
     #include "hp_mix64.h"
+    /* fp16 / bf16 rows: conversions and stochastic rounding */
+    #include "table_half.h"
     /* Index hash: MurmurHash3's fmix64 of a salted key, unrelated to the routing hash
        (splitmix64), so that the keys one shard owns still spread over its whole index. */
     static inline uint64_t ht_index_hash(int64_t key) {
@@ -76,6 +86,7 @@ cdef extern from *:
     #if defined(__linux__)
     #include <sys/mman.h>
     #define HT_ROW_GROWTH_DIV 128  /* growth remaps pages, it never copies: grow in small steps */
+    #define HT_ROW_GROWTH_DIV_FINE 512  /* reduced-precision rows: smaller still (table.pyx) */
     static inline void ht_advise(void* p, size_t bytes) {
     #ifdef MADV_HUGEPAGE
         if (bytes >= ((size_t)2 << 20)) madvise(p, bytes, MADV_HUGEPAGE);
@@ -100,6 +111,7 @@ cdef extern from *:
     #include <stdlib.h>
     #include <string.h>
     #define HT_ROW_GROWTH_DIV 8    /* growth copies: grow geometrically */
+    #define HT_ROW_GROWTH_DIV_FINE 8
     static inline void* ht_alloc(size_t bytes) {
         void* p = NULL;
         if (posix_memalign(&p, 64, bytes ? bytes : 64) != 0) return NULL;
@@ -128,6 +140,19 @@ cdef extern from *:
     int64_t HT_STEP_MAX
     uint64_t HT_GAMMA
     uint64_t hp_mix64(uint64_t z) noexcept nogil
+    int HT_F32, HT_F16, HT_BF16
+    int ht_half_init(int allow) noexcept nogil
+    float ht_f16_to_f32(uint16_t h) noexcept nogil
+    uint16_t ht_f32_to_f16_rne(float f) noexcept nogil
+    uint16_t ht_f32_to_f16_sr(float f, uint32_t r) noexcept nogil
+    float ht_bf16_to_f32(uint16_t h) noexcept nogil
+    uint16_t ht_f32_to_bf16_rne(float f) noexcept nogil
+    uint16_t ht_f32_to_bf16_sr(float f, uint32_t r) noexcept nogil
+    void ht_load_row(int dtype, const uint16_t* src, float* dst, int64_t n) noexcept nogil
+    int64_t ht_store_row_rne(int dtype, const float* src, uint16_t* dst, int64_t n) noexcept nogil
+    uint64_t ht_sr_row_key(uint64_t tkey, int64_t key, int64_t step) noexcept nogil
+    void ht_store_row_sr(int dtype, const float* src, uint16_t* dst, int64_t n,
+                         uint64_t h) noexcept nogil
     uint64_t ht_index_hash(int64_t key) noexcept nogil
     uint64_t ht_bloom_hash(int64_t key) noexcept nogil
     int64_t ht_fastrange(uint64_t h, int64_t n) noexcept nogil
@@ -135,6 +160,7 @@ cdef extern from *:
     void ht_prefetch_w(const void* p) noexcept nogil
     void ht_atomic_inc_sat(uint32_t* p) noexcept nogil
     int64_t HT_ROW_GROWTH_DIV
+    int64_t HT_ROW_GROWTH_DIV_FINE
     void* ht_alloc(size_t bytes) noexcept nogil
     void* ht_realloc(void* p, size_t old_bytes, size_t new_bytes) noexcept nogil
     void ht_free(void* p, size_t bytes) noexcept nogil

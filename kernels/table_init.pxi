@@ -26,21 +26,39 @@ cdef inline uint64_t init_table_key(uint64_t seed, uint64_t table_id) noexcept n
     return hp_mix64(hp_mix64(seed + HT_GAMMA) ^ (table_id + 2 * HT_GAMMA))
 
 
-cdef inline void init_values(float* w, int64_t dim, uint64_t tkey, int64_t key,
-                             bint normal, double scale) noexcept nogil:
-    """Write the initial values of `key`'s row into w[0:dim]."""
+cdef inline void init_values_from(float* w, int64_t c0, int64_t n, uint64_t tkey, int64_t key,
+                                  bint normal, double scale) noexcept nogil:
+    """Write the initial values of columns c0 .. c0 + n - 1 of `key`'s row into w[0:n]."""
     cdef uint64_t r = hp_mix64(tkey ^ (<uint64_t>key + 3 * HT_GAMMA))
     cdef int64_t c
     cdef double u, u1, u2
     if not normal:
-        for c in range(dim):
+        for c in range(c0, c0 + n):
             u = <double>(hp_mix64(r + <uint64_t>(c + 1) * HT_GAMMA) >> 40) * _TWO_M24
-            w[c] = <float>(scale * (2.0 * u - 1.0))
+            w[c - c0] = <float>(scale * (2.0 * u - 1.0))
     else:
-        for c in range(dim):
+        for c in range(c0, c0 + n):
             u1 = (<double>(hp_mix64(r + <uint64_t>(2 * c + 1) * HT_GAMMA) >> 11) + 1.0) * _TWO_M53
             u2 = <double>(hp_mix64(r + <uint64_t>(2 * c + 2) * HT_GAMMA) >> 11) * _TWO_M53
-            w[c] = <float>(scale * (sqrt(-2.0 * log(u1)) * cos(_TWO_PI * u2)))
+            w[c - c0] = <float>(scale * (sqrt(-2.0 * log(u1)) * cos(_TWO_PI * u2)))
+
+
+cdef inline void init_values(float* w, int64_t dim, uint64_t tkey, int64_t key,
+                             bint normal, double scale) noexcept nogil:
+    """Write the initial values of `key`'s row into w[0:dim]."""
+    init_values_from(w, 0, dim, tkey, key, normal, scale)
+
+
+cdef inline void init_values_reduced(int dtype, uint16_t* h, int64_t dim, uint64_t tkey,
+                                     int64_t key, bint normal, double scale) noexcept nogil:
+    """The initial row of `key` in fp16 / bf16: the float32 values rounded to nearest even
+    (64 columns at a time, so any width needs no more than this stack buffer)."""
+    cdef float buf[64]
+    cdef int64_t c0, n
+    for c0 in range(0, dim, 64):
+        n = min(64, dim - c0)
+        init_values_from(buf, c0, n, tkey, key, normal, scale)
+        ht_store_row_rne(dtype, buf, h + c0, n)
 
 
 cdef inline void fill_floats(float* p, int64_t n, float v) noexcept nogil:

@@ -127,3 +127,34 @@ cdef inline void upd_ftrl(float* w, float* z, float* n, const float* g, int64_t 
             w[j] = <float>(-(zj - l1) / (pn / lr + l2))
         else:
             w[j] = <float>(-(zj + l1) / (pn / lr + l2))
+
+
+cdef struct OptArgs:
+    # one table's optimizer: kind, hyper-parameters, row width and state arrays
+    int kind
+    int64_t dim
+    float* slot0
+    float* slot1
+    int64_t* opt_step
+    double lr, mu, b1, b2, eps, l1, l2, lrp, wd
+
+
+cdef inline void update_row(const OptArgs* a, float* w, int64_t r, const float* g) noexcept nogil:
+    """The fused update of row r, whose float32 weights are at w (in place, or a widened copy
+    of a reduced-precision row)."""
+    cdef int64_t dim = a.dim, t
+    cdef int kind = a.kind
+    if kind == OPT_SGD:
+        upd_sgd(w, g, dim, a.lr, a.wd)
+    elif kind == OPT_MOMENTUM or kind == OPT_NESTEROV:
+        upd_momentum(w, a.slot0 + r * dim, g, dim, a.lr, a.mu, kind == OPT_NESTEROV, a.wd)
+    elif kind == OPT_ADAGRAD:
+        upd_adagrad(w, a.slot0 + r * dim, g, dim, a.lr, a.eps, a.wd)
+    elif kind == OPT_ROWWISE_ADAGRAD:
+        upd_rowwise_adagrad(w, a.slot0 + r, g, dim, a.lr, a.eps, a.wd)
+    elif kind == OPT_ADAM:
+        t = a.opt_step[r] + 1
+        a.opt_step[r] = t
+        upd_adam(w, a.slot0 + r * dim, a.slot1 + r * dim, g, dim, a.lr, a.b1, a.b2, a.eps, a.wd, t)
+    else:
+        upd_ftrl(w, a.slot0 + r * dim, a.slot1 + r * dim, g, dim, a.lr, a.l1, a.l2, a.lrp, a.wd)

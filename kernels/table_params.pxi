@@ -6,8 +6,9 @@ cdef class TableParams:
     """Parameters of one table shard's core, by name (keyword-only; read-only once made).
 
     Shape:
-        dim: row width (floats per row); capacity: rows allocated up front, in
-        [1, 2^31 - 1] (the store grows past it).
+        dim: row width (values per row); capacity: rows allocated up front, in
+        [1, 2^31 - 1] (the store grows past it); row_dtype: how rows are stored, 0 float32,
+        1 fp16, 2 bf16 (table_half.h's HT_F32, HT_F16, HT_BF16).
     Optimizer (the fused update of ``TableCore.apply``):
         opt_kind: code of the optimizer (table_optim.pxi's enum, the order of
         ``hpctrain.sparse.optimizers.KINDS``); lr, momentum, beta1, beta2, eps, l1, l2,
@@ -28,6 +29,7 @@ cdef class TableParams:
     """
     cdef readonly int64_t dim
     cdef readonly int64_t capacity
+    cdef readonly int row_dtype
     cdef readonly int opt_kind
     cdef readonly double lr, momentum, beta1, beta2, eps, l1, l2, lr_power, weight_decay
     cdef readonly int64_t slot0_width, slot1_width
@@ -48,8 +50,9 @@ cdef class TableParams:
                  float slot1_init=0.0, bint has_opt_step=False, uint64_t seed=0,
                  uint64_t table_id=0, bint init_normal=False, double init_scale,
                  int64_t min_count=0, int adm_kind=ADM_NONE, int64_t bloom_size=0,
-                 int bloom_hashes=0):
+                 int bloom_hashes=0, int row_dtype=0):
         self.dim, self.capacity, self.opt_kind, self.lr = dim, capacity, opt_kind, lr
+        self.row_dtype = row_dtype
         self.momentum, self.beta1, self.beta2, self.eps = momentum, beta1, beta2, eps
         self.l1, self.l2, self.lr_power, self.weight_decay = l1, l2, lr_power, weight_decay
         self.slot0_width, self.slot1_width = slot0_width, slot1_width
@@ -71,6 +74,9 @@ cdef class TableParams:
         if not (OPT_SGD <= self.opt_kind <= OPT_FTRL and ADM_NONE <= self.adm_kind <= ADM_BLOOM):
             raise ValueError(f"TableParams: bad optimizer {self.opt_kind} or admission "
                              f"{self.adm_kind} code")
+        if not HT_F32 <= self.row_dtype <= HT_BF16:
+            raise ValueError(f"TableParams: bad row dtype code {self.row_dtype} (0 float32, "
+                             f"1 fp16, 2 bf16)")
         if self.min_count > 1 and self.adm_kind == ADM_BLOOM \
                 and (self.bloom_size < 1 or self.bloom_hashes < 1):
             raise ValueError(f"bad Bloom filter size {self.bloom_size} / hashes "
@@ -88,4 +94,4 @@ cdef class TableParams:
 _PARAM_NAMES = ("dim", "capacity", "opt_kind", "lr", "momentum", "beta1", "beta2", "eps", "l1",
                 "l2", "lr_power", "weight_decay", "slot0_width", "slot1_width", "slot0_init",
                 "slot1_init", "has_opt_step", "seed", "table_id", "init_normal", "init_scale",
-                "min_count", "adm_kind", "bloom_size", "bloom_hashes")
+                "min_count", "adm_kind", "bloom_size", "bloom_hashes", "row_dtype")

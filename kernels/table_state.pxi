@@ -58,10 +58,10 @@ def meta_of(TableCore t, const int64_t[::1] rows):
 
 
 def copy_rows(TableCore t, const int64_t[::1] rows, int which):
-    """Copy of values (which=0), slot0 (1) or slot1 (2) at the given stored rows."""
+    """Copy of values (which=0, as float32) or slot0 (1) or slot1 (2) at the given stored rows."""
     cdef int64_t m = rows.shape[0], i, r
     cdef int64_t w = t.dim if which == 0 else (t.w0 if which == 1 else t.w1)
-    cdef const float* src = t.values if which == 0 else (t.slot0 if which == 1 else t.slot1)
+    cdef const float* src = t.slot0 if which == 1 else t.slot1
     out = np.empty((m, w), dtype=np.float32)
     if m == 0 or w == 0:
         return out
@@ -70,7 +70,28 @@ def copy_rows(TableCore t, const int64_t[::1] rows, int which):
         r = rows[i]
         if r < 0 or r >= t.row_high:
             raise IndexError(f"row {r} outside [0, {t.row_high})")
-        memcpy(&o[i, 0], src + r * w, w * sizeof(float))
+        if which != 0:
+            memcpy(&o[i, 0], src + r * w, w * sizeof(float))
+        elif t.row_dtype == HT_F32:
+            memcpy(&o[i, 0], t.values + r * t.vbytes, t.vbytes)
+        else:
+            ht_load_row(t.row_dtype, <const uint16_t*>(t.values + r * t.vbytes), &o[i, 0], w)
+    return out
+
+
+def copy_values_stored(TableCore t, const int64_t[::1] rows):
+    """The values at the given stored rows as stored: float32[m, dim], or uint16[m, dim] bits
+    of fp16 / bf16 rows."""
+    cdef int64_t m = rows.shape[0], i, r
+    out = np.empty((m, t.dim), dtype=np.float32 if t.row_dtype == HT_F32 else np.uint16)
+    if m == 0:
+        return out
+    cdef uint8_t[:, ::1] o = out.view(np.uint8)
+    for i in range(m):
+        r = rows[i]
+        if r < 0 or r >= t.row_high:
+            raise IndexError(f"row {r} outside [0, {t.row_high})")
+        memcpy(&o[i, 0], t.values + r * t.vbytes, t.vbytes)
     return out
 
 
@@ -136,13 +157,21 @@ def import_keys(TableCore t, const int64_t[::1] keys):
     return out
 
 
-def write_rows(TableCore t, const int64_t[::1] rows, const float[:, ::1] values, slot0, slot1,
+def write_rows(TableCore t, const int64_t[::1] rows, values, slot0, slot1,
                const int64_t[::1] access, const int64_t[::1] last_step,
                const int64_t[::1] opt_step):
-    """Overwrite stored rows with imported values, optimizer state and metadata."""
+    """Overwrite stored rows with imported values, optimizer state and metadata.
+
+    ``values`` is as stored: float32[m, dim], or uint16[m, dim] bits of fp16 / bf16 rows.
+    """
     cdef int64_t m = rows.shape[0], i, r
     cdef const float[:, ::1] s0
     cdef const float[:, ::1] s1
+    want = np.float32 if t.row_dtype == HT_F32 else np.uint16
+    if values.dtype != want or values.shape != (m, t.dim) or not values.flags.c_contiguous:
+        raise ValueError(f"write_rows: values must be C-contiguous {np.dtype(want)}"
+                         f"[{m}, {t.dim}]; got {values.dtype}{list(values.shape)}")
+    cdef const uint8_t[:, ::1] v = values.view(np.uint8) if m else np.empty((0, 1), np.uint8)
     if t.w0 > 0:
         s0 = slot0
     if t.w1 > 0:
@@ -157,7 +186,7 @@ def write_rows(TableCore t, const int64_t[::1] rows, const float[:, ::1] values,
             raise ValueError(f"last step {last_step[i]} of row {r} outside [0, 2^31 - 1]")
     for i in range(m):
         r = rows[i]
-        memcpy(t.values + r * t.dim, &values[i, 0], t.dim * sizeof(float))
+        memcpy(t.values + r * t.vbytes, &v[i, 0], t.vbytes)
         if t.w0 > 0:
             memcpy(t.slot0 + r * t.w0, &s0[i, 0], t.w0 * sizeof(float))
         if t.w1 > 0:
@@ -173,7 +202,7 @@ def nbytes(TableCore t):
     cdef int64_t rc = t.row_cap
     return {
         "index": t.index_cap * sizeof(ht_slot),
-        "rows": rc * (t.dim + t.w0 + t.w1) * sizeof(float),
+        "rows": rc * (t.vbytes + (t.w0 + t.w1) * sizeof(float)),
         "meta": rc * (sizeof(ht_meta) + (sizeof(int64_t) if t.has_opt_step else 0)),
         "free_list": t.free_cap * sizeof(int32_t),
         "admission": (t.bloom_size if t.adm_kind == ADM_BLOOM else 0)

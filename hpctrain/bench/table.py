@@ -231,7 +231,7 @@ def bench_dim(dim, args, warm, timed, fresh, kinds, threads):
                 r = table.find_or_insert(u, s)
                 table.gather(r[inv], out=buf)                            # forward (one-hot bags)
                 g = segment_sum(d_flat, src_off, dim, inv, len(u))       # pooled backward
-                table.apply_gradients(r, g, s)                           # fused update
+                table.apply_gradients(r, g, s, keys=u)                   # fused update
 
             goal = (GOAL_STEP_ADAGRAD_64 if (kind == "adagrad" and dim == 64
                                              and mode == "fresh") else None)

@@ -247,6 +247,9 @@ class TableReader:
         for datasets in self.levels.values():
             for path in datasets:
                 _validate.check_dataset(h5[path], path[len(self.root) + 1:], dim, where)
+        values = self.levels.get(self.root, {}).get(self.root + "/values")
+        if values is not None:
+            _validate.check_row_dtype(self.tree.get(_validate.ROW_DTYPE), values.dtype, where)
 
     def add(self, h5, select, chunk_bytes, keep=True):
         """Append the rows of ``h5`` that ``select(keys) -> bool mask`` keeps (None: all).

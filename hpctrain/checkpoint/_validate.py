@@ -9,9 +9,11 @@ person who edited it and recomputed the checksums. So before anything is used:
   with the manifest's row counts and dim (``open_file``);
 - a dataset's declared size is backed by storage in the file before it is read
   (``_h5tree.check_storage``);
-- tables: keys are 1-D integers and unique; ``values`` is float32 ``[n, dim]``; every
-  floating row array is finite; row counters are in the range the table stores
-  (``COUNTER_RANGES``) (``check_dataset``, ``check_chunk``);
+- tables: keys are 1-D integers and unique; ``values`` is ``[n, dim]`` of the table's
+  recorded ``row_dtype`` (float32 when none is recorded; float16 for fp16, uint16 bits for
+  bf16: ``VALUES_DTYPES``); every floating row array (bf16 bits included) is finite; row
+  counters are in the range the table stores (``COUNTER_RANGES``) (``check_dataset``,
+  ``check_row_dtype``, ``check_chunk``);
 - dense: every floating array outside ``optimizer`` is finite and, given the tree the
   caller expects, names, shapes and dtypes match it (``check_dense``);
 - state: ``step`` and ``world_size`` agree with the manifest, ``reader`` is a data reader
@@ -37,6 +39,11 @@ COUNTER_RANGES = {
     "opt_step": (0, (1 << 63) - 1),         # int64
     "admission/counts": (1, (1 << 32) - 1),  # pending admission counts, uint32
 }
+# How a table's "values" are stored, by the "row_dtype" its export records (none: fp32);
+# hpctrain.sparse.rowdtype.STORED (a test keeps them equal)
+VALUES_DTYPES = {"fp32": np.dtype(np.float32), "fp16": np.dtype(np.float16),
+                 "bf16": np.dtype(np.uint16)}
+ROW_DTYPE = "row_dtype"
 OPTIMIZER = "optimizer"   # the top-level dense member that holds optimizer state
 PARAMS = "params"         # the top-level dense member that holds parameters by name
 
@@ -136,9 +143,10 @@ def check_dataset(ds, rel, dim, where):
             raise CheckpointError(f"{where}/{rel}: keys must be a 1-D integer array, got "
                                   f"{ds.dtype}{list(shape)}")
     elif rel == "values":
-        if ds.dtype != np.float32 or len(shape) != 2 or shape[1] != dim:
+        if ds.dtype not in VALUES_DTYPES.values() or len(shape) != 2 or shape[1] != dim:
             raise CheckpointError(f"{where}/{rel}: expected float32[n, {dim}] (the table's "
-                                  f"dtype and dim), got {ds.dtype}{list(shape)}")
+                                  f"dtype and dim), got {ds.dtype}{list(shape)} (float16 or "
+                                  f"uint16 with row_dtype fp16 or bf16)")
     elif rel in COUNTER_RANGES:
         if kind not in "iu" or len(shape) != 1:
             raise CheckpointError(f"{where}/{rel}: expected a 1-D integer array, got "
@@ -149,7 +157,13 @@ def check_chunk(chunk, rel, start, keys, where):
     """Check the rows ``[start, start + len(chunk))`` of dataset ``rel``; ``keys`` are theirs."""
     if chunk.size == 0:
         return
-    if chunk.dtype.kind in "fc":
+    if rel == "values" and chunk.dtype == np.uint16:   # bf16 bits: exponent all ones
+        bad = ((chunk & 0x7F80) == 0x7F80).any(axis=1)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise CheckpointError(f"{where}/{rel}[{start + i}]: non-finite bf16 value (key "
+                                  f"{keys[i]}); {int(bad.sum())} such row(s) in this chunk")
+    elif chunk.dtype.kind in "fc":
         bad = ~np.isfinite(chunk)
         if bad.ndim > 1:
             bad = bad.reshape(bad.shape[0], -1).any(axis=1)
@@ -166,6 +180,20 @@ def check_chunk(chunk, rel, start, keys, where):
             i = int(np.flatnonzero(bad)[0])
             raise CheckpointError(f"{where}/{rel}[{start + i}] = {chunk[i]} (key {keys[i]}) is "
                                   f"outside [{lo}, {hi}]")
+
+
+def check_row_dtype(row_dtype, values_dtype, where):
+    """Raise CheckpointError unless a table's recorded ``row_dtype`` (None: not recorded,
+    i.e. fp32) is known and its ``values`` are stored as it says."""
+    if row_dtype is None:
+        row_dtype = "fp32"
+    if not isinstance(row_dtype, str) or row_dtype not in VALUES_DTYPES:
+        raise CheckpointError(f"{where}/{ROW_DTYPE} = {row_dtype!r}: not one of "
+                              f"{', '.join(VALUES_DTYPES)}")
+    want = VALUES_DTYPES[row_dtype]
+    if np.dtype(values_dtype) != want:
+        raise CheckpointError(f"{where}/values: {np.dtype(values_dtype)}, but {ROW_DTYPE} "
+                              f"{row_dtype!r} is stored as {want}")
 
 
 def first_duplicate(keys):
@@ -202,12 +230,20 @@ def check_table_schema(name, got, like, where, skip_shard_state=False):
     shard-local state was left out of ``got`` (rows resharded)."""
     have = _schema(name, got, skip_shard_state)
     want = _schema(name, like, skip_shard_state)
+    # the row dtype is the writer's: rows of another precision are converted on import
+    for schema in (have, want):
+        schema.pop(ROW_DTYPE, None)
     for path in sorted(set(have) | set(want), key=lambda p: (p not in want, p)):
         shown = f"{where}/{path}" if path else where
         if path not in have:
             raise CheckpointError(f"{shown}: missing; the table has {_say(want[path])}")
         if path not in want:
             raise CheckpointError(f"{shown}: {_say(have[path])}, which the table does not have")
+        if path == "values" and have[path][0] == want[path][0] == "rows":
+            if have[path][2] != want[path][2]:
+                raise CheckpointError(f"{shown}: {_say(have[path])}, the table has "
+                                      f"{_say(want[path])}")
+            continue
         if have[path] != want[path]:
             raise CheckpointError(f"{shown}: {_say(have[path])}, the table has "
                                   f"{_say(want[path])}")

@@ -6,7 +6,9 @@ Layout of the model file (see docs/checkpoint.md)::
     /dense/...             the checkpoint's dense tree without its "optimizer" member
     /state/<key>           the checkpoint's state entries (JSON strings; config text, versions)
     /tables/<name>/keys    int64[n]   every row of every shard, unique keys, shard order
-    /tables/<name>/values  float32[n, dim]     attrs: dim, table_id, num_rows
+    /tables/<name>/values  E[n, dim]           attrs: dim, table_id, num_rows, row_dtype
+                           as the checkpoint stores them: E = float32 (row_dtype "fp32"),
+                           float16 ("fp16") or uint16, the bits of bf16 ("bf16")
 """
 import json
 import os
@@ -149,7 +151,11 @@ def _copy_tables(path, manifest, out, chunk_bytes):
             shard = _files.shard_file(rank, world)
             with _validate.open_file(path, manifest, shard, rank) as src:
                 s_keys, s_values = src["tables"][link]["keys"], src["tables"][link]["values"]
+                rd = src["tables"][link].get(_validate.ROW_DTYPE)
+                rd = _h5tree.read(rd) if rd is not None else "fp32"
+                _validate.check_row_dtype(rd, s_values.dtype, f"{shard}:/tables/{link}")
                 if keys is None:
+                    grp.attrs["row_dtype"] = rd
                     keys = grp.create_dataset("keys", (total,), dtype=s_keys.dtype)
                     values = grp.create_dataset("values", (total, info["dim"]),
                                                 dtype=s_values.dtype)

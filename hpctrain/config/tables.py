@@ -2,7 +2,8 @@
 
 Names and limits come from the sparse side: ``POOLINGS`` (``hpctrain.sparse.spec``),
 ``INITS`` (``hpctrain.sparse.init``), the admission counters, limits and defaults
-(``hpctrain.sparse.policies``), the optimizers (``hpctrain.config.optim``).
+(``hpctrain.sparse.policies``), the optimizers (``hpctrain.config.optim``), the row dtypes
+(``hpctrain.sparse.rowdtype``).
 """
 import dataclasses
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from hpctrain.config._node import INT32_MAX
 from hpctrain.config.optim import SPARSE_OPTIMIZER_KEYS, parse_optimizer
 from hpctrain.sparse.init import INITS
 from hpctrain.sparse.policies import ADMISSION_LIMITS, COUNTERS, EVICTION_LIMITS, Admission
+from hpctrain.sparse.rowdtype import MAX_FINITE, ROW_DTYPES
 from hpctrain.sparse.spec import POOLINGS
 
 _ADMISSION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Admission)}
@@ -19,7 +21,8 @@ _ADMISSION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Admission)}
 @dataclass
 class TableConfig:
     """One embedding table; ``optimizer`` holds every ``SparseOptimizer`` field, ``admission``
-    and ``eviction`` the ``Admission``/``Eviction`` fields (None: admit all / never evict)."""
+    and ``eviction`` the ``Admission``/``Eviction`` fields (None: admit all / never evict);
+    ``row_dtype`` how rows are stored ("fp32", "fp16", "bf16")."""
     name: str
     features: list
     dim: int
@@ -29,6 +32,7 @@ class TableConfig:
     pooling: str = "sum"
     init: str = "uniform"
     init_scale: float = None
+    row_dtype: str = "fp32"
 
 
 def _admission(a):
@@ -62,6 +66,18 @@ def parse_table(n):
                     eviction=_eviction(e) if e is not None else None,
                     pooling=n.string("pooling", "sum", choices=POOLINGS),
                     init=n.string("init", "uniform", choices=INITS),
-                    init_scale=n.number("init_scale", None, lo=0.0, lo_incl=False))
+                    init_scale=n.number("init_scale", None, lo=0.0, lo_incl=False),
+                    row_dtype=n.string("row_dtype", "fp32"))
+    if t.row_dtype not in ROW_DTYPES:
+        raise n.error("row_dtype", f"table {name!r}: expected one of "
+                                   f"{', '.join(map(repr, ROW_DTYPES))}, got {t.row_dtype!r}")
+    if t.row_dtype != "fp32" and t.init_scale is not None:
+        # the largest initial value: a (uniform), about 8.6 s (normal, Box-Muller)
+        top = t.init_scale * (1.0 if t.init == "uniform" else 8.58)
+        if top > MAX_FINITE[t.row_dtype]:
+            raise n.error("init_scale", f"table {name!r}: initial values up to {top:g} do not "
+                                        f"fit row_dtype = {t.row_dtype!r} (largest finite value "
+                                        f"{MAX_FINITE[t.row_dtype]:g}); lower init_scale or "
+                                        f"store the rows as \"fp32\"")
     n.finish()
     return t

@@ -45,15 +45,12 @@ import time
 import numpy as np
 
 from hpctrain._kernels import sparse_ops
-from hpctrain._kernels.table import init_rows_reference
 from hpctrain.errors import CommError
 from hpctrain.ps import protocol as P
 from hpctrain.ps.dense import DenseShard
 from hpctrain.ps.requests import Requests
 from hpctrain.sparse.collection import make_table
 from hpctrain.sparse.spec import resolve_specs
-
-_M64 = (1 << 64) - 1
 
 
 def _exclusive_cumsum(a):
@@ -67,15 +64,14 @@ def read_rows(table, keys):
     """float32[n, dim]: rows of ``keys``, a missing row read as its initial value.
 
     Read-only: nothing is inserted, no count or step changes. The initial value is
-    the table's own formula (``hpctrain.sparse.init``), computed by the same kernel.
+    the table's own formula (``hpctrain.sparse.init``), computed by the same kernel and
+    rounded to the table's row dtype (``EmbeddingTable.initial_rows``).
     """
     idx = table.find(keys)
     rows = table.gather(idx)
     missing = np.flatnonzero(idx < 0)
     if missing.size:
-        rows[missing] = init_rows_reference(
-            np.ascontiguousarray(keys[missing]), table.dim, int(table.seed) & _M64,
-            int(table.table_id) & _M64, table.init == "normal", table.init_scale)
+        rows[missing] = table.initial_rows(np.ascontiguousarray(keys[missing]))
     return rows
 
 
@@ -462,7 +458,7 @@ class Server(Requests):
         idx = table.find_or_insert(uniq, clock)
         off = sparse_ops.block_offsets(id_start * dim, counts, dim)
         g = sparse_ops.segment_sum(grads, off, dim, inverse, uniq.shape[0])
-        table.apply_gradients(idx, g, clock)
+        table.apply_gradients(idx, g, clock, keys=uniq)
         self.stats.rows_touched += uniq.shape[0]
 
     def _apply_push(self, push, clock):
@@ -472,7 +468,8 @@ class Server(Requests):
             if ids.shape[0] == 0:
                 continue
             idx = table.find_or_insert(ids, clock)
-            table.apply_gradients(idx, push.grads[i].reshape(-1, int(self._dims[i])), clock)
+            table.apply_gradients(idx, push.grads[i].reshape(-1, int(self._dims[i])), clock,
+                                  keys=ids)
             self.stats.rows_touched += ids.shape[0]
 
     # ------------------------------------------------------------------ logging

@@ -111,7 +111,7 @@ class EmbeddingCollection(LocalShards, EmbeddingStore):
         per_table = [p.unique_grads(grads) for p in ticket.plans]
         t.lap("pool")
         for p, idx, g in zip(ticket.plans, ticket.indices, per_table):
-            self.tables[p.spec.name].apply_gradients(idx, g, step)
+            self.tables[p.spec.name].apply_gradients(idx, g, step, keys=p.uniq)
         t.lap("update")
 
     def owner_of(self, table, keys):

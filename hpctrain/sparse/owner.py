@@ -26,10 +26,11 @@ class OwnerPart:
     """What an owner keeps of one table between serving a lookup and its backward."""
 
     __slots__ = ("table", "elem_off", "elem_start", "counts", "inverse", "indices",
-                 "num_unique", "dim")
+                 "num_unique", "dim", "keys")
 
-    def __init__(self, table, elem_off, elem_start, counts, inverse, indices, dim):
+    def __init__(self, table, elem_off, elem_start, counts, inverse, indices, dim, keys):
         self.table, self.elem_off, self.inverse, self.indices = table, elem_off, inverse, indices
+        self.keys = keys               # int64[num_unique] the ids of ``indices``
         self.elem_start = elem_start   # int64[P] where source s's block of rows starts
         self.counts = counts           # int64[P] ids received from source s
         self.num_unique, self.dim = indices.shape[0], dim
@@ -83,7 +84,7 @@ class OwnerSide:
             rows = np.ascontiguousarray(table.gather(idx), dtype=np.float32)
             off = sparse_ops.block_offsets(elem_start[i], c, spec.dim)
             sparse_ops.scatter_rows(rows, inverse, reply, off)   # disjoint per table
-            return OwnerPart(table, off, elem_start[i], c, inverse, idx, spec.dim)
+            return OwnerPart(table, off, elem_start[i], c, inverse, idx, spec.dim, uniq)
         return tables_map(one, range(len(self.specs)))
 
     def apply(self, parts, grads, step, shift=None):
@@ -102,5 +103,5 @@ class OwnerSide:
             if shift is not None:
                 off = sparse_ops.block_offsets(part.elem_start + shift, part.counts, part.dim)
             g = sparse_ops.segment_sum(grads, off, part.dim, part.inverse, part.num_unique)
-            part.table.apply_gradients(part.indices, g, step)
+            part.table.apply_gradients(part.indices, g, step, keys=part.keys)
         tables_map(one, parts)

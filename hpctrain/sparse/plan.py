@@ -27,7 +27,8 @@ def make_table(spec, seed):
     from hpctrain.sparse.table import EmbeddingTable
     return EmbeddingTable(spec.name, spec.dim, optimizer=spec.optimizer, table_id=spec.table_id,
                           seed=seed, init=spec.init, init_scale=spec.init_scale,
-                          admission=spec.admission, eviction=spec.eviction)
+                          admission=spec.admission, eviction=spec.eviction,
+                          row_dtype=spec.row_dtype)
 
 
 class TableBatch:

@@ -1,6 +1,8 @@
 """TableSpec: what one embedding table is (name, width, features, optimizer, policies, pooling)."""
 from dataclasses import dataclass, field
 
+from hpctrain.sparse.rowdtype import ROW_DTYPES
+
 POOLINGS = ("sum", "mean", "none")
 
 
@@ -22,6 +24,8 @@ class TableSpec:
         init_scale: scale of the initial rows (None: the table's default).
         table_id: integer id used by initialisation and routing; None means the
             index of this spec in the list given to the collection.
+        row_dtype: how the table stores rows: "fp32", "fp16" or "bf16"
+            (``hpctrain.sparse.rowdtype``; lookups return float32 either way).
     """
 
     name: str
@@ -34,6 +38,7 @@ class TableSpec:
     init: str = "uniform"
     init_scale: object = None
     table_id: object = None
+    row_dtype: str = "fp32"
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -55,6 +60,9 @@ class TableSpec:
                              f"got {self.pooling!r}")
         if self.table_id is not None:
             self.table_id = int(self.table_id)
+        if self.row_dtype not in ROW_DTYPES:
+            raise ValueError(f"TableSpec {self.name!r}: row_dtype must be one of {ROW_DTYPES}, "
+                             f"got {self.row_dtype!r}")
 
 
 def resolve_specs(specs):
@@ -86,5 +94,5 @@ def resolve_specs(specs):
                 raise ValueError(f"feature {f!r} is in tables {owner[f]!r} and {s.name!r}")
             owner[f] = s.name
         out.append(TableSpec(s.name, s.dim, list(s.features), s.optimizer, s.admission,
-                             s.eviction, s.pooling, s.init, s.init_scale, tid))
+                             s.eviction, s.pooling, s.init, s.init_scale, tid, s.row_dtype))
     return out, owner

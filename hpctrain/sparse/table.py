@@ -1,4 +1,4 @@
-"""One shard of an embedding table: a dynamic hash table of float32 rows with a fused optimizer.
+"""One shard of an embedding table: a dynamic hash table of rows with a fused optimizer.
 
 ``EmbeddingTable`` validates its inputs and drives the Cython core
 (``hpctrain._kernels.table.TableCore``)::
@@ -10,7 +10,9 @@
 Storage (details in docs/embedding-table.md)::
 
     hash index   {int64 key, uint32 row} x slots  open addressing, linear probing, load 0.71-0.8
-    values       float32[rows, dim]                densely packed, freed rows reused
+    values       E[rows, dim]                      densely packed, freed rows reused; E is
+                                                   float32, fp16 or bf16 (``row_dtype``; every
+                                                   read widens to float32, hpctrain.sparse.rowdtype)
     slots        float32[rows, width] per slot     optimizer state, parallel to values
     meta         {uint32 access count, int32 last update step} per row (8 bytes)
 
@@ -31,6 +33,7 @@ from hpctrain._kernels._openmp import get_num_threads
 from hpctrain.comm import debug_enabled
 from hpctrain.errors import NonFiniteError
 from hpctrain.sparse.init import INITS, default_scale
+from hpctrain.sparse import rowdtype
 from hpctrain.sparse.optimizers import KINDS, SparseOptimizer
 from hpctrain.sparse.policies import Admission, Eviction
 from hpctrain.sparse.table_args import _as_u64, as_float32_2d, as_int64, as_step  # noqa: F401
@@ -42,6 +45,7 @@ _META = ("access_count", "last_step", "opt_step")
 _META_MAX = {"access_count": ((1 << 32) - 1, "uint32, saturating"),
              "last_step": ((1 << 31) - 1, "int32"), "opt_step": ((1 << 63) - 1, "int64")}
 _MAX_COUNT = (1 << 32) - 1   # admission counts are uint32
+_NORMAL_MAX = 8.58           # largest |value| / std of the normal init (Box-Muller, u1 >= 2^-53)
 
 
 class EmbeddingTable:
@@ -60,6 +64,10 @@ class EmbeddingTable:
         eviction: Eviction, dict or None (``evict`` removes nothing).
         debug: extra checks: duplicate indices in ``apply_gradients``, freed rows in
             ``gather``. Also on when ``HPCTRAIN_DEBUG`` is set true (``debug_enabled``).
+        row_dtype: how rows are stored: ``"fp32"``, ``"fp16"`` or ``"bf16"``
+            (``hpctrain.sparse.rowdtype``). Reads give float32 either way; reduced rows are
+            written back by the optimizer with stochastic rounding and need the rows' keys
+            in ``apply_gradients``. Optimizer state stays float32.
 
     Raises:
         ConfigError: on invalid optimizer, admission or eviction settings.
@@ -67,7 +75,8 @@ class EmbeddingTable:
     """
 
     def __init__(self, name, dim, optimizer="adagrad", *, table_id=0, seed=0, init="uniform",
-                 init_scale=None, capacity=1024, admission=None, eviction=None, debug=False):
+                 init_scale=None, capacity=1024, admission=None, eviction=None, debug=False,
+                 row_dtype="fp32"):
         if not isinstance(name, str) or not name:
             raise TypeError(f"table name must be a non-empty str; got {name!r}")
         if isinstance(dim, bool) or not hasattr(dim, "__index__") or int(dim) < 1:
@@ -85,8 +94,15 @@ class EmbeddingTable:
                 or not 1 <= int(capacity) <= (1 << 31) - 1:
             raise ValueError(f"table {name!r}: capacity must be an integer in [1, 2^31 - 1]; "
                              f"got {capacity!r}")
+        rowdtype.check(row_dtype, f"table {name!r}: row_dtype")
+        if init_scale is not None and init_scale * (1 if init == "uniform" else _NORMAL_MAX) \
+                > rowdtype.MAX_FINITE[row_dtype]:
+            raise ValueError(f"table {name!r}: init_scale {init_scale} gives initial values past "
+                             f"{row_dtype}'s largest finite value "
+                             f"{rowdtype.MAX_FINITE[row_dtype]:g}")
         self._name = name
         self._dim = int(dim)
+        self._row_dtype = row_dtype
         self._table_id = int(table_id) if hasattr(table_id, "__index__") else table_id
         self._seed = seed
         self._opt = SparseOptimizer.from_any(optimizer)
@@ -110,7 +126,7 @@ class EmbeddingTable:
             seed=_as_u64(seed, "seed"), table_id=_as_u64(table_id, "table_id"),
             init_normal=init == "normal", init_scale=self._init_scale,
             min_count=a.min_count, adm_kind=_ADM_CODE[a.counter], bloom_size=a.bloom_size,
-            bloom_hashes=a.bloom_hashes))
+            bloom_hashes=a.bloom_hashes, row_dtype=rowdtype.CODES[row_dtype]))
 
     # ------------------------------------------------------------------ properties
 
@@ -124,6 +140,8 @@ class EmbeddingTable:
     init = property(lambda self: self._init, doc='"uniform" or "normal".')
     init_scale = property(lambda self: self._init_scale, doc="Init half-width / std.")
     debug = property(lambda self: self._debug, doc="Whether debug checks run.")
+    row_dtype = property(lambda self: self._row_dtype,
+                         doc='How rows are stored: "fp32", "fp16" or "bf16".')
     slot_names = property(lambda self: [s for s, _, _ in self._slots],
                           doc="Names of the optimizer state slots, in export order.")
 
@@ -131,8 +149,9 @@ class EmbeddingTable:
         return self._core.n_live
 
     def __repr__(self):
+        dt = "" if self._row_dtype == "fp32" else f", row_dtype={self._row_dtype!r}"
         return (f"EmbeddingTable({self._name!r}, dim={self._dim}, optimizer={self._opt.kind!r}, "
-                f"rows={len(self)}, table_id={self._table_id})")
+                f"rows={len(self)}, table_id={self._table_id}{dt})")
 
     # ------------------------------------------------------------------ batched operations
 
@@ -196,7 +215,7 @@ class EmbeddingTable:
             self._raise_bad_index(idx, "indices", self._debug)
         return out
 
-    def apply_gradients(self, indices, grads, step):
+    def apply_gradients(self, indices, grads, step, keys=None):
         """Apply the optimizer to the rows at ``indices`` (unique; -1 entries skipped).
 
         Nothing is updated when any input is rejected.
@@ -205,25 +224,50 @@ class EmbeddingTable:
             indices: int64[n] unique row indices.
             grads: float32[n, dim] one gradient per index.
             step: training step, recorded as the rows' last update step.
+            keys: int64[n] the keys ``indices`` were found for (entries at -1 indices are
+                ignored). Required with fp16/bf16 rows: the random bits of their stochastic
+                rounding are a function of (table, key, step, column); ignored with fp32.
 
         Raises:
             NonFiniteError: if grads hold NaN or Inf (names the table and row).
             IndexError: naming the first index that is not a row of this table.
-            ValueError: on duplicate indices (debug mode) or mismatched shapes.
+            ValueError: on duplicate indices (debug mode), keys that do not belong to the
+                indices (debug mode), missing keys (reduced rows) or mismatched shapes.
         """
         idx = as_int64(indices, "indices")
         g = as_float32_2d(grads, "grads", (idx.shape[0], self._dim))
         s = as_step(step)
+        k = None
+        if self._row_dtype != "fp32":
+            if keys is None:
+                raise ValueError(f"table {self._name!r}: {self._row_dtype} rows need the keys "
+                                 f"of the updated rows (apply_gradients(..., keys=...))")
+            k = as_int64(keys, "keys", uint64_bits=True)
+            if k.shape != idx.shape:
+                raise ValueError(f"table {self._name!r}: keys has shape {k.shape}; expected "
+                                 f"{idx.shape} like indices")
         if self._debug:
             self._check_unique(idx)
+            if k is not None:
+                self._check_keys(idx, k)
         with self._lock:
-            nbad, nnf = self._core.apply(idx, g, s, get_num_threads())
+            nbad, nnf = self._core.apply(idx, g, s, get_num_threads(), k)
         if nbad:
             self._raise_bad_index(idx, "indices", True)
         if nnf:
             i = self._core.first_nonfinite(g)
             raise NonFiniteError(f"table {self._name!r}: gradient row {i} (index {idx[i]}) holds "
                                  f"NaN or Inf ({nnf} such rows); no row was updated")
+
+    def _check_keys(self, idx, keys):
+        found = np.empty(keys.shape[0], dtype=np.int64)
+        with self._lock:
+            self._core.find(keys, found, get_num_threads())
+        bad = np.flatnonzero((idx >= 0) & (found != idx))
+        if bad.size:
+            i = bad[0]
+            raise ValueError(f"table {self._name!r}: keys[{i}] = {keys[i]} is stored at row "
+                             f"{found[i]}, not at indices[{i}] = {idx[i]}")
 
     def evict(self, step):
         """Evict rows by the table's Eviction policy; returns how many rows were evicted.
@@ -319,7 +363,10 @@ class EmbeddingTable:
             ``{"keys": int64[n], "values": float32[n, dim], "slots": {name: float32[n, w]},
             "access_count": int64[n], "last_step": int64[n], "opt_step": int64[n],
             "admission": {"keys": int64[m], "counts": int64[m]}}``; ``opt_step`` is Adam's
-            per-row update count (zeros for other optimizers). ``admission`` holds the keys
+            per-row update count (zeros for other optimizers). ``values`` are as stored: with
+            fp16 rows float16, with bf16 rows uint16 (the bits; ``rowdtype.to_float32``
+            widens them), and a reduced-precision table adds ``"row_dtype": "fp16"`` or
+            ``"bf16"`` (a float32 table adds nothing). ``admission`` holds the keys
             the exact admission counter has seen fewer than ``min_count`` times and their
             counts, in increasing key order (empty without an exact counter); it is a keyed
             level of its own, row-aligned with its own ``keys``. A table counting with a
@@ -336,12 +383,14 @@ class EmbeddingTable:
         pkeys, pcounts = _kernel.pending_counts(self._core)
         state = {
             "keys": _kernel.keys_by_row(self._core)[rows],
-            "values": _kernel.copy_rows(self._core, rows, 0),
+            "values": self._stored_values(rows),
             "slots": {name: _kernel.copy_rows(self._core, rows, i + 1)
                       for i, (name, _, _) in enumerate(self._slots)},
             "access_count": access, "last_step": last, "opt_step": ost,
             "admission": {"keys": pkeys, "counts": pcounts},
         }
+        if self._row_dtype != "fp32":
+            state["row_dtype"] = self._row_dtype
         if self._core.adm_kind == _ADM_CODE["bloom"]:
             state["shard_state"] = {"bloom_counters": _kernel.bloom_counters(self._core),
                                     "bloom_hashes": int(self._core.bloom_hashes)}
@@ -356,13 +405,18 @@ class EmbeddingTable:
         with a Bloom filter each key is counted that many times, without admission they are
         dropped (every key is admitted at first sight). A key stored as a row is never also
         pending. ``state["shard_state"]`` (optional) replaces the Bloom filter's counters.
-        Nothing is changed when the state is rejected.
+        ``state["row_dtype"]`` (optional, as ``export`` writes it) says how ``values`` are
+        stored (absent: numbers, float32 or any dtype that converts to it without loss);
+        values of another precision than this table's are converted: widened exactly, or
+        narrowed with round to nearest even. Nothing is changed when the state is rejected.
 
         Raises:
             TypeError, ValueError: naming the entry that is missing, mistyped or misshapen,
                 a slot this optimizer does not have, a repeated key, a metadata value or a
-                pending count out of range (with its key), or Bloom filter counters that do
-                not fit this table's filter.
+                pending count out of range (with its key), Bloom filter counters that do
+                not fit this table's filter, an unknown ``row_dtype`` or values whose dtype
+                is not the one it stores, or a finite value past the range of this table's
+                row dtype (with its key).
         """
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict as export() returns; "
@@ -372,7 +426,7 @@ class EmbeddingTable:
                 raise ValueError(f"table {self._name!r}: state lacks {req!r}")
         keys = as_int64(state["keys"], "state['keys']", uint64_bits=True)
         n = keys.shape[0]
-        values = as_float32_2d(state["values"], "state['values']", (n, self._dim))
+        values = self._values_to_store(state, keys)
         slots = state.get("slots") or {}
         if not isinstance(slots, dict):
             raise TypeError(f"state['slots'] must be a dict; got {type(slots).__name__}")
@@ -406,6 +460,58 @@ class EmbeddingTable:
             if bloom is not None:
                 _kernel.set_bloom_counters(self._core, bloom)
             _kernel.set_pending(self._core, pkeys, pcounts)
+
+    def _stored_values(self, rows):
+        v = _kernel.copy_values_stored(self._core, rows)
+        return v.view(np.float16) if self._row_dtype == "fp16" else v
+
+    def _values_to_store(self, state, keys):
+        """``state["values"]`` converted to this table's stored form (float32, or uint16 bits
+        of fp16 / bf16), checked against ``state["row_dtype"]``."""
+        n, src = keys.shape[0], state.get("row_dtype")
+        if src is None:
+            values = as_float32_2d(state["values"], "state['values']", (n, self._dim))
+            src = "fp32"
+        else:
+            if not isinstance(src, str) or src not in rowdtype.ROW_DTYPES:
+                raise ValueError(f"table {self._name!r}: state['row_dtype'] = {src!r} is not "
+                                 f"one of {', '.join(rowdtype.ROW_DTYPES)}")
+            values = np.asarray(state["values"])
+            want = rowdtype.STORED[src]
+            if values.dtype != want:
+                raise ValueError(f"table {self._name!r}: state['values'] is {values.dtype}, but "
+                                 f"state['row_dtype'] = {src!r} is stored as {want}")
+            if values.shape != (n, self._dim):
+                raise ValueError(f"state['values'] has shape {values.shape}; expected "
+                                 f"{(n, self._dim)}")
+            values = np.ascontiguousarray(values)
+        dt = self._row_dtype
+        if src == dt:
+            return values.view(np.uint16) if dt == "fp16" else values
+        f32 = values if src == "fp32" else rowdtype.to_float32(values, src)
+        if dt == "fp32":
+            return np.ascontiguousarray(f32)
+        bits, over = _kernel.encode_rows(np.ascontiguousarray(f32), rowdtype.CODES[dt])
+        if over:
+            stored = bits.view(np.float16) if dt == "fp16" else bits
+            i, j = np.argwhere(rowdtype.overflowed(f32, stored, dt))[0]
+            raise ValueError(f"table {self._name!r}: state['values'][{i}, {j}] = {f32[i, j]} "
+                             f"(key {keys[i]}) is past the largest finite {dt} value "
+                             f"{rowdtype.MAX_FINITE[dt]:g}; {over} such value(s) (rows are "
+                             f"narrowed with round to nearest even, never clipped)")
+        return bits
+
+    def initial_rows(self, keys):
+        """float32[n, dim]: the rows ``keys`` get when inserted (in this table's precision),
+        whether stored or not; read-only."""
+        k = as_int64(keys, "keys", uint64_bits=True)
+        rows = _kernel.init_rows_reference(k, self._dim, _as_u64(self._seed, "seed"),
+                                           _as_u64(self._table_id, "table_id"),
+                                           self._init == "normal", self._init_scale)
+        if self._row_dtype != "fp32" and k.shape[0]:
+            code = rowdtype.CODES[self._row_dtype]
+            rows = _kernel.decode_rows(_kernel.encode_rows(rows, code)[0], code)
+        return rows
 
     def _check_range(self, a, keys, lo, hi, what, argname):
         bad = np.flatnonzero((a < lo) | (a > hi))
@@ -465,7 +571,9 @@ class EmbeddingTable:
         """Storage figures: row/slot counts, bytes per part, bytes per row and its bound.
 
         ``bytes_per_row`` counts the index, rows, optimizer state and metadata (not the
-        admission counters); ``bound_bytes_per_row`` is 1.25 x (8 + 4 * (dim + state floats)).
+        admission counters); ``bound_bytes_per_row`` is 1.25 x (8 + bytes of one stored row
+        of values + 4 * state floats), i.e. 1.25 x (8 + 4 * (dim + state floats)) with fp32
+        rows.
         """
         c = self._core
         with self._lock:
@@ -480,7 +588,8 @@ class EmbeddingTable:
             "pending_admission": _kernel.pending_admission(c),
             "bytes_total": table_bytes + nb["admission"],
             "bytes_per_row": table_bytes / n if n else float("nan"),
-            "bound_bytes_per_row": 1.25 * (8 + 4 * (self._dim + self._opt.slot_floats(self._dim))),
+            "bound_bytes_per_row": 1.25 * (8 + rowdtype.ITEMSIZE[self._row_dtype] * self._dim
+                                           + 4 * self._opt.slot_floats(self._dim)),
         }
 
     # ------------------------------------------------------------------ helpers

@@ -63,7 +63,8 @@ def table_specs(cfg):
             optimizer=SparseOptimizer(**t.optimizer),
             admission=Admission(**t.admission) if t.admission else None,
             eviction=Eviction(**t.eviction) if t.eviction else None,
-            pooling=t.pooling, init=t.init, init_scale=t.init_scale, table_id=i))
+            pooling=t.pooling, init=t.init, init_scale=t.init_scale, table_id=i,
+            row_dtype=t.row_dtype))
     return specs
 
 

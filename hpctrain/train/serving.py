@@ -96,15 +96,17 @@ class ServingModel:
         for s in self.specs:
             e = self.store.tables[s.name].export()
             tables[s.name] = {"keys": e["keys"], "values": e["values"], "dim": s.dim,
+                              "row_dtype": e.get("row_dtype", "fp32"),
                               "table_id": s.table_id}
         return write_model(path, self.step, {"params": self.model.state_dict()}, self.state,
                            tables, source="serve-sync")
 
     def rows(self, table):
-        """``(keys, values)`` of ``table``, sorted by key."""
+        """``(keys, values)`` of ``table``, sorted by key; values as float32."""
+        from hpctrain.sparse.rowdtype import to_float32
         e = self.store.tables[table].export()
         order = np.argsort(e["keys"], kind="stable")
-        return e["keys"][order], e["values"][order]
+        return e["keys"][order], to_float32(e["values"][order], e.get("row_dtype", "fp32"))
 
     def apply(self, delta):
         """Apply one delta (``hpctrain.checkpoint.delta.read_delta``'s dict).

@@ -33,6 +33,26 @@ def test_persistent_straggler_is_always_the_last_group():
         bh.Straggler("sometimes", 0.1, groups=2)
 
 
+def test_schedule_bound_meets_the_bsp_and_unbounded_limits_counted_directly():
+    st = bh.Straggler("transient", 0.05, groups=2)
+    clocks, warmup = 200, 10
+    delayed = np.array([[bool(st.delay(c, g)) for g in range(2)]
+                        for c in range(warmup + 1, clocks + 1)])
+    timed = clocks - warmup
+    # s = 0: every clock waits for the slowest group, one unit more when any group sleeps
+    assert st.schedule_bound(0, clocks, warmup) == pytest.approx(
+        timed / (timed + delayed.any(axis=1).sum()))
+    # unbounded staleness over the whole run: each group pays only its own sleeps
+    whole = np.array([[bool(st.delay(c, g)) for g in range(2)] for c in range(1, clocks + 1)])
+    assert st.schedule_bound(clocks, clocks) == pytest.approx(
+        clocks / (clocks + whole.sum(axis=0).max()))
+    bounds = [st.schedule_bound(s, clocks, warmup) for s in (0, 1, 2, 4)]
+    assert bounds == sorted(bounds) and bounds[0] < bounds[-1]
+    # a persistent straggler half a step slower caps every s at 1 / 1.5
+    slow = bh.Straggler("persistent", 0.05, groups=2)
+    assert slow.schedule_bound(4, clocks) == pytest.approx(1 / bh.PERSISTENT_FACTOR, rel=0.02)
+
+
 def test_configs_are_the_benchmark_workload_in_hybrid_mode():
     base = bh.workload(batch=256, vocab=5000, steps=12, threads=1, seed=3)
     col = config_from_dict(base, source="t")
@@ -118,8 +138,12 @@ def test_bench_hybrid_runs_every_section_and_its_json_feeds_the_cost_model(tmp_p
     assert slept[0] == 0 and slept[1] > 0                 # only the last group sleeps
     assert [x["ids"] for x in doc["pull_rtt"]["sparse"]] == [260, 1040]
     conv = doc["convergence"]["summary"]["dense_allreduce"]
-    assert set(conv) == {"bsp", "ssp1", "ssp2", "ssp4", "asp"}
+    assert set(conv) == {"bsp", "ssp1", "ssp2", "ssp4", "asp", "collective"}
     assert conv["bsp"]["auc_gap_mean"] == 0.0
+    # the synchronous reference: the collective trainer on the worker ranks, same batches
+    coll = [r for r in doc["convergence"]["runs"] if r["label"] == "collective"]
+    assert len(coll) == 1 and 0.5 < coll[0]["auc"] <= 1.0
+    assert "collective_vs_bsp" in doc["goals"]["auc_gap (dense_allreduce)"]
     assert {"s0_vs_collective", "s1_recovers", "transient_keep", "transient_vs_bsp",
             "transient_vs_bsp (BSP's delays)", "persistent_cap (ssp2)",
             "auc_gap (dense_allreduce)"} <= set(doc["goals"])

@@ -737,7 +737,6 @@ def main(argv=None):
                                  "dense_staleness_hist": {}, "staleness_mean": 0.0,
                                  "samples_per_s": r["samples_per_s"]})
                     say(f"convergence collective seed {seed}: auc {runs[-1]['auc']:.5f}")
-        coll = [r for r in runs if r["layout"] == "collective"]
         results["convergence"] = {
             "runs": runs, "groups": G, "config": "hybrid_synthetic.toml",
             "steps": args.convergence_steps, "eval_samples": args.convergence_eval_samples,

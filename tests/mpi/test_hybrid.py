@@ -4,6 +4,7 @@ Runs at any world size of at least 2 ranks (workers: the largest power of two
 below it; servers: the rest). Each test builds its own roles, so servers and workers run
 the same test function on different paths and meet at the end to compare.
 """
+import dataclasses
 import io
 import time
 
@@ -117,6 +118,22 @@ def test_one_group_bsp_is_bitwise_the_collective_trainer(world, dense_on_servers
         assert stats["staleness_max"] == 0 and stats["steps"] == 6
     for st in run["servers"]:
         assert set(st["staleness_hist"]) == {0}
+
+
+@needs_two
+def test_one_group_bsp_with_fp16_rows_is_bitwise_the_collective_trainer(world):
+    """fp16 rows on the servers: a pull of an unseen row reads its initial value rounded
+    to fp16, as the collective trainer's insert stores it, and every update rounds
+    stochastically by (key, clock), as the collective trainer's does by (key, step)."""
+    def fp16(cfg):
+        return cfg.replace(tables=[dataclasses.replace(t, row_dtype="fp16")
+                                   for t in cfg.tables])
+    ref = _collective(world, fp16(small()))
+    run = _hybrid(world, fp16(small("hybrid", servers=SERVERS, groups=1)))
+    assert len(ref["rows"]) > 100 and run["rows"] == ref["rows"]
+    for _, _, losses, _, dense, ev, _, _ in run["workers"]:
+        assert losses == ref["losses"] and ev == ref["eval"]
+        assert np.array_equal(dense, ref["dense"])
 
 
 @needs_groups

@@ -1,4 +1,5 @@
 """Online training in one process: deltas, their round trip to a serving model, the predictor."""
+import dataclasses
 import io
 import json
 import os
@@ -11,6 +12,7 @@ from hpctrain.checkpoint.delta import list_deltas, read_delta, write_delta
 from hpctrain.comm import create_communicator
 from hpctrain.config import loads_config
 from hpctrain.errors import CheckpointError
+from hpctrain.sparse.rowdtype import to_float32
 from hpctrain.sparse.table import EmbeddingTable
 from hpctrain.train.loop import Trainer
 from hpctrain.train.serving import DeltaApplier, Predictor, ServingModel, make_batch
@@ -90,14 +92,17 @@ def _trainer_rows(trainer):
     out = {}
     for name, e in trainer.emb.export().items():
         order = np.argsort(e["keys"])
-        out[name] = (e["keys"][order], e["values"][order])
+        out[name] = (e["keys"][order], to_float32(e["values"][order], e.get("row_dtype", "fp32")))
     return out
 
 
-def test_checkpoint_export_plus_deltas_equal_the_trainer(tmp_path):
+@pytest.mark.parametrize("row_dtype", ["fp32", "bf16"])
+def test_checkpoint_export_plus_deltas_equal_the_trainer(tmp_path, row_dtype):
     """Full export of the first checkpoint + every later delta in order = the trainer's
-    final rows and dense weights, bit for bit, evictions included."""
+    final rows and dense weights, bit for bit, evictions included; also with bf16 rows
+    (stored as bits in the checkpoint and the model file, float32 in deltas)."""
     cfg = online_config(str(tmp_path), steps=20)
+    cfg = cfg.replace(tables=[dataclasses.replace(t, row_dtype=row_dtype) for t in cfg.tables])
     tr = Trainer(cfg, create_communicator("null"), stream=io.StringIO())
     tr.fit()
     steps = [s for s, _ in list_deltas(tmp_path / "deltas")]

@@ -27,7 +27,10 @@ no index checks or buffering) both on one thread and split over the table's thre
 (``np.take`` releases the GIL); the faster of the two is the ceiling the ratios use. And a
 Python dict lookup. Goals: lookup+gather >= 0.7x the np.take ceiling; fresh full step at
 dim 64 with Adagrad >= 3 M ids/s. Bytes per stored row are reported with their bound
-1.25 x (8 + 4 * dim * (1 + slots)).
+1.25 x (8 + 4 * dim * (1 + slots)) (with reduced rows, 2 bytes per value of the row).
+
+``--row-dtypes fp32,fp16,bf16`` times every operation once per row dtype, one after the
+other at each dim, in the same run (the np.take ceiling reads float32 rows in each).
 
 ``--cycle-rows N`` adds ``find`` of stored and of absent keys at ``--cycle-points`` table
 sizes spread geometrically over [N, 1.25 N], one full growth cycle of the hash index, so that
@@ -37,6 +40,7 @@ sits at one arbitrary point of the cycle).
 import numpy as np
 
 from hpctrain.bench import common
+from hpctrain.sparse import rowdtype
 from hpctrain.memory import peak_rss_bytes
 
 GOAL_LOOKUP_VS_TAKE = 0.7
@@ -141,8 +145,9 @@ def fresh_times(batches, fn, warmup, repeat):
     return out
 
 
-def bench_dim(dim, args, warm, timed, fresh, kinds, threads):
-    """Rows of the result table (and JSON records) for one row width."""
+def bench_dim(dim, args, warm, timed, fresh, kinds, threads, row_dtype="fp32"):
+    """Rows of the result table (and JSON records) for one row width and row dtype."""
+    from hpctrain.sparse.rowdtype import to_float32
     from hpctrain.sparse.table import EmbeddingTable
     unique_inverse, segment_sum = _kernels()
     n_ids = timed.shape[1]
@@ -150,8 +155,8 @@ def bench_dim(dim, args, warm, timed, fresh, kinds, threads):
 
     def rec(op, n, times, baseline=None, goal=None, goal_on="ratio"):
         st = common.stats(times)
-        r = {"dim": dim, "op": op, "ids": n, "p50_s": st["p50"], "ids_per_s": n / st["p50"],
-             "stats": st}
+        r = {"dim": dim, "row_dtype": row_dtype, "op": op, "ids": n, "p50_s": st["p50"],
+             "ids_per_s": n / st["p50"], "stats": st}
         if baseline is not None:
             r["ratio"] = r["ids_per_s"] / baseline
         if goal is not None:
@@ -160,7 +165,7 @@ def bench_dim(dim, args, warm, timed, fresh, kinds, threads):
         records.append(r)
         return r
 
-    t = EmbeddingTable("bench", dim, "adagrad", seed=1)
+    t = EmbeddingTable("bench", dim, "adagrad", seed=1, row_dtype=row_dtype)
     for s, ids in enumerate(warm):
         t.find_or_insert(unique_inverse(ids)[0], s)
     step0 = len(warm)
@@ -168,7 +173,8 @@ def bench_dim(dim, args, warm, timed, fresh, kinds, threads):
     for i, ids in enumerate(timed):  # so every timed id is stored (find/gather read rows)
         t.find_or_insert(uniq[i][0], step0 + i)
     rows = [t.find(ids) for ids in timed]
-    values = t.export()["values"]       # row r at position r: nothing was evicted
+    # row r at position r (nothing was evicted); the np.take ceiling reads float32 rows
+    values = to_float32(t.export()["values"], row_dtype)
     assert len(values) == t.memory_stats()["rows_ever"]
     buf = np.empty((n_ids, dim), dtype=np.float32)
     nb, w, rp = len(timed), args.warmup, args.repeat
@@ -208,7 +214,8 @@ def bench_dim(dim, args, warm, timed, fresh, kinds, threads):
     rec("find_or_insert fresh", int(np.mean([len(u) for u in fresh_u[w:]])), fresh_times(
         fresh_u, lambda u: t.find_or_insert(u, step0 + nb), w, rp))
     rec("find_or_insert cold", n_u, common.time_fn(
-        Cycle(lambda i: EmbeddingTable("cold", dim, "adagrad").find_or_insert(uniq[i][0], 0), nb),
+        Cycle(lambda i: EmbeddingTable("cold", dim, "adagrad", row_dtype=row_dtype)
+              .find_or_insert(uniq[i][0], 0), nb),
         w, rp))
     mem = {"adagrad": t.memory_stats()}
     del t, values, lookup, lists
@@ -220,7 +227,7 @@ def bench_dim(dim, args, warm, timed, fresh, kinds, threads):
     # steps each take a fresh batch (new ids inserted), timed back to back as in training
     for kind in kinds:
         for mode in ("warm", "fresh"):
-            table = EmbeddingTable("bench", dim, kind, seed=1)
+            table = EmbeddingTable("bench", dim, kind, seed=1, row_dtype=row_dtype)
             for s, ids in enumerate(warm):
                 table.find_or_insert(unique_inverse(ids)[0], s)
             state = {"step": step0}
@@ -233,8 +240,8 @@ def bench_dim(dim, args, warm, timed, fresh, kinds, threads):
                 g = segment_sum(d_flat, src_off, dim, inv, len(u))       # pooled backward
                 table.apply_gradients(r, g, s, keys=u)                   # fused update
 
-            goal = (GOAL_STEP_ADAGRAD_64 if (kind == "adagrad" and dim == 64
-                                             and mode == "fresh") else None)
+            goal = (GOAL_STEP_ADAGRAD_64 if (kind == "adagrad" and dim == 64 and mode == "fresh"
+                                             and row_dtype == "fp32") else None)
             times = (common.time_fn(Cycle(lambda i: step(timed[i]), nb), w, rp)
                      if mode == "warm" else fresh_times(fresh, step, w, rp))
             rec(f"step {kind} {mode}", n_ids, times, ceiling, goal, goal_on="rate")
@@ -279,6 +286,8 @@ def main(argv=None):
     p.add_argument("--warm-batches", type=int, default=20, help="batches inserted before timing")
     p.add_argument("--batches", type=int, default=8, help="distinct timed batches (cycled)")
     p.add_argument("--optimizers", default=",".join(KINDS), help="comma-separated kinds")
+    p.add_argument("--row-dtypes", default="fp32",
+                   help="comma-separated row dtypes (fp32, fp16, bf16), each timed per dim")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cycle-rows", type=int, default=0,
                    help="also time find over one index growth cycle from this many rows (0: no)")
@@ -293,19 +302,21 @@ def main(argv=None):
     warm, timed = ids[:args.warm_batches], ids[args.warm_batches:]
     kinds = [k for k in args.optimizers.split(",") if k]
     records, memory = [], {}
+    dtypes = [rowdtype.check(d, "--row-dtypes") for d in args.row_dtypes.split(",") if d]
     for dim in (int(d) for d in args.dims.split(",")):
-        fresh = zipf.draw(args.warmup + args.repeat)   # never stored before the timed calls
-        r, m = bench_dim(dim, args, warm, timed, fresh, kinds, threads)
-        records += r
-        memory[dim] = m
+        for dt in dtypes:
+            fresh = zipf.draw(args.warmup + args.repeat)   # never stored before the timed calls
+            r, m = bench_dim(dim, args, warm, timed, fresh, kinds, threads, dt)
+            records += r
+            memory[dim if dt == "fp32" else f"{dim} {dt}"] = m
     cycle = bench_cycle(args, rng) if args.cycle_rows > 0 else []
     if comm.rank == 0:
         print(f"# table: {args.batch}x{args.features} ids/batch, Zipf({args.zipf}) over "
               f"{args.vocab} ids/feature, {threads} threads; x np.take: against the faster "
               f"np.take row (the ceiling)")
         common.print_table(
-            ["dim", "operation", "ids", "p50 ms", "M ids/s", "x np.take", "goal", "met"],
-            [[r["dim"], r["op"], r["ids"], r["p50_s"] * 1e3, r["ids_per_s"] / 1e6,
+            ["dim", "rows", "operation", "ids", "p50 ms", "M ids/s", "x np.take", "goal", "met"],
+            [[r["dim"], r["row_dtype"], r["op"], r["ids"], r["p50_s"] * 1e3, r["ids_per_s"] / 1e6,
               r.get("ratio", ""), _goal(r), {True: "yes", False: "NO"}.get(r.get("met"), "")]
              for r in records])
         print("# memory per stored row (bytes) after the run")
@@ -325,6 +336,7 @@ def main(argv=None):
     common.write_json("table", {
         "config": {k: getattr(args, k) for k in ("batch", "features", "vocab", "zipf", "dims",
                                                  "warm_batches", "batches", "optimizers",
+                                                 "row_dtypes",
                                                  "warmup", "repeat", "seed", "cycle_rows",
                                                  "cycle_points")},
         "threads": threads,

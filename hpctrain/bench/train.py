@@ -124,13 +124,15 @@ def rss_bytes():
 
 
 def run_one(dim, bag, steps, warmup, comm, threads, batch_per_rank=4096, device="cpu",
-            trace_every=0):
+            trace_every=0, row_dtype="fp32"):
     from hpctrain.config import config_from_dict
     from hpctrain.train.loop import Trainer
     name, _, derived = shipped_config(dim, bag)
-    cfg = config_from_dict(workload(dim, batch_per_rank, bag=bag, steps=steps + warmup,
-                                    threads=threads, device=device),
-                           source=f"bench-train-d{dim}-bag{bag}")
+    work = workload(dim, batch_per_rank, bag=bag, steps=steps + warmup, threads=threads,
+                    device=device)
+    for t in work["tables"]:
+        t["row_dtype"] = row_dtype
+    cfg = config_from_dict(work, source=f"bench-train-d{dim}-bag{bag}")
     trainer = Trainer(cfg, comm, stream=io.StringIO())
     clock = _StepClock(trainer, trace_every)
     if trainer.device.phases is not None:
@@ -168,7 +170,8 @@ def run_one(dim, bag, steps, warmup, comm, threads, batch_per_rank=4096, device=
         hidden = hidden_fraction(trainer.device.phases.intervals)[2]
         hidden = mpi.allreduce(hidden, op=_min())
     cfg_name = name + (f" with {derived}" if derived else "")
-    return {"dim": dim, "bag": bag, "steps": len(step_times), "warmup": warmup,
+    return {"dim": dim, "bag": bag, "row_dtype": row_dtype, "steps": len(step_times),
+            "warmup": warmup,
             "threads": trainer.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "global_batch": gb, "config": cfg_name, "overlap": cfg.overlap,
             "bottom": trainer.model.bottom.sizes if hasattr(trainer.model, "bottom") else None,
@@ -292,6 +295,9 @@ def main(argv=None):
     p.add_argument("--thread-counts", default=None,
                    help="comma-separated threads per rank: every case runs at each, in this "
                         "process, in turn (e.g. 1,2: the sparse phases' speed-up at 2 threads)")
+    p.add_argument("--row-dtypes", default="fp32",
+                   help="comma-separated row dtypes of the tables (fp32, fp16, bf16): every "
+                        "case runs at each, in this process, back to back")
     p.add_argument("--trace-every", type=int, default=0,
                    help="every K steps record throughput, RSS and rows (0: no trace)")
     args = p.parse_args(argv)
@@ -308,16 +314,18 @@ def main(argv=None):
         for dim in dims:
             per_rank = (args.global_batch // comm.size if args.global_batch else args.batch)
             for threads in counts:
-                results.append(run_one(dim, bag, args.steps, args.warmup, comm, threads,
-                                       per_rank, device=args.device,
-                                       trace_every=args.trace_every))
+                for dt in [d for d in args.row_dtypes.split(",") if d]:
+                    results.append(run_one(dim, bag, args.steps, args.warmup, comm, threads,
+                                           per_rank, device=args.device,
+                                           trace_every=args.trace_every, row_dtype=dt))
     if comm.rank == 0:
         print(f"# hpctrain train benchmark: {comm.size} rank(s), batch "
               f"{results[0]['global_batch'] // comm.size}/rank, 26 features")
         common.print_table(
-            ["dim", "bag", "threads", "samples/s", "per rank", "step ms", "dense-only ms",
-             "dense share", "reader share", "reader ms/step", "RSS sum GB"],
-            [[r["dim"], r["bag"], r["threads"], r["samples_per_s"], r["samples_per_s_per_rank"],
+            ["dim", "bag", "rows", "threads", "samples/s", "per rank", "step ms",
+             "dense-only ms", "dense share", "reader share", "reader ms/step", "RSS sum GB"],
+            [[r["dim"], r["bag"], r["row_dtype"], r["threads"], r["samples_per_s"],
+              r["samples_per_s_per_rank"],
               1e3 * r["median_step_s"], 1e3 * r["dense_only_step_s"], r["dense_share"],
               r["reader_busy_share"], r["reader_cpu_ms_per_step"], r["peak_rss_sum_gb"]]
              for r in results])

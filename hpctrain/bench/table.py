@@ -27,10 +27,13 @@ no index checks or buffering) both on one thread and split over the table's thre
 (``np.take`` releases the GIL); the faster of the two is the ceiling the ratios use. And a
 Python dict lookup. Goals: lookup+gather >= 0.7x the np.take ceiling; fresh full step at
 dim 64 with Adagrad >= 3 M ids/s. Bytes per stored row are reported with their bound
-1.25 x (8 + 4 * dim * (1 + slots)) (with reduced rows, 2 bytes per value of the row).
+1.25 x (8 + 4 * dim * (1 + slots)) (the float32 bound, also for reduced rows).
 
-``--row-dtypes fp32,fp16,bf16`` times every operation once per row dtype, one after the
-other at each dim, in the same run (the np.take ceiling reads float32 rows in each).
+``--row-dtypes fp32,fp16,bf16`` compares row dtypes instead: at each dim, one table per
+dtype and optimizer, warmed alike, timed interleaved call by call (gather, lookup+gather,
+warm steps over the same stored batches; fresh steps with each new batch through every
+dtype's table in turn), with ratios against the first dtype. A single dtype
+(``--row-dtypes fp16``) runs the usual benchmark on tables of that dtype.
 
 ``--cycle-rows N`` adds ``find`` of stored and of absent keys at ``--cycle-points`` table
 sizes spread geometrically over [N, 1.25 N], one full growth cycle of the hash index, so that
@@ -250,6 +253,68 @@ def bench_dim(dim, args, warm, timed, fresh, kinds, threads, row_dtype="fp32"):
     return records, mem
 
 
+def bench_row_dtypes(dim, args, warm, timed, fresh, kinds, dtypes):
+    """The row dtypes against each other, call by call: for each dtype a table per optimizer,
+    warmed alike; gather, lookup+gather and warm steps cycle over the same stored batches,
+    fresh steps give every dtype's table the same new batch in turn. Ratios are against the
+    first dtype (fp32), timed interleaved with it, so machine load affects all alike."""
+    from hpctrain.sparse.table import EmbeddingTable
+    unique_inverse, segment_sum = _kernels()
+    n_ids, nb, w, rp = timed.shape[1], len(timed), args.warmup, args.repeat
+    uniq = [unique_inverse(ids) for ids in timed]
+    src_off = np.arange(n_ids, dtype=np.int64) * dim
+    d_flat = (np.random.default_rng(dim).standard_normal((n_ids, dim)).astype(np.float32)
+              * 1e-3).ravel()
+    buf = np.empty((n_ids, dim), dtype=np.float32)
+    tables, steps = {}, {}
+    for dt in dtypes:
+        for kind in kinds:
+            t = EmbeddingTable("bench", dim, kind, seed=1, row_dtype=dt)
+            for s, ids in enumerate(warm):
+                t.find_or_insert(unique_inverse(ids)[0], s)
+            for i, (u, _) in enumerate(uniq):
+                t.find_or_insert(u, len(warm) + i)
+            tables[dt, kind] = t
+            clock = {"step": len(warm) + nb}
+
+            def step(ids, t=t, clock=clock):
+                s = clock["step"] = clock["step"] + 1
+                u, inv = unique_inverse(ids)
+                r = t.find_or_insert(u, s)
+                t.gather(r[inv], out=buf)
+                t.apply_gradients(r, segment_sum(d_flat, src_off, dim, inv, len(u)), s, keys=u)
+            steps[dt, kind] = step
+    rows = {dt: [tables[dt, kinds[0]].find(ids) for ids in timed] for dt in dtypes}
+    fns = {}
+    for dt in dtypes:
+        t = tables[dt, kinds[0]]
+        fns[dt, "gather"] = Cycle(lambda i, t=t, dt=dt: t.gather(rows[dt][i], out=buf), nb)
+        fns[dt, "lookup+gather"] = Cycle(lambda i, t=t: t.gather(t.find(timed[i]), out=buf), nb)
+        for kind in kinds:
+            fns[dt, f"step {kind} warm"] = Cycle(
+                lambda i, f=steps[dt, kind]: f(timed[i]), nb)
+    times = interleaved(fns, w, rp)
+    for kind in kinds:   # fresh: each new batch through every dtype's table in turn
+        for dt in dtypes:
+            times[dt, f"step {kind} fresh"] = []
+        for i in range(w + rp):
+            for dt in dtypes:
+                t_ = common.time_fn(lambda: steps[dt, kind](fresh[i]), 0, 1)
+                if i >= w:
+                    times[dt, f"step {kind} fresh"] += t_
+    out = []
+    ops = ["gather", "lookup+gather"] + [f"step {k} {m}" for k in kinds for m in ("warm", "fresh")]
+    for op in ops:
+        base = common.stats(times[dtypes[0], op])["p50"]
+        for dt in dtypes:
+            st = common.stats(times[dt, op])
+            out.append({"dim": dim, "row_dtype": dt, "op": op, "ids": n_ids, "p50_s": st["p50"],
+                        "ids_per_s": n_ids / st["p50"], "vs_first": base / st["p50"],
+                        "stats": st})
+    mem = {f"{dt} {k}": tables[dt, k].memory_stats() for dt in dtypes for k in kinds}
+    return out, mem
+
+
 def bench_cycle(args, rng):
     """find of stored / absent keys at table sizes over one index growth cycle (dim 16)."""
     from hpctrain.sparse.table import EmbeddingTable
@@ -301,24 +366,38 @@ def main(argv=None):
     ids = zipf.draw(args.warm_batches + args.batches)
     warm, timed = ids[:args.warm_batches], ids[args.warm_batches:]
     kinds = [k for k in args.optimizers.split(",") if k]
-    records, memory = [], {}
+    records, memory, versus = [], {}, []
     dtypes = [rowdtype.check(d, "--row-dtypes") for d in args.row_dtypes.split(",") if d]
     for dim in (int(d) for d in args.dims.split(",")):
-        for dt in dtypes:
-            fresh = zipf.draw(args.warmup + args.repeat)   # never stored before the timed calls
-            r, m = bench_dim(dim, args, warm, timed, fresh, kinds, threads, dt)
-            records += r
-            memory[dim if dt == "fp32" else f"{dim} {dt}"] = m
+        if len(dtypes) > 1:   # the dtypes against each other, interleaved
+            fresh = zipf.draw(args.warmup + args.repeat)
+            r, m = bench_row_dtypes(dim, args, warm, timed, fresh, kinds, dtypes)
+            versus += r
+            memory[f"{dim} by row dtype"] = m
+            continue
+        fresh = zipf.draw(args.warmup + args.repeat)   # never stored before the timed calls
+        r, m = bench_dim(dim, args, warm, timed, fresh, kinds, threads, dtypes[0])
+        records += r
+        memory[dim if dtypes[0] == "fp32" else f"{dim} {dtypes[0]}"] = m
     cycle = bench_cycle(args, rng) if args.cycle_rows > 0 else []
     if comm.rank == 0:
         print(f"# table: {args.batch}x{args.features} ids/batch, Zipf({args.zipf}) over "
               f"{args.vocab} ids/feature, {threads} threads; x np.take: against the faster "
               f"np.take row (the ceiling)")
-        common.print_table(
-            ["dim", "rows", "operation", "ids", "p50 ms", "M ids/s", "x np.take", "goal", "met"],
-            [[r["dim"], r["row_dtype"], r["op"], r["ids"], r["p50_s"] * 1e3, r["ids_per_s"] / 1e6,
-              r.get("ratio", ""), _goal(r), {True: "yes", False: "NO"}.get(r.get("met"), "")]
-             for r in records])
+        if versus:
+            print(f"# row dtypes, timed interleaved call by call; x {dtypes[0]}: speed against "
+                  f"the {dtypes[0]} table's (> 1: faster)")
+            common.print_table(
+                ["dim", "rows", "operation", "ids", "p50 ms", "M ids/s", f"x {dtypes[0]}"],
+                [[r["dim"], r["row_dtype"], r["op"], r["ids"], r["p50_s"] * 1e3,
+                  r["ids_per_s"] / 1e6, r["vs_first"]] for r in versus])
+        if records:
+            common.print_table(
+                ["dim", "rows", "operation", "ids", "p50 ms", "M ids/s", "x np.take", "goal",
+                 "met"],
+                [[r["dim"], r["row_dtype"], r["op"], r["ids"], r["p50_s"] * 1e3,
+                  r["ids_per_s"] / 1e6, r.get("ratio", ""), _goal(r),
+                  {True: "yes", False: "NO"}.get(r.get("met"), "")] for r in records])
         print("# memory per stored row (bytes) after the run")
         common.print_table(
             ["dim", "optimizer", "rows", "index load", "bytes/row", "bound", "within"],
@@ -342,7 +421,7 @@ def main(argv=None):
         "threads": threads,
         "goals": {"lookup_gather_vs_take": GOAL_LOOKUP_VS_TAKE,
                   "step_adagrad_fresh_dim64_ids_per_s": GOAL_STEP_ADAGRAD_64},
-        "results": records, "memory": memory, "cycle": cycle,
+        "results": records, "row_dtypes": versus, "memory": memory, "cycle": cycle,
         "peak_rss_bytes": peak_rss_bytes(),
     }, path=args.json, comm=comm)
     return 0

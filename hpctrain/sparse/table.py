@@ -571,9 +571,9 @@ class EmbeddingTable:
         """Storage figures: row/slot counts, bytes per part, bytes per row and its bound.
 
         ``bytes_per_row`` counts the index, rows, optimizer state and metadata (not the
-        admission counters); ``bound_bytes_per_row`` is 1.25 x (8 + bytes of one stored row
-        of values + 4 * state floats), i.e. 1.25 x (8 + 4 * (dim + state floats)) with fp32
-        rows.
+        admission counters); ``bound_bytes_per_row`` is 1.25 x (8 + 4 * (dim + state floats)),
+        the bound of float32 rows (fp16/bf16 tables stay well below it; their own target is
+        in docs/embedding-table.md).
         """
         c = self._core
         with self._lock:
@@ -588,8 +588,7 @@ class EmbeddingTable:
             "pending_admission": _kernel.pending_admission(c),
             "bytes_total": table_bytes + nb["admission"],
             "bytes_per_row": table_bytes / n if n else float("nan"),
-            "bound_bytes_per_row": 1.25 * (8 + rowdtype.ITEMSIZE[self._row_dtype] * self._dim
-                                           + 4 * self._opt.slot_floats(self._dim)),
+            "bound_bytes_per_row": 1.25 * (8 + 4 * (self._dim + self._opt.slot_floats(self._dim))),
         }
 
     # ------------------------------------------------------------------ helpers

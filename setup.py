@@ -63,6 +63,11 @@ def _flags():
     return compile_args, link_args, debug
 
 
+# Flags of one kernel only. dense_ops: its square roots are of sums of squares, never
+# negative, and without errno (which changes no result) its optimizer loops vectorize.
+KERNEL_FLAGS = {"dense_ops": ["-fno-math-errno"]}
+
+
 def _extensions():
     """One extension per kernels/*.pyx (Cython runs when they are built, not for an sdist)."""
     import numpy
@@ -75,7 +80,8 @@ def _extensions():
             include_dirs=[numpy.get_include(), "kernels"],
             depends=glob.glob(os.path.join("kernels", "*.h")),
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-            extra_compile_args=compile_args, extra_link_args=link_args))
+            extra_compile_args=compile_args + KERNEL_FLAGS.get(name, []),
+            extra_link_args=link_args))
     return exts
 
 

@@ -9,7 +9,9 @@ alternating rounds, it times the baseline: the bare matrix products of the same
 shapes on preallocated buffers (per Linear: forward, weight gradient and, except
 for the first layer, input gradient; the interaction's two batched products) and a
 raw ``MPI.Allreduce`` (``--device gpu``: a raw NCCL allreduce) of a buffer of the
-same size, the three timed back to back in each round. Goal: step <= 1.15 x
+same size, the Linear GEMMs, the interaction's products and the allreduce timed back to
+back in each round (``linear_ratio`` leaves the interaction's products out of the
+baseline). Goal: step <= 1.15 x
 (GEMM + raw allreduce) on CPU, <= 1.2 x (cuBLAS GEMMs + NCCL) on a GPU, judged on the
 median over rounds of the per-round ratio. GFLOP/s count the FLOPs of those products
 (per rank, and summed over ranks).
@@ -44,7 +46,8 @@ def _flops(model, batch):
 
 
 def _gemm_baseline(model, batch, xp):
-    """A function running the step's matrix products bare, on preallocated buffers."""
+    """Two functions running the step's matrix products bare, on preallocated buffers:
+    the Linear layers' GEMMs, and the interaction's two batched products."""
     from hpctrain.dense.layers import Linear
     rng = np.random.default_rng(0)
 
@@ -59,8 +62,11 @@ def _gemm_baseline(model, batch, xp):
                          layer.input_grad))
     it = model.interaction
     t, z, dt = arr(batch, it.n, it.dim), arr(batch, it.n, it.n), arr(batch, it.n, it.dim)
+    # T @ T^T as the model runs it: on NumPy against a copy of T (one buffer twice would
+    # be BLAS's syrk, 2-3 times slower for these shapes); cuBLAS takes the view.
+    t2 = t.copy() if xp is np else t
 
-    def run():
+    def linear():
         for x, w, y, dw, dx, input_grad in work:
             xp.matmul(x, w, out=y)
             xp.matmul(x.T, y, out=dw)
@@ -68,9 +74,11 @@ def _gemm_baseline(model, batch, xp):
                 xp.multiply(y, w.T, out=dx)
             elif input_grad:
                 xp.matmul(y, w.T, out=dx)
-        xp.matmul(t, t.transpose(0, 2, 1), out=z)
+
+    def interaction():
+        xp.matmul(t, t2.transpose(0, 2, 1), out=z)
         xp.matmul(z, t, out=dt)
-    return run
+    return linear, interaction
 
 
 def _device_sync(xp):
@@ -119,7 +127,7 @@ def bench_dim(d, args, comm, hc, xp, goal=GOAL):
             for k, v in zip(phases, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 phases[k] += v
 
-    gemm = _gemm_baseline(model, b, xp)
+    gemm_linear, gemm_inter = _gemm_baseline(model, b, xp)
     raw_buf = xp.zeros(model.params.size, dtype=np.float32)
     if xp is np:
         def raw():
@@ -129,38 +137,46 @@ def bench_dim(d, args, comm, hc, xp, goal=GOAL):
             hc.allreduce(raw_buf)
             sync()
 
-    def gemm_synced():
-        gemm()
-        sync()
+    def synced(fn):
+        def run():
+            fn()
+            sync()
+        return run
 
-    fns = {"step": step, "gemm": gemm_synced, "allreduce": raw}
+    fns = {"step": step, "linear": synced(gemm_linear), "inter": synced(gemm_inter),
+           "allreduce": raw}
     for fn in fns.values():
         common.time_fn(fn, warmup=args.warmup, repeat=0, comm=comm)
     times = {k: [] for k in fns}
     order = list(fns)
     for i in range(args.repeat):
-        for k in order[i % 3:] + order[:i % 3]:  # rotate who goes first: same noise for all
+        k0 = i % len(order)
+        for k in order[k0:] + order[:k0]:  # rotate who goes first: same noise for all
             times[k] += common.time_fn(fns[k], warmup=0, repeat=1, comm=comm)
+    times["gemm"] = [a + c for a, c in zip(times["linear"], times["inter"])]
     reps = max(1, args.repeat // 2)
     for _ in range(reps):
         step(record=True)
     st = {k: common.stats(v) for k, v in times.items()}
     lin_flops, inter_flops = _flops(model, b)
     flops = lin_flops + inter_flops
-    # Each round timed the three back to back, so a round's ratio sees one noise level;
+    # Each round timed the four back to back, so a round's ratio sees one noise level;
     # the median over rounds resists load bursts better than a ratio of medians.
     paired = [s / (g + a) for s, g, a in zip(times["step"], times["gemm"], times["allreduce"])]
     ratio = float(np.median(paired))
+    linear = [s / (g + a) for s, g, a in zip(times["step"], times["linear"], times["allreduce"])]
     best = min(times["step"]) / (min(times["gemm"]) + min(times["allreduce"]))
     return {"d": d, "batch_per_rank": b, "features": args.features,
             "params": model.params.num_parameters, "grad_bytes": model.params.grad.nbytes,
-            "step": st["step"], "gemm": st["gemm"], "raw_allreduce": st["allreduce"],
+            "step": st["step"], "gemm": st["gemm"], "gemm_linear": st["linear"],
+            "gemm_interaction": st["inter"], "raw_allreduce": st["allreduce"],
             "phases_mean": {k: v / reps for k, v in phases.items()},
             "flops": flops, "linear_flops": lin_flops, "interaction_flops": inter_flops,
             "step_gflops": flops / st["step"]["p50"] / 1e9,
             "step_gflops_all_ranks": n * flops / st["step"]["p50"] / 1e9,
             "gemm_gflops": flops / st["gemm"]["p50"] / 1e9,
-            "ratio": ratio, "ratio_of_minima": best, "paired_ratios": paired, "goal": goal,
+            "ratio": ratio, "ratio_of_minima": best, "paired_ratios": paired,
+            "ratio_linear": float(np.median(linear)), "goal": goal,
             "met": bool(ratio <= goal)}
 
 
@@ -175,7 +191,14 @@ def main(argv=None):
                    help="where the model runs (gpu: CuPy on this rank's GPU, NCCL allreduce)")
     p.add_argument("--backend", default=None, choices=["numpy", "cupy"],
                    help="the same as --device cpu|gpu")
+    p.add_argument("--no-fused", action="store_true",
+                   help="NumPy without the fused kernels of hpctrain._kernels.dense_ops (the "
+                        "generic array code, as the CuPy path runs it): the before of a "
+                        "comparison")
     args = p.parse_args(argv)
+    if args.no_fused:
+        from hpctrain.dense import backend
+        backend.FUSED_KERNELS = False
     device = args.device or {"numpy": "cpu", "cupy": "gpu"}.get(args.backend, "cpu")
     args.backend = "cupy" if device == "gpu" else "numpy"
     from hpctrain.comm import create_communicator
@@ -198,21 +221,27 @@ def main(argv=None):
     if comm.rank == 0:
         print(f"# device {dev.name}" + (f", TF32 {'on' if tf32_enabled() else 'off'}"
                                        if device == "gpu" else ""))
-        print(f"# DLRM dense step ({args.backend}, {args.optimizer}) vs bare matrix products "
-              f"+ raw allreduce; {comm.size} ranks x {threads} BLAS threads, "
+        fused = "" if device == "gpu" else (", generic array code" if args.no_fused
+                                            else ", fused kernels")
+        print(f"# DLRM dense step ({args.backend}{fused}, {args.optimizer}) vs bare matrix "
+              f"products + raw allreduce; {comm.size} ranks x {threads} BLAS threads, "
               f"batch {args.batch}/rank; p50 ms (phases: means; allred includes waiting for "
               "the slowest rank)\n# ratio: median over rounds of step/(gemm+allreduce) timed "
-              "back to back; min_ratio: from the fastest of each")
+              "back to back; min_ratio: from the fastest of each; linear_ratio: against the "
+              "Linear layers' GEMMs only (no interaction products)")
         common.print_table(
-            ["d", "step_ms", "fwd", "bwd", "allred", "update", "gemm_ms", "raw_ar_ms",
-             "ratio", "min_ratio", "goal", "step_GF/s", "gemm_GF/s", "all_ranks_GF/s"],
+            ["d", "step_ms", "fwd", "bwd", "allred", "update", "gemm_ms", "linear_ms",
+             "raw_ar_ms", "ratio", "min_ratio", "linear_ratio", "goal", "step_GF/s",
+             "gemm_GF/s", "all_ranks_GF/s"],
             [[r["d"], r["step"]["p50"] * 1e3, r["phases_mean"]["forward"] * 1e3,
               r["phases_mean"]["backward"] * 1e3, r["phases_mean"]["allreduce"] * 1e3,
               r["phases_mean"]["update"] * 1e3, r["gemm"]["p50"] * 1e3,
-              r["raw_allreduce"]["p50"] * 1e3, r["ratio"], r["ratio_of_minima"],
+              r["gemm_linear"]["p50"] * 1e3, r["raw_allreduce"]["p50"] * 1e3, r["ratio"],
+              r["ratio_of_minima"], r["ratio_linear"],
               f"<={goal} {'met' if r['met'] else 'NOT met'}", r["step_gflops"],
               r["gemm_gflops"], r["step_gflops_all_ranks"]] for r in rows])
     common.write_json("dense", {"backend": args.backend, "device": dev.name,
+                                "fused_kernels": not args.no_fused and device == "cpu",
                                 "tf32": tf32_enabled(), "optimizer": args.optimizer,
                                 "blas_threads": threads, "rows": rows,
                                 "peak_rss_bytes": peak_rss_bytes()},

@@ -40,6 +40,24 @@ def get_array_module(name="numpy"):
     raise ValueError(f"unknown array backend {name!r}; expected one of {BACKENDS}")
 
 
+# --- fused kernels of the NumPy path ------------------------------------------------------
+
+#: Whether NumPy layers, losses and optimizers use the fused kernels of
+#: ``hpctrain._kernels.dense_ops``. False: they run the generic array code, the code the CuPy
+#: path runs, which is the reference the kernels are tested against.
+FUSED_KERNELS = True
+_FUSED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def fused_kernels(xp, dtype):
+    """``hpctrain._kernels.dense_ops`` for NumPy float32/float64 data, else None (CuPy, other
+    dtypes, or ``FUSED_KERNELS`` off)."""
+    if not FUSED_KERNELS or xp is not np or np.dtype(dtype) not in _FUSED_DTYPES:
+        return None
+    from hpctrain._kernels import dense_ops
+    return dense_ops
+
+
 def is_device_array(a):
     """True for a CuPy array (memory on the GPU)."""
     return type(a).__module__.split(".")[0] == "cupy"

@@ -8,7 +8,7 @@ no copy is made here that would be made again there.
 
 import numpy as np
 
-from hpctrain.dense.backend import blas_threads
+from hpctrain.dense.backend import blas_threads, fused_kernels
 from hpctrain.dense.layers import Layer
 
 
@@ -31,9 +31,13 @@ class DotInteraction(Layer):
         Z = T @ T^T  [B, n, n]      row i of the lower triangle, Z[:, i, :i], is one
         y = [x | Z[:,1,:1] | Z[:,2,:2] | ... | Z[:,n-1,:n-1]]   contiguous slice of y
 
-    Gathers and scatters go row by row through slices (n-1 copies each) rather than
-    fancy indexing, which NumPy runs about twice as slowly, and on NumPy a batch
-    is processed in row blocks whose T and Z stay in cache.
+    On NumPy a batch is processed in row blocks whose T and Z stay in cache, and the
+    packing of T (into two buffers: NumPy hands ``T @ T.mT``, one buffer twice, to BLAS's
+    syrk, 2-3 times slower on these small matrices than a GEMM of T with a copy), the
+    triangle's gather and its gradient's scatter are one fused kernel each
+    (``hpctrain._kernels.dense_ops``: ``pack_rows``, ``tri_gather``, ``tri_scatter``, over
+    the rank's threads). The generic path (CuPy) copies row by row through slices (n-1
+    copies each) rather than fancy indexing, which runs about twice as slowly.
 
     Args:
         xp, dtype: array module and dtype.
@@ -81,8 +85,17 @@ class DotInteraction(Layer):
         t_all = ws.get("T", (b, n, d))
         z_all = ws.get("Z", (b, n, n))
         y_all = ws.get("y", (b, self.out_dim))
+        fused = fused_kernels(xp, self.dtype)
+        rows = [x, *embs]
+        t2_all = ws.get("T2", (b, n, d)) if fused is not None else None
         for lo, hi in self._blocks(b):
             t, z, y = t_all[lo:hi], z_all[lo:hi], y_all[lo:hi]
+            if fused is not None:
+                t2 = t2_all[lo:hi]
+                fused.pack_rows(rows, t, t2, lo)
+                xp.matmul(t, t2.transpose(0, 2, 1), out=z)
+                fused.tri_gather(z, t, y, self.self_interaction)
+                continue
             t[:, 0, :] = x[lo:hi]
             for i, e in enumerate(embs):
                 t[:, i + 1, :] = e[lo:hi]
@@ -100,20 +113,27 @@ class DotInteraction(Layer):
         """
         xp, ws, t_all = self.xp, self.ws, self._t
         b, d, n = t_all.shape[0], self.dim, self.n
+        fused = fused_kernels(xp, self.dtype)
+        if fused is not None and not dy.flags.c_contiguous:
+            dy = xp.ascontiguousarray(dy)
         # Symmetric dZ so that dT = dZ @ T covers both d<Ti,Tj>/dTi and d/dTj. Entries
-        # outside the pair positions stay zero from the buffer's first allocation.
+        # outside the pair positions stay zero from the buffer's first allocation (the
+        # fused scatter writes every entry, zeros included).
         dz_all = ws.zeros("dZ", (b, n, n))
         dt_all = ws.get("dT", (b, n, d))
         dx = ws.get("dx", (b, d))
         for lo, hi in self._blocks(b):
             dz, g0 = dz_all[lo:hi], dy[lo:hi]
-            for i, c, m in self._rows:
-                g = g0[:, c:c + m]
-                dz[:, i, :m] = g
-                dz[:, :m, i] = g
-            if self.self_interaction:
-                diag = dz.reshape(hi - lo, n * n)[:, ::n + 1]
-                diag *= 2
+            if fused is not None:
+                fused.tri_scatter(g0, dz, self.self_interaction)
+            else:
+                for i, c, m in self._rows:
+                    g = g0[:, c:c + m]
+                    dz[:, i, :m] = g
+                    dz[:, :m, i] = g
+                if self.self_interaction:
+                    diag = dz.reshape(hi - lo, n * n)[:, ::n + 1]
+                    diag *= 2
             xp.matmul(dz, t_all[lo:hi], out=dt_all[lo:hi])
             xp.add(g0[:, :d], dt_all[lo:hi, 0, :], out=dx[lo:hi])
         return dx, [dt_all[:, i + 1, :] for i in range(self.num_features)]

@@ -11,8 +11,11 @@ Conventions shared by every layer:
   gradient buffer, then announced with ``params.grad_ready`` so a bucketed
   allreduce can start while the rest of backward runs.
 * Weights are ``[in, out]`` so that ``y = x @ W + b`` is one GEMM on row-major data.
+* On NumPy the element-wise work between the GEMMs runs in the fused kernels of
+  ``hpctrain._kernels.dense_ops`` (``backend.fused_kernels``); CuPy, and NumPy with
+  ``backend.FUSED_KERNELS = False`` (the reference in tests), run the array code.
 """
-from hpctrain.dense.backend import blas_threads, make_rng, uniform
+from hpctrain.dense.backend import blas_threads, fused_kernels, make_rng, uniform
 
 
 class Workspace:
@@ -178,6 +181,12 @@ class Linear(Layer):
     of their memory traffic behind the GEMMs. The weight-gradient GEMM runs once over
     the whole batch. CuPy runs whole batches.
 
+    On NumPy (float32/float64) bias and ReLU are one pass per block
+    (``dense_ops.bias_act``), and ReLU backward with the bias gradient's column sums
+    another (``dense_ops.act_grad_colsum``): no mask is kept (the output's sign is the
+    mask), and the bias gradient adds in float64 over fixed chunks of rows, the same bits
+    for any block size and thread count. Sigmoid, and CuPy, run the array code.
+
     Args:
         params: the ``FlatParameters`` to declare ``NAME.weight`` and ``NAME.bias`` in.
         name: parameter name prefix.
@@ -213,7 +222,7 @@ class Linear(Layer):
         self.bias = params.add(f"{name}.bias", (out_features,), bias_init) if bias else None
         self.params = (self.weight,) + ((self.bias,) if bias else ())
         self.input_grad = input_grad
-        self._x = self._y = self._mask = None
+        self._x = self._y = self._mask = self._fused = None
         self._ones_rows = -1
         self.block_rows = None  # None: from BLOCK_BYTES and the BLAS thread count
 
@@ -235,26 +244,48 @@ class Linear(Layer):
         xp, w, act = self.xp, self.weight.data, self.activation
         b = x.shape[0]
         y = self.ws.get("y", (b, self.out_features))
-        mask = self.ws.get("mask", y.shape, dtype=bool) if act == "relu" else None
-        for lo, hi in self._blocks(b) if (act or self.bias is not None) else ((0, b),):
+        bias = None if self.bias is None else self.bias.data
+        fused = fused_kernels(xp, self.dtype) if act != "sigmoid" else None
+        # The fused ReLU keeps no mask: backward reads it off the output's sign.
+        mask = self.ws.get("mask", y.shape, dtype=bool) if act == "relu" and not fused else None
+        for lo, hi in self._blocks(b) if (act or bias is not None) else ((0, b),):
             yb = y[lo:hi]
             xp.matmul(x[lo:hi], w, out=yb)
-            if self.bias is not None:
-                yb += self.bias.data
+            if fused is not None:
+                if act or bias is not None:
+                    fused.bias_act(yb, bias, act == "relu")
+                continue
+            if bias is not None:
+                yb += bias
             if act == "relu":
                 relu_(xp, yb, mask[lo:hi])
             elif act == "sigmoid":
                 sigmoid_(xp, yb)
         self._x, self._y, self._mask = x, y, mask
+        self._fused = fused
         return y
 
     def backward(self, dy):
         xp, w, act, x = self.xp, self.weight.data, self.activation, self._x
         b = x.shape[0]
+        fused = self._fused
+        if fused is not None and not dy.flags.c_contiguous:
+            dy = xp.ascontiguousarray(dy)
         dz = dy if act is None else self.ws.get("dz", dy.shape)
         dx = self.ws.get("dx", x.shape) if self.input_grad else None
-        for lo, hi in self._blocks(b) if (act or dx is not None) else ():
-            if act == "relu":
+        # Fused: ReLU backward and the bias gradient's partial column sums in one pass
+        # per block, in fixed chunks of rows (the same bits for any blocks and threads).
+        partial = None
+        if fused is not None and self.bias is not None:
+            chunks = -(-b // fused.SUM_ROWS)
+            partial = self.ws.get("bias_partial", (chunks, self.out_features), dtype=xp.float64)
+        run = act or dx is not None or partial is not None
+        for lo, hi in self._blocks(b) if run else ():
+            if fused is not None:
+                if partial is not None or act:
+                    fused.act_grad_colsum(dy[lo:hi], self._y[lo:hi] if act else None,
+                                          dz[lo:hi] if act else None, partial, lo)
+            elif act == "relu":
                 relu_grad(xp, dy[lo:hi], self._mask[lo:hi], dz[lo:hi])
             elif act == "sigmoid":
                 sigmoid_grad(xp, dy[lo:hi], self._y[lo:hi], dz[lo:hi])
@@ -266,7 +297,9 @@ class Linear(Layer):
             else:
                 xp.matmul(dz[lo:hi], w.T, out=dx[lo:hi])
         xp.matmul(x.T, dz, out=self.weight.grad)
-        if self.bias is not None:
+        if partial is not None:
+            fused.colsum_finish(partial, b, self.bias.grad)
+        elif self.bias is not None:
             # ones @ dz: a GEMV reads dz once, faster than a column-wise sum reduction.
             ones = self.ws.get("ones", (b,))
             if self._ones_rows != b:

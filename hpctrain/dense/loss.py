@@ -5,7 +5,9 @@ Data-parallel ranks each hold a slice of the global batch; passing
 global mean, so that summing over ranks (one allreduce with op "sum") gives
 exactly the single-process result on the whole batch.
 """
-from hpctrain.dense.backend import array_module_of
+import numpy as np
+
+from hpctrain.dense.backend import array_module_of, fused_kernels
 
 
 def _denom(n, denom):
@@ -32,7 +34,9 @@ def bce_with_logits(logits, labels, denom=None):
     """Binary cross-entropy on logits, summed and divided by ``denom``.
 
     Per sample, ``max(z, 0) - z * y + log(1 + exp(-|z|))``: no overflow for any
-    finite logit, and exact for large ``|z|``.
+    finite logit, and exact for large ``|z|``. NumPy float32/float64 logits go through one
+    fused kernel (``dense_ops.bce_with_logits``: the sum in float64 over fixed chunks,
+    rounded to the logits' dtype, and the gradient in the same pass).
 
     Args:
         logits: ``[B]`` raw scores.
@@ -45,6 +49,11 @@ def bce_with_logits(logits, labels, denom=None):
     """
     _check("bce_with_logits", logits, labels)
     d = _denom(logits.shape[0], denom)
+    fused = _fused(logits)
+    if fused is not None:
+        grad = np.empty_like(logits)
+        total = fused.bce_with_logits(logits, _labels(labels, logits), grad, 1.0 / d)
+        return float(total) / d, grad
     per, grad = _bce_terms(logits, labels)
     loss = float(per.sum()) / d
     grad *= 1.0 / d
@@ -62,9 +71,25 @@ def bce_with_logits_sum(logits, labels, out):
         ``d_logits`` as a ``[B]`` array of the logits' dtype.
     """
     _check("bce_with_logits_sum", logits, labels)
+    fused = _fused(logits)
+    if fused is not None:
+        grad = np.empty_like(logits)
+        out[...] = fused.bce_with_logits(logits, _labels(labels, logits), grad, 1.0)
+        return grad
     per, grad = _bce_terms(logits, labels)
     per.sum(out=out)
     return grad
+
+
+def _fused(z):
+    """The fused kernels for 1-D C-ordered NumPy logits (None: the generic code)."""
+    if not isinstance(z, np.ndarray) or z.ndim != 1 or not z.flags.c_contiguous:
+        return None
+    return fused_kernels(np, z.dtype)
+
+
+def _labels(labels, z):
+    return np.ascontiguousarray(labels, dtype=z.dtype)
 
 
 def _bce_terms(z, labels):

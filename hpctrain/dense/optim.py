@@ -2,7 +2,9 @@
 
 Each optimizer keeps its state (momentum, squared-gradient sums, ...) as flat
 buffers of the same layout as ``FlatParameters.data``, plus one scratch buffer,
-so a step allocates nothing. Alignment padding holds zeros in parameters,
+so a step allocates nothing. On NumPy, Adam(W) and Adagrad run as one fused pass over
+the buffers (``hpctrain._kernels.dense_ops``, over the rank's threads) that does the
+float operations below in the same order: the same bits as the array code. Alignment padding holds zeros in parameters,
 gradients and state, and stays zero under every rule below.
 
 =============  ===========================================================================
@@ -22,7 +24,7 @@ import math
 
 import numpy as np
 
-from hpctrain.dense.backend import to_numpy
+from hpctrain.dense.backend import fused_kernels, to_numpy
 from hpctrain.errors import CheckpointError
 
 
@@ -163,6 +165,11 @@ class Adagrad(Optimizer):
 
     def _update(self):
         xp, acc = self.xp, self.state["sum"]
+        fused = fused_kernels(xp, self.params.dtype)
+        if fused is not None:
+            fused.adagrad(self.params.data, self.params.grad, acc, self.lr, self.eps,
+                          self.weight_decay)
+            return
         g = self._grad()
         t = xp.multiply(g, g, out=self._tmp)
         acc += t
@@ -193,6 +200,16 @@ class Adam(Optimizer):
     def _update(self):
         xp, m, v, p = self.xp, self.state["exp_avg"], self.state["exp_avg_sq"], self.params.data
         b1, b2, t = self.beta1, self.beta2, self.step_count
+        # lr/bc1 * m / (sqrt(v/bc2) + eps) == (lr sqrt(bc2)/bc1) * m / (sqrt(v) + eps sqrt(bc2)):
+        # one pass fewer over the buffer.
+        rbc2 = math.sqrt(1.0 - b2 ** t)
+        eps, step_size = self.eps * rbc2, self.lr * rbc2 / (1.0 - b1 ** t)
+        fused = fused_kernels(xp, p.dtype)
+        if fused is not None:
+            decay = 1.0 - self.lr * self.weight_decay if self.decoupled else 1.0
+            fused.adam(p, self.params.grad, m, v, b1, b2, eps, step_size,
+                       0.0 if self.decoupled else self.weight_decay, decay)
+            return
         if self.decoupled:
             if self.weight_decay:
                 p *= 1.0 - self.lr * self.weight_decay
@@ -207,13 +224,10 @@ class Adam(Optimizer):
         xp.multiply(g, g, out=s)
         s *= 1.0 - b2
         v += s
-        # lr/bc1 * m / (sqrt(v/bc2) + eps) == (lr sqrt(bc2)/bc1) * m / (sqrt(v) + eps sqrt(bc2)):
-        # one pass fewer over the buffer.
-        rbc2 = math.sqrt(1.0 - b2 ** t)
         xp.sqrt(v, out=s)
-        s += self.eps * rbc2
+        s += eps
         xp.divide(m, s, out=s)
-        s *= self.lr * rbc2 / (1.0 - b1 ** t)
+        s *= step_size
         p -= s
 
 

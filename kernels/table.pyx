@@ -124,10 +124,9 @@ def stochastic_round_rows(const float[:, ::1] src, const uint16_t[:, ::1] bits, 
         raise ValueError("stochastic_round_rows: bits must have the shape of src")
     out = np.empty((n, d), dtype=np.uint16)
     cdef uint16_t[:, ::1] o = out
-    for i in range(n):
-        for j in range(d):
-            o[i, j] = (ht_f32_to_f16_sr(src[i, j], bits[i, j]) if dtype == HT_F16
-                       else ht_f32_to_bf16_sr(src[i, j], bits[i, j]))
+    if n and d:
+        for i in range(n):
+            ht_round_row_sr(dtype, &src[i, 0], &o[i, 0], d, &bits[i, 0])
     return out
 
 

@@ -153,6 +153,8 @@ cdef extern from *:
     uint64_t ht_sr_row_key(uint64_t tkey, int64_t key, int64_t step) noexcept nogil
     void ht_store_row_sr(int dtype, const float* src, uint16_t* dst, int64_t n,
                          uint64_t h) noexcept nogil
+    void ht_round_row_sr(int dtype, const float* src, uint16_t* dst, int64_t n,
+                         const uint16_t* r) noexcept nogil
     uint64_t ht_index_hash(int64_t key) noexcept nogil
     uint64_t ht_bloom_hash(int64_t key) noexcept nogil
     int64_t ht_fastrange(uint64_t h, int64_t n) noexcept nogil

@@ -37,15 +37,19 @@ enum { HT_F32 = 0, HT_F16 = 1, HT_BF16 = 2 };
 #define HT_BF16_MAX_BITS 0x7F7Fu     /* 3.3895314e38 */
 
 static int ht_use_f16c = 0;
+static int ht_half_avx2;
 
-/* Use F16C when this CPU has it and `allow` (0: the portable code); returns whether used. */
+/* Use F16C (and AVX2 for the stochastic rounding's loops) when this CPU has it and `allow`
+   (0: the portable code); returns whether F16C is used. */
 static int ht_half_init(int allow) {
-    int ok = 0;
+    int ok = 0, avx2 = 0;
 #if HT_HALF_X86
     __builtin_cpu_init();
     ok = __builtin_cpu_supports("f16c") && __builtin_cpu_supports("avx");
+    avx2 = __builtin_cpu_supports("avx2");
 #endif
     ht_use_f16c = ok && allow;
+    ht_half_avx2 = avx2 && allow;
     return ht_use_f16c;
 }
 
@@ -175,29 +179,120 @@ static inline int64_t ht_store_row_rne(int dtype, const float* src, uint16_t* ds
     return over;
 }
 
-/* The random bits of stochastic rounding: a pure function of (table, key, step, element).
-   h = mix(mix(tkey ^ (key + 3G)) + (step + 1) * G) per row and step; element j takes bits
-   [16 (j % 4), 16 (j % 4) + 16) of mix(h + (j / 4 + 1) * G). tkey is the table's init key
-   (seed and table id) mixed with a constant of its own, so SR bits and initial values are
-   unrelated streams. */
+/* The random bits of stochastic rounding: a pure function of (table, key, step, column).
+   Per row and step one 64-bit key from splitmix64's mix,
+       h = mix(mix(tkey ^ (key + 3G)) + (step + 1) G),
+   and per column c of the row, 16 bits of a 32-bit integer hash (C. Wellons' lowbias32, a
+   bijection with full avalanche) of the column mixed with h:
+       r_c = lowbias32(((uint32) h + c * 0x9E3779B9) ^ (uint32)(h >> 32)) >> 16.
+   tkey is the table's init key (seed and table id) mixed with a constant of its own, so
+   SR bits and initial values are unrelated streams. */
 static inline uint64_t ht_sr_row_key(uint64_t tkey, int64_t key, int64_t step) {
     return hp_mix64(hp_mix64(tkey ^ ((uint64_t)key + 3 * HT_GAMMA))
                     + ((uint64_t)step + 1) * HT_GAMMA);
 }
 
-/* Narrow a row with stochastic rounding from the stream h (ht_sr_row_key). */
+static inline uint32_t ht_lowbias32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x846CA68Bu;
+    x ^= x >> 16;
+    return x;
+}
+
+/* Both passes of a row are written once, as always-inlined bodies, and compiled twice: for
+   the baseline and for AVX2 (function target attributes), chosen at run time like
+   table_optim.h's variants. Integer arithmetic only: both give the same bits. */
+
+/* r[0:n] = the random values of columns c0 .. c0 + n - 1 of the row with key h. */
+static inline __attribute__((always_inline)) void ht_sr_bits_body(uint64_t h, int64_t c0,
+                                                                   uint16_t* r, int64_t n) {
+    uint32_t a = (uint32_t)h, b = (uint32_t)(h >> 32);
+    int64_t j;
+    for (j = 0; j < n; j++)
+        r[j] = (uint16_t)(ht_lowbias32((a + (uint32_t)(c0 + j) * 0x9E3779B9u) ^ b) >> 16);
+}
+
+/* Narrow a row with stochastic rounding, r[j]: the 16 random bits of value j. One
+   branch-free pass (vectorised) handles every value but the rare ones (fp16: below 2^-14,
+   Inf, NaN; bf16: Inf, NaN), which a second pass rounds one by one with the scalar
+   functions above: the same bits as those for every value. */
+static inline __attribute__((always_inline)) void ht_round_row_sr_body(
+        int dtype, const float* src, uint16_t* dst, int64_t n, const uint16_t* r) {
+    const uint32_t* u = (const uint32_t*)src;
+    uint32_t special = 0;
+    int64_t j;
+    if (dtype == HT_BF16) {
+        for (j = 0; j < n; j++) {
+            uint32_t ax = u[j] & 0x7FFFFFFFu, y = ax + r[j];
+            uint32_t h = y >= 0x7F800000u ? HT_BF16_MAX_BITS : y >> 16;
+            special |= ax >= 0x7F800000u;
+            dst[j] = (uint16_t)(h | ((u[j] >> 16) & 0x8000u));
+        }
+        if (special)
+            for (j = 0; j < n; j++)
+                if ((u[j] & 0x7FFFFFFFu) >= 0x7F800000u) dst[j] = ht_f32_to_bf16_sr(src[j], r[j]);
+        return;
+    }
+    for (j = 0; j < n; j++) {
+        uint32_t ax = u[j] & 0x7FFFFFFFu;
+        uint32_t y = (ax + ((uint32_t)r[j] >> 3)) & ~0x1FFFu;       /* fp16 normal: 13 bits */
+        uint32_t h = y > 0x477FE000u ? HT_F16_MAX_BITS : (y - 0x38000000u) >> 13;
+        special |= (ax < 0x38800000u) | (ax >= 0x7F800000u);
+        dst[j] = (uint16_t)(h | ((u[j] >> 16) & 0x8000u));
+    }
+    if (special)
+        for (j = 0; j < n; j++) {
+            uint32_t ax = u[j] & 0x7FFFFFFFu;
+            if (ax < 0x38800000u || ax >= 0x7F800000u) dst[j] = ht_f32_to_f16_sr(src[j], r[j]);
+        }
+}
+
+static void ht_sr_bits_base(uint64_t h, int64_t c0, uint16_t* r, int64_t n) {
+    ht_sr_bits_body(h, c0, r, n);
+}
+static void ht_round_row_sr_base(int dtype, const float* src, uint16_t* dst, int64_t n,
+                                 const uint16_t* r) {
+    ht_round_row_sr_body(dtype, src, dst, n, r);
+}
+#if HT_HALF_X86
+__attribute__((target("avx2")))
+static void ht_sr_bits_avx2(uint64_t h, int64_t c0, uint16_t* r, int64_t n) {
+    ht_sr_bits_body(h, c0, r, n);
+}
+__attribute__((target("avx2")))
+static void ht_round_row_sr_avx2(int dtype, const float* src, uint16_t* dst, int64_t n,
+                                 const uint16_t* r) {
+    ht_round_row_sr_body(dtype, src, dst, n, r);
+}
+#endif
+
+static inline void ht_sr_bits(uint64_t h, int64_t c0, uint16_t* r, int64_t n) {
+#if HT_HALF_X86
+    if (ht_half_avx2) { ht_sr_bits_avx2(h, c0, r, n); return; }
+#endif
+    ht_sr_bits_base(h, c0, r, n);
+}
+
+static inline void ht_round_row_sr(int dtype, const float* src, uint16_t* dst, int64_t n,
+                                   const uint16_t* r) {
+#if HT_HALF_X86
+    if (ht_half_avx2) { ht_round_row_sr_avx2(dtype, src, dst, n, r); return; }
+#endif
+    ht_round_row_sr_base(dtype, src, dst, n, r);
+}
+
+/* Narrow a row with stochastic rounding from the row key h (ht_sr_row_key), 64 values at
+   a time. */
 static inline void ht_store_row_sr(int dtype, const float* src, uint16_t* dst, int64_t n,
                                    uint64_t h) {
-    int64_t j, k;
-    for (j = 0; j < n; j += 4) {
-        uint64_t bits = hp_mix64(h + ((uint64_t)(j >> 2) + 1) * HT_GAMMA);
-        int64_t m = n - j < 4 ? n - j : 4;
-        if (dtype == HT_BF16)
-            for (k = 0; k < m; k++)
-                dst[j + k] = ht_f32_to_bf16_sr(src[j + k], (uint32_t)(bits >> (16 * k)) & 0xFFFFu);
-        else
-            for (k = 0; k < m; k++)
-                dst[j + k] = ht_f32_to_f16_sr(src[j + k], (uint32_t)(bits >> (16 * k)) & 0xFFFFu);
+    uint16_t r[64];
+    int64_t c0, m;
+    for (c0 = 0; c0 < n; c0 += 64) {
+        m = n - c0 < 64 ? n - c0 : 64;
+        ht_sr_bits(h, c0, r, m);
+        ht_round_row_sr(dtype, src + c0, dst + c0, m, r);
     }
 }
 

@@ -21,10 +21,11 @@ Narrowing happens two ways (kernels/table_half.h is the C side, this module the 
 
 Random bits (G and mix as in ``hpctrain.sparse.init``, t its per-table constant)::
 
-    k      = mix(t ^ S)                     S = 0xD1B54A32D192ED03 (unrelated to the init stream)
-    h      = mix(mix(k ^ (key + 3G)) + (step + 1) G)         per row and step
-    x_i    = mix(h + (i + 1) G)                              i = column // 4
-    bits_c = (x_{c // 4} >> 16 (c % 4)) & 0xFFFF             16 bits per column
+    k      = mix(t ^ 0xD1B54A32D192ED03)                     per table (unrelated to the init)
+    h      = mix(mix(k ^ (key + 3G)) + (step + 1) G)         per row and step, 64 bits
+    lowbias32(x) = x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^ (x >> 16)
+    bits_c = lowbias32(((h mod 2^32) + c * 0x9E3779B9) ^ (h >> 32)) >> 16   per column c
+                                                             (32-bit arithmetic modulo 2^32)
 """
 import numpy as np
 
@@ -83,19 +84,29 @@ def overflowed(x, stored, row_dtype):
     return np.isfinite(x) & ~np.isfinite(to_float32(stored, row_dtype))
 
 
+def lowbias32(x):
+    """C. Wellons' lowbias32 integer hash on a uint32 array."""
+    x = np.asarray(x, dtype=np.uint32).copy()
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x846CA68B)
+    x ^= x >> np.uint32(16)
+    return x
+
+
 def sr_bits(seed, table_id, keys, step, dim):
     """uint16[n, dim]: the random bits of the stochastic rounding of ``keys``' rows at
     ``step`` (this module's docstring)."""
     k = mix64(np.uint64(table_constant(seed, table_id) ^ _SALT))
     key = np.ascontiguousarray(keys, dtype=np.int64).view(np.uint64)
-    g = np.uint64(_G)
     with np.errstate(over="ignore"):
         h = mix64(mix64(k ^ (key + np.uint64(3 * _G & _M64)))
                   + np.uint64((int(step) + 1) * _G & _M64))
-        i = np.arange((dim + 3) // 4, dtype=np.uint64)
-        x = mix64(h[:, None] + (i[None, :] + np.uint64(1)) * g)
-    parts = np.stack([(x >> np.uint64(16 * j)) & np.uint64(0xFFFF) for j in range(4)], axis=2)
-    return parts.reshape(len(key), -1)[:, :dim].astype(np.uint16)
+        lo = (h & np.uint64(0xFFFFFFFF)).astype(np.uint32)[:, None]
+        hi = (h >> np.uint64(32)).astype(np.uint32)[:, None]
+        c = np.arange(dim, dtype=np.uint32)[None, :] * np.uint32(0x9E3779B9)
+        return (lowbias32((lo + c) ^ hi) >> np.uint32(16)).astype(np.uint16)
 
 
 def stochastic_round(x, bits, row_dtype):

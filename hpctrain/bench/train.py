@@ -265,11 +265,12 @@ def _bare_baseline(trainer, comm):
     trainer's dense communicator (NCCL on a GPU)."""
     from hpctrain.bench.dense import _gemm_baseline
     xp, sync = trainer.device.xp, trainer.device.synchronize
-    gemm = _gemm_baseline(trainer.model, trainer.local_batch, xp)
+    gemm_linear, gemm_inter = _gemm_baseline(trainer.model, trainer.local_batch, xp)
     buf = xp.zeros(trainer.model.params.size, dtype=np.float32)
 
     def run_gemm():
-        gemm()
+        gemm_linear()
+        gemm_inter()
         sync()
 
     def run_raw():

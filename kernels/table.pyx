@@ -327,14 +327,17 @@ cdef class TableCore:
 
     # ------------------------------------------------------------------ storage management
 
-    cdef int _rehash(self, int64_t new_cap) noexcept nogil:
+    cdef int _rehash(self, int64_t new_cap, bint drop_freed=False) noexcept nogil:
+        """Rebuild the index with new_cap slots; with drop_freed, without the entries of rows
+        freed since the last rebuild (last_step -1). Only eviction frees rows, and it
+        rebuilds at once, so growth need not look at the rows (a random read per entry)."""
         cdef ht_slot* ni = <ht_slot*>ht_alloc(new_cap * sizeof(ht_slot))
         cdef int64_t i, p, used = 0
         if ni == NULL:
             return -1
         for i in range(self.index_cap):
-            # rehash drops the entries of rows freed since the last rebuild (last_step -1)
-            if self.index[i].row1 != 0 and self.meta[self.index[i].row1 - 1].last_step >= 0:
+            if self.index[i].row1 != 0 and (
+                    not drop_freed or self.meta[self.index[i].row1 - 1].last_step >= 0):
                 p = _probe(ni, new_cap, self.index[i].key)
                 ni[p] = self.index[i]
                 used += 1

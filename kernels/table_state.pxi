@@ -122,7 +122,7 @@ def remove_rows(TableCore t, const int64_t[::1] rows):
         t._push_free(r)
         freed += 1
     t.n_live -= freed
-    if freed > 0 and t._rehash(t.index_cap) != 0:
+    if freed > 0 and t._rehash(t.index_cap, True) != 0:
         raise MemoryError("cannot rebuild the hash index after eviction")
     return freed
 

@@ -254,10 +254,11 @@ def bench_dim(dim, args, warm, timed, fresh, kinds, threads, row_dtype="fp32"):
 
 
 def bench_row_dtypes(dim, args, warm, timed, fresh, kinds, dtypes):
-    """The row dtypes against each other, call by call: for each dtype a table per optimizer,
-    warmed alike; gather, lookup+gather and warm steps cycle over the same stored batches,
-    fresh steps give every dtype's table the same new batch in turn. Ratios are against the
-    first dtype (fp32), timed interleaved with it, so machine load affects all alike."""
+    """The row dtypes against each other, call by call, one optimizer at a time: a table
+    per dtype, warmed alike; gather and lookup+gather (first optimizer's tables) and warm
+    steps cycle over the same stored batches, fresh steps give every dtype's table the same
+    new batch in turn. Ratios are against the first dtype (fp32), timed interleaved with it,
+    so machine load affects all alike."""
     from hpctrain.sparse.table import EmbeddingTable
     unique_inverse, segment_sum = _kernels()
     n_ids, nb, w, rp = timed.shape[1], len(timed), args.warmup, args.repeat
@@ -266,15 +267,15 @@ def bench_row_dtypes(dim, args, warm, timed, fresh, kinds, dtypes):
     d_flat = (np.random.default_rng(dim).standard_normal((n_ids, dim)).astype(np.float32)
               * 1e-3).ravel()
     buf = np.empty((n_ids, dim), dtype=np.float32)
-    tables, steps = {}, {}
-    for dt in dtypes:
-        for kind in kinds:
-            t = EmbeddingTable("bench", dim, kind, seed=1, row_dtype=dt)
+    times, mem = {}, {}
+    for kind in kinds:
+        tables, steps, fns = {}, {}, {}
+        for dt in dtypes:
+            t = tables[dt] = EmbeddingTable("bench", dim, kind, seed=1, row_dtype=dt)
             for s, ids in enumerate(warm):
                 t.find_or_insert(unique_inverse(ids)[0], s)
             for i, (u, _) in enumerate(uniq):
                 t.find_or_insert(u, len(warm) + i)
-            tables[dt, kind] = t
             clock = {"step": len(warm) + nb}
 
             def step(ids, t=t, clock=clock):
@@ -283,25 +284,24 @@ def bench_row_dtypes(dim, args, warm, timed, fresh, kinds, dtypes):
                 r = t.find_or_insert(u, s)
                 t.gather(r[inv], out=buf)
                 t.apply_gradients(r, segment_sum(d_flat, src_off, dim, inv, len(u)), s, keys=u)
-            steps[dt, kind] = step
-    rows = {dt: [tables[dt, kinds[0]].find(ids) for ids in timed] for dt in dtypes}
-    fns = {}
-    for dt in dtypes:
-        t = tables[dt, kinds[0]]
-        fns[dt, "gather"] = Cycle(lambda i, t=t, dt=dt: t.gather(rows[dt][i], out=buf), nb)
-        fns[dt, "lookup+gather"] = Cycle(lambda i, t=t: t.gather(t.find(timed[i]), out=buf), nb)
-        for kind in kinds:
-            fns[dt, f"step {kind} warm"] = Cycle(
-                lambda i, f=steps[dt, kind]: f(timed[i]), nb)
-    times = interleaved(fns, w, rp)
-    for kind in kinds:   # fresh: each new batch through every dtype's table in turn
-        for dt in dtypes:
+            steps[dt] = step
+            if kind == kinds[0]:
+                rows = [t.find(ids) for ids in timed]
+                fns[dt, "gather"] = Cycle(lambda i, t=t, rows=rows: t.gather(rows[i], out=buf),
+                                          nb)
+                fns[dt, "lookup+gather"] = Cycle(
+                    lambda i, t=t: t.gather(t.find(timed[i]), out=buf), nb)
+            fns[dt, f"step {kind} warm"] = Cycle(lambda i, f=step: f(timed[i]), nb)
+        times.update(interleaved(fns, w, rp))
+        for dt in dtypes:   # fresh: each new batch through every dtype's table in turn
             times[dt, f"step {kind} fresh"] = []
         for i in range(w + rp):
             for dt in dtypes:
-                t_ = common.time_fn(lambda: steps[dt, kind](fresh[i]), 0, 1)
+                t_ = common.time_fn(lambda: steps[dt](fresh[i]), 0, 1)
                 if i >= w:
                     times[dt, f"step {kind} fresh"] += t_
+        mem.update({f"{dt} {kind}": tables[dt].memory_stats() for dt in dtypes})
+        del tables, steps, fns
     out = []
     ops = ["gather", "lookup+gather"] + [f"step {k} {m}" for k in kinds for m in ("warm", "fresh")]
     for op in ops:
@@ -311,7 +311,6 @@ def bench_row_dtypes(dim, args, warm, timed, fresh, kinds, dtypes):
             out.append({"dim": dim, "row_dtype": dt, "op": op, "ids": n_ids, "p50_s": st["p50"],
                         "ids_per_s": n_ids / st["p50"], "vs_first": base / st["p50"],
                         "stats": st})
-    mem = {f"{dt} {k}": tables[dt, k].memory_stats() for dt in dtypes for k in kinds}
     return out, mem
 
 

@@ -83,19 +83,24 @@ class DotInteraction(Layer):
         _check_embs("DotInteraction", embs, self.num_features, d, b)
         xp, ws = self.xp, self.ws
         t_all = ws.get("T", (b, n, d))
-        z_all = ws.get("Z", (b, n, n))
         y_all = ws.get("y", (b, self.out_dim))
         fused = fused_kernels(xp, self.dtype)
-        rows = [x, *embs]
-        t2_all = ws.get("T2", (b, n, d)) if fused is not None else None
-        for lo, hi in self._blocks(b):
-            t, z, y = t_all[lo:hi], z_all[lo:hi], y_all[lo:hi]
-            if fused is not None:
-                t2 = t2_all[lo:hi]
+        blocks = self._blocks(b)
+        if fused is not None:
+            # T's copy and Z live only within a block: one block's worth, reused, stays in
+            # cache instead of going out to memory and back.
+            rows, most = [x, *embs], max((hi - lo for lo, hi in blocks), default=0)
+            t2_blk, z_blk = ws.get("T2", (most, n, d)), ws.get("Zblock", (most, n, n))
+            for lo, hi in blocks:
+                t, t2, z = t_all[lo:hi], t2_blk[:hi - lo], z_blk[:hi - lo]
                 fused.pack_rows(rows, t, t2, lo)
                 xp.matmul(t, t2.transpose(0, 2, 1), out=z)
-                fused.tri_gather(z, t, y, self.self_interaction)
-                continue
+                fused.tri_gather(z, t, y_all[lo:hi], self.self_interaction)
+            self._t = t_all
+            return y_all
+        z_all = ws.get("Z", (b, n, n))
+        for lo, hi in blocks:
+            t, z, y = t_all[lo:hi], z_all[lo:hi], y_all[lo:hi]
             t[:, 0, :] = x[lo:hi]
             for i, e in enumerate(embs):
                 t[:, i + 1, :] = e[lo:hi]
@@ -118,15 +123,21 @@ class DotInteraction(Layer):
             dy = xp.ascontiguousarray(dy)
         # Symmetric dZ so that dT = dZ @ T covers both d<Ti,Tj>/dTi and d/dTj. Entries
         # outside the pair positions stay zero from the buffer's first allocation (the
-        # fused scatter writes every entry, zeros included).
-        dz_all = ws.zeros("dZ", (b, n, n))
+        # fused scatter writes every entry, zeros included, into one block's dZ).
+        blocks = self._blocks(b)
+        if fused is not None:
+            dz_all = ws.get("dZblock", (max((hi - lo for lo, hi in blocks), default=0), n, n))
+        else:
+            dz_all = ws.zeros("dZ", (b, n, n))
         dt_all = ws.get("dT", (b, n, d))
         dx = ws.get("dx", (b, d))
-        for lo, hi in self._blocks(b):
-            dz, g0 = dz_all[lo:hi], dy[lo:hi]
+        for lo, hi in blocks:
+            g0 = dy[lo:hi]
             if fused is not None:
+                dz = dz_all[:hi - lo]
                 fused.tri_scatter(g0, dz, self.self_interaction)
             else:
+                dz = dz_all[lo:hi]
                 for i, c, m in self._rows:
                     g = g0[:, c:c + m]
                     dz[:, i, :m] = g

@@ -30,7 +30,7 @@ class OwnerPart:
 
     def __init__(self, table, elem_off, elem_start, counts, inverse, indices, dim, keys):
         self.table, self.elem_off, self.inverse, self.indices = table, elem_off, inverse, indices
-        self.keys = keys               # int64[num_unique] the ids of ``indices``
+        self.keys = keys               # int64[num_unique] the ids of ``indices`` (reduced rows)
         self.elem_start = elem_start   # int64[P] where source s's block of rows starts
         self.counts = counts           # int64[P] ids received from source s
         self.num_unique, self.dim = indices.shape[0], dim
@@ -84,7 +84,11 @@ class OwnerSide:
             rows = np.ascontiguousarray(table.gather(idx), dtype=np.float32)
             off = sparse_ops.block_offsets(elem_start[i], c, spec.dim)
             sparse_ops.scatter_rows(rows, inverse, reply, off)   # disjoint per table
-            return OwnerPart(table, off, elem_start[i], c, inverse, idx, spec.dim, uniq)
+            # the ids for the update's stochastic rounding (reduced-precision rows only): a
+            # copy, since uniq may be a view of the receive buffer, which the next lookup
+            # overwrites before this one's backward when they overlap
+            keys = None if table.row_dtype == "fp32" else np.array(uniq, copy=True)
+            return OwnerPart(table, off, elem_start[i], c, inverse, idx, spec.dim, keys)
         return tables_map(one, range(len(self.specs)))
 
     def apply(self, parts, grads, step, shift=None):

@@ -8,6 +8,7 @@ with one group and s = 0 is bitwise the collective trainer on W ranks, so every 
 the hybrid run's first checkpoint exported plus its deltas applied in order give the
 servers' final rows exactly.
 """
+import dataclasses
 import io
 import json
 import os
@@ -35,13 +36,14 @@ STEPS = 14
 DELTAS = [3, 5, 6, 9, 10, 12, 14]       # every 3, the checkpoints (5, 10) and the end
 
 
-def config(root, hybrid=False, dense_on_servers=True):
+def config(root, hybrid=False, dense_on_servers=True, row_dtype="fp32"):
     text = online_config(root, steps=STEPS, ckpt_every=5, overlap=True).text
     if hybrid:
         text = (f'mode = "hybrid"\n{text}\n[ps]\nservers = {SERVERS}\ngroups = 1\n'
                 f'consistency = "bsp"\ndense_on_servers = {str(dense_on_servers).lower()}\n'
                 f'timeout_s = 60\n')
-    return loads_config(text, source="hybrid_online.toml")
+    cfg = loads_config(text, source="hybrid_online.toml")
+    return cfg.replace(tables=[dataclasses.replace(t, row_dtype=row_dtype) for t in cfg.tables])
 
 
 @pytest.fixture(scope="module")
@@ -122,13 +124,17 @@ def _applied(root):
     return applier.model
 
 
-@pytest.mark.parametrize("dense_on_servers", [True, False])
+@pytest.mark.parametrize("dense_on_servers,row_dtype", [(True, "fp32"), (False, "fp32"),
+                                                        (True, "fp16")])
 def test_server_deltas_equal_the_collective_ones_and_rebuild_the_servers_rows(
-        world, root, dense_on_servers):
-    where = "servers" if dense_on_servers else "workers"
+        world, root, dense_on_servers, row_dtype):
+    """Also with fp16 rows: the servers' deltas (float32) are the collective run's, bit for
+    bit, so the servers round every update as the collective trainer does."""
+    where = ("servers" if dense_on_servers else "workers") + f"-{row_dtype}"
     h_root, c_root = os.path.join(root, f"h-{where}"), os.path.join(root, f"c-{where}")
-    rows = hybrid(world, config(h_root, hybrid=True, dense_on_servers=dense_on_servers))
-    collective(world, config(c_root))
+    rows = hybrid(world, config(h_root, hybrid=True, dense_on_servers=dense_on_servers,
+                                row_dtype=row_dtype))
+    collective(world, config(c_root, row_dtype=row_dtype))
     if world.rank == 0:
         h_deltas = list_deltas(os.path.join(h_root, "deltas"))
         c_deltas = list_deltas(os.path.join(c_root, "deltas"))

@@ -171,20 +171,33 @@ def test_dyadic_gradients_give_identical_bits(comm):
     _assert_tables_equal(comm, twin, sharded, rtol=0)
 
 
-@pytest.mark.parametrize("row_dtype", ["fp16", "bf16"])
-def test_reduced_rows_give_identical_bits(comm, row_dtype):
+@pytest.mark.parametrize("row_dtype,overlap", [("fp16", False), ("bf16", False),
+                                               ("fp16", True)])
+def test_reduced_rows_give_identical_bits(comm, row_dtype, overlap):
     """fp16 / bf16 rows, every optimizer, gradients that add exactly in any order: the
     shards equal the single-process twin bit for bit (the stochastic rounding of each
-    update depends on the key and step, not on the rank, thread or row position)."""
+    update depends on the key and step, not on the rank, thread or row position), also
+    with the next lookup started before each backward (``overlap``: the receive buffers
+    hold the next batch's ids by then)."""
     specs = [dataclasses.replace(s, row_dtype=row_dtype) for s in _all_optimizers("mean")]
     features = [f for s in specs for f in s.features]
     rng = np.random.default_rng(6)
     twin, sharded = EmbeddingCollection(specs, seed=3), ShardedEmbedding(specs, comm, seed=3)
-    for step in range(3):
+    batches = []
+    for _ in range(3):
         lengths = rng.choice([0, 1, 2, 4], size=len(features) * PER_RANK * comm.size)
-        gb = JaggedBatch(features, rng.integers(0, 20, size=int(lengths.sum())), lengths)
+        batches.append(JaggedBatch(features, rng.integers(0, 20, size=int(lengths.sum())),
+                                   lengths))
+    pending = sharded.start_lookup(_rank_slice(batches[0], comm), 0) if overlap else None
+    for step, gb in enumerate(batches):
         ref, ref_t = twin.forward(gb, step)
-        out, ticket = sharded.forward(_rank_slice(gb, comm), step)
+        if overlap:
+            ticket = pending
+            out = sharded.wait_lookup(ticket)
+            if step + 1 < len(batches):
+                pending = sharded.start_lookup(_rank_slice(batches[step + 1], comm), step + 1)
+        else:
+            out, ticket = sharded.forward(_rank_slice(gb, comm), step)
         _assert_outputs_equal(out, _local_part(gb, ref, comm, "mean"))
         grads = {f: (rng.integers(-64, 64, size=o.shape) / 1024).astype(np.float32)
                  for f, o in ref.items()}

@@ -687,9 +687,11 @@ cdef class TableCore:
         cdef int64_t dim = self.dim, w0 = self.w0, w1 = self.w1, high = self.row_high
         cdef int64_t vb = self.vbytes
         cdef OptArgs a
-        a.kind, a.dim, a.slot0, a.slot1, a.opt_step = self.opt_kind, dim, slot0, slot1, self.opt_step
+        a.kind, a.dim, a.slot0, a.slot1 = self.opt_kind, dim, slot0, slot1
+        a.opt_step = self.opt_step
         a.lr, a.mu, a.b1, a.b2 = self.lr, self.momentum, self.beta1, self.beta2
-        a.eps, a.l1, a.l2, a.lrp, a.wd = self.eps, self.l1, self.l2, self.lr_power, self.weight_decay
+        a.eps, a.l1, a.l2 = self.eps, self.l1, self.l2
+        a.lrp, a.wd = self.lr_power, self.weight_decay
         cdef int32_t step32 = <int32_t>_check_step(step)
         cdef uint64_t sr_key = self.sr_key
         cdef float* scratch = NULL

@@ -92,3 +92,16 @@ def peak_rss_bytes():
     """Peak resident set size of this process, in bytes (``getrusage``'s ``ru_maxrss``)."""
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(kb) * (1 if sys.platform == "darwin" else 1024)
+
+
+def available_memory(path="/proc/meminfo"):
+    """Bytes the system can give without swapping (``MemAvailable``), or None where the
+    kernel does not say (not Linux)."""
+    try:
+        with open(path, encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

@@ -609,6 +609,26 @@ cdef class TableCore:
                               f"({self.n_live} rows of dim {self.dim} stored)")
         return n_new
 
+    def reserve(self, int64_t rows, bint populate):
+        """Size the index and the row store for ``rows`` live rows without growing, and with
+        ``populate`` fault their pages in now (``ht_populate``); returns 0, or -1 when the
+        memory could not be mapped."""
+        cdef int status = 0
+        cdef int64_t more = rows - self.n_live
+        with nogil:
+            if more > 0:
+                if self._reserve_index(more) != 0 or self._reserve_rows(more) != 0:
+                    status = -1
+            if status == 0 and populate:
+                ht_populate(self.index, self.index_cap * sizeof(ht_slot))
+                ht_populate(self.values, self.row_cap * self.vbytes)
+                ht_populate(self.slot0, self.row_cap * self.w0 * sizeof(float))
+                ht_populate(self.slot1, self.row_cap * self.w1 * sizeof(float))
+                ht_populate(self.meta, self.row_cap * sizeof(ht_meta))
+                if self.has_opt_step:
+                    ht_populate(self.opt_step, self.row_cap * sizeof(int64_t))
+        return status
+
     def gather(self, const int64_t[::1] rows, float[:, ::1] out, int nt, bint check_alive):
         """out[i] = values[rows[i]] as float32 (zeros for -1); returns how many indices were
         invalid."""

@@ -107,6 +107,20 @@ cdef extern from *:
         return q;
     }
     static inline void ht_free(void* p, size_t bytes) { if (p) munmap(p, bytes ? bytes : 1); }
+    #ifndef MADV_POPULATE_WRITE
+    #define MADV_POPULATE_WRITE 23    /* Linux 5.14 */
+    #endif
+    /* Fault in every page of [p, p + bytes) writable without changing its contents, so that
+       the kernel zeroes fresh pages now rather than at first touch. madvise first; kernels
+       without MADV_POPULATE_WRITE get one read and write back of a byte per page. */
+    static inline void ht_populate(void* p, size_t bytes) {
+        if (p == NULL || bytes == 0) return;
+        uintptr_t lead = (uintptr_t)p & 4095u;     /* madvise wants a page-aligned start */
+        if (madvise((char*)p - lead, bytes + lead, MADV_POPULATE_WRITE) == 0) return;
+        volatile char* c = (volatile char*)p;
+        for (size_t off = 0; off < bytes; off += 4096) c[off] = c[off];
+        c[bytes - 1] = c[bytes - 1];
+    }
     #else
     #include <stdlib.h>
     #include <string.h>
@@ -125,6 +139,7 @@ cdef extern from *:
         return q;
     }
     static inline void ht_free(void* p, size_t bytes) { (void)bytes; free(p); }
+    static inline void ht_populate(void* p, size_t bytes) { (void)p; (void)bytes; } /* memset */
     #endif
     """
     ctypedef struct ht_slot:
@@ -166,3 +181,4 @@ cdef extern from *:
     void* ht_alloc(size_t bytes) noexcept nogil
     void* ht_realloc(void* p, size_t old_bytes, size_t new_bytes) noexcept nogil
     void ht_free(void* p, size_t bytes) noexcept nogil
+    void ht_populate(void* p, size_t bytes) noexcept nogil

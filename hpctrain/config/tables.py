@@ -22,7 +22,8 @@ _ADMISSION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Admission)}
 class TableConfig:
     """One embedding table; ``optimizer`` holds every ``SparseOptimizer`` field, ``admission``
     and ``eviction`` the ``Admission``/``Eviction`` fields (None: admit all / never evict);
-    ``row_dtype`` how rows are stored ("fp32", "fp16", "bf16")."""
+    ``row_dtype`` how rows are stored ("fp32", "fp16", "bf16"); ``reserve_rows`` rows of the
+    whole table preallocated and faulted in at start (0: none)."""
     name: str
     features: list
     dim: int
@@ -33,6 +34,7 @@ class TableConfig:
     init: str = "uniform"
     init_scale: float = None
     row_dtype: str = "fp32"
+    reserve_rows: int = 0
 
 
 def _admission(a):
@@ -67,7 +69,8 @@ def parse_table(n):
                     pooling=n.string("pooling", "sum", choices=POOLINGS),
                     init=n.string("init", "uniform", choices=INITS),
                     init_scale=n.number("init_scale", None, lo=0.0, lo_incl=False),
-                    row_dtype=n.string("row_dtype", "fp32"))
+                    row_dtype=n.string("row_dtype", "fp32"),
+                    reserve_rows=n.integer("reserve_rows", 0, lo=0, hi=1 << 40))
     if t.row_dtype not in ROW_DTYPES:
         raise n.error("row_dtype", f"table {name!r}: expected one of "
                                    f"{', '.join(map(repr, ROW_DTYPES))}, got {t.row_dtype!r}")

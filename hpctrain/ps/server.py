@@ -153,7 +153,7 @@ class Server(Requests):
         self.specs, _ = resolve_specs(specs)
         self.p2p, self.roles = p2p, roles
         self.index = roles.server_index
-        self.tables = {s.name: make_table(s, seed) for s in self.specs}
+        self.tables = {s.name: make_table(s, seed, roles.num_servers) for s in self.specs}
         self._tables = [self.tables[s.name] for s in self.specs]
         self._dims = np.array([s.dim for s in self.specs], dtype=np.int64)
         self._evicts = any(s.eviction is not None for s in self.specs)

@@ -16,19 +16,37 @@ and, for a store whose rows live on other ranks (``route``)::
 The twin (``EmbeddingCollection``), the sharded store and the parameter-server
 client all use these, so their arithmetic cannot drift apart.
 """
+import math
+
 import numpy as np
 
 from hpctrain._kernels import sparse_ops
 from hpctrain.sparse.tablepool import tables_map
 
 
-def make_table(spec, seed):
-    """The ``EmbeddingTable`` a spec describes (one shard of it when sharded)."""
+def shard_reserve(rows, shards):
+    """Rows one of ``shards`` shards reserves for ``rows`` rows of the whole table: its
+    share plus five standard deviations of a uniform hash's share (binomial), so that
+    even the fullest of a thousand shards grows past its reservation only rarely (it
+    then grows as an unreserved table does)."""
+    if rows <= 0:
+        return 0
+    share = rows / shards
+    return min(int(math.ceil(share + 5.0 * math.sqrt(share * (1.0 - 1.0 / shards)))), rows)
+
+
+def make_table(spec, seed, shards=1):
+    """The ``EmbeddingTable`` a spec describes (one of ``shards`` shards of it when
+    sharded), with its share of ``spec.reserve_rows`` reserved."""
     from hpctrain.sparse.table import EmbeddingTable
-    return EmbeddingTable(spec.name, spec.dim, optimizer=spec.optimizer, table_id=spec.table_id,
-                          seed=seed, init=spec.init, init_scale=spec.init_scale,
-                          admission=spec.admission, eviction=spec.eviction,
-                          row_dtype=spec.row_dtype)
+    table = EmbeddingTable(spec.name, spec.dim, optimizer=spec.optimizer,
+                           table_id=spec.table_id, seed=seed, init=spec.init,
+                           init_scale=spec.init_scale, admission=spec.admission,
+                           eviction=spec.eviction, row_dtype=spec.row_dtype)
+    rows = shard_reserve(spec.reserve_rows, shards)
+    if rows:
+        table.reserve(min(rows, (1 << 31) - 1))
+    return table
 
 
 class TableBatch:

@@ -79,7 +79,7 @@ class ShardedEmbedding(LocalShards, EmbeddingStore):
         self.comm = comm
         self.rank, self.size = comm.rank, comm.size
         self.seed = seed
-        self.tables = {s.name: make_table(s, seed) for s in self.specs}
+        self.tables = {s.name: make_table(s, seed, self.size) for s in self.specs}
         self._dims = np.array([s.dim for s in self.specs], dtype=np.int64)
         self._timer = PhaseTimer(PHASES)
         self._in_flight = None

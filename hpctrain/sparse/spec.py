@@ -26,6 +26,8 @@ class TableSpec:
             index of this spec in the list given to the collection.
         row_dtype: how the table stores rows: "fp32", "fp16" or "bf16"
             (``hpctrain.sparse.rowdtype``; lookups return float32 either way).
+        reserve_rows: rows of the whole table to preallocate and fault in at start
+            (``EmbeddingTable.reserve``), split over the shards; 0: grow as rows come.
     """
 
     name: str
@@ -39,6 +41,7 @@ class TableSpec:
     init_scale: object = None
     table_id: object = None
     row_dtype: str = "fp32"
+    reserve_rows: int = 0
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -60,6 +63,11 @@ class TableSpec:
                              f"got {self.pooling!r}")
         if self.table_id is not None:
             self.table_id = int(self.table_id)
+        if isinstance(self.reserve_rows, bool) or not hasattr(self.reserve_rows, "__index__") \
+                or int(self.reserve_rows) < 0:
+            raise ValueError(f"TableSpec {self.name!r}: reserve_rows must be an integer >= 0, "
+                             f"got {self.reserve_rows!r}")
+        self.reserve_rows = int(self.reserve_rows)
         if self.row_dtype not in ROW_DTYPES:
             raise ValueError(f"TableSpec {self.name!r}: row_dtype must be one of {ROW_DTYPES}, "
                              f"got {self.row_dtype!r}")
@@ -94,5 +102,6 @@ def resolve_specs(specs):
                 raise ValueError(f"feature {f!r} is in tables {owner[f]!r} and {s.name!r}")
             owner[f] = s.name
         out.append(TableSpec(s.name, s.dim, list(s.features), s.optimizer, s.admission,
-                             s.eviction, s.pooling, s.init, s.init_scale, tid, s.row_dtype))
+                             s.eviction, s.pooling, s.init, s.init_scale, tid, s.row_dtype,
+                             s.reserve_rows))
     return out, owner

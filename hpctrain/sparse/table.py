@@ -32,6 +32,7 @@ from hpctrain._kernels import table as _kernel
 from hpctrain._kernels._openmp import get_num_threads
 from hpctrain.comm import debug_enabled
 from hpctrain.errors import NonFiniteError
+from hpctrain.memory import available_memory
 from hpctrain.sparse.init import INITS, default_scale
 from hpctrain.sparse import rowdtype
 from hpctrain.sparse.optimizers import KINDS, SparseOptimizer
@@ -186,6 +187,47 @@ class EmbeddingTable:
         with self._lock:
             self._core.find_or_insert(k, out, s, get_num_threads())
         return out
+
+    def reserve(self, rows, populate=True):
+        """Make room for ``rows`` live rows at once, as a preallocated table would.
+
+        The index and the row store are sized so that inserting up to ``rows`` rows in
+        all never grows them, and with ``populate`` their pages are faulted in now: the
+        kernel zeroes fresh memory at first touch, which costs more than the insert
+        itself on many machines (benchmarks/README.md, *Threads inside a rank*), so a
+        reserved table pays it here instead of in the training steps. Rows are still
+        created (and initialised) at first sight; ``len(table)`` is unchanged.
+
+        Raises:
+            ValueError: ``rows`` is not an integer in [0, 2^31 - 1].
+            MemoryError: the memory cannot be mapped, or populating it would take more
+                than the memory the system has available (naming the table and both sizes).
+        """
+        if isinstance(rows, bool) or not hasattr(rows, "__index__") \
+                or not 0 <= int(rows) <= (1 << 31) - 1:
+            raise ValueError(f"table {self._name!r}: reserve rows must be an integer in "
+                             f"[0, 2^31 - 1]; got {rows!r}")
+        rows = int(rows)
+        if rows <= len(self):
+            return
+        if populate:
+            need = self.reserve_bytes(rows) - self.memory_stats()["bytes_total"]
+            avail = available_memory()
+            if avail is not None and need > avail:
+                raise MemoryError(f"table {self._name!r}: reserving {rows:,} rows needs about "
+                                  f"{need / 2**30:.2f} GiB more memory; the system has "
+                                  f"{avail / 2**30:.2f} GiB available")
+        with self._lock:
+            if self._core.reserve(rows, bool(populate)) != 0:
+                raise MemoryError(f"table {self._name!r}: could not map memory for "
+                                  f"{rows:,} rows of dim {self._dim}")
+
+    def reserve_bytes(self, rows):
+        """Bytes the index, rows, optimizer state and metadata take when reserved for
+        ``rows`` rows (an estimate at the index's highest load)."""
+        c = self._core
+        per_row = c.vbytes + 4 * (c.w0 + c.w1) + 8 + (8 if c.has_opt_step else 0)
+        return int(rows * (per_row + 12 / 0.8))
 
     def gather(self, indices, out=None):
         """Rows at ``indices`` as float32[n, dim]; zeros where the index is -1.

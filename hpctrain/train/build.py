@@ -64,7 +64,7 @@ def table_specs(cfg):
             admission=Admission(**t.admission) if t.admission else None,
             eviction=Eviction(**t.eviction) if t.eviction else None,
             pooling=t.pooling, init=t.init, init_scale=t.init_scale, table_id=i,
-            row_dtype=t.row_dtype))
+            row_dtype=t.row_dtype, reserve_rows=t.reserve_rows))
     return specs
 
 

@@ -124,14 +124,22 @@ def rss_bytes():
 
 
 def run_one(dim, bag, steps, warmup, comm, threads, batch_per_rank=4096, device="cpu",
-            trace_every=0, row_dtype="fp32"):
+            trace_every=0, row_dtype="fp32", reserve=False):
+    import gc
+
     from hpctrain.config import config_from_dict
     from hpctrain.train.loop import Trainer
+    gc.collect()    # the previous case's trainer (reference cycles) and its tables go first
     name, _, derived = shipped_config(dim, bag)
     work = workload(dim, batch_per_rank, bag=bag, steps=steps + warmup, threads=threads,
                     device=device)
-    for t in work["tables"]:
+    vocab = work["data"]["synthetic"]["vocab"]
+    for i, t in enumerate(work["tables"]):
         t["row_dtype"] = row_dtype
+        if reserve:
+            # every id of the table's features: what a preallocated table holds
+            v = vocab[i] if isinstance(vocab, list) else vocab
+            t["reserve_rows"] = int(v) * len(t["features"])
     cfg = config_from_dict(work, source=f"bench-train-d{dim}-bag{bag}")
     trainer = Trainer(cfg, comm, stream=io.StringIO())
     clock = _StepClock(trainer, trace_every)
@@ -170,7 +178,8 @@ def run_one(dim, bag, steps, warmup, comm, threads, batch_per_rank=4096, device=
         hidden = hidden_fraction(trainer.device.phases.intervals)[2]
         hidden = mpi.allreduce(hidden, op=_min())
     cfg_name = name + (f" with {derived}" if derived else "")
-    return {"dim": dim, "bag": bag, "row_dtype": row_dtype, "steps": len(step_times),
+    return {"dim": dim, "bag": bag, "row_dtype": row_dtype, "reserve": bool(reserve),
+            "steps": len(step_times),
             "warmup": warmup,
             "threads": trainer.threads, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "global_batch": gb, "config": cfg_name, "overlap": cfg.overlap,
@@ -299,6 +308,9 @@ def main(argv=None):
     p.add_argument("--row-dtypes", default="fp32",
                    help="comma-separated row dtypes of the tables (fp32, fp16, bf16): every "
                         "case runs at each, in this process, back to back")
+    p.add_argument("--reserve", action="store_true",
+                   help="reserve every table's rows at start (reserve_rows = its vocabulary, "
+                        "faulted in before the first step, as preallocated tables are)")
     p.add_argument("--trace-every", type=int, default=0,
                    help="every K steps record throughput, RSS and rows (0: no trace)")
     args = p.parse_args(argv)
@@ -318,7 +330,8 @@ def main(argv=None):
                 for dt in [d for d in args.row_dtypes.split(",") if d]:
                     results.append(run_one(dim, bag, args.steps, args.warmup, comm, threads,
                                            per_rank, device=args.device,
-                                           trace_every=args.trace_every, row_dtype=dt))
+                                           trace_every=args.trace_every, row_dtype=dt,
+                                           reserve=args.reserve))
     if comm.rank == 0:
         print(f"# hpctrain train benchmark: {comm.size} rank(s), batch "
               f"{results[0]['global_batch'] // comm.size}/rank, 26 features")

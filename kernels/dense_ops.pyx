@@ -51,27 +51,7 @@ SUM_ROWS = 64
 cdef enum:
     _SUM_ROWS = 64
 
-# Smallest job, in bytes it touches, split over threads (as in sparse_ops: waking the
-# other threads costs microseconds).
-cdef int64_t _par_min_bytes = 256 * 1024
-
-
-def set_parallel_threshold(int64_t nbytes):
-    """Jobs touching fewer than ``nbytes`` bytes run on one thread (default 256 KiB);
-    results are the same bits for any thread count."""
-    global _par_min_bytes
-    if nbytes < 0:
-        raise ValueError(f"parallel threshold must be >= 0 bytes, got {nbytes}")
-    _par_min_bytes = nbytes
-
-
-def parallel_threshold():
-    """The current single-thread cut-off of the kernels here, in bytes."""
-    return _par_min_bytes
-
-
-cdef int _threads(int64_t nbytes) except -1:
-    return 1 if nbytes < _par_min_bytes else get_num_threads()
+include "parallel_threshold.pxi"
 
 
 def _shape_error(what, got, want):

@@ -284,6 +284,18 @@ def test_fit_regimes_three_and_the_criterion():
     assert one.links[0].latency_s == pytest.approx(3e-6, rel=0.1)
 
 
+def test_fit_regimes_a_bump_needs_two_boundaries():
+    # a latency bump between 64 B and 4 KiB: no single boundary improves on one regime,
+    # two boundaries fit it exactly; the search goes on past the count that did not help
+    regs = [(10e-6, 1 / 2e9), (25e-6, 1 / 2e9), (10e-6, 1 / 2e9)]
+    ca, cb, t = _piecewise(SIZES, regs, [64, 4096])
+    assert len(cm.fit_regimes(SIZES, ca, cb, t, max_regimes=2).links) == 1
+    reg = cm.fit_regimes(SIZES, ca, cb, t)
+    assert len(reg.links) == 3
+    assert [ln.latency_s for ln in reg.links] == pytest.approx([r[0] for r in regs])
+    assert reg.bounds == pytest.approx((math.sqrt(32 * 64), math.sqrt(2048 * 4096)))
+
+
 def test_regimes_lookup_and_validation():
     a, b, c = cm.Link(1e-6, 1e9), cm.Link(2e-6, 2e9), cm.Link(3e-6, 3e9)
     reg = cm.Regimes((a, b, c), (100.0, 1000.0))
@@ -607,16 +619,59 @@ def test_fit_net_links_recovers_the_inter_node_link(per_node):
     nets = cm.fit_net_links(docs, intra)
     for kind, link in (("alltoallv", truth.net.links[0]),
                        ("allreduce", truth.allreduce_net.links[0])):
-        assert len(nets[kind].links) == 1
-        got = nets[kind].links[0]
-        assert got.latency_s == pytest.approx(link.latency_s, rel=1e-6)
-        assert got.bandwidth_Bps == pytest.approx(link.bandwidth_Bps, rel=1e-6)
+        assert isinstance(nets[kind], cm.ByNodes)       # fitted at each node count
+        assert [n for n, _ in nets[kind].regimes] == [2, 4]
+        for _, reg in nets[kind].regimes:
+            assert len(reg.links) == 1
+            got = reg.links[0]
+            assert got.latency_s == pytest.approx(link.latency_s, rel=1e-6)
+            assert got.bandwidth_Bps == pytest.approx(link.bandwidth_Bps, rel=1e-6)
     network = cm.Network(node, node, nets["alltoallv"], copy, nets["allreduce"])
     pts = cm.net_points(docs, network)
     assert len(pts) == 2 * 2 * len(sizes) and all(pt["nodes"] > 1 for pt in pts)
     assert max(abs(pt["rel_error"]) for pt in pts) < 1e-6
     # one-node fits leave multi-node runs alone
     assert cm.fit_node_links(docs)["alltoallv"] == (None, [])
+
+
+def test_fit_net_links_per_node_count():
+    """The link over 4 nodes is fitted from the 4-node runs, even oversubscribed ones when
+    there is nothing else; a count with runs of ranks <= cores fits only those."""
+    node = cm.Link(1e-6, 10e9)
+    copy = cm.Regimes.of(cm.Link(3e-6, 50e9))
+    two = cm.Network(node, node, cm.Link(12e-6, 1.3e9), copy, cm.Link(10e-6, 1.5e9))
+    four = cm.Network(node, node, cm.Link(30e-6, 0.5e9), copy, cm.Link(28e-6, 0.7e9))
+    sizes = [2 ** k for k in range(6, 21)]
+    docs = []
+    for nodes, truth, machine in ((2, two, 2), (4, four, 4)):
+        for kind in ("alltoallv", "allreduce"):
+            cost = truth.alltoallv if kind == "alltoallv" else truth.allreduce
+            sent = [s * nodes if kind == "alltoallv" else s for s in sizes]
+            docs.append(_multinode_doc(kind, nodes, 1, sizes, [cost(m, nodes, 1) for m in sent],
+                                       machine=machine, cores=2))
+    # 2 nodes x 2 ranks on the same 2 cores, far off the link: left out of the 2-node fit
+    docs.append(_multinode_doc("alltoallv", 4, 2, sizes, [1.0] * len(sizes), machine=4, cores=2))
+    nets = cm.fit_net_links(docs, cm.Network(node, node, None, copy))
+    for kind, want in (("alltoallv", (two.net, four.net)),
+                       ("allreduce", (two.allreduce_net, four.allreduce_net))):
+        by = nets[kind]
+        assert [n for n, _ in by.regimes] == [2, 4]
+        for (_, reg), truth in zip(by.regimes, want):
+            assert reg.links[0].latency_s == pytest.approx(truth.links[0].latency_s, rel=1e-6)
+            assert reg.links[0].bandwidth_Bps == pytest.approx(truth.links[0].bandwidth_Bps,
+                                                               rel=1e-6)
+        assert "ranks > cores" in by.regimes[1][1].links[0].description
+        assert "ranks > cores" not in by.regimes[0][1].links[0].description
+        # unmeasured counts: the largest measured below, else the smallest
+        assert by.at_nodes(3) is by.regimes[0][1] and by.at_nodes(8) is by.regimes[1][1]
+        assert by.at_nodes(1) is by.regimes[0][1]
+        assert set(by.as_dicts()) == {"2", "4"}
+    network = cm.Network(node, node, nets["alltoallv"], copy, nets["allreduce"])
+    pts = [pt for pt in cm.net_points(docs, network) if pt["ranks"] == pt["nodes"]]
+    assert len(pts) == 2 * 2 * len(sizes)
+    assert max(abs(pt["rel_error"]) for pt in pts) < 1e-6
+    with pytest.raises(ValueError, match="increase"):
+        cm.ByNodes(((4, two.net), (2, four.net)))
 
 
 def test_emulated_nodes_share_the_machine():

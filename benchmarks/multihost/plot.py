@@ -55,10 +55,11 @@ def step_rows(profiles):
 
 
 def summary(profiles):
-    """Lines: |error| statistics per profile, with ranks <= cores and oversubscribed."""
+    """Lines: |error| statistics per profile: all points, ranks <= cores, oversubscribed."""
     lines = []
     for name, points in profiles:
-        for label, sel in (("ranks <= cores", lambda p: not p.get("oversubscribed")),
+        for label, sel in (("all", lambda p: True),
+                           ("ranks <= cores", lambda p: not p.get("oversubscribed")),
                            ("oversubscribed", lambda p: p.get("oversubscribed"))):
             for what, kinds in (("steps", {k for k, _ in STEPS}),
                                 ("collective sizes", {"allreduce", "alltoallv"})):

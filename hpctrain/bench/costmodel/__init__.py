@@ -4,11 +4,12 @@
 
 Three parts, each usable alone::
 
-    model       the formulas: Link/Regimes (piecewise alpha-beta), Network (allreduce,
+    model       the formulas: Link/Regimes (piecewise alpha-beta; ByNodes: one per node
+                count), Network (allreduce,
                 alltoallv inside a node and across nodes), Workload, ComputeRates, CostModel
     fit_links   Regimes of the intra-node collectives and the local copy, fitted from the
                 one-node allreduce / alltoallv benchmark JSONs, and of the inter-node link
-                from the multi-node ones (--net-fit)
+                from the multi-node ones at each node count (--net-fit)
     fit_rates   compute rates (dense, sparse, contention, reader load) from the dense,
                 exchange and train benchmark JSONs, calibrated on the 1-rank train step
     report      the command: load results, fit, print predicted vs measured and the
@@ -31,14 +32,14 @@ from hpctrain.bench.costmodel.fit_rates import (TRAIN_DATA_THREADS, dense_conten
                                                 unique_fraction)
 from hpctrain.bench.costmodel.hybrid import (HybridRates, fit_hybrid, hybrid_points, hybrid_step,
                                              pull_rtt_over)
-from hpctrain.bench.costmodel.model import (INTERCONNECTS, ComputeRates, CostModel, Link,
-                                            Network, Regimes, Workload, allreduce_terms,
-                                            alltoallv_net_terms, alltoallv_terms, copy_cost, sparse_exchange_bytes,
-                                            sparse_exchange_time)
+from hpctrain.bench.costmodel.model import (INTERCONNECTS, ByNodes, ComputeRates, CostModel,
+                                            Link, Network, Regimes, Workload, allreduce_terms,
+                                            alltoallv_net_terms, alltoallv_terms, copy_cost,
+                                            sparse_exchange_bytes, sparse_exchange_time)
 from hpctrain.bench.costmodel.report import load_results, main, parse_args, parse_net_regimes
 
 __all__ = [
-    "INTERCONNECTS", "TRAIN_DATA_THREADS", "ComputeRates", "CostModel", "HybridRates", "Link",
+    "INTERCONNECTS", "TRAIN_DATA_THREADS", "ByNodes", "ComputeRates", "CostModel", "HybridRates", "Link",
     "Network", "fit_hybrid", "hybrid_points", "hybrid_step", "pull_rtt_over",
     "Regimes", "Workload", "allreduce_terms", "alltoallv_net_terms", "alltoallv_terms",
     "collective_points", "copy_cost", "dense_contention", "dense_rate_and_points",

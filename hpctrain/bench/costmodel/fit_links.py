@@ -11,8 +11,9 @@ import math
 
 import numpy as np
 
-from hpctrain.bench.costmodel.model import (Link, Network, Regimes, copy_cost, allreduce_terms,
-                                            alltoallv_net_terms, alltoallv_terms)
+from hpctrain.bench.costmodel.model import (ByNodes, Link, Network, Regimes, copy_cost,
+                                            allreduce_terms, alltoallv_net_terms,
+                                            alltoallv_terms)
 
 
 def fit_alpha_beta(coef_a, coef_b, seconds, offset=None):
@@ -53,11 +54,13 @@ def fit_regimes(sizes, coef_a, coef_b, seconds, offset=None, max_regimes=3, min_
 
     Points are grouped by distinct size; a regime is a run of at least ``min_sizes``
     consecutive sizes fitted by :func:`fit_alpha_beta` (relative error). Starting from
-    one regime, a regime is added while the current fit leaves some point off by more
-    than ``tolerance`` (relative) and the best placement of the boundaries (all are
-    tried) at least halves the sum of squared relative errors: a protocol switch (eager
-    to rendezvous, shared-memory cells to single copy) is taken where one alpha-beta pair
-    clearly fails, not to chase the noise of single sizes. A boundary lies half-way
+    one regime, each count of regimes up to ``max_regimes`` is tried in turn while the
+    chosen fit leaves some point off by more than ``tolerance`` (relative); it replaces
+    the chosen one when the best placement of its boundaries (all are tried) at least
+    halves the sum of squared relative errors: a protocol switch (eager to rendezvous,
+    shared-memory cells to single copy) is taken where one alpha-beta pair clearly
+    fails, not to chase the noise of single sizes. A count that does not halve it does
+    not end the search: two switches can need two boundaries before the error falls. A boundary lies half-way
     (geometric mean) between the largest size of one regime and the smallest of the next.
 
     Returns:
@@ -97,9 +100,8 @@ def fit_regimes(sizes, coef_a, coef_b, seconds, offset=None, max_regimes=3, min_
         if chosen[1] <= tolerance:
             break
         cand = best(k)
-        if cand is None or cand[0] > 0.5 * chosen[0]:
-            break
-        chosen = cand
+        if cand is not None and cand[0] <= 0.5 * chosen[0]:
+            chosen = cand
     edges = chosen[2]
     links = []
     for a, b in zip(edges, edges[1:]):
@@ -239,27 +241,40 @@ def fit_net_links(docs, network, max_regimes=3):
     Each collective gets its own regimes, fitted (as inside a node) on what the node's own
     part leaves of the measured time: for the allreduce the Rabenseifner terms over the
     ``N`` nodes, ``t - node(n) = 2 ceil(log2 N) a + 2 (N-1)/N n B``; for the alltoallv
-    ``t - copy(s) - (r-1)(a_node + s B_node) = (p-r) a + r (p-r) s B``. Runs with more
-    rank-threads than cores on a machine (emulated nodes share it) are left out of the fit.
+    ``t - copy(s) - (r-1)(a_node + s B_node) = (p-r) a + r (p-r) s B``.
+
+    Every measured node count gets its own fit (:class:`~.model.ByNodes`): the flows that
+    share a node's link, the switch or, with emulated nodes, the machine's cores and the
+    token buckets change with ``N``. At a node count where some runs have no more
+    rank-threads than cores, only those are fitted (busy-polling ranks that wait for the
+    scheduler are not the link); where every run oversubscribes (emulated nodes beyond
+    the machine's cores), the link is fitted in that state, as the steps there run.
 
     Args:
         network: the intra-node :class:`Network` (``fit_node_links``); its ``net`` unused.
 
     Returns:
-        dict "allreduce"/"alltoallv" -> Regimes or None (fewer than 2 sizes measured).
+        dict "allreduce"/"alltoallv" -> Regimes (one node count measured), ByNodes
+        (several), or None (fewer than 2 sizes measured at every node count).
     """
     out = {}
     for kind in ("allreduce", "alltoallv"):
-        fit = [pt for pt in collective_points(docs, kind)
-               if pt["nodes"] > 1 and not pt["oversubscribed"]]
-        if len({pt["bytes"] for pt in fit}) < 2:
-            out[kind] = None
-            continue
-        coef = np.array([_net_terms(kind, pt) for pt in fit])
-        out[kind] = fit_regimes([pt["bytes"] for pt in fit], coef[:, 0], coef[:, 1],
-                                [pt["seconds"] for pt in fit],
-                                [_node_part(network, kind, pt) for pt in fit], max_regimes,
-                                description=f"inter-node, fitted from {kind}")
+        pts = [pt for pt in collective_points(docs, kind) if pt["nodes"] > 1]
+        fits = []
+        for nodes in sorted({pt["nodes"] for pt in pts}):
+            at = [pt for pt in pts if pt["nodes"] == nodes]
+            fit = [pt for pt in at if not pt["oversubscribed"]] or at
+            if len({pt["bytes"] for pt in fit}) < 2:
+                continue
+            state = ", ranks > cores" if fit[0]["oversubscribed"] else ""
+            coef = np.array([_net_terms(kind, pt) for pt in fit])
+            fits.append((nodes, fit_regimes(
+                [pt["bytes"] for pt in fit], coef[:, 0], coef[:, 1],
+                [pt["seconds"] for pt in fit], [_node_part(network, kind, pt) for pt in fit],
+                max_regimes, description=f"inter-node, fitted from {kind} over {nodes} "
+                                         f"nodes{state}")))
+        out[kind] = (None if not fits else fits[0][1] if len(fits) == 1
+                     else ByNodes(tuple(fits)))
     return out
 
 

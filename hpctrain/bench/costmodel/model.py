@@ -22,7 +22,8 @@ latency ``a`` and seconds per byte ``B``, with ``s`` the bytes per peer of an al
 
 Nothing here reads a measurement: the regimes and their parameters are fitted by
 ``fit_links`` (the intra-node collectives and the local copy), the compute rates by
-``fit_rates``; the inter-node link comes from :data:`INTERCONNECTS` or the command line.
+``fit_rates``; the inter-node link comes from :data:`INTERCONNECTS`, the command line or
+``fit_links.fit_net_links`` (one per measured node count, :class:`ByNodes`).
 The formulas, what is fitted from what, and the assumptions are in docs/scaling.md.
 """
 import bisect
@@ -101,6 +102,58 @@ class Regimes:
         return out
 
 
+@dataclasses.dataclass(frozen=True)
+class ByNodes:
+    """Inter-node :class:`Regimes` fitted at several node counts.
+
+    The link a collective over ``N`` nodes sees is the one fitted from the collectives
+    measured over ``N`` nodes: how many flows share each node's link, the switch (or the
+    emulated hosts' token buckets and the one machine's cores) changes with ``N``, and an
+    alpha-beta pair fitted at 2 nodes need not hold at 4. A node count that was not
+    measured takes the link of the largest measured count below it (the smallest
+    measured one below all of them).
+
+    Attributes:
+        regimes: ``((nodes, Regimes), ...)``, node counts increasing.
+    """
+    regimes: tuple
+
+    def __post_init__(self):
+        if not self.regimes:
+            raise ValueError("ByNodes needs at least one (nodes, Regimes) pair")
+        counts = [n for n, _ in self.regimes]
+        if counts != sorted(set(counts)):
+            raise ValueError(f"ByNodes: node counts must increase, got {counts}")
+
+    def at_nodes(self, nodes):
+        """The Regimes of a collective over ``nodes`` nodes."""
+        counts = [n for n, _ in self.regimes]
+        i = bisect.bisect_right(counts, nodes) - 1
+        return self.regimes[max(i, 0)][1]
+
+    def as_dicts(self):
+        """JSON form: ``{"<nodes>": Regimes.as_dicts(), ...}``."""
+        return {str(n): r.as_dicts() for n, r in self.regimes}
+
+    def describe(self):
+        """The header lines of every node count's Regimes."""
+        out = []
+        for n, r in self.regimes:
+            out.append(f"over {n} nodes:")
+            out += [f"  {line}" for line in r.describe()]
+        return out
+
+
+def _net_regimes(x):
+    """``x`` (a Link, Regimes, ByNodes or None) as Regimes or ByNodes."""
+    return x if isinstance(x, ByNodes) else Regimes.of(x)
+
+
+def _at_nodes(x, nodes):
+    """The Regimes of ``x`` (Regimes or ByNodes) for a collective over ``nodes`` nodes."""
+    return x.at_nodes(nodes) if isinstance(x, ByNodes) else x
+
+
 def _size(n):
     for unit, k in (("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= k:
@@ -145,11 +198,12 @@ class Network:
 
     Attributes:
         allreduce_node, alltoallv_node: Regimes (or one Link) inside one node.
-        net: the inter-node Regimes (or Link).
+        net: the inter-node Regimes (or Link), or :class:`ByNodes` (one per node count).
         local_copy: Regimes of the block an alltoallv rank sends to itself (latency =
             the per-call cost, bandwidth = the copy's); None: free.
         allreduce_net: the inter-node Regimes of the allreduce when fitted apart from the
-            alltoallv's (its reduction arithmetic is inside ``B``); None: ``net``.
+            alltoallv's (its reduction arithmetic is inside ``B``), or ByNodes;
+            None: ``net``.
     """
     allreduce_node: Regimes
     alltoallv_node: Regimes
@@ -158,8 +212,10 @@ class Network:
     allreduce_net: Regimes = None
 
     def __post_init__(self):
-        for name in ("allreduce_node", "alltoallv_node", "net", "local_copy", "allreduce_net"):
+        for name in ("allreduce_node", "alltoallv_node", "local_copy"):
             setattr(self, name, Regimes.of(getattr(self, name)))
+        for name in ("net", "allreduce_net"):
+            setattr(self, name, _net_regimes(getattr(self, name)))
 
     def allreduce(self, nbytes, p, ranks_per_node):
         """Seconds of one allreduce of ``nbytes`` over ``p`` ranks."""
@@ -168,7 +224,7 @@ class Network:
         ln = self.allreduce_node.at(nbytes)
         ca, cb = allreduce_terms(nbytes, r)
         t = ca * ln.latency_s + cb * ln.beta
-        ln = (self.allreduce_net or self.net).at(nbytes)
+        ln = _at_nodes(self.allreduce_net or self.net, nodes).at(nbytes)
         ca, cb = allreduce_terms(nbytes, nodes)
         return t + ca * ln.latency_s + cb * ln.beta
 
@@ -191,7 +247,7 @@ class Network:
             t += (r - 1) * (ln.latency_s + (0.0 if node_shm else s * ln.beta))
         if p > r:
             ca, cb = alltoallv_net_terms(nbytes, p, r)
-            ln = self.net.at(s)
+            ln = _at_nodes(self.net, math.ceil(p / r)).at(s)
             t += ca * ln.latency_s + cb * ln.beta
         return t
 

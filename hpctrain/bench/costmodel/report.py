@@ -148,13 +148,21 @@ def parse_args(argv):
     return args
 
 
+_COLLECTIVES = ("allreduce", "alltoallv")
+
+
 def _summary(points):
-    """Lines of |error| statistics: ranks <= cores (with and without calibration points)."""
+    """Lines of |error| statistics: ranks <= cores (with and without calibration points),
+    oversubscribed, and the steps and collective sizes apart (calibration points left out)."""
     out = []
     for label, sel in (("cores >= ranks", lambda pt: not pt.get("oversubscribed")),
                        ("cores >= ranks, calibration points left out",
                         lambda pt: not pt.get("oversubscribed") and not pt.get("calibration")),
-                       ("oversubscribed", lambda pt: pt.get("oversubscribed"))):
+                       ("oversubscribed", lambda pt: pt.get("oversubscribed")),
+                       ("steps, calibration points left out",
+                        lambda pt: pt["benchmark"] not in _COLLECTIVES
+                        and not pt.get("calibration")),
+                       ("collective sizes", lambda pt: pt["benchmark"] in _COLLECTIVES)):
         errs = np.abs([pt["rel_error"] for pt in points if sel(pt)])
         if errs.size:
             out.append(f"# |error| {label}: median {np.median(errs) * 100:.1f}%, max "
@@ -228,8 +236,8 @@ def main(argv=None):
     print(f"#   reader load: {data_threads:.3f} of a core per rank ({data_src})")
     if points:
         print("# predicted vs measured, every measured point (size: allreduce buffer, alltoallv "
-              "bytes per peer; * = more ranks than cores: outside the model, not fitted; "
-              "c = calibration point)")
+              "bytes per peer; * = more rank-threads than cores: compute shares the cores, "
+              "and the intra-node fits leave it out; c = calibration point)")
         print_table(["benchmark", "ranks", "nodes", "size/mode", "measured ms", "predicted ms",
                      "error %"],
                     [[pt["benchmark"], f"{pt['ranks']}{'*' if pt.get('oversubscribed') else ''}",

@@ -60,8 +60,9 @@ def fit_regimes(sizes, coef_a, coef_b, seconds, offset=None, max_regimes=3, min_
     halves the sum of squared relative errors: a protocol switch (eager to rendezvous,
     shared-memory cells to single copy) is taken where one alpha-beta pair clearly
     fails, not to chase the noise of single sizes. A count that does not halve it does
-    not end the search: two switches can need two boundaries before the error falls. A boundary lies half-way
-    (geometric mean) between the largest size of one regime and the smallest of the next.
+    not end the search: two switches can need two boundaries before the error falls. A
+    boundary lies half-way (geometric mean) between the largest size of one regime and the
+    smallest of the next.
 
     Returns:
         :class:`Regimes`.

@@ -36,12 +36,10 @@ import importlib.util
 import json
 import os
 import platform
-import queue
 import resource
 import socket
 import sys
 import tempfile
-import threading
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -77,26 +75,17 @@ def _imports(wait_policy):
             os.environ[k] = v
 
 
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _versions():
     import fbgemm_gpu
     import numpy
     import torch
     import torchrec
+
+    from hpctrain.versions import cpu_model
     return {"torch": torch.__version__, "torchrec": getattr(torchrec, "__version__", None),
             "fbgemm_gpu": getattr(fbgemm_gpu, "__version__", None),
             "python": platform.python_version(), "numpy": numpy.__version__,
-            "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "machine": platform.machine()}
+            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "machine": platform.machine()}
 
 
 def _free_port():
@@ -212,16 +201,16 @@ class Batches:
 
     Global batch s is the sample positions ``[s G, (s + 1) G)``, rank r of n reads
     ``[s G + r b, s G + (r + 1) b)`` (b = G / n): hpctrain's reader on an endless synthetic
-    split (hpctrain/data/reader.py). ``thread``: a daemon thread generates them without end,
-    ``depth`` ahead through a bounded queue, counting its CPU seconds (``time.thread_time``)
-    as hpctrain's prefetch reader does (which also runs on past the last step until it is
-    closed); ``pregenerated``: the first ``count`` of them, all now.
+    split (hpctrain/data/reader.py). ``thread``: hpctrain's own prefetch thread
+    (``reader._Prefetcher``) generates them without end, ``depth`` ahead through a bounded
+    queue, counting its CPU seconds (``time.thread_time``), and runs on past the last step
+    until it is closed, as in hpctrain's reader; ``pregenerated``: the first ``count`` of
+    them, all now.
     """
 
     def __init__(self, ds, rank, world, batch, count, mode, depth):
         self.ds, self.rank, self.world, self.b = ds, rank, world, batch
         self.mode = mode
-        self.busy = 0.0
         self.pregen_s = None
         if mode == "pregenerated":
             t0 = time.perf_counter()
@@ -229,10 +218,8 @@ class Batches:
             self.pregen_s = time.perf_counter() - t0
             self._it = iter(self._items)
         else:
-            self._q, self._stop = queue.Queue(maxsize=depth), threading.Event()
-            self._thread = threading.Thread(target=self._run, name="torchrec-bench-data",
-                                            daemon=True)
-            self._thread.start()
+            from hpctrain.data.reader import _Prefetcher
+            self._pf = _Prefetcher(self._generate(), depth)
 
     def make(self, step):
         import numpy as np
@@ -246,16 +233,7 @@ class Batches:
                                 lengths=torch.from_numpy(rows.lengths.reshape(-1)))
         return torch.from_numpy(rows.dense), kjt, torch.from_numpy(rows.labels)
 
-    def _put(self, item):
-        while not self._stop.is_set():
-            try:
-                self._q.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def _run(self):
+    def _generate(self):
         import torch
         # One intra-op thread here, as PyTorch's DataLoader workers have: the KJT's few
         # torch ops would otherwise open a second OpenMP team of --threads threads beside
@@ -263,32 +241,28 @@ class Batches:
         # on the same cores slowed every step 40x (2.4 s instead of 55 ms, fused, batch 512).
         torch.set_num_threads(1)
         step = 0
-        try:
-            while not self._stop.is_set():
-                t0 = time.thread_time()
-                try:
-                    item = self.make(step)
-                finally:
-                    self.busy += time.thread_time() - t0
-                step += 1
-                if not self._put(item):
-                    return
-        except BaseException as e:   # handed to the consumer
-            self._put(e)
+        while True:
+            yield self.make(step), None
+            step += 1
+
+    @property
+    def busy(self):
+        """CPU seconds the thread spent making batches (0 when pregenerated)."""
+        return self._pf.busy_seconds if self.mode == "thread" else 0.0
 
     def next(self):
         if self.mode == "pregenerated":
             return next(self._it)
-        item = self._q.get()
-        if isinstance(item, BaseException):
-            raise item
+        from hpctrain.data.reader import _ERROR
+        item, err = self._pf.get()
+        if item is _ERROR:
+            raise err
         return item
 
     def close(self):
         """Stop the thread (after the fit, as hpctrain's trainer closes its reader)."""
         if self.mode == "thread":
-            self._stop.set()
-            self._thread.join()
+            self._pf.close()
 
 
 # ----------------------------------------------------------------------------- model
@@ -514,23 +488,8 @@ def run_case(args, case):
 
 # ----------------------------------------------------------------------------- report
 
-def _fmt(v):
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
-    return "-" if v is None else str(v)
-
-
-def print_table(headers, rows):
-    cells = [[_fmt(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
-              for i, h in enumerate(headers)]
-    print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
-    for r in cells:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
-    sys.stdout.flush()
-
-
 def report(args, results, vers):
+    from hpctrain.bench.common import print_table
     print(f"# TorchRec train benchmark ({args.mode}): {args.procs} process(es) x "
           f"{args.threads} thread(s), batch {args.batch}/rank, 26 features; torch "
           f"{vers['torch']}, torchrec {vers['torchrec']}, fbgemm_gpu {vers['fbgemm_gpu']}; "

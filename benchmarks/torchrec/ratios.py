@@ -16,6 +16,8 @@ import statistics
 import sys
 import time
 
+from hpctrain.bench.common import print_table
+
 
 def case_result(path, dim, bag):
     """``(the JSON document, its result of case (dim, bag))``."""
@@ -102,21 +104,6 @@ def summarise(pairs):
             "torchrec_emb_optimizer": ps[0]["torchrec_setup"]["emb_optimizer"],
         })
     return out
-
-
-def _fmt(v):
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
-    return "-" if v is None else str(v)
-
-
-def print_table(headers, rows):
-    cells = [[_fmt(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
-              for i, h in enumerate(headers)]
-    print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
-    for r in cells:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
 
 
 def main(argv=None):

@@ -94,7 +94,7 @@ def print_table(headers, rows, file=None):
 def _fmt(v):
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
-    return str(v)
+    return "-" if v is None else str(v)
 
 
 def write_json(name, payload, path=None, comm=None):

@@ -195,6 +195,57 @@ def test_fused_optimizers_equal_the_array_code_bit_for_bit(threads, generic, kin
         assert np.array_equal(oa.state[slot], ob.state[slot]), slot
 
 
+@pytest.mark.parametrize("self_interaction", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_interaction_row_blocks_over_threads_same_bits(dtype, self_interaction, monkeypatch):
+    """With 2 kernel threads the row blocks run side by side (workpool): the output and
+    every gradient are the bits of the 1-thread run, and match a NumPy reference."""
+    from hpctrain.dense import DotInteraction
+    from hpctrain.dense import interactions
+    rng = np.random.default_rng(12)
+    b, n_f, d = 301, 6, 8
+    x = rng.standard_normal((b, d)).astype(dtype)
+    embs = [rng.standard_normal((b, d)).astype(dtype) for _ in range(n_f)]
+    dy = None
+    maps = []
+    real_map = interactions.parallel_map
+    monkeypatch.setattr(interactions, "parallel_map",
+                        lambda fn, items: maps.append(len(items)) or real_map(fn, items))
+    out = {}
+    old_n = _openmp.get_num_threads()
+    try:
+        for n in (1, 2):
+            _openmp.set_num_threads(n)
+            layer = DotInteraction(np, dtype, n_f, d, self_interaction=self_interaction)
+            layer.block_rows = 77       # 4 blocks, the last one short
+            y = layer.forward(x, embs).copy()
+            if dy is None:
+                dy = rng.standard_normal(y.shape).astype(dtype)
+            dx, de = layer.backward(dy)
+            out[n] = (y, dx.copy(), [np.array(g) for g in de])
+    finally:
+        _openmp.set_num_threads(old_n)
+    assert maps == [4, 4]               # forward and backward of the 2-thread run only
+    (y1, dx1, de1), (y2, dx2, de2) = out[1], out[2]
+    assert np.array_equal(y1, y2) and np.array_equal(dx1, dx2)
+    assert all(np.array_equal(a, c) for a, c in zip(de1, de2))
+    t = np.stack([x, *embs], axis=1).astype(np.float64)
+    k = 1 if self_interaction else 0
+    pairs = [(i, j) for i in range(n_f + 1) for j in range(i + k)]
+    ref = np.concatenate([t[:, 0], np.stack([(t[:, i] * t[:, j]).sum(1) for i, j in pairs], 1)], 1)
+    rtol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(y2, ref, rtol=rtol, atol=rtol)
+    dt = np.zeros_like(t)
+    dt[:, 0] += dy[:, :d]
+    for c, (i, j) in enumerate(pairs):
+        g = dy[:, d + c][:, None].astype(np.float64)
+        dt[:, i] += g * t[:, j]
+        dt[:, j] += g * t[:, i]
+    np.testing.assert_allclose(dx2, dt[:, 0], rtol=rtol, atol=rtol * 10)
+    for f in range(n_f):
+        np.testing.assert_allclose(de2[f], dt[:, f + 1], rtol=rtol, atol=rtol * 10)
+
+
 # --- the model with and without the kernels ----------------------------------------------
 
 def _dlrm_step(dtype, blocks=None):

@@ -8,8 +8,10 @@ no copy is made here that would be made again there.
 
 import numpy as np
 
+from hpctrain._kernels import _openmp
 from hpctrain.dense.backend import blas_threads, fused_kernels
 from hpctrain.dense.layers import Layer
+from hpctrain.workpool import parallel_map
 
 
 def _check_embs(who, embs, num, dim, batch):
@@ -36,8 +38,12 @@ class DotInteraction(Layer):
     syrk, 2-3 times slower on these small matrices than a GEMM of T with a copy), the
     triangle's gather and its gradient's scatter are one fused kernel each
     (``hpctrain._kernels.dense_ops``: ``pack_rows``, ``tri_gather``, ``tri_scatter``, over
-    the rank's threads). The generic path (CuPy) copies row by row through slices (n-1
-    copies each) rather than fancy indexing, which runs about twice as slowly.
+    the rank's threads). NumPy hands a batched product of such small matrices to BLAS one
+    matrix at a time, on one core whatever its thread count, so with several kernel
+    threads the row blocks themselves are spread over the threads
+    (``hpctrain.workpool.parallel_map``; each block's work on one thread, the same
+    bits for any thread count). The generic path (CuPy) copies row by row through slices
+    (n-1 copies each) rather than fancy indexing, which runs about twice as slowly.
 
     Args:
         xp, dtype: array module and dtype.
@@ -65,16 +71,22 @@ class DotInteraction(Layer):
         self.block_rows = None  # None: from BLOCK_BYTES
         self._t = None
 
-    def _blocks(self, rows):
+    def _blocks(self, rows, parallel=False):
         """Row blocks sized so a block's T and Z stay in cache between the copies and the
-        batched product (NumPy); CuPy runs the whole batch at once."""
+        batched product (NumPy); CuPy runs the whole batch at once. ``parallel``: each
+        block runs on one thread (else BLAS's threads share a block)."""
         if self.xp.__name__ != "numpy":
             return ((0, rows),)
         block = self.block_rows
         if block is None:
             per_row = (self.n * self.dim + self.n * self.n) * np.dtype(self.dtype).itemsize
-            block = max(128, self.BLOCK_BYTES * blas_threads() // per_row)
+            block = max(128, self.BLOCK_BYTES * (1 if parallel else blas_threads()) // per_row)
         return tuple((lo, min(lo + block, rows)) for lo in range(0, rows, block))
+
+    def _parallel(self, fused, rows):
+        """True when the fused path spreads its row blocks over the kernel threads."""
+        return (fused is not None and _openmp.get_num_threads() > 1
+                and len(self._blocks(rows, True)) > 1)
 
     def forward(self, x, embs, training=True):
         b, d, n = x.shape[0], self.dim, self.n
@@ -85,11 +97,26 @@ class DotInteraction(Layer):
         t_all = ws.get("T", (b, n, d))
         y_all = ws.get("y", (b, self.out_dim))
         fused = fused_kernels(xp, self.dtype)
-        blocks = self._blocks(b)
+        parallel = self._parallel(fused, b)
+        blocks = self._blocks(b, parallel)
         if fused is not None:
+            rows = [x, *embs]
+            if parallel:
+                # every block its own stretch of T's copy and Z, one thread each
+                t2_all, z_all = ws.get("T2all", (b, n, d)), ws.get("Zall", (b, n, n))
+
+                def one(block):
+                    lo, hi = block
+                    t = t_all[lo:hi]
+                    fused.pack_rows(rows, t, t2_all[lo:hi], lo)
+                    xp.matmul(t, t2_all[lo:hi].transpose(0, 2, 1), out=z_all[lo:hi])
+                    fused.tri_gather(z_all[lo:hi], t, y_all[lo:hi], self.self_interaction)
+                parallel_map(one, blocks)
+                self._t = t_all
+                return y_all
             # T's copy and Z live only within a block: one block's worth, reused, stays in
             # cache instead of going out to memory and back.
-            rows, most = [x, *embs], max((hi - lo for lo, hi in blocks), default=0)
+            most = max((hi - lo for lo, hi in blocks), default=0)
             t2_blk, z_blk = ws.get("T2", (most, n, d)), ws.get("Zblock", (most, n, n))
             for lo, hi in blocks:
                 t, t2, z = t_all[lo:hi], t2_blk[:hi - lo], z_blk[:hi - lo]
@@ -124,13 +151,24 @@ class DotInteraction(Layer):
         # Symmetric dZ so that dT = dZ @ T covers both d<Ti,Tj>/dTi and d/dTj. Entries
         # outside the pair positions stay zero from the buffer's first allocation (the
         # fused scatter writes every entry, zeros included, into one block's dZ).
-        blocks = self._blocks(b)
+        parallel = self._parallel(fused, b)
+        blocks = self._blocks(b, parallel)
+        dt_all = ws.get("dT", (b, n, d))
+        dx = ws.get("dx", (b, d))
+        if parallel:
+            dz_all = ws.get("dZall", (b, n, n))
+
+            def one(block):
+                lo, hi = block
+                fused.tri_scatter(dy[lo:hi], dz_all[lo:hi], self.self_interaction)
+                xp.matmul(dz_all[lo:hi], t_all[lo:hi], out=dt_all[lo:hi])
+                xp.add(dy[lo:hi, :d], dt_all[lo:hi, 0, :], out=dx[lo:hi])
+            parallel_map(one, blocks)
+            return dx, [dt_all[:, i + 1, :] for i in range(self.num_features)]
         if fused is not None:
             dz_all = ws.get("dZblock", (max((hi - lo for lo, hi in blocks), default=0), n, n))
         else:
             dz_all = ws.zeros("dZ", (b, n, n))
-        dt_all = ws.get("dT", (b, n, d))
-        dx = ws.get("dx", (b, d))
         for lo, hi in blocks:
             g0 = dy[lo:hi]
             if fused is not None:

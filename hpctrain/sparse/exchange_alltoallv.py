@@ -19,7 +19,7 @@ tables of different widths share each message.
 """
 import numpy as np
 
-from hpctrain.sparse.tablepool import tables_map
+from hpctrain.workpool import parallel_map
 
 
 class Done:
@@ -109,7 +109,7 @@ class AlltoallvExchange:
         """Per-id gradients to their owners, who apply them."""
         t, r = self._t, look.route
         send = self._buf.get("grad_send", int(r.ask_elems.sum()), np.float32)
-        tables_map(lambda a: a[0].unique_grads(grads, out=send, out_off=a[1]),
+        parallel_map(lambda a: a[0].unique_grads(grads, out=send, out_off=a[1]),
                    zip(look.plans, r.unique_off))
         t.lap("pool")
         recv = self._buf.get("grad_recv", int(look.serve_elems.sum()), np.float32)

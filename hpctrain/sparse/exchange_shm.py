@@ -36,7 +36,7 @@ import numpy as np
 
 from hpctrain.sparse.exchange_alltoallv import AlltoallvExchange, Done
 from hpctrain.sparse.plan import exclusive_cumsum
-from hpctrain.sparse.tablepool import tables_map
+from hpctrain.workpool import parallel_map
 
 _LAY = 5   # layout vector: [forward need, backward need, S, A', A] + ask_start + serve_start
 
@@ -204,7 +204,7 @@ class SharedWindowExchange(AlltoallvExchange):
         # gradients go straight into this rank's segment
         t, arena = self._t, self.arena
         flat = arena.flat
-        tables_map(lambda a: a[0].unique_grads(grads, out=flat, out_off=a[1] + look.grad_base),
+        parallel_map(lambda a: a[0].unique_grads(grads, out=flat, out_off=a[1] + look.grad_base),
                    zip(look.plans, look.route.unique_off))
         t.lap("pool")
         local = arena.local_index >= 0

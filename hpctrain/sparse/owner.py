@@ -19,7 +19,7 @@ import numpy as np
 
 from hpctrain._kernels import sparse_ops
 from hpctrain.sparse.plan import exclusive_cumsum
-from hpctrain.sparse.tablepool import tables_map
+from hpctrain.workpool import parallel_map
 
 
 class OwnerPart:
@@ -89,7 +89,7 @@ class OwnerSide:
             # overwrites before this one's backward when they overlap
             keys = None if table.row_dtype == "fp32" else np.array(uniq, copy=True)
             return OwnerPart(table, off, elem_start[i], c, inverse, idx, spec.dim, keys)
-        return tables_map(one, range(len(self.specs)))
+        return parallel_map(one, range(len(self.specs)))
 
     def apply(self, parts, grads, step, shift=None):
         """Sum each id's gradients in source order and run the optimizer once per id.
@@ -108,4 +108,4 @@ class OwnerSide:
                 off = sparse_ops.block_offsets(part.elem_start + shift, part.counts, part.dim)
             g = sparse_ops.segment_sum(grads, off, part.dim, part.inverse, part.num_unique)
             part.table.apply_gradients(part.indices, g, step, keys=part.keys)
-        tables_map(one, parts)
+        parallel_map(one, parts)

@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 from hpctrain._kernels import sparse_ops
-from hpctrain.sparse.tablepool import tables_map
+from hpctrain.workpool import parallel_map
 
 
 def shard_reserve(rows, shards):
@@ -136,7 +136,7 @@ def split_batch(batch, specs, feature_to_table):
     if extra:
         raise ValueError(f"batch features {extra} belong to no table; tables take {wanted}")
     getattr(batch, "feature_offsets", None)  # cached once, before the tables' threads read it
-    return tables_map(lambda s: TableBatch(s, batch), specs)
+    return parallel_map(lambda s: TableBatch(s, batch), specs)
 
 
 def check_grads(grads, plans):

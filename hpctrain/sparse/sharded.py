@@ -23,7 +23,7 @@ from hpctrain.sparse.plan import Buffers, check_grads, make_table, route, split_
 from hpctrain.sparse.routing import owner_of
 from hpctrain.sparse.spec import resolve_specs
 from hpctrain.sparse.store import EmbeddingStore, LocalShards, Ticket
-from hpctrain.sparse.tablepool import tables_map
+from hpctrain.workpool import parallel_map
 from hpctrain.timing import PhaseTimer
 
 EXCHANGES = ("auto", "alltoallv", "shm")
@@ -160,7 +160,7 @@ class ShardedEmbedding(LocalShards, EmbeddingStore):
         t.start()
         rows, unique_off = self._exchange.rows(ticket)
         outputs = {}
-        for out in tables_map(lambda a: a[0].pool(rows, a[1]), zip(ticket.plans, unique_off)):
+        for out in parallel_map(lambda a: a[0].pool(rows, a[1]), zip(ticket.plans, unique_off)):
             outputs.update(out)
         t.lap("pool")
         if ticket.train:

@@ -1,20 +1,24 @@
-"""Tables in parallel: a rank's per-table work spread over its threads.
+"""Work items in parallel: a rank's per-table (or per-block) work spread over its threads.
 
 A step of a sparse store loops over its tables several times (dedup, serving rows,
 pooling, gradient sums, optimizer updates), and each table's batch is small: at 4096
 samples per rank a one-hot table sees a few thousand ids, a job of tens of microseconds.
 Splitting every such kernel over the rank's threads costs a wake-up of the other
 threads per kernel call and leaves the order-dependent passes (dedup, inserts) on one
-thread. Instead, ``tables_map`` hands whole tables to the threads, one loop = one
+thread. Instead, ``parallel_map`` hands whole items to the threads, one loop = one
 parallel region::
 
     threads:  t0: table 0 ─ table 2 ─ table 4 ...      (each table's kernels on 1 thread,
               t1: table 1 ─ table 3 ─ table 5 ...       next table to whoever is free)
 
-The kernels release the GIL, so the tables' native work runs side by side. Each
-table's work is the same whichever thread does it, so results are the same bits for any
-thread count. With one thread, or fewer than two tables, the loop runs as before and
-the kernels split large jobs themselves (``sparse_ops.set_parallel_threshold``).
+The dense side uses it the same way for the row blocks of DLRM's interaction, whose
+batched products of small matrices BLAS runs on one core whatever its thread count.
+
+The kernels (and NumPy's products) release the GIL, so the items' native work runs side
+by side. Each item's work is the same whichever thread does it, so results are the same
+bits for any thread count. With one thread, or fewer than two items, the loop runs as
+before and the kernels split large jobs themselves
+(``sparse_ops.set_parallel_threshold``).
 """
 import itertools
 import threading
@@ -32,7 +36,7 @@ class _Workers:
         self._done = threading.Semaphore(0)
         self._job = None
         for i in range(n - 1):
-            threading.Thread(target=self._loop, name=f"hpctrain-tables-{i + 1}",
+            threading.Thread(target=self._loop, name=f"hpctrain-pool-{i + 1}",
                              daemon=True).start()
 
     def _loop(self):
@@ -71,16 +75,16 @@ _workers = {}
 _lock = threading.Lock()
 
 
-def tables_map(fn, items):
+def parallel_map(fn, items):
     """``[fn(x) for x in items]``, the items spread over this rank's kernel threads.
 
-    Each ``fn(x)`` must touch only its own table's state (and disjoint parts of shared
+    Each ``fn(x)`` must touch only its own item's state (and disjoint parts of shared
     output buffers). Exceptions propagate (the first one raised).
     """
     items = list(items)
     nt = _openmp.get_num_threads()
     if nt <= 1 or len(items) < 2 or threading.current_thread().name.startswith(
-            "hpctrain-tables-"):
+            "hpctrain-pool-"):
         return [fn(x) for x in items]
     n = min(nt, len(items))
     with _lock:
@@ -89,7 +93,7 @@ def tables_map(fn, items):
             w = _workers[n] = _Workers(n)
     if not w.busy.acquire(blocking=False):      # another thread's loop holds them
         return [fn(x) for x in items]
-    # one thread per table: the tables are the parallel work now
+    # one thread per item: the items are the parallel work now
     _openmp.set_num_threads(1)
     try:
         return w.map(fn, items)

@@ -9,7 +9,7 @@ import pytest
 from hpctrain._kernels import _openmp
 from hpctrain.bench.train import workload
 from hpctrain.config import config_from_dict
-from hpctrain.sparse.tablepool import tables_map
+from hpctrain.workpool import parallel_map
 from hpctrain.train.loop import Trainer
 
 
@@ -29,18 +29,18 @@ def test_results_in_order_on_several_threads_kernels_on_one(threads):
         time.sleep(0.001)       # releases the GIL, as the kernels do
         return x * x
     for _ in range(5):
-        assert tables_map(fn, range(40)) == [x * x for x in range(40)]
+        assert parallel_map(fn, range(40)) == [x * x for x in range(40)]
     assert {n for _, n in seen} == {1}
-    assert any(name.startswith("hpctrain-tables-") for name, _ in seen)
+    assert any(name.startswith("hpctrain-pool-") for name, _ in seen)
     assert _openmp.get_num_threads() == 3
 
 
 def test_one_thread_or_one_table_runs_in_the_caller(threads):
     threads(1)
-    assert tables_map(lambda x: threading.current_thread().name, range(3)) == \
+    assert parallel_map(lambda x: threading.current_thread().name, range(3)) == \
         [threading.current_thread().name] * 3
     threads(2)
-    assert tables_map(lambda x: _openmp.get_num_threads(), [0]) == [2]
+    assert parallel_map(lambda x: _openmp.get_num_threads(), [0]) == [2]
 
 
 def test_first_error_propagates_and_the_pool_stays_usable(threads):
@@ -51,14 +51,14 @@ def test_first_error_propagates_and_the_pool_stays_usable(threads):
             raise ValueError("table 7")
         return x
     with pytest.raises(ValueError, match="table 7"):
-        tables_map(fn, range(20))
+        parallel_map(fn, range(20))
     assert _openmp.get_num_threads() == 2
-    assert tables_map(lambda x: x + 1, range(20)) == list(range(1, 21))
+    assert parallel_map(lambda x: x + 1, range(20)) == list(range(1, 21))
 
 
 def test_nested_loops_run_inline(threads):
     threads(2)
-    assert tables_map(lambda x: sum(tables_map(lambda y: x * y, range(4))), range(6)) == \
+    assert parallel_map(lambda x: sum(parallel_map(lambda y: x * y, range(4))), range(6)) == \
         [6 * x for x in range(6)]
 
 

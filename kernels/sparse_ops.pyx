@@ -40,6 +40,17 @@ cdef extern from *:
     uint64_t hp_dedup_hash(int64_t key) noexcept nogil
 
 
+cdef extern from "sparse_rows.h" nogil:
+    void hp_pool_bags(float* out, const float* src, const int64_t* uoff, const int64_t* inv,
+                      const int64_t* bags, int64_t b0, int64_t b1, int64_t dim, int mean,
+                      int64_t n_items)
+    void hp_zero_rows(float* base, const int64_t* doff, int64_t nu, int64_t dim)
+    void hp_unpool_serial(float* base, const int64_t* doff, const float* g, const int64_t* inv,
+                          const int64_t* bags, int64_t nb, int64_t dim, int mean)
+    void hp_unpool_one(float* d, const float* g, const int64_t* order, const int64_t* bag_of,
+                       const float* scale, int64_t start, int64_t end, int64_t dim)
+
+
 def mix64(uint64_t z):
     """splitmix64's finaliser of one unsigned 64-bit integer (for tests and docs)."""
     return hp_mix64(z)
@@ -374,6 +385,130 @@ def pool(const float[::1] src, const int64_t[::1] src_off, int64_t dim,
                 inv_len = <float>(bag_offsets[b + 1] - bag_offsets[b])
                 for c in range(dim):
                     o[b, c] = o[b, c] / inv_len
+    return out_arr
+
+
+cdef _require_inverse(const int64_t[::1] inverse, int64_t num_unique, str what):
+    cdef Py_ssize_t i, bad = -1
+    with nogil:
+        for i in range(inverse.shape[0]):
+            if inverse[i] < 0 or inverse[i] >= num_unique:
+                bad = i
+                break
+    if bad >= 0:
+        raise ValueError(f"{what}: inverse[{bad}] = {inverse[bad]} is outside "
+                         f"[0, {num_unique})")
+
+
+# Bags per parallel work item of pool_unique.
+cdef enum:
+    _BAG_BLOCK = 64
+
+
+def pool_unique(const float[::1] src, const int64_t[::1] unique_off,
+                const int64_t[::1] inverse, int64_t dim, const int64_t[::1] bag_offsets,
+                bint mean, out=None):
+    """``pool`` of item rows reached through unique ids: item ``j``'s row is
+    ``src[unique_off[inverse[j]] :][:dim]`` (``pool(src, unique_off[inverse], ...)``
+    without writing that offset array). Same sums, same order, same bits."""
+    cdef Py_ssize_t n = inverse.shape[0]
+    cdef Py_ssize_t nb = bag_offsets.shape[0] - 1
+    _require_bags(bag_offsets, n, "pool_unique")
+    _require_rows(unique_off, dim, src.shape[0], "pool_unique")
+    _require_inverse(inverse, unique_off.shape[0], "pool_unique")
+    out_arr = _out2d(out, nb, dim, "pool_unique")
+    cdef float[:, ::1] o = out_arr
+    if nb == 0 or dim == 0:
+        return out_arr
+    cdef int nt = _threads(4 * (n + nb) * dim + 8 * n)
+    cdef Py_ssize_t k, nblk = (nb + _BAG_BLOCK - 1) // _BAG_BLOCK
+    cdef const float* sp = &src[0] if src.shape[0] > 0 else NULL
+    cdef const int64_t* up = &unique_off[0] if unique_off.shape[0] > 0 else NULL
+    cdef const int64_t* ip = &inverse[0] if n > 0 else NULL
+    with nogil:
+        for k in prange(nblk, num_threads=nt, schedule='static'):
+            hp_pool_bags(&o[0, 0], sp, up, ip, &bag_offsets[0], k * _BAG_BLOCK,
+                         min((k + 1) * _BAG_BLOCK, nb), dim, mean, n)
+    return out_arr
+
+
+def unpool_unique(const float[::1] grads, const int64_t[::1] bag_offsets,
+                  const int64_t[::1] inverse, int64_t num_unique, int64_t dim, bint mean,
+                  out=None, const int64_t[::1] out_off=None):
+    """The gradient of ``pool_unique`` per unique id: float32[num_unique, dim].
+
+    ``grads`` holds one ``dim``-row per bag (flat, bag-major). Unique id ``u`` gets the
+    sum, over its items ``j`` in increasing order, of its bag's gradient (divided by the
+    bag's length with ``mean``): ``segment_sum(grads, bag_of_rows(bag_offsets) * dim,
+    dim, inverse, num_unique, bag_scales(...) if mean else None)`` without writing the
+    per-item arrays, and the same bits. With ``out_off`` (int64[num_unique]) ``out`` is a
+    flat float32 buffer and id ``u``'s sum goes to ``out[out_off[u] :][:dim]``.
+    """
+    cdef Py_ssize_t n = inverse.shape[0]
+    cdef Py_ssize_t nb = bag_offsets.shape[0] - 1
+    _require_bags(bag_offsets, n, "unpool_unique")
+    if num_unique < 0:
+        raise ValueError(f"unpool_unique: num_unique must be >= 0, got {num_unique}")
+    if dim < 0:
+        raise ValueError(f"unpool_unique: dim must be >= 0, got {dim}")
+    if grads.shape[0] != nb * dim:
+        raise ValueError(f"unpool_unique: grads has {grads.shape[0]} floats, expected "
+                         f"{nb} bags x {dim}")
+    _require_inverse(inverse, num_unique, "unpool_unique")
+    cdef float[::1] flat_out
+    cdef float[:, ::1] o2
+    cdef float* base = NULL
+    cdef const int64_t* doff = NULL
+    if out_off is not None:
+        if out is None:
+            raise ValueError("unpool_unique: out_off needs out (a flat float32 buffer)")
+        if out_off.shape[0] != num_unique:
+            raise ValueError(f"unpool_unique: out_off has {out_off.shape[0]} entries, "
+                             f"num_unique is {num_unique}")
+        out_arr = out
+        flat_out = out
+        _require_rows(out_off, dim, flat_out.shape[0], "unpool_unique (out_off)")
+        if flat_out.shape[0] > 0:
+            base = &flat_out[0]
+        if num_unique > 0:
+            doff = &out_off[0]
+    else:
+        out_arr = _out2d(out, num_unique, dim, "unpool_unique")
+        o2 = out_arr
+        if num_unique > 0 and dim > 0:
+            base = &o2[0, 0]
+    if num_unique == 0 or dim == 0:
+        return out_arr
+    cdef const float* gp = &grads[0] if grads.shape[0] > 0 else NULL
+    cdef int nt = _threads((n * dim) // 2)
+    if nt <= 1:
+        with nogil:
+            hp_zero_rows(base, doff, num_unique, dim)
+            hp_unpool_serial(base, doff, gp, &inverse[0] if n > 0 else NULL,
+                             &bag_offsets[0], nb, dim, mean)
+        return out_arr
+    # threads: group the items by unique id first (serial), then one thread per id
+    bag_of = bag_of_rows(bag_offsets)
+    scale = bag_scales(bag_offsets) if mean else None
+    cdef const int64_t[::1] bo = bag_of
+    cdef const float[::1] sc = scale
+    cdef const float* scp = &sc[0] if mean and n > 0 else NULL
+    cdef int64_t* start = <int64_t*>malloc((num_unique + 1) * sizeof(int64_t))
+    cdef int64_t* order = <int64_t*>malloc((n + 1) * sizeof(int64_t))
+    cdef Py_ssize_t u
+    if start == NULL or order == NULL:
+        free(start)
+        free(order)
+        raise MemoryError("unpool_unique: out of memory")
+    try:
+        with nogil:
+            _group(inverse, num_unique, start, order)
+            for u in prange(num_unique, num_threads=nt, schedule='static'):
+                hp_unpool_one(base + (doff[u] if doff != NULL else u * dim), gp, order,
+                              &bo[0] if n > 0 else NULL, scp, start[u], start[u + 1], dim)
+    finally:
+        free(start)
+        free(order)
     return out_arr
 
 

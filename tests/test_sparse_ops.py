@@ -215,6 +215,72 @@ def test_pool_backward_via_bag_scatter_and_segment_sum(mean):
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dim", [1, 16, 19, 64])
+@pytest.mark.parametrize("mean", [False, True])
+def test_pool_and_unpool_through_unique_ids(mean, dim, threads):
+    """pool_unique / unpool_unique (rows reached as unique_off[inverse[j]]) against NumPy,
+    and bit for bit the two-step forms they replace (pool of the expanded offsets;
+    segment_sum over bag_of_rows with bag_scales), empty bags and unused ids included."""
+    rng = np.random.default_rng(21)
+    nb, nu = 257, 90
+    offsets = _bags(rng, nb, maxlen=30)
+    n = int(offsets[-1])
+    inverse = rng.integers(0, nu - 3, size=n).astype(np.int64)    # the last 3 ids unused
+    unique_off = (rng.permutation(nu * 2)[:nu] * dim + 5).astype(np.int64)
+    src = rng.standard_normal(nu * 2 * dim + 5).astype(np.float32)
+    pooled = so.pool_unique(src, unique_off, inverse, dim, offsets, mean)
+    assert np.array_equal(pooled, so.pool(src, unique_off[inverse], dim, offsets, mean))
+    rows = src[unique_off[inverse][:, None] + np.arange(dim)].astype(np.float64)
+    lens = np.diff(offsets)
+    ref = np.zeros((nb, dim))
+    np.add.at(ref, np.repeat(np.arange(nb), lens), rows)
+    if mean:
+        ref[lens > 0] /= lens[lens > 0, None]
+    np.testing.assert_allclose(pooled, ref, rtol=1e-5, atol=1e-5)
+    assert (pooled[lens == 0] == 0).all()
+
+    grads = rng.standard_normal((nb, dim)).astype(np.float32)
+    got = so.unpool_unique(grads.ravel(), offsets, inverse, nu, dim, mean)
+    two_step = so.segment_sum(grads.ravel(), so.bag_of_rows(offsets) * dim, dim, inverse, nu,
+                              so.bag_scales(offsets) if mean else None)
+    assert np.array_equal(got, two_step)
+    per_item = grads[np.repeat(np.arange(nb), lens)].astype(np.float64)
+    if mean:
+        per_item /= np.repeat(lens, lens)[:, None]
+    ref = np.zeros((nu, dim))
+    np.add.at(ref, inverse, per_item)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert (got[nu - 3:] == 0).all()
+    # into a flat buffer at offsets, the rest untouched
+    out = np.full(nu * 2 * dim + 5, -9.0, np.float32)
+    assert so.unpool_unique(grads.ravel(), offsets, inverse, nu, dim, mean, out=out,
+                            out_off=unique_off) is out
+    expect = np.full_like(out, -9.0)
+    for u, o in enumerate(unique_off):
+        expect[o:o + dim] = got[u]
+    assert np.array_equal(out, expect)
+
+
+def test_pool_and_unpool_through_unique_ids_name_bad_input():
+    offsets = np.array([0, 2, 3], dtype=np.int64)
+    inverse = np.array([0, 1, 2], dtype=np.int64)
+    src = np.zeros(12, np.float32)
+    with pytest.raises(ValueError, match=r"inverse\[2\] = 2 is outside \[0, 2\)"):
+        so.pool_unique(src, np.array([0, 4], dtype=np.int64), inverse, 4, offsets, False)
+    with pytest.raises(ValueError, match="row offset"):
+        so.pool_unique(src, np.array([0, 4, 10], dtype=np.int64), inverse, 4, offsets, False)
+    with pytest.raises(ValueError, match="bag_offsets must rise"):
+        so.pool_unique(src, np.array([0, 4, 8], dtype=np.int64), inverse, 4,
+                       np.array([0, 2], dtype=np.int64), False)
+    with pytest.raises(ValueError, match="grads has 7 floats, expected 2 bags x 4"):
+        so.unpool_unique(np.zeros(7, np.float32), offsets, inverse, 3, 4, False)
+    with pytest.raises(ValueError, match=r"inverse\[2\] = 2 is outside \[0, 2\)"):
+        so.unpool_unique(np.zeros(8, np.float32), offsets, inverse, 2, 4, False)
+    with pytest.raises(ValueError, match="needs out"):
+        so.unpool_unique(np.zeros(8, np.float32), offsets, inverse, 3, 4, False,
+                         out_off=np.zeros(3, np.int64))
+
+
 def test_thread_count_invariance_bitwise():
     rng = np.random.default_rng(7)
     dim, n = 16, 20000

@@ -87,13 +87,12 @@ class TableBatch:
             dict feature -> float32 ``[B, dim]`` (or ``[n_ids, dim]`` for "none").
         """
         dim, names = self.spec.dim, self.names
-        row_off = unique_off[self.inverse]
         if self.spec.pooling == "none":
-            rows = sparse_ops.gather_rows(src, row_off, dim)
+            rows = sparse_ops.gather_rows(src, unique_off[self.inverse], dim)
             bounds = np.cumsum([0] + self.counts)
             return {n: rows[bounds[i]:bounds[i + 1]] for i, n in enumerate(names)}
-        pooled = sparse_ops.pool(src, row_off, dim, self.bag_offsets,
-                                 self.spec.pooling == "mean")
+        pooled = sparse_ops.pool_unique(src, unique_off, self.inverse, dim, self.bag_offsets,
+                                        self.spec.pooling == "mean")
         pooled = pooled.reshape(len(names), self.batch_size, dim)
         return {n: pooled[i] for i, n in enumerate(names)}
 
@@ -120,12 +119,11 @@ class TableBatch:
         flat = np.ascontiguousarray(flat, dtype=np.float32).reshape(-1)
         if self.spec.pooling == "none":
             src_off = np.arange(self.keys.shape[0], dtype=np.int64) * dim
-            scale = None
-        else:
-            src_off = sparse_ops.bag_of_rows(self.bag_offsets) * dim
-            scale = sparse_ops.bag_scales(self.bag_offsets) if self.spec.pooling == "mean" else None
-        return sparse_ops.segment_sum(flat, src_off, dim, self.inverse, self.uniq.shape[0], scale,
-                                      out=out, out_off=out_off)
+            return sparse_ops.segment_sum(flat, src_off, dim, self.inverse, self.uniq.shape[0],
+                                          out=out, out_off=out_off)
+        return sparse_ops.unpool_unique(flat, self.bag_offsets, self.inverse, self.uniq.shape[0],
+                                        dim, self.spec.pooling == "mean", out=out,
+                                        out_off=out_off)
 
 
 def split_batch(batch, specs, feature_to_table):

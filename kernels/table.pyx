@@ -662,6 +662,44 @@ cdef class TableCore:
                         nbad += 1
         return nbad
 
+    def gather_into(self, const int64_t[::1] rows, const int64_t[::1] sel, float[::1] out,
+                    const int64_t[::1] out_off, int nt, bint check_alive):
+        """out[out_off[i] :][:dim] = values[rows[sel[i]]] as float32 (``sel`` None:
+        rows[i]; zeros for -1); returns how many indices were invalid. The caller checks
+        that ``sel`` indexes ``rows`` and that every destination lies inside ``out``."""
+        cdef int64_t n = out_off.shape[0], i, r, r2, nbad = 0
+        if n == 0:
+            return 0
+        cdef bint has_sel = sel is not None
+        cdef const int64_t* rp = &rows[0]
+        cdef const int64_t* sp = &sel[0] if has_sel else NULL
+        cdef const int64_t* op = &out_off[0]
+        cdef float* o = &out[0]
+        cdef const char* values = self.values
+        cdef const ht_meta* meta = self.meta
+        cdef int64_t dim = self.dim, high = self.row_high, vb = self.vbytes
+        cdef int64_t rb = dim * sizeof(float)
+        cdef int dt = self.row_dtype
+        if n < _par_min:
+            nt = 1
+        with nogil:
+            for i in prange(n, num_threads=nt, schedule='guided', chunksize=512):
+                if i + PF < n:
+                    r2 = rp[sp[i + PF]] if has_sel else rp[i + PF]
+                    if r2 >= 0 and r2 < high:
+                        _prefetch_bytes(values + r2 * vb, vb, False)
+                r = rp[sp[i]] if has_sel else rp[i]
+                if r >= 0 and r < high and (not check_alive or meta[r].last_step >= 0):
+                    if dt == HT_F32:
+                        _copy_row(o + op[i], <const float*>(values + r * vb), rb)
+                    else:
+                        ht_load_row(dt, <const uint16_t*>(values + r * vb), o + op[i], dim)
+                else:
+                    memset(o + op[i], 0, rb)
+                    if r != -1:
+                        nbad += 1
+        return nbad
+
     def first_bad_row(self, const int64_t[::1] rows, bint check_alive):
         """Position of the first index that is neither -1 nor a stored row (or -1)."""
         cdef int64_t i, r

@@ -111,6 +111,53 @@ def test_gather_large_batch_parallel_matches_numpy_take():
     np.testing.assert_array_equal(t.gather(idx), want)
 
 
+@pytest.mark.parametrize("row_dtype", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_gather_into_flat_buffer_equals_gather_then_scatter(row_dtype, n_threads):
+    """gather_into writes row i (of indices[select[i]]) at out[out_off[i]:][:dim], every
+    other float untouched: the bits of gather() placed there, any row dtype, any threads."""
+    from hpctrain._kernels import _openmp
+    rng = np.random.default_rng(9)
+    dim = 12
+    t = EmbeddingTable("t", dim, "adagrad", row_dtype=row_dtype)
+    rows = t.find_or_insert(unique_keys(rng, 3000), 0)
+    idx = rng.choice(rows, size=2500)
+    idx[::11] = -1
+    select = rng.integers(0, idx.shape[0], size=4000)
+    out_off = (rng.permutation(5000)[:4000] * dim + 3).astype(np.int64)
+    old_n, old_min = _openmp.get_num_threads(), kernel.parallel_threshold()
+    try:
+        _openmp.set_num_threads(n_threads)
+        kernel.set_parallel_threshold(1)
+        for sel in (select, None):
+            offs = out_off if sel is not None else out_off[:idx.shape[0]]
+            want_rows = t.gather(idx if sel is None else idx[sel])
+            out = np.full(5000 * dim + 3, -7.0, np.float32)
+            assert t.gather_into(idx, out, offs, select=sel) is out
+            want = np.full_like(out, -7.0)
+            want[offs[:, None] + np.arange(dim)] = want_rows
+            np.testing.assert_array_equal(out, want)
+    finally:
+        _openmp.set_num_threads(old_n)
+        kernel.set_parallel_threshold(old_min)
+
+
+def test_gather_into_names_bad_input():
+    t = EmbeddingTable("t", 4, "sgd")
+    rows = t.find_or_insert(np.array([1, 2], dtype=np.int64), 0)
+    out = np.zeros(16, np.float32)
+    with pytest.raises(ValueError, match=r"out_off\[1\] = 13 with dim 4 is outside a buffer of 16"):
+        t.gather_into(rows, out, np.array([0, 13]))
+    with pytest.raises(ValueError, match=r"select\[1\] = 2 is outside \[0, 2\)"):
+        t.gather_into(rows, out, np.array([0, 4]), select=np.array([0, 2]))
+    with pytest.raises(ValueError, match="out_off has 1 entries, indices 2"):
+        t.gather_into(rows, out, np.array([0]))
+    with pytest.raises(TypeError, match="1-D float32"):
+        t.gather_into(rows, np.zeros((4, 4), np.float32), np.array([0, 4]))
+    with pytest.raises(IndexError, match=r"indices\[1\] = 99"):
+        t.gather_into(np.array([rows[0], 99]), out, np.array([0, 4]))
+
+
 @pytest.mark.parametrize("kind", ["sgd", "adagrad"])
 def test_apply_gradients_matches_reference(kind):
     from hpctrain.sparse.optimizers import reference_update

@@ -5,8 +5,8 @@ source deduplicated before routing)::
 
     recv ids  [src 0: t0 t1 ...][src 1: t0 t1 ...] ...     (or any layout, via id_start)
     per table: unique_blocks(blocks in source order) -> uniq + inverse
-    find_or_insert(uniq) (find for eval) -> rows -> scattered into the reply
-        at each source's element offset (``block_offsets``)
+    find_or_insert(uniq) (find for eval) -> rows copied from the table into the reply
+        at each source's element offset (``block_offsets``), one pass
     backward: gradients in the same layout -> segment_sum in source order -> one
         gradient per id -> apply_gradients (optimizer once per id)
 
@@ -77,13 +77,16 @@ class OwnerSide:
                 s = int(id_start[i][c > 0][0]) if c.any() else 0
                 uniq = recv_ids[s:s + int(c.sum())]
                 inverse = np.arange(uniq.shape[0], dtype=np.int64)
+                identity = True
             else:
                 uniq, inverse = sparse_ops.unique_blocks(recv_ids, id_start[i], c)
+                identity = False
             table = self.tables[spec.name]
             idx = table.find_or_insert(uniq, step) if train else table.find(uniq)
-            rows = np.ascontiguousarray(table.gather(idx), dtype=np.float32)
             off = sparse_ops.block_offsets(elem_start[i], c, spec.dim)
-            sparse_ops.scatter_rows(rows, inverse, reply, off)   # disjoint per table
+            # from the table straight into each source's block of the reply (disjoint
+            # per table); an id two sources asked for is read twice
+            table.gather_into(idx, reply, off, select=None if identity else inverse)
             # the ids for the update's stochastic rounding (reduced-precision rows only): a
             # copy, since uniq may be a view of the receive buffer, which the next lookup
             # overwrites before this one's backward when they overlap

@@ -257,6 +257,53 @@ class EmbeddingTable:
             self._raise_bad_index(idx, "indices", self._debug)
         return out
 
+    def gather_into(self, indices, out, out_off, select=None):
+        """Rows at ``indices`` written into a flat buffer: row ``i`` (of
+        ``indices[select[i]]`` when ``select`` is given) goes to
+        ``out[out_off[i] : out_off[i] + dim]`` as float32, zeros where the index is -1.
+        One pass from the table into, e.g., an exchange buffer, instead of a gather and a
+        scatter.
+
+        Args:
+            indices: int64[n] row indices from find/find_or_insert.
+            out: C-contiguous writeable float32[m] buffer.
+            out_off: int64[k] element offset of each output row in ``out``.
+            select: optional int64[k] entries of ``indices`` (default: k = n, in order).
+
+        Raises:
+            IndexError: naming the first index that is not a row of this table.
+            ValueError: a destination outside ``out`` or a ``select`` entry outside
+                ``indices``.
+        """
+        idx = as_int64(indices, "indices")
+        off = as_int64(out_off, "out_off")
+        if not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.ndim != 1:
+            raise TypeError(f"out must be a 1-D float32 ndarray; got "
+                            f"{getattr(out, 'dtype', type(out).__name__)}"
+                            f"{list(getattr(out, 'shape', []))}")
+        if not out.flags.c_contiguous or not out.flags.writeable:
+            raise ValueError("out must be C-contiguous and writeable")
+        sel = None
+        if select is not None:
+            sel = as_int64(select, "select")
+            if sel.shape[0] != off.shape[0]:
+                raise ValueError(f"select has {sel.shape[0]} entries, out_off "
+                                 f"{off.shape[0]}")
+            if sel.shape[0] and (sel.min() < 0 or sel.max() >= idx.shape[0]):
+                bad = int(np.flatnonzero((sel < 0) | (sel >= idx.shape[0]))[0])
+                raise ValueError(f"select[{bad}] = {sel[bad]} is outside [0, {idx.shape[0]})")
+        elif off.shape[0] != idx.shape[0]:
+            raise ValueError(f"out_off has {off.shape[0]} entries, indices {idx.shape[0]}")
+        if off.shape[0] and (off.min() < 0 or off.max() + self._dim > out.shape[0]):
+            bad = int(np.flatnonzero((off < 0) | (off + self._dim > out.shape[0]))[0])
+            raise ValueError(f"out_off[{bad}] = {off[bad]} with dim {self._dim} is outside a "
+                             f"buffer of {out.shape[0]} floats")
+        with self._lock:
+            nbad = self._core.gather_into(idx, sel, out, off, get_num_threads(), self._debug)
+        if nbad:
+            self._raise_bad_index(idx, "indices", self._debug)
+        return out
+
     def apply_gradients(self, indices, grads, step, keys=None):
         """Apply the optimizer to the rows at ``indices`` (unique; -1 entries skipped).
 

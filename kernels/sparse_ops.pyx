@@ -199,6 +199,82 @@ def route(const int64_t[::1] keys, int64_t table_id, int64_t world_size):
     return out_arr
 
 
+def route_count(const int64_t[::1] keys, int64_t table_id, int64_t world_size):
+    """``route`` and the number of keys per owner in one pass: ``(owners int32[n],
+    counts int64[world_size])``."""
+    if world_size < 1 or world_size > 2147483647:
+        raise ValueError(f"route_count: world_size must be in [1, 2^31-1], got {world_size}")
+    cdef Py_ssize_t i, n = keys.shape[0]
+    owners_arr = np.empty(n, dtype=np.int32)
+    counts_arr = np.zeros(world_size, dtype=np.int64)
+    cdef int32_t[::1] out = owners_arr
+    cdef int64_t[::1] counts = counts_arr
+    cdef uint64_t salt = hp_route_salt(table_id)
+    cdef uint64_t ws = <uint64_t>world_size
+    cdef int32_t o
+    with nogil:
+        for i in range(n):
+            o = <int32_t>(hp_mix64(<uint64_t>keys[i] ^ salt) % ws)
+            out[i] = o
+            counts[o] += 1
+    return owners_arr, counts_arr
+
+
+cdef _require_owners(const int32_t[::1] owners, Py_ssize_t size, str what):
+    cdef Py_ssize_t i, bad = -1
+    with nogil:
+        for i in range(owners.shape[0]):
+            if owners[i] < 0 or owners[i] >= size:
+                bad = i
+                break
+    if bad >= 0:
+        raise ValueError(f"{what}: owners[{bad}] = {owners[bad]} is outside [0, {size})")
+
+
+def place_by_owner(const int32_t[::1] owners, const int64_t[::1] start, int64_t stride):
+    """Where each item lands when items are laid out owner after owner, each owner's in
+    their order: ``out[i] = start[owners[i]] + stride * (items of that owner before i)``
+    (int64[n]; e.g. the element offset of each id's row in an owner-major buffer)."""
+    _require_owners(owners, start.shape[0], "place_by_owner")
+    cdef Py_ssize_t i, n = owners.shape[0]
+    out_arr = np.empty(n, dtype=np.int64)
+    cdef int64_t[::1] out = out_arr
+    cdef int64_t[::1] cur = np.array(start, dtype=np.int64)
+    cdef int32_t o
+    with nogil:
+        for i in range(n):
+            o = owners[i]
+            out[i] = cur[o]
+            cur[o] += stride
+    return out_arr
+
+
+def scatter_by_owner(const int64_t[::1] keys, const int32_t[::1] owners,
+                     const int64_t[::1] start, int64_t[::1] out):
+    """``out[start[o] + k] = `` the k-th key owned by ``o`` (in key order), for every owner:
+    the keys copied into their owners' blocks of ``out``."""
+    cdef Py_ssize_t i, n = keys.shape[0], P = start.shape[0]
+    if owners.shape[0] != n:
+        raise ValueError(f"scatter_by_owner: owners has {owners.shape[0]} entries, keys {n}")
+    _require_owners(owners, P, "scatter_by_owner")
+    cdef int64_t[::1] cur = np.array(start, dtype=np.int64)
+    cdef int64_t m = out.shape[0], c
+    cdef int32_t o
+    cdef Py_ssize_t bad = -1
+    with nogil:
+        for i in range(n):
+            o = owners[i]
+            c = cur[o]
+            if c < 0 or c >= m:
+                bad = i
+                break
+            out[c] = keys[i]
+            cur[o] = c + 1
+    if bad >= 0:
+        raise ValueError(f"scatter_by_owner: key {bad} (owner {owners[bad]}) would go to "
+                         f"[{cur[owners[bad]]}], outside out of {m} entries")
+
+
 cdef Py_ssize_t _bucket(const int32_t[::1] owners, int64_t size, int64_t[::1] counts,
                         int64_t* start, int64_t[::1] perm) noexcept nogil:
     """Stable counting sort by owner; returns -1 or the index of the first bad owner."""

@@ -124,6 +124,59 @@ def test_route_reference_known_value():
     assert so.route_salt(0) == 0xE220A8397B1DCDAF
 
 
+def test_route_count_place_and_scatter_by_owner_match_numpy():
+    rng = np.random.default_rng(31)
+    keys = rng.integers(-10**15, 10**15, size=3000)
+    owners, counts = so.route_count(keys, 5, 7)
+    assert np.array_equal(owners, so.route(keys, 5, 7))
+    assert np.array_equal(counts, np.bincount(owners, minlength=7))
+    start = rng.integers(0, 100, size=7) * 1000
+    pos = so.place_by_owner(owners, start, 3)
+    for o in range(7):
+        mine = np.flatnonzero(owners == o)
+        assert np.array_equal(pos[mine], start[o] + 3 * np.arange(mine.size))
+    blocks = np.concatenate([[0], np.cumsum(counts)[:-1]]) + 11
+    out = np.full(keys.size + 11, -1, np.int64)
+    so.scatter_by_owner(keys, owners, blocks, out)
+    assert (out[:11] == -1).all()
+    assert np.array_equal(out[11:], keys[np.argsort(owners, kind="stable")])
+    with pytest.raises(ValueError, match=r"owners\[0\] = 7 is outside \[0, 7\)"):
+        so.place_by_owner(np.array([7], np.int32), start, 1)
+    with pytest.raises(ValueError, match=r"\(owner 6\) would go to \[3000\], outside out of 3000"):
+        so.scatter_by_owner(keys, owners, blocks, out[:keys.size])  # 11 too far
+    with pytest.raises(ValueError, match="world_size"):
+        so.route_count(keys, 5, 0)
+
+
+def test_plan_route_layout_is_owner_then_table_then_first_occurrence():
+    """plan.route against a NumPy reference: the ids sorted stably by owner over the
+    tables' unique ids concatenated; each id's row offset its place in that order times
+    the widths before it."""
+    from types import SimpleNamespace as NS
+    from hpctrain.sparse.plan import route
+    rng = np.random.default_rng(32)
+    for P in (1, 2, 5):
+        plans = [NS(uniq=np.unique(rng.integers(-10**12, 10**12, size=n)), spec=NS(table_id=t))
+                 for t, n in enumerate((300, 0, 41, 170))]
+        dims = np.array([4, 16, 1, 9], dtype=np.int64)
+        r = route(plans, dims, P)
+        owners = np.concatenate([so.route(p.uniq, p.spec.table_id, P) for p in plans])
+        keys = np.concatenate([p.uniq for p in plans])
+        table = np.repeat(np.arange(4), [p.uniq.size for p in plans])
+        order = np.argsort(owners, kind="stable")
+        out = np.empty(r.total, np.int64)
+        assert np.array_equal(r.fill_ids(out), keys[order])
+        width = dims[table][order]
+        off = np.empty(keys.size, np.int64)
+        off[order] = np.concatenate([[0], np.cumsum(width)[:-1]])
+        assert np.array_equal(np.concatenate(r.unique_off), off)
+        assert np.array_equal(r.to_peer, np.bincount(owners, minlength=P))
+        assert np.array_equal(r.ask_elems, np.bincount(owners, weights=dims[table],
+                                                       minlength=P).astype(np.int64))
+        for t in range(4):
+            assert np.array_equal(r.per_table[:, t], np.bincount(owners[table == t], minlength=P))
+
+
 def test_bucket_by_owner_is_stable_counting_sort():
     rng = np.random.default_rng(2)
     owners = rng.integers(0, 5, size=1000).astype(np.int32)

@@ -170,17 +170,22 @@ class Route:
     """
 
     __slots__ = ("owners", "per_table", "to_peer", "ask_elems", "unique_off", "total",
-                 "_keys", "_perm")
+                 "_keys", "_id_start")
 
     def fill_ids(self, out):
         """Write the ids in (owner, table, first occurrence) order into ``out`` (int64[total])."""
-        np.take(self._keys, self._perm, out=out)
+        for i, (keys, owners) in enumerate(zip(self._keys, self.owners)):
+            sparse_ops.scatter_by_owner(keys, owners, self._id_start[i], out)
         return out
 
 
 def route(plans, dims, num_owners):
     """``Route`` of the unique ids of ``plans`` (one ``TableBatch`` per table) to
     ``num_owners`` owners by ``sparse_ops.route`` (hash of table id and id).
+
+    The packed layout is owner after owner, within an owner table after table, within
+    a table in first-occurrence order; each id's place in it is computed per table from
+    the block starts (no sort of the whole batch).
 
     Args:
         plans: list of ``TableBatch`` in table order.
@@ -189,24 +194,23 @@ def route(plans, dims, num_owners):
     """
     P, T = num_owners, len(plans)
     r = Route()
-    n_unique = np.array([p.uniq.shape[0] for p in plans], dtype=np.int64)
     r.per_table = np.empty((P, T), dtype=np.int64)
     owners = []
     for i, p in enumerate(plans):
-        o = sparse_ops.route(p.uniq, p.spec.table_id, P)
-        r.per_table[:, i] = np.bincount(o, minlength=P)
+        o, counts = sparse_ops.route_count(p.uniq, p.spec.table_id, P)
+        r.per_table[:, i] = counts
         owners.append(o)
     r.owners = owners
-    flat = np.concatenate(owners) if T > 1 else owners[0]
-    r.to_peer, r._perm = sparse_ops.bucket_by_owner(flat, P)
-    r._keys = np.concatenate([p.uniq for p in plans]) if T > 1 else plans[0].uniq
-    r.total = r._keys.shape[0]
-    widths = np.repeat(dims, n_unique)[r._perm]
-    unique_off = np.empty(r.total, dtype=np.int64)
-    unique_off[r._perm] = exclusive_cumsum(widths)
-    bounds = np.concatenate([[0], np.cumsum(n_unique)])
-    r.unique_off = [unique_off[bounds[i]:bounds[i + 1]] for i in range(T)]
-    r.ask_elems = r.per_table @ dims
+    r._keys = [p.uniq for p in plans]
+    r.to_peer = r.per_table.sum(axis=1)
+    r.total = int(r.to_peer.sum())
+    elems = r.per_table * np.asarray(dims, dtype=np.int64)
+    r.ask_elems = elems.sum(axis=1)
+    # [T, P]: where table i's ids (and their rows' floats) for owner p start
+    r._id_start = exclusive_cumsum(r.per_table.ravel()).reshape(P, T).T.copy()
+    elem_start = exclusive_cumsum(elems.ravel()).reshape(P, T).T.copy()
+    r.unique_off = [sparse_ops.place_by_owner(owners[i], elem_start[i], int(dims[i]))
+                    for i in range(T)]
     return r
 
 

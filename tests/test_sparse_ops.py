@@ -49,6 +49,20 @@ def test_unique_inverse_matches_numpy(n, threads):
     assert (uniq[inv] == keys).all()
 
 
+def test_unique_inverse_many_equals_one_call_per_array(threads):
+    rng = np.random.default_rng(41)
+    arrays = [_zipf_keys(rng, n) for n in (0, 1, 17, 5000, 3000, 0, 12000)]
+    arrays.append(arrays[3][::2])                   # a strided view
+    got = so.unique_inverse_many(arrays)
+    assert len(got) == len(arrays)
+    for keys, (uniq, inverse) in zip(arrays, got):
+        ref_u, ref_inv = _unique_first_occurrence(keys)
+        assert np.array_equal(uniq, ref_u) and np.array_equal(inverse, ref_inv)
+    assert so.unique_inverse_many([]) == []
+    with pytest.raises(ValueError, match="array 1 is not 1-D"):
+        so.unique_inverse_many([arrays[1], np.zeros((2, 2), np.int64)])
+
+
 def test_unique_blocks_equals_unique_of_the_concatenated_blocks():
     rng = np.random.default_rng(3)
     keys = _zipf_keys(rng, 4000)

@@ -21,7 +21,6 @@ import math
 import numpy as np
 
 from hpctrain._kernels import sparse_ops
-from hpctrain.workpool import parallel_map
 
 
 def shard_reserve(rows, shards):
@@ -62,7 +61,7 @@ class TableBatch:
         bag_offsets: int64[len(names) * B + 1] bags of the concatenated ids.
     """
 
-    def __init__(self, spec, batch):
+    def __init__(self, spec, batch, dedup=True):
         self.spec = spec
         self.names = spec.features
         self.batch_size = batch.batch_size
@@ -74,7 +73,9 @@ class TableBatch:
                    else np.concatenate([p.lengths for p in parts]))
         self.bag_offsets = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
         np.cumsum(lengths, out=self.bag_offsets[1:])
-        self.uniq, self.inverse = sparse_ops.unique_inverse(self.keys)
+        # dedup=False: the caller sets uniq and inverse (split_batch, all tables at once)
+        self.uniq, self.inverse = (sparse_ops.unique_inverse(self.keys) if dedup
+                                   else (None, None))
 
     def pool(self, src, unique_off):
         """Outputs per feature from rows of the unique ids.
@@ -133,8 +134,11 @@ def split_batch(batch, specs, feature_to_table):
     extra = [f for f in batch.features if f not in feature_to_table]
     if extra:
         raise ValueError(f"batch features {extra} belong to no table; tables take {wanted}")
-    getattr(batch, "feature_offsets", None)  # cached once, before the tables' threads read it
-    return parallel_map(lambda s: TableBatch(s, batch), specs)
+    plans = [TableBatch(s, batch, dedup=False) for s in specs]
+    # every table's dedup in one kernel call, the tables over the threads
+    for p, (uniq, inverse) in zip(plans, sparse_ops.unique_inverse_many([p.keys for p in plans])):
+        p.uniq, p.inverse = uniq, inverse
+    return plans
 
 
 def check_grads(grads, plans):

@@ -208,8 +208,8 @@ def test_interaction_row_blocks_over_threads_same_bits(dtype, self_interaction, 
     embs = [rng.standard_normal((b, d)).astype(dtype) for _ in range(n_f)]
     dy = None
     maps = []
-    real_map = interactions.parallel_map
-    monkeypatch.setattr(interactions, "parallel_map",
+    real_map = interactions._parallel_map
+    monkeypatch.setattr(interactions, "_parallel_map",
                         lambda fn, items: maps.append(len(items)) or real_map(fn, items))
     out = {}
     old_n = _openmp.get_num_threads()

@@ -8,10 +8,8 @@ no copy is made here that would be made again there.
 
 import numpy as np
 
-from hpctrain._kernels import _openmp
 from hpctrain.dense.backend import blas_threads, fused_kernels
 from hpctrain.dense.layers import Layer
-from hpctrain.workpool import parallel_map
 
 
 def _check_embs(who, embs, num, dim, batch):
@@ -21,6 +19,11 @@ def _check_embs(who, embs, num, dim, batch):
         if e.ndim != 2 or e.shape[0] != batch or (dim is not None and e.shape[1] != dim):
             raise ValueError(f"{who}: embedding {i} has shape {tuple(e.shape)}, "
                              f"expected ({batch}, {dim if dim is not None else 'd'})")
+
+
+def _parallel_map(fn, items):
+    from hpctrain.workpool import parallel_map   # imports the kernels: only when used
+    return parallel_map(fn, items)
 
 
 class DotInteraction(Layer):
@@ -85,8 +88,10 @@ class DotInteraction(Layer):
 
     def _parallel(self, fused, rows):
         """True when the fused path spreads its row blocks over the kernel threads."""
-        return (fused is not None and _openmp.get_num_threads() > 1
-                and len(self._blocks(rows, True)) > 1)
+        if fused is None:
+            return False
+        from hpctrain._kernels import _openmp   # loaded with the fused kernels, not before
+        return _openmp.get_num_threads() > 1 and len(self._blocks(rows, True)) > 1
 
     def forward(self, x, embs, training=True):
         b, d, n = x.shape[0], self.dim, self.n
@@ -111,7 +116,7 @@ class DotInteraction(Layer):
                     fused.pack_rows(rows, t, t2_all[lo:hi], lo)
                     xp.matmul(t, t2_all[lo:hi].transpose(0, 2, 1), out=z_all[lo:hi])
                     fused.tri_gather(z_all[lo:hi], t, y_all[lo:hi], self.self_interaction)
-                parallel_map(one, blocks)
+                _parallel_map(one, blocks)
                 self._t = t_all
                 return y_all
             # T's copy and Z live only within a block: one block's worth, reused, stays in
@@ -163,7 +168,7 @@ class DotInteraction(Layer):
                 fused.tri_scatter(dy[lo:hi], dz_all[lo:hi], self.self_interaction)
                 xp.matmul(dz_all[lo:hi], t_all[lo:hi], out=dt_all[lo:hi])
                 xp.add(dy[lo:hi, :d], dt_all[lo:hi, 0, :], out=dx[lo:hi])
-            parallel_map(one, blocks)
+            _parallel_map(one, blocks)
             return dx, [dt_all[:, i + 1, :] for i in range(self.num_features)]
         if fused is not None:
             dz_all = ws.get("dZblock", (max((hi - lo for lo, hi in blocks), default=0), n, n))

@@ -24,9 +24,9 @@ import time
 
 import numpy as np
 
-from hpctrain._kernels import sparse_ops
 from hpctrain.ps import protocol as P
 from hpctrain.sparse.collection import check_grads, split_batch
+from hpctrain.sparse.plan import route
 from hpctrain.sparse.routing import owner_of
 from hpctrain.sparse.spec import resolve_specs
 from hpctrain.sparse.store import EmbeddingStore, Ticket
@@ -89,37 +89,24 @@ class PSClient(EmbeddingStore):
 
     def start_lookup(self, batch, step, train=True):
         """Dedup and route this worker's ids; send a PULL (EVAL) to every server."""
-        S, T = len(self.servers), len(self.specs)
+        S = len(self.servers)
         t0 = time.perf_counter()
         t = PSTicket(step, train)
         t.plans = split_batch(batch, self.specs, self.feature_to_table)
         t1 = time.perf_counter()
-        n_unique = np.array([p.uniq.shape[0] for p in t.plans], dtype=np.int64)
-        per_table = np.empty((S, T), dtype=np.int64)
-        owners = []
-        for i, p in enumerate(t.plans):
-            o = sparse_ops.route(p.uniq, p.spec.table_id, S)
-            per_table[:, i] = np.bincount(o, minlength=S)
-            owners.append(o)
-        owners = np.concatenate(owners) if T > 1 else owners[0]
-        to_server, perm = sparse_ops.bucket_by_owner(owners, S)
-        keys = np.concatenate([p.uniq for p in t.plans]) if T > 1 else t.plans[0].uniq
-        t.ids = keys[perm]
-        widths = np.repeat(self._dims, n_unique)[perm]
-        unique_off = np.empty(keys.shape[0], dtype=np.int64)
-        unique_off[perm] = _exclusive_cumsum(widths)
-        bounds = np.concatenate([[0], np.cumsum(n_unique)])
-        t.unique_off = [unique_off[bounds[i]:bounds[i + 1]] for i in range(T)]
-        t.to_server, t.per_table = to_server, per_table
-        t.id_start = _exclusive_cumsum(to_server)
-        t.elems = per_table @ self._dims
+        r = route(t.plans, self._dims, S)      # the sharded store's layout, S owners
+        t.ids = r.fill_ids(np.empty(r.total, dtype=np.int64))
+        t.unique_off = r.unique_off
+        t.to_server, t.per_table = r.to_peer, r.per_table
+        t.id_start = _exclusive_cumsum(r.to_peer)
+        t.elems = r.ask_elems
         t.elem_start = _exclusive_cumsum(t.elems)
         t2 = time.perf_counter()
         tag = P.PULL if train else P.EVAL
         for k, rank in enumerate(self.servers):
             a = int(t.id_start[k])
-            h = P.header(step, self.worker, self.group, counts=per_table[k])
-            self._sends.append(self.p2p.send(rank, tag, h, [t.ids[a:a + int(to_server[k])]]))
+            h = P.header(step, self.worker, self.group, counts=t.per_table[k])
+            self._sends.append(self.p2p.send(rank, tag, h, [t.ids[a:a + int(t.to_server[k])]]))
         t3 = time.perf_counter()
         self._timers["dedup"] += t1 - t0
         self._timers["route"] += t2 - t1

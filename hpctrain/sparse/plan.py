@@ -67,12 +67,13 @@ class TableBatch:
         self.batch_size = batch.batch_size
         parts = [batch.feature(n) for n in self.names]
         self.counts = [p.values.shape[0] for p in parts]
-        self.keys = (parts[0].values if len(parts) == 1
-                     else np.concatenate([p.values for p in parts]))
-        lengths = (parts[0].lengths if len(parts) == 1
-                   else np.concatenate([p.lengths for p in parts]))
-        self.bag_offsets = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
-        np.cumsum(lengths, out=self.bag_offsets[1:])
+        if len(parts) == 1:     # the common case: the feature's own views and offsets
+            self.keys, self.bag_offsets = parts[0].values, parts[0].offsets
+        else:
+            self.keys = np.concatenate([p.values for p in parts])
+            lengths = np.concatenate([p.lengths for p in parts])
+            self.bag_offsets = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
+            np.cumsum(lengths, out=self.bag_offsets[1:])
         # dedup=False: the caller sets uniq and inverse (split_batch, all tables at once)
         self.uniq, self.inverse = (sparse_ops.unique_inverse(self.keys) if dedup
                                    else (None, None))

@@ -162,7 +162,7 @@ def unique_inverse_many(list key_arrays):
     any thread count). For the per-table dedup of a batch: one call instead of one
     per table, and no Python between them to serialise the threads."""
     cdef Py_ssize_t T = len(key_arrays), t
-    keys = [np.ascontiguousarray(k, dtype=np.int64) for k in key_arrays]
+    keys = [np.ascontiguousarray(a, dtype=np.int64) for a in key_arrays]
     for t in range(T):
         if keys[t].ndim != 1:
             raise ValueError(f"unique_inverse_many: array {t} is not 1-D "
@@ -260,133 +260,146 @@ def route(const int64_t[::1] keys, int64_t table_id, int64_t world_size):
     return out_arr
 
 
-def route_count(const int64_t[::1] keys, int64_t table_id, int64_t world_size):
-    """``route`` and the number of keys per owner in one pass: ``(owners int32[n],
-    counts int64[world_size])``."""
-    if world_size < 1 or world_size > 2147483647:
-        raise ValueError(f"route_count: world_size must be in [1, 2^31-1], got {world_size}")
-    cdef Py_ssize_t i, n = keys.shape[0]
-    owners_arr = np.empty(n, dtype=np.int32)
-    counts_arr = np.zeros(world_size, dtype=np.int64)
-    cdef int32_t[::1] out = owners_arr
-    cdef int64_t[::1] counts = counts_arr
-    cdef uint64_t salt = hp_route_salt(table_id)
-    cdef uint64_t ws = <uint64_t>world_size
-    cdef int32_t o
-    with nogil:
-        for i in range(n):
-            o = <int32_t>(hp_mix64(<uint64_t>keys[i] ^ salt) % ws)
-            out[i] = o
-            counts[o] += 1
-    return owners_arr, counts_arr
-
-
-cdef _require_owners(const int32_t[::1] owners, Py_ssize_t size, str what):
-    cdef Py_ssize_t i, bad = -1
-    with nogil:
-        for i in range(owners.shape[0]):
-            if owners[i] < 0 or owners[i] >= size:
-                bad = i
-                break
-    if bad >= 0:
-        raise ValueError(f"{what}: owners[{bad}] = {owners[bad]} is outside [0, {size})")
-
-
-def place_by_owner(const int32_t[::1] owners, const int64_t[::1] start, int64_t stride):
-    """Where each item lands when items are laid out owner after owner, each owner's in
-    their order: ``out[i] = start[owners[i]] + stride * (items of that owner before i)``
-    (int64[n]; e.g. the element offset of each id's row in an owner-major buffer)."""
-    _require_owners(owners, start.shape[0], "place_by_owner")
-    cdef Py_ssize_t i, n = owners.shape[0]
-    out_arr = np.empty(n, dtype=np.int64)
-    cdef int64_t[::1] out = out_arr
-    cdef int64_t[::1] cur = np.array(start, dtype=np.int64)
-    cdef int32_t o
-    with nogil:
-        for i in range(n):
-            o = owners[i]
-            out[i] = cur[o]
-            cur[o] += stride
-    return out_arr
-
-
-def scatter_by_owner(const int64_t[::1] keys, const int32_t[::1] owners,
-                     const int64_t[::1] start, int64_t[::1] out):
-    """``out[start[o] + k] = `` the k-th key owned by ``o`` (in key order), for every owner:
-    the keys copied into their owners' blocks of ``out``."""
-    cdef Py_ssize_t i, n = keys.shape[0], P = start.shape[0]
-    if owners.shape[0] != n:
-        raise ValueError(f"scatter_by_owner: owners has {owners.shape[0]} entries, keys {n}")
-    _require_owners(owners, P, "scatter_by_owner")
-    cdef int64_t[::1] cur = np.array(start, dtype=np.int64)
-    cdef int64_t m = out.shape[0], c
-    cdef int32_t o
-    cdef Py_ssize_t bad = -1
-    with nogil:
-        for i in range(n):
-            o = owners[i]
-            c = cur[o]
-            if c < 0 or c >= m:
-                bad = i
-                break
-            out[c] = keys[i]
-            cur[o] = c + 1
-    if bad >= 0:
-        raise ValueError(f"scatter_by_owner: key {bad} (owner {owners[bad]}) would go to "
-                         f"[{cur[owners[bad]]}], outside out of {m} entries")
-
-
-cdef Py_ssize_t _bucket(const int32_t[::1] owners, int64_t size, int64_t[::1] counts,
-                        int64_t* start, int64_t[::1] perm) noexcept nogil:
-    """Stable counting sort by owner; returns -1 or the index of the first bad owner."""
-    cdef Py_ssize_t i, n = owners.shape[0]
-    cdef int32_t o
-    cdef int64_t p, acc = 0
-    for i in range(n):
-        o = owners[i]
-        if o < 0 or o >= size:
-            return i
-        counts[o] += 1
-    for p in range(size):
-        start[p] = acc
-        acc += counts[p]
-    for i in range(n):
-        o = owners[i]
-        perm[start[o]] = i
-        start[o] += 1
-    return -1
-
-
-def bucket_by_owner(const int32_t[::1] owners, int64_t world_size):
-    """Counts per peer and the stable permutation that puts items in peer order.
+def route_many(list key_arrays, const int64_t[::1] table_ids, const int64_t[::1] dims,
+               int64_t world_size):
+    """Routing of every table's unique ids at once, the tables over the kernel threads.
 
     Args:
-        owners: int32[n] owner rank of every item, each in ``[0, world_size)``.
-        world_size: number of peers.
+        key_arrays: per table, int64[u_t] unique ids.
+        table_ids: int64[T] each table's routing id.
+        dims: int64[T] each table's row width.
+        world_size: number of owners P.
 
     Returns:
-        ``(counts int64[world_size], perm int64[n])``: ``items[perm]`` lists peer
-        0's items, then peer 1's, ..., each peer's in their original order.
+        ``(owners, per_table, unique_off)``: per table int32[u_t] owner of each id
+        (``route``); int64[P, T] ids per owner and table; per table int64[u_t] each id's
+        element offset in the owner-major, table-minor packed row buffer (within an
+        owner and table, ids in their order).
     """
-    if world_size < 1:
-        raise ValueError(f"bucket_by_owner: world_size must be >= 1, got {world_size}")
-    counts_arr = np.zeros(world_size, dtype=np.int64)
-    perm_arr = np.empty(owners.shape[0], dtype=np.int64)
-    cdef int64_t[::1] counts = counts_arr
-    cdef int64_t[::1] perm = perm_arr
-    cdef Py_ssize_t bad
-    cdef int64_t* start = <int64_t*>malloc(world_size * sizeof(int64_t))
-    if start == NULL:
-        raise MemoryError("bucket_by_owner: out of memory")
-    try:
-        with nogil:
-            bad = _bucket(owners, world_size, counts, start, perm)
-    finally:
-        free(start)
-    if bad >= 0:
-        raise ValueError(f"bucket_by_owner: owners[{bad}] = {owners[bad]} is outside "
-                         f"[0, {world_size})")
-    return counts_arr, perm_arr
+    cdef Py_ssize_t T = len(key_arrays), t
+    if table_ids.shape[0] != T or dims.shape[0] != T:
+        raise ValueError(f"route_many: {T} key arrays, {table_ids.shape[0]} table ids, "
+                         f"{dims.shape[0]} dims")
+    if world_size < 1 or world_size > 2147483647:
+        raise ValueError(f"route_many: world_size must be in [1, 2^31-1], got {world_size}")
+    keys = [np.ascontiguousarray(a, dtype=np.int64) for a in key_arrays]
+    for t in range(T):
+        if keys[t].ndim != 1:
+            raise ValueError(f"route_many: array {t} is not 1-D (shape {keys[t].shape})")
+    owners = [np.empty(a.shape[0], dtype=np.int32) for a in keys]
+    offs = [np.empty(a.shape[0], dtype=np.int64) for a in keys]
+    cdef int64_t P = world_size
+    counts_arr = np.zeros((T, P), dtype=np.int64)
+    cdef int64_t[:, ::1] counts = counts_arr
+    cdef int64_t[::1] kptr = np.array([a.ctypes.data for a in keys] or [0], dtype=np.int64)
+    cdef int64_t[::1] optr = np.array([a.ctypes.data for a in owners] or [0], dtype=np.int64)
+    cdef int64_t[::1] fptr = np.array([a.ctypes.data for a in offs] or [0], dtype=np.int64)
+    cdef int64_t[::1] n = np.array([a.shape[0] for a in keys] or [0], dtype=np.int64)
+    cdef int64_t total = 0
+    for t in range(T):
+        total += n[t]
+    cdef int nt = _threads(16 * total) if T > 1 else 1
+    if nt > T:
+        nt = <int>T
+    cdef Py_ssize_t i
+    cdef int32_t o
+    cdef uint64_t salt, ws = <uint64_t>P
+    cdef const int64_t* kp
+    cdef int32_t* op
+    with nogil:
+        for t in prange(T, num_threads=nt, schedule='dynamic'):
+            kp = <const int64_t*>kptr[t]
+            op = <int32_t*>optr[t]
+            salt = hp_route_salt(table_ids[t])
+            for i in range(n[t]):
+                o = <int32_t>(hp_mix64(<uint64_t>kp[i] ^ salt) % ws)
+                op[i] = o
+                counts[t, o] += 1
+    per_table = np.ascontiguousarray(counts_arr.T)
+    # element starts of every (owner, table) block, owner-major: as [T, P] for the pass
+    elems = per_table * np.asarray(dims, dtype=np.int64)
+    flat = np.zeros(P * T, dtype=np.int64)
+    if P * T > 1:
+        np.cumsum(elems.ravel()[:-1], out=flat[1:])
+    cdef int64_t[:, ::1] start = np.ascontiguousarray(flat.reshape(P, T).T)
+    cdef int64_t* cur
+    cdef int64_t* fp
+    cdef int64_t d, bad = 0
+    with nogil:
+        for t in prange(T, num_threads=nt, schedule='dynamic'):
+            cur = <int64_t*>malloc(P * sizeof(int64_t))
+            if cur == NULL:
+                bad += 1
+            else:
+                memcpy(cur, &start[t, 0], P * sizeof(int64_t))
+                op = <int32_t*>optr[t]
+                fp = <int64_t*>fptr[t]
+                d = dims[t]
+                for i in range(n[t]):
+                    fp[i] = cur[op[i]]
+                    cur[op[i]] += d
+                free(cur)
+    if bad:
+        raise MemoryError("route_many: out of memory")
+    return owners, per_table, offs
+
+
+def scatter_many(list key_arrays, list owner_arrays, const int64_t[:, ::1] start,
+                 int64_t[::1] out):
+    """Every table's keys copied into their owners' blocks of ``out``, the tables over the
+    kernel threads: table ``t``'s keys owned by ``o`` go, in their order, to ``out`` from
+    ``start[t, o]`` on (the blocks of ``route_many``'s counts). ``ValueError`` for an owner
+    outside ``[0, P)`` or a key placed outside ``out``."""
+    cdef Py_ssize_t T = len(key_arrays), t, i
+    if len(owner_arrays) != T or start.shape[0] != T:
+        raise ValueError(f"scatter_many: {T} key arrays, {len(owner_arrays)} owner arrays, "
+                         f"{start.shape[0]} rows of starts")
+    cdef int64_t P = start.shape[1]
+    keys = [np.ascontiguousarray(a, dtype=np.int64) for a in key_arrays]
+    owners = [np.ascontiguousarray(a, dtype=np.int32) for a in owner_arrays]
+    cdef int64_t total = 0, m = out.shape[0]
+    for t in range(T):
+        if owners[t].shape[0] != keys[t].shape[0]:
+            raise ValueError(f"scatter_many: table {t} has {keys[t].shape[0]} keys and "
+                             f"{owners[t].shape[0]} owners")
+        total += keys[t].shape[0]
+    cdef int64_t[::1] kptr = np.array([a.ctypes.data for a in keys] or [0], dtype=np.int64)
+    cdef int64_t[::1] optr = np.array([a.ctypes.data for a in owners] or [0], dtype=np.int64)
+    cdef int64_t[::1] n = np.array([a.shape[0] for a in keys] or [0], dtype=np.int64)
+    cdef int nt = _threads(16 * total) if T > 1 else 1
+    if nt > T:
+        nt = <int>T
+    cdef int64_t* cur
+    cdef const int64_t* kp
+    cdef const int32_t* op
+    cdef int64_t oom = 0, outside = 0, c
+    cdef int32_t o
+    with nogil:
+        for t in prange(T, num_threads=nt, schedule='dynamic'):
+            cur = <int64_t*>malloc(P * sizeof(int64_t))
+            if cur == NULL:
+                oom += 1
+            else:
+                memcpy(cur, &start[t, 0], P * sizeof(int64_t))
+                kp = <const int64_t*>kptr[t]
+                op = <const int32_t*>optr[t]
+                for i in range(n[t]):
+                    o = op[i]
+                    if o < 0 or o >= P:
+                        outside += 1
+                        break
+                    c = cur[o]
+                    if c < 0 or c >= m:
+                        outside += 1
+                        break
+                    out[c] = kp[i]
+                    cur[o] = c + 1
+                free(cur)
+    if oom:
+        raise MemoryError("scatter_many: out of memory")
+    if outside:
+        raise ValueError(f"scatter_many: an owner outside [0, {P}) or a key placed outside "
+                         f"out of {m} entries")
 
 
 # ----------------------------------------------------------------------------- checks

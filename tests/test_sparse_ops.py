@@ -138,31 +138,42 @@ def test_route_reference_known_value():
     assert so.route_salt(0) == 0xE220A8397B1DCDAF
 
 
-def test_route_count_place_and_scatter_by_owner_match_numpy():
-    rng = np.random.default_rng(31)
-    keys = rng.integers(-10**15, 10**15, size=3000)
-    owners, counts = so.route_count(keys, 5, 7)
-    assert np.array_equal(owners, so.route(keys, 5, 7))
-    assert np.array_equal(counts, np.bincount(owners, minlength=7))
-    start = rng.integers(0, 100, size=7) * 1000
-    pos = so.place_by_owner(owners, start, 3)
-    for o in range(7):
-        mine = np.flatnonzero(owners == o)
-        assert np.array_equal(pos[mine], start[o] + 3 * np.arange(mine.size))
-    blocks = np.concatenate([[0], np.cumsum(counts)[:-1]]) + 11
-    out = np.full(keys.size + 11, -1, np.int64)
-    so.scatter_by_owner(keys, owners, blocks, out)
-    assert (out[:11] == -1).all()
-    assert np.array_equal(out[11:], keys[np.argsort(owners, kind="stable")])
-    with pytest.raises(ValueError, match=r"owners\[0\] = 7 is outside \[0, 7\)"):
-        so.place_by_owner(np.array([7], np.int32), start, 1)
-    with pytest.raises(ValueError, match=r"\(owner 6\) would go to \[3000\], outside out of 3000"):
-        so.scatter_by_owner(keys, owners, blocks, out[:keys.size])  # 11 too far
+def test_route_many_and_scatter_many_match_numpy(threads):
+    """route_many's owners are route's; its counts, offsets and scatter_many's layout
+    match a NumPy reference (stable sort by owner, tables in order within an owner)."""
+    rng = np.random.default_rng(33)
+    keys = [np.unique(rng.integers(-10**12, 10**12, size=n)) for n in (700, 0, 90, 2500, 1)]
+    table_ids = np.array([3, 0, 11, 5, 2], dtype=np.int64)
+    dims = np.array([4, 16, 1, 9, 7], dtype=np.int64)
+    P, T = 6, 5
+    owners, per_table, offs = so.route_many(keys, table_ids, dims, P)
+    for t in range(T):
+        assert np.array_equal(owners[t], so.route(keys[t], int(table_ids[t]), P))
+        assert np.array_equal(per_table[:, t], np.bincount(owners[t], minlength=P))
+    flat_owner = np.concatenate(owners)
+    table = np.repeat(np.arange(T), [k.size for k in keys])
+    order = np.lexsort((table, flat_owner))          # by owner, then table, stable
+    width = dims[table][order]
+    off = np.empty(flat_owner.size, np.int64)
+    off[order] = np.concatenate([[0], np.cumsum(width)[:-1]])
+    assert np.array_equal(np.concatenate(offs), off)
+    id_start = np.concatenate([[0], np.cumsum(per_table.ravel())[:-1]]).reshape(P, T)
+    out = np.full(int(per_table.sum()), -1, np.int64)
+    so.scatter_many(keys, owners, np.ascontiguousarray(id_start.T), out)
+    assert np.array_equal(out, np.concatenate(keys)[order])
+    with pytest.raises(ValueError, match="5 key arrays, 4 table ids"):
+        so.route_many(keys, table_ids[:4], dims, P)
     with pytest.raises(ValueError, match="world_size"):
-        so.route_count(keys, 5, 0)
+        so.route_many(keys, table_ids, dims, 0)
+    with pytest.raises(ValueError, match="outside out of"):
+        so.scatter_many(keys, owners, np.ascontiguousarray(id_start.T), out[:-1])
+    bad = [o.copy() for o in owners]
+    bad[3][0] = P
+    with pytest.raises(ValueError, match=r"owner outside \[0, 6\)"):
+        so.scatter_many(keys, bad, np.ascontiguousarray(id_start.T), out)
 
 
-def test_plan_route_layout_is_owner_then_table_then_first_occurrence():
+def test_plan_route_layout_is_owner_then_table_then_first_occurrence(threads):
     """plan.route against a NumPy reference: the ids sorted stably by owner over the
     tables' unique ids concatenated; each id's row offset its place in that order times
     the widths before it."""
@@ -189,16 +200,6 @@ def test_plan_route_layout_is_owner_then_table_then_first_occurrence():
                                                        minlength=P).astype(np.int64))
         for t in range(4):
             assert np.array_equal(r.per_table[:, t], np.bincount(owners[table == t], minlength=P))
-
-
-def test_bucket_by_owner_is_stable_counting_sort():
-    rng = np.random.default_rng(2)
-    owners = rng.integers(0, 5, size=1000).astype(np.int32)
-    counts, perm = so.bucket_by_owner(owners, 5)
-    assert counts.tolist() == np.bincount(owners, minlength=5).tolist()
-    assert perm.tolist() == np.argsort(owners, kind="stable").tolist()
-    with pytest.raises(ValueError, match=r"owners\[3\] = 7"):
-        so.bucket_by_owner(np.array([0, 1, 2, 7], dtype=np.int32), 5)
 
 
 @pytest.mark.parametrize("mean", [False, True])

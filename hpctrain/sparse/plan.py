@@ -179,8 +179,7 @@ class Route:
 
     def fill_ids(self, out):
         """Write the ids in (owner, table, first occurrence) order into ``out`` (int64[total])."""
-        for i, (keys, owners) in enumerate(zip(self._keys, self.owners)):
-            sparse_ops.scatter_by_owner(keys, owners, self._id_start[i], out)
+        sparse_ops.scatter_many(self._keys, self.owners, self._id_start, out)
         return out
 
 
@@ -190,7 +189,8 @@ def route(plans, dims, num_owners):
 
     The packed layout is owner after owner, within an owner table after table, within
     a table in first-occurrence order; each id's place in it is computed per table from
-    the block starts (no sort of the whole batch).
+    the block starts (no sort of the whole batch), every table in one kernel call
+    (``sparse_ops.route_many``, the tables over the threads).
 
     Args:
         plans: list of ``TableBatch`` in table order.
@@ -198,24 +198,16 @@ def route(plans, dims, num_owners):
         num_owners: number of owners (ranks of the store, or servers).
     """
     P, T = num_owners, len(plans)
+    dims = np.asarray(dims, dtype=np.int64)
     r = Route()
-    r.per_table = np.empty((P, T), dtype=np.int64)
-    owners = []
-    for i, p in enumerate(plans):
-        o, counts = sparse_ops.route_count(p.uniq, p.spec.table_id, P)
-        r.per_table[:, i] = counts
-        owners.append(o)
-    r.owners = owners
     r._keys = [p.uniq for p in plans]
+    table_ids = np.array([p.spec.table_id for p in plans], dtype=np.int64)
+    r.owners, r.per_table, r.unique_off = sparse_ops.route_many(r._keys, table_ids, dims, P)
     r.to_peer = r.per_table.sum(axis=1)
     r.total = int(r.to_peer.sum())
-    elems = r.per_table * np.asarray(dims, dtype=np.int64)
-    r.ask_elems = elems.sum(axis=1)
-    # [T, P]: where table i's ids (and their rows' floats) for owner p start
+    r.ask_elems = r.per_table @ dims
+    # [T, P]: where table i's ids for owner p start
     r._id_start = exclusive_cumsum(r.per_table.ravel()).reshape(P, T).T.copy()
-    elem_start = exclusive_cumsum(elems.ravel()).reshape(P, T).T.copy()
-    r.unique_off = [sparse_ops.place_by_owner(owners[i], elem_start[i], int(dims[i]))
-                    for i in range(T)]
     return r
 
 

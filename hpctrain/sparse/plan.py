@@ -4,14 +4,17 @@ Per table, for one batch (``TableBatch``)::
 
     ids of the table's features ──unique_inverse──> uniq (first-occurrence order) + inverse
     rows of uniq (from wherever the store keeps them) ──pool per bag──> outputs per feature
-    d outputs ──scatter to ids, segment sum by inverse──> one gradient per unique id
+        (item j's row is the one at unique_off[inverse[j]]: pool_unique)
+    d outputs ──to each item's unique id, summed in item order──> one gradient per
+        unique id (unpool_unique)
 
-and, for a store whose rows live on other ranks (``route``)::
+(the dedup of every table in one call, ``unique_inverse_many``) and, for a store whose
+rows live on other ranks (``route``, every table in one call, ``route_many``)::
 
-    uniq of every table ──owner_of(table, id)──> owner per id
-    stable bucket sort by owner ──> ids in (owner, table, first occurrence) order:
-    the layout of every request and reply message; ``unique_off`` says where each
-    unique id's row sits in the owner-major packed row buffer.
+    uniq of every table ──owner_of(table, id)──> owner per id, counts per (owner, table)
+    each id placed in its (owner, table) block ──> ids in (owner, table, first
+    occurrence) order: the layout of every request and reply message; ``unique_off``
+    says where each unique id's row sits in the owner-major packed row buffer.
 
 The twin (``EmbeddingCollection``), the sharded store and the parameter-server
 client all use these, so their arithmetic cannot drift apart.

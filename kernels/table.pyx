@@ -632,34 +632,12 @@ cdef class TableCore:
     def gather(self, const int64_t[::1] rows, float[:, ::1] out, int nt, bint check_alive):
         """out[i] = values[rows[i]] as float32 (zeros for -1); returns how many indices were
         invalid."""
-        cdef int64_t n = rows.shape[0], i, r, r2, nbad = 0
-        if n == 0:
+        cdef int64_t nbad = 0
+        if rows.shape[0] == 0:
             return 0
-        cdef const int64_t* rp = &rows[0]
-        cdef float* o = &out[0, 0]
-        cdef const char* values = self.values
-        cdef const ht_meta* meta = self.meta
-        cdef int64_t dim = self.dim, high = self.row_high, vb = self.vbytes
-        cdef int64_t rb = dim * sizeof(float)
-        cdef int dt = self.row_dtype
-        if n < _par_min:
-            nt = 1
         with nogil:
-            for i in prange(n, num_threads=nt, schedule='guided', chunksize=512):
-                if i + PF < n:
-                    r2 = rp[i + PF]
-                    if r2 >= 0 and r2 < high:
-                        _prefetch_bytes(values + r2 * vb, vb, False)
-                r = rp[i]
-                if r >= 0 and r < high and (not check_alive or meta[r].last_step >= 0):
-                    if dt == HT_F32:
-                        _copy_row(o + i * dim, <const float*>(values + r * vb), rb)
-                    else:
-                        ht_load_row(dt, <const uint16_t*>(values + r * vb), o + i * dim, dim)
-                else:
-                    memset(o + i * dim, 0, rb)
-                    if r != -1:
-                        nbad += 1
+            nbad = self._gather_rows(&rows[0], NULL, &out[0, 0], NULL, rows.shape[0], nt,
+                                     check_alive)
         return nbad
 
     def gather_into(self, const int64_t[::1] rows, const int64_t[::1] sel, float[::1] out,
@@ -667,14 +645,24 @@ cdef class TableCore:
         """out[out_off[i] :][:dim] = values[rows[sel[i]]] as float32 (``sel`` None:
         rows[i]; zeros for -1); returns how many indices were invalid. The caller checks
         that ``sel`` indexes ``rows`` and that every destination lies inside ``out``."""
-        cdef int64_t n = out_off.shape[0], i, r, r2, nbad = 0
-        if n == 0:
+        cdef int64_t nbad = 0
+        cdef const int64_t* sp = NULL
+        if out_off.shape[0] == 0:
             return 0
-        cdef bint has_sel = sel is not None
-        cdef const int64_t* rp = &rows[0]
-        cdef const int64_t* sp = &sel[0] if has_sel else NULL
-        cdef const int64_t* op = &out_off[0]
-        cdef float* o = &out[0]
+        if sel is not None:
+            sp = &sel[0]
+        with nogil:
+            nbad = self._gather_rows(&rows[0], sp, &out[0], &out_off[0], out_off.shape[0], nt,
+                                     check_alive)
+        return nbad
+
+    cdef int64_t _gather_rows(self, const int64_t* rp, const int64_t* sp, float* o,
+                              const int64_t* op, int64_t n, int nt,
+                              bint check_alive) noexcept nogil:
+        """Output row i is values[rp[sp[i]]] (sp NULL: rp[i]) as float32, written at
+        o + op[i] (op NULL: o + i * dim), zeros for -1; returns how many were invalid."""
+        cdef int64_t i, r, r2, nbad = 0
+        cdef float* dst
         cdef const char* values = self.values
         cdef const ht_meta* meta = self.meta
         cdef int64_t dim = self.dim, high = self.row_high, vb = self.vbytes
@@ -682,22 +670,22 @@ cdef class TableCore:
         cdef int dt = self.row_dtype
         if n < _par_min:
             nt = 1
-        with nogil:
-            for i in prange(n, num_threads=nt, schedule='guided', chunksize=512):
-                if i + PF < n:
-                    r2 = rp[sp[i + PF]] if has_sel else rp[i + PF]
-                    if r2 >= 0 and r2 < high:
-                        _prefetch_bytes(values + r2 * vb, vb, False)
-                r = rp[sp[i]] if has_sel else rp[i]
-                if r >= 0 and r < high and (not check_alive or meta[r].last_step >= 0):
-                    if dt == HT_F32:
-                        _copy_row(o + op[i], <const float*>(values + r * vb), rb)
-                    else:
-                        ht_load_row(dt, <const uint16_t*>(values + r * vb), o + op[i], dim)
+        for i in prange(n, num_threads=nt, schedule='guided', chunksize=512):
+            if i + PF < n:
+                r2 = rp[sp[i + PF]] if sp != NULL else rp[i + PF]
+                if r2 >= 0 and r2 < high:
+                    _prefetch_bytes(values + r2 * vb, vb, False)
+            r = rp[sp[i]] if sp != NULL else rp[i]
+            dst = o + (op[i] if op != NULL else i * dim)
+            if r >= 0 and r < high and (not check_alive or meta[r].last_step >= 0):
+                if dt == HT_F32:
+                    _copy_row(dst, <const float*>(values + r * vb), rb)
                 else:
-                    memset(o + op[i], 0, rb)
-                    if r != -1:
-                        nbad += 1
+                    ht_load_row(dt, <const uint16_t*>(values + r * vb), dst, dim)
+            else:
+                memset(dst, 0, rb)
+                if r != -1:
+                    nbad += 1
         return nbad
 
     def first_bad_row(self, const int64_t[::1] rows, bint check_alive):

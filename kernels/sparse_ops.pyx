@@ -156,6 +156,19 @@ def unique_inverse(const int64_t[::1] keys):
     return _unique_of_blocks(keys, whole[:1], whole[1:], keys.shape[0], "unique_inverse")
 
 
+cdef _addresses(list arrays):
+    """int64 data addresses of NumPy arrays (kept alive by the caller), for kernels that
+    run over a list of arrays without the GIL."""
+    return np.array([a.ctypes.data for a in arrays], dtype=np.int64)
+
+
+cdef int _per_item_threads(int64_t nbytes, Py_ssize_t items):
+    """Threads of a loop that gives whole items (tables) to the threads: the kernels'
+    cut-off on the bytes it touches, and no more threads than items."""
+    cdef int nt = _threads(nbytes) if items > 1 else 1
+    return <int>items if nt > items else nt
+
+
 def unique_inverse_many(list key_arrays):
     """``[unique_inverse(k) for k in key_arrays]``, the arrays spread over the kernel
     threads in one parallel region (each array's dedup on one thread: the same bits for
@@ -169,9 +182,9 @@ def unique_inverse_many(list key_arrays):
                              f"(shape {keys[t].shape})")
     uniqs = [np.empty(k.shape[0], dtype=np.int64) for k in keys]
     invs = [np.empty(k.shape[0], dtype=np.int64) for k in keys]
-    cdef int64_t[::1] kptr = np.array([k.ctypes.data for k in keys], dtype=np.int64)
-    cdef int64_t[::1] uptr = np.array([u.ctypes.data for u in uniqs], dtype=np.int64)
-    cdef int64_t[::1] iptr = np.array([i.ctypes.data for i in invs], dtype=np.int64)
+    cdef int64_t[::1] kptr = _addresses(keys)
+    cdef int64_t[::1] uptr = _addresses(uniqs)
+    cdef int64_t[::1] iptr = _addresses(invs)
     cdef int64_t[::1] bounds = np.zeros(2 * T + 1, dtype=np.int64)   # [0, n_t] pairs
     cdef int64_t[::1] nu = np.zeros(T + 1, dtype=np.int64)
     cdef int64_t[::1] rc = np.zeros(T + 1, dtype=np.int64)
@@ -179,9 +192,7 @@ def unique_inverse_many(list key_arrays):
     for t in range(T):
         bounds[2 * t + 1] = keys[t].shape[0]
         total += keys[t].shape[0]
-    cdef int nt = _threads(32 * total) if T > 1 else 1
-    if nt > T:
-        nt = <int>T
+    cdef int nt = _per_item_threads(32 * total, T)
     with nogil:
         for t in prange(T, num_threads=nt, schedule='dynamic'):
             rc[t] = _unique_raw(<const int64_t*>kptr[t], &bounds[2 * t], &bounds[2 * t + 1],
@@ -291,16 +302,14 @@ def route_many(list key_arrays, const int64_t[::1] table_ids, const int64_t[::1]
     cdef int64_t P = world_size
     counts_arr = np.zeros((T, P), dtype=np.int64)
     cdef int64_t[:, ::1] counts = counts_arr
-    cdef int64_t[::1] kptr = np.array([a.ctypes.data for a in keys] or [0], dtype=np.int64)
-    cdef int64_t[::1] optr = np.array([a.ctypes.data for a in owners] or [0], dtype=np.int64)
-    cdef int64_t[::1] fptr = np.array([a.ctypes.data for a in offs] or [0], dtype=np.int64)
-    cdef int64_t[::1] n = np.array([a.shape[0] for a in keys] or [0], dtype=np.int64)
+    cdef int64_t[::1] kptr = _addresses(keys)
+    cdef int64_t[::1] optr = _addresses(owners)
+    cdef int64_t[::1] fptr = _addresses(offs)
+    cdef int64_t[::1] n = np.array([a.shape[0] for a in keys], dtype=np.int64)
     cdef int64_t total = 0
     for t in range(T):
         total += n[t]
-    cdef int nt = _threads(16 * total) if T > 1 else 1
-    if nt > T:
-        nt = <int>T
+    cdef int nt = _per_item_threads(16 * total, T)
     cdef Py_ssize_t i
     cdef int32_t o
     cdef uint64_t salt, ws = <uint64_t>P
@@ -363,12 +372,10 @@ def scatter_many(list key_arrays, list owner_arrays, const int64_t[:, ::1] start
             raise ValueError(f"scatter_many: table {t} has {keys[t].shape[0]} keys and "
                              f"{owners[t].shape[0]} owners")
         total += keys[t].shape[0]
-    cdef int64_t[::1] kptr = np.array([a.ctypes.data for a in keys] or [0], dtype=np.int64)
-    cdef int64_t[::1] optr = np.array([a.ctypes.data for a in owners] or [0], dtype=np.int64)
-    cdef int64_t[::1] n = np.array([a.shape[0] for a in keys] or [0], dtype=np.int64)
-    cdef int nt = _threads(16 * total) if T > 1 else 1
-    if nt > T:
-        nt = <int>T
+    cdef int64_t[::1] kptr = _addresses(keys)
+    cdef int64_t[::1] optr = _addresses(owners)
+    cdef int64_t[::1] n = np.array([a.shape[0] for a in keys], dtype=np.int64)
+    cdef int nt = _per_item_threads(16 * total, T)
     cdef int64_t* cur
     cdef const int64_t* kp
     cdef const int32_t* op
@@ -451,6 +458,33 @@ cdef _out2d(out, Py_ssize_t rows, int64_t dim, str what):
         raise ValueError(f"{what}: out must be C-contiguous float32[{rows}, {dim}], got "
                          f"{out.dtype}{list(out.shape)}")
     return out
+
+
+cdef object _sums_out(out, const int64_t[::1] out_off, int64_t n, int64_t dim, str who,
+                      str count_name, float** base):
+    """The output of a kernel writing ``n`` rows of ``dim`` floats: with ``out_off``,
+    ``out`` itself (a flat float32 buffer, row ``i`` at ``out_off[i]``), else a
+    float32[n, dim] array (``out`` or a new one). Sets ``base[0]`` to its first float
+    (NULL when it has none)."""
+    cdef float[::1] flat
+    cdef float[:, ::1] o2
+    base[0] = NULL
+    if out_off is not None:
+        if out is None:
+            raise ValueError(f"{who}: out_off needs out (a flat float32 buffer)")
+        if out_off.shape[0] != n:
+            raise ValueError(f"{who}: out_off has {out_off.shape[0]} entries, "
+                             f"{count_name} is {n}")
+        flat = out
+        _require_rows(out_off, dim, flat.shape[0], f"{who} (out_off)")
+        if flat.shape[0] > 0:
+            base[0] = &flat[0]
+        return out
+    out_arr = _out2d(out, n, dim, who)
+    o2 = out_arr
+    if n > 0 and dim > 0:
+        base[0] = &o2[0, 0]
+    return out_arr
 
 
 # ----------------------------------------------------------------------------- rows
@@ -605,28 +639,11 @@ def unpool_unique(const float[::1] grads, const int64_t[::1] bag_offsets,
         raise ValueError(f"unpool_unique: grads has {grads.shape[0]} floats, expected "
                          f"{nb} bags x {dim}")
     _require_inverse(inverse, num_unique, "unpool_unique")
-    cdef float[::1] flat_out
-    cdef float[:, ::1] o2
-    cdef float* base = NULL
+    cdef float* base
     cdef const int64_t* doff = NULL
-    if out_off is not None:
-        if out is None:
-            raise ValueError("unpool_unique: out_off needs out (a flat float32 buffer)")
-        if out_off.shape[0] != num_unique:
-            raise ValueError(f"unpool_unique: out_off has {out_off.shape[0]} entries, "
-                             f"num_unique is {num_unique}")
-        out_arr = out
-        flat_out = out
-        _require_rows(out_off, dim, flat_out.shape[0], "unpool_unique (out_off)")
-        if flat_out.shape[0] > 0:
-            base = &flat_out[0]
-        if num_unique > 0:
-            doff = &out_off[0]
-    else:
-        out_arr = _out2d(out, num_unique, dim, "unpool_unique")
-        o2 = out_arr
-        if num_unique > 0 and dim > 0:
-            base = &o2[0, 0]
+    out_arr = _sums_out(out, out_off, num_unique, dim, "unpool_unique", "num_unique", &base)
+    if out_off is not None and num_unique > 0:
+        doff = &out_off[0]
     if num_unique == 0 or dim == 0:
         return out_arr
     cdef const float* gp = &grads[0] if grads.shape[0] > 0 else NULL
@@ -787,24 +804,9 @@ def segment_sum(const float[::1] src, const int64_t[::1] src_off, int64_t dim,
     if num_segments < 0:
         raise ValueError(f"segment_sum: num_segments must be >= 0, got {num_segments}")
     _require_rows(src_off, dim, src.shape[0], "segment_sum")
-    cdef float[::1] flat_out
-    cdef float[:, ::1] o2
     cdef float* base
     cdef bint has_off = out_off is not None
-    if has_off:
-        if out is None:
-            raise ValueError("segment_sum: out_off needs out (a flat float32 buffer)")
-        if out_off.shape[0] != num_segments:
-            raise ValueError(f"segment_sum: out_off has {out_off.shape[0]} entries, "
-                             f"num_segments is {num_segments}")
-        out_arr = out
-        flat_out = out
-        _require_rows(out_off, dim, flat_out.shape[0], "segment_sum (out_off)")
-        base = &flat_out[0] if flat_out.shape[0] > 0 else NULL
-    else:
-        out_arr = _out2d(out, num_segments, dim, "segment_sum")
-        o2 = out_arr
-        base = &o2[0, 0] if num_segments > 0 and dim > 0 else NULL
+    out_arr = _sums_out(out, out_off, num_segments, dim, "segment_sum", "num_segments", &base)
     cdef float* dst
     # the parallel pass needs a serial grouping pass first: worth it only for big jobs
     cdef int nt = _threads((n * dim) // 2)

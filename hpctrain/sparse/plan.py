@@ -60,11 +60,12 @@ class TableBatch:
         batch_size: samples in the batch.
         counts: ids per feature (int list).
         keys: int64[n] the features' ids concatenated in ``names`` order.
-        uniq, inverse: ``unique_inverse(keys)`` (first-occurrence order).
+        uniq, inverse: ``unique_inverse(keys)`` (first-occurrence order), set by
+            ``split_batch``, which deduplicates every table in one kernel call.
         bag_offsets: int64[len(names) * B + 1] bags of the concatenated ids.
     """
 
-    def __init__(self, spec, batch, dedup=True):
+    def __init__(self, spec, batch):
         self.spec = spec
         self.names = spec.features
         self.batch_size = batch.batch_size
@@ -77,9 +78,7 @@ class TableBatch:
             lengths = np.concatenate([p.lengths for p in parts])
             self.bag_offsets = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
             np.cumsum(lengths, out=self.bag_offsets[1:])
-        # dedup=False: the caller sets uniq and inverse (split_batch, all tables at once)
-        self.uniq, self.inverse = (sparse_ops.unique_inverse(self.keys) if dedup
-                                   else (None, None))
+        self.uniq = self.inverse = None     # split_batch: every table's at once
 
     def pool(self, src, unique_off):
         """Outputs per feature from rows of the unique ids.
@@ -138,7 +137,7 @@ def split_batch(batch, specs, feature_to_table):
     extra = [f for f in batch.features if f not in feature_to_table]
     if extra:
         raise ValueError(f"batch features {extra} belong to no table; tables take {wanted}")
-    plans = [TableBatch(s, batch, dedup=False) for s in specs]
+    plans = [TableBatch(s, batch) for s in specs]
     # every table's dedup in one kernel call, the tables over the threads
     for p, (uniq, inverse) in zip(plans, sparse_ops.unique_inverse_many([p.keys for p in plans])):
         p.uniq, p.inverse = uniq, inverse

@@ -86,12 +86,16 @@ class DotInteraction(Layer):
             block = max(128, self.BLOCK_BYTES * (1 if parallel else blas_threads()) // per_row)
         return tuple((lo, min(lo + block, rows)) for lo in range(0, rows, block))
 
-    def _parallel(self, fused, rows):
-        """True when the fused path spreads its row blocks over the kernel threads."""
-        if fused is None:
-            return False
-        from hpctrain._kernels import _openmp   # loaded with the fused kernels, not before
-        return _openmp.get_num_threads() > 1 and len(self._blocks(rows, True)) > 1
+    def _plan(self, fused, rows):
+        """``(parallel, blocks)``: whether the fused path spreads its row blocks over the
+        kernel threads (one block per thread at a time), and the blocks."""
+        if fused is not None:
+            from hpctrain._kernels import _openmp   # loaded with the fused kernels, not before
+            if _openmp.get_num_threads() > 1:
+                blocks = self._blocks(rows, True)
+                if len(blocks) > 1:
+                    return True, blocks
+        return False, self._blocks(rows)
 
     def forward(self, x, embs, training=True):
         b, d, n = x.shape[0], self.dim, self.n
@@ -102,8 +106,7 @@ class DotInteraction(Layer):
         t_all = ws.get("T", (b, n, d))
         y_all = ws.get("y", (b, self.out_dim))
         fused = fused_kernels(xp, self.dtype)
-        parallel = self._parallel(fused, b)
-        blocks = self._blocks(b, parallel)
+        parallel, blocks = self._plan(fused, b)
         if fused is not None:
             rows = [x, *embs]
             if parallel:
@@ -156,8 +159,7 @@ class DotInteraction(Layer):
         # Symmetric dZ so that dT = dZ @ T covers both d<Ti,Tj>/dTi and d/dTj. Entries
         # outside the pair positions stay zero from the buffer's first allocation (the
         # fused scatter writes every entry, zeros included, into one block's dZ).
-        parallel = self._parallel(fused, b)
-        blocks = self._blocks(b, parallel)
+        parallel, blocks = self._plan(fused, b)
         dt_all = ws.get("dT", (b, n, d))
         dx = ws.get("dx", (b, d))
         if parallel:

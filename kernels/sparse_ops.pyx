@@ -63,34 +63,84 @@ def route_salt(int64_t table_id):
 
 # ----------------------------------------------------------------------------- dedup
 
-cdef void _unique_block(const int64_t* keys, Py_ssize_t lo, Py_ssize_t hi,
-                        int64_t* tkeys, int64_t* tidx, uint64_t mask, int64_t* uniq,
-                        int64_t* inverse, int64_t* nu, int64_t* j) noexcept nogil:
-    """Dedup ``keys[lo:hi]`` into the open-addressing table, continuing at ``nu`` uniques
-    and inverse position ``j`` (both advanced)."""
+# The dedup table starts at this many slots (or 2n, if smaller) and doubles whenever it
+# would pass half full: a batch with few distinct ids (multi-hot bags of popular ids)
+# probes a table that stays in cache, not one sized for every id being new.
+cdef enum:
+    DEDUP_FIRST_SLOTS = 16384
+
+cdef struct DedupTable:
+    int64_t* keys       # key of each slot
+    int64_t* idx        # unique index of each slot, -1 when empty
+    uint64_t mask       # slots - 1 (a power of two)
+    int64_t nu          # unique keys so far
+
+
+cdef int _dedup_alloc(DedupTable* d, uint64_t cap) noexcept nogil:
+    """Point ``d`` at a fresh, empty table of ``cap`` slots; -1 (``d`` unchanged) when it
+    cannot be allocated."""
+    cdef int64_t* keys = <int64_t*>malloc(cap * sizeof(int64_t))
+    cdef int64_t* idx = <int64_t*>malloc(cap * sizeof(int64_t))
+    if keys == NULL or idx == NULL:
+        free(keys)
+        free(idx)
+        return -1
+    memset(idx, 0xFF, cap * sizeof(int64_t))  # every slot -1 (empty)
+    d.keys, d.idx, d.mask = keys, idx, cap - 1
+    return 0
+
+
+cdef int _dedup_grow(DedupTable* d, const int64_t* uniq) noexcept nogil:
+    """Double the table and re-insert the ``d.nu`` unique keys so far (``uniq``; key
+    ``uniq[s]`` keeps index ``s``); -1 when the larger table cannot be allocated."""
+    cdef int64_t* old_keys = d.keys
+    cdef int64_t* old_idx = d.idx
+    cdef uint64_t h
+    cdef int64_t s
+    if _dedup_alloc(d, 2 * (d.mask + 1)) < 0:
+        return -1
+    free(old_keys)
+    free(old_idx)
+    for s in range(d.nu):
+        h = hp_dedup_hash(uniq[s]) & d.mask
+        while d.idx[h] >= 0:
+            h = (h + 1) & d.mask
+        d.idx[h] = s
+        d.keys[h] = uniq[s]
+    return 0
+
+
+cdef int _unique_block(const int64_t* keys, Py_ssize_t lo, Py_ssize_t hi, DedupTable* d,
+                       int64_t* uniq, int64_t* inverse, int64_t* j) noexcept nogil:
+    """Dedup ``keys[lo:hi]`` into ``d``, continuing at ``d.nu`` uniques and inverse
+    position ``j`` (both advanced); -1 when the table cannot grow."""
     cdef Py_ssize_t i
     cdef uint64_t h
     cdef int64_t k, s
     for i in range(lo, hi):
         k = keys[i]
-        h = hp_dedup_hash(k) & mask
+        h = hp_dedup_hash(k) & d.mask
         while True:
-            s = tidx[h]
+            s = d.idx[h]
             if s < 0:
-                tidx[h] = nu[0]
-                tkeys[h] = k
-                uniq[nu[0]] = k
-                inverse[j[0]] = nu[0]
-                nu[0] += 1
+                d.idx[h] = d.nu
+                d.keys[h] = k
+                uniq[d.nu] = k
+                inverse[j[0]] = d.nu
+                d.nu += 1
+                if <uint64_t>(2 * d.nu) > d.mask + 1 and _dedup_grow(d, uniq) < 0:
+                    return -1
                 break
-            if tkeys[h] == k:
+            if d.keys[h] == k:
                 inverse[j[0]] = s
                 break
-            h = (h + 1) & mask
+            h = (h + 1) & d.mask
         j[0] += 1
+    return 0
 
 
 cdef uint64_t _dedup_capacity(int64_t n) noexcept nogil:
+    """Slots of the largest table a dedup of ``n`` keys may need (at most half full)."""
     cdef uint64_t cap = 16
     while cap < <uint64_t>(2 * n):
         cap <<= 1
@@ -105,23 +155,23 @@ cdef int _unique_raw(const int64_t* keys, const int64_t* starts, const int64_t* 
     table cannot be allocated, else 0."""
     cdef int64_t n = 0, j = 0
     cdef Py_ssize_t b
+    cdef DedupTable d
+    cdef int rc = 0
     for b in range(nb):
         n += counts[b]
     cdef uint64_t cap = _dedup_capacity(n)
-    cdef int64_t* tkeys = <int64_t*>malloc(cap * sizeof(int64_t))
-    cdef int64_t* tidx = <int64_t*>malloc(cap * sizeof(int64_t))
     nu[0] = 0
-    if tkeys == NULL or tidx == NULL:
-        free(tkeys)
-        free(tidx)
+    if _dedup_alloc(&d, cap if cap < DEDUP_FIRST_SLOTS else DEDUP_FIRST_SLOTS) < 0:
         return -1
-    memset(tidx, 0xFF, cap * sizeof(int64_t))  # every slot -1 (empty)
+    d.nu = 0
     for b in range(nb):
-        _unique_block(keys, starts[b], starts[b] + counts[b], tkeys, tidx, cap - 1,
-                      uniq, inverse, nu, &j)
-    free(tkeys)
-    free(tidx)
-    return 0
+        rc = _unique_block(keys, starts[b], starts[b] + counts[b], &d, uniq, inverse, &j)
+        if rc < 0:
+            break
+    nu[0] = d.nu
+    free(d.keys)
+    free(d.idx)
+    return rc
 
 
 cdef tuple _unique_of_blocks(const int64_t[::1] keys, const int64_t[::1] starts,

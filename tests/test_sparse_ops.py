@@ -49,6 +49,31 @@ def test_unique_inverse_matches_numpy(n, threads):
     assert (uniq[inv] == keys).all()
 
 
+def test_unique_table_grows_past_its_first_size_with_the_same_result(threads):
+    # the dedup table starts at 16384 slots and doubles at half full: 60,000 distinct keys
+    # (and colliding ones: multiples of a large power of two) take it through 3 doublings,
+    # mid-array and mid-block, and change nothing about first-occurrence order
+    rng = np.random.default_rng(7)
+    distinct = np.concatenate([rng.integers(-2**62, 2**62, size=40000, dtype=np.int64),
+                               np.arange(20000, dtype=np.int64) << 40])
+    keys = np.concatenate([distinct, distinct[rng.integers(0, distinct.size, 30000)]])
+    rng.shuffle(keys)
+    ref_u, ref_inv = _unique_first_occurrence(keys)
+    uniq, inv = so.unique_inverse(keys)
+    assert ref_u.size == 60000
+    assert np.array_equal(uniq, ref_u) and np.array_equal(inv, ref_inv)
+    (u2, i2), (u3, i3) = so.unique_inverse_many([keys, keys[:9000]])
+    assert np.array_equal(u2, ref_u) and np.array_equal(i2, ref_inv)
+    ref_u3, ref_inv3 = _unique_first_occurrence(keys[:9000])
+    assert np.array_equal(u3, ref_u3) and np.array_equal(i3, ref_inv3)
+    starts = np.array([50000, 0, 20000], dtype=np.int64)
+    counts = np.array([40000, 20000, 30000], dtype=np.int64)
+    blocks = np.concatenate([keys[a:a + c] for a, c in zip(starts, counts)])
+    ref_ub, ref_ib = _unique_first_occurrence(blocks)
+    ub, ib = so.unique_blocks(keys, starts, counts)
+    assert np.array_equal(ub, ref_ub) and np.array_equal(ib, ref_ib)
+
+
 def test_unique_inverse_many_equals_one_call_per_array(threads):
     rng = np.random.default_rng(41)
     arrays = [_zipf_keys(rng, n) for n in (0, 1, 17, 5000, 3000, 0, 12000)]

@@ -63,19 +63,21 @@ cdef inline double _tail_h(const Zipf* z, double k) noexcept nogil:
 
 cdef inline int64_t _zipf_id(const Zipf* z, double u) noexcept nogil:
     cdef double t = u * z.total, x, base
-    cdef int64_t lo, hi, mid, k
+    cdef int64_t lo, hi, mid, k, n, half
     cdef int it
     if t <= z.ha:
         # the guide table narrows the search to the ranks between two guide points
         mid = <int64_t>(u * <double>z.ng)
         lo = z.guide[mid]
         hi = z.guide[mid + 1] if z.guide[mid + 1] < z.a - 1 else z.a - 1
-        while lo < hi:               # first i with head[i] >= t
-            mid = (lo + hi) >> 1
-            if z.head[mid] >= t:
-                hi = mid
-            else:
-                lo = mid + 1
+        # first i in [lo, hi] with head[i] >= t (hi if none before it): a search whose
+        # steps depend on the data only through conditional moves, not branches, since
+        # which half holds the answer is a coin flip the branch predictor cannot learn
+        n = hi - lo + 1
+        while n > 1:
+            half = n >> 1
+            lo = lo + half if z.head[lo + half - 1] < t else lo
+            n -= half
         return lo
     if z.nt > 0:
         x = (t - z.ha) / (z.total - z.ha) * <double>z.nt

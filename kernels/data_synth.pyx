@@ -124,7 +124,9 @@ cdef inline int64_t _tail_step(const Zipf* z, int64_t k, double t) noexcept nogi
 
 
 cdef Zipf _make(int64_t vocab, double s, const double[::1] head,
-                const int64_t[::1] guide, const int64_t[::1] tail=None) except *:
+                const int64_t[::1] guide, const int64_t[::1] tail=None,
+                bint check=True) except *:
+    # check=False skips the O(len) order checks of the guides (tables checked when built)
     cdef Zipf z
     cdef int64_t j
     if vocab < 1 or head.shape[0] < 1 or head.shape[0] > vocab or guide.shape[0] < 2:
@@ -136,13 +138,13 @@ cdef Zipf _make(int64_t vocab, double s, const double[::1] head,
     z.pa = pow(<double>z.a, -s)
     z.total = z.ha if vocab == z.a else _tail_h(&z, <double>vocab)
     z.tail, z.nt = NULL, 0
-    for j in range(guide.shape[0]):
+    for j in range(guide.shape[0] if check else 0):
         if guide[j] < 0 or guide[j] > z.a or (j and guide[j] < guide[j - 1]):
             raise ValueError("zipf: the guide table must be non-decreasing within [0, a]")
     if tail is not None and vocab > z.a and z.total > z.ha:
         if tail.shape[0] < 2:
             raise ValueError(f"zipf: a tail guide needs at least 2 entries, got {tail.shape[0]}")
-        for j in range(tail.shape[0]):
+        for j in range(tail.shape[0] if check else 0):
             if tail[j] <= z.a or tail[j] > vocab or (j and tail[j] < tail[j - 1]):
                 raise ValueError(f"zipf: the tail guide must be non-decreasing within "
                                  f"(a, vocab] = ({z.a}, {vocab}]")
@@ -177,6 +179,13 @@ def zipf_tail_guide(int64_t vocab, double s, const double[::1] head, int64_t nt)
     return out_arr
 
 
+def check_tables(int64_t vocab, double s, const double[::1] head, const int64_t[::1] guide,
+                 const int64_t[::1] tail=None):
+    """``ValueError`` unless ``head``, ``guide`` and ``tail`` are tables the sampler can use
+    (the checks ``bags`` skips with ``checked=True``)."""
+    _make(vocab, s, head, guide, tail)
+
+
 def zipf_total(int64_t vocab, double s, const double[::1] head):
     """``H(vocab)`` as the sampler computes it (head table ``head = H(1..a)``)."""
     cdef int64_t[::1] g = np.zeros(2, dtype=np.int64)
@@ -203,15 +212,19 @@ def zipf_ids(const double[::1] u, int64_t vocab, double s, const double[::1] hea
 
 def bags(const uint64_t[::1] bag_keys, const int64_t[::1] lengths, int64_t vocab, double s,
          const double[::1] head, const int64_t[::1] guide, uint64_t weight_key,
-         int64_t[::1] ids, double[::1] score, const int64_t[::1] tail=None):
+         int64_t[::1] ids, double[::1] score, const int64_t[::1] tail=None,
+         bint checked=False):
     """Ids of one feature's bags and each bag's planted score.
 
     Bag ``i`` has ``lengths[i]`` ids; id ``j`` of bag ``i`` is
     ``zipf(unit(mix_add(bag_keys[i], j)))``. Its planted weight is
     ``(2 * unit(mix_add(weight_key, id)) - 1) * sqrt(3)`` and ``score[i]`` is the sum of
     its bag's weights divided by ``sqrt(max(lengths[i], 1))``. ``tail``: as in ``zipf_ids``.
+    ``checked``: the tables passed ``check_tables`` and have not changed since (the
+    dataset's cached, read-only ones), so their order checks, which read every entry of
+    both guides, are skipped.
     """
-    cdef Zipf z = _make(vocab, s, head, guide, tail)
+    cdef Zipf z = _make(vocab, s, head, guide, tail, not checked)
     cdef int64_t n = lengths.shape[0], i, j, w = 0, idv
     cdef double acc, r3 = sqrt(3.0)
     if bag_keys.shape[0] != n or score.shape[0] != n:

@@ -57,3 +57,29 @@ def test_bad_tail_guides_are_refused():
     with pytest.raises(ValueError, match="tail guide"):
         data_synth.zipf_ids(np.zeros(3), 10**6, 1.05, head, guide, out,
                             np.array([5, 6], np.int64))
+
+
+def test_checked_tables_skip_the_checks_and_give_the_same_ids():
+    # the dataset's cached tables are checked once and read-only; bags(checked=True) skips
+    # the per-call order checks and draws the same ids and scores
+    vocab, s, n = 10**6, 1.05, 200
+    head, guide = zipf_tables(vocab, s)
+    tail = zipf_tail(vocab, s)
+    assert not (head.flags.writeable or guide.flags.writeable or tail.flags.writeable)
+    keys = np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    lengths = np.random.default_rng(2).integers(0, 25, n).astype(np.int64)
+    out = []
+    for checked in (False, True):
+        ids, score = np.empty(int(lengths.sum()), np.int64), np.empty(n)
+        data_synth.bags(keys, lengths, vocab, s, head, guide, 7, ids, score, tail,
+                        checked=checked)
+        out.append((ids, score))
+    np.testing.assert_array_equal(out[0][0], out[1][0])
+    np.testing.assert_array_equal(out[0][1], out[1][1])
+    bad = guide.copy()
+    bad[5], bad[6] = bad[6] + 1, bad[6]               # out of order
+    with pytest.raises(ValueError, match="non-decreasing"):
+        data_synth.check_tables(vocab, s, head, bad, tail)
+    ids, score = np.empty(int(lengths.sum()), np.int64), np.empty(n)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        data_synth.bags(keys, lengths, vocab, s, head, bad, 7, ids, score, tail)

@@ -81,7 +81,11 @@ def zipf_tables(vocab, s):
         total = data_synth.zipf_total(vocab, s, head)
         ng = ZIPF_HEAD
         guide = np.searchsorted(head, np.arange(ng + 1) * (total / ng), side="left")
-        t = _tables[key] = (head, np.minimum(guide, head.shape[0]).astype(np.int64))
+        guide = np.minimum(guide, head.shape[0]).astype(np.int64)
+        data_synth.check_tables(vocab, s, head, guide)
+        head.setflags(write=False)      # checked once: fetch skips the checks
+        guide.setflags(write=False)
+        t = _tables[key] = (head, guide)
     return t
 
 
@@ -92,7 +96,11 @@ def zipf_tail(vocab, s):
     t = _tails.get(key)
     if t is None:
         head, _ = zipf_tables(vocab, s)
-        t = _tails[key] = data_synth.zipf_tail_guide(vocab, s, head, ZIPF_TAIL_GUIDE)
+        t = data_synth.zipf_tail_guide(vocab, s, head, ZIPF_TAIL_GUIDE)
+        if t.shape[0]:
+            data_synth.check_tables(vocab, s, head, zipf_tables(vocab, s)[1], t)
+        t.setflags(write=False)         # checked once: fetch skips the checks
+        _tails[key] = t
     return t if t.shape[0] else None
 
 
@@ -179,7 +187,8 @@ class SyntheticDataset:
         for f, (a, b) in enumerate(zip([0, *ends[:-1]], ends)):
             head, guide = self.zipf[f]
             data_synth.bags(mix_add(id_key, f), lengths[f], cfg.vocab[f], cfg.zipf, head, guide,
-                            self.weight_keys[f], values[a:b], scores[f], self.zipf_tail[f])
+                            self.weight_keys[f], values[a:b], scores[f], self.zipf_tail[f],
+                            checked=True)
         logits = self._logits(dense.astype(np.float32).astype(np.float64), scores)
         label_u = unit(mix_add(mix_add(base, T_LABEL), 0))
         labels = label_u < 1.0 / (1.0 + np.exp(-logits))

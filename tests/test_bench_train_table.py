@@ -32,11 +32,11 @@ def test_train_workload_is_the_shipped_config(dim, bag):
 
 
 def test_train_workload_sets_only_what_the_command_line_says():
-    d = workload(64, 512, bag=20, steps=7, threads=2)
-    name, shipped, derived = shipped_config(64, 20)
-    assert name == "bench_dlrm_dim64.toml" and derived == "data.synthetic.bag_size = 20"
+    d = workload(64, 512, bag=5, steps=7, threads=2)
+    name, shipped, derived = shipped_config(64, 5)
+    assert name == "bench_dlrm_dim64.toml" and derived == "data.synthetic.bag_size = 5"
     assert d["steps"] == 7 and d["batch_per_rank"] == 512 and d["threads"] == 2
-    assert d["data"]["synthetic"]["bag_size"] == 20 and d["overlap"] is True
+    assert d["data"]["synthetic"]["bag_size"] == 5 and d["overlap"] is True
     assert {k: v for k, v in d.items() if k not in ("steps", "batch_per_rank", "threads",
                                                     "device", "data")} == \
         {k: v for k, v in shipped.items() if k not in ("steps", "batch_per_rank", "data")}

@@ -363,7 +363,8 @@ def test_examples_load_and_round_trip_through_their_text(path, monkeypatch):
 def test_examples_cover_models_and_benchmarks():
     names = {os.path.basename(p) for p in EXAMPLES}
     assert {"dlrm_synthetic.toml", "wide_deep_adult.toml", "deepfm_synthetic.toml",
-            "bench_dlrm_dim16.toml", "bench_dlrm_dim64.toml", "bench_dlrm_multihot.toml"} <= names
+            "bench_dlrm_dim16.toml", "bench_dlrm_dim64.toml", "bench_dlrm_multihot.toml",
+            "bench_dlrm_multihot_dim64.toml"} <= names
     bench = load_config(os.path.join(os.path.dirname(EXAMPLES[0]), "bench_dlrm_multihot.toml"))
     syn = bench.data.synthetic
     assert len(bench.tables) == 26 and bench.batch_per_rank == 4096
@@ -371,6 +372,11 @@ def test_examples_cover_models_and_benchmarks():
     assert bench.model.bottom == [512, 256, 64] and bench.model.top == [512, 256, 1]
     assert all(t.optimizer["kind"] == "adagrad" for t in bench.tables)
     assert bench.dense_optimizer["kind"] == "adagrad"
+    # bags of 20: the tables' accumulators start above zero (the loss spike of step 3)
+    for name in ("bench_dlrm_multihot.toml", "bench_dlrm_multihot_dim64.toml"):
+        mh = load_config(os.path.join(os.path.dirname(EXAMPLES[0]), name))
+        assert all(t.optimizer["initial_accumulator"] == 0.01 for t in mh.tables)
+        assert mh.data.synthetic.bag_size == [20] * 26
 
 
 def test_file_errors(tmp_path):

@@ -115,9 +115,13 @@ def check_workload(cfg, specs):
         o = s.optimizer
         if s.pooling != "sum" or len(s.features) != 1:
             raise ValueError(f"table {s.name}: expected one feature, sum pooling")
-        if o.kind != "adagrad" or o.initial_accumulator != 0.0 or o.weight_decay != 0.0:
-            raise ValueError(f"table {s.name}: expected adagrad from a zero accumulator, no "
-                             f"weight decay (FBGEMM's); got {o}")
+        if o.kind != "adagrad" or o.weight_decay != 0.0:
+            raise ValueError(f"table {s.name}: expected adagrad without weight decay "
+                             f"(FBGEMM's); got {o}")
+        if o.initial_accumulator != specs[0].optimizer.initial_accumulator:
+            raise ValueError(f"table {s.name}: initial_accumulator {o.initial_accumulator}, "
+                             f"table {specs[0].name}: {specs[0].optimizer.initial_accumulator}; "
+                             f"expected one value for all tables")
         if s.init != "uniform":
             raise ValueError(f"table {s.name}: expected uniform initial rows")
     d = dict(cfg.dense_optimizer)
@@ -192,6 +196,25 @@ def copy_embedding_init(state, specs, seed, chunk=1 << 18):
                     w[a:b].copy_(torch.from_numpy(rows))
             done.append(s.name)
     return done
+
+
+def fill_accumulators(opt, value):
+    """Start every Adagrad accumulator (FBGEMM's ``momentum1`` state) of the fused
+    embedding optimizer ``opt`` at ``value``, hpctrain's ``initial_accumulator``; returns
+    the number of state tensors filled."""
+    import torch
+    n = 0
+    with torch.no_grad():
+        for state in opt.state.values():
+            for key, v in state.items():
+                if "momentum" not in key:
+                    continue
+                parts = ([sh.tensor for sh in v.local_shards()] if hasattr(v, "local_shards")
+                         else [v])
+                for t in parts:
+                    t.fill_(value)
+                n += 1
+    return n
 
 
 # ----------------------------------------------------------------------------- batches
@@ -332,6 +355,14 @@ def build(args, cfg, specs, rank, world):
                 f"dense layers DDP (gloo)")
     if args.init == "hpctrain":
         copy_embedding_init(model.state_dict(), specs, cfg.seed)
+    acc0 = o.initial_accumulator
+    if acc0:
+        fused = (model.fused_optimizer if args.mode == "dmp"
+                 else model.sparse_arch.embedding_bag_collection.fused_optimizer())
+        if fill_accumulators(fused, acc0) == 0:
+            raise RuntimeError("initial_accumulator: no Adagrad state found in TorchRec's "
+                               "fused embedding optimizer")
+        what += f", accumulators start at {acc0:g}"
     dense = [(n, p) for n, p in model.named_parameters() if "sparse_arch" not in n]
     want = sum(p.size for p in hp_model.params.params)
     got = sum(p.numel() for _, p in dense)

@@ -1,9 +1,9 @@
 """End-to-end training benchmark: the DLRM workload, one-hot and multi-hot.
 
 Each case runs a shipped benchmark config as shipped (``hpctrain/configs/``:
-``bench_dlrm_dim16.toml``, ``bench_dlrm_dim64.toml``, ``bench_dlrm_multihot.toml``; dim 64
-with bags of 20 is ``bench_dlrm_dim64.toml`` with ``data.synthetic.bag_size = 20``), only
-the step count, batch, threads and device set from the command line. Workload (per rank):
+``bench_dlrm_dim16.toml``, ``bench_dlrm_dim64.toml``, ``bench_dlrm_multihot.toml``,
+``bench_dlrm_multihot_dim64.toml``; another bag size is the one-hot config of its dim with
+``data.synthetic.bag_size`` set), only the step count, batch, threads and device set from the command line. Workload (per rank):
 batch 4096, 26 categorical features drawn Zipf(1.05) over 10^6 ids each, 13 dense
 features, bottom MLP 13-512-256-64-16 at dim 16 and 13-512-256-64 at dim 64 (a last layer
 of width d is appended only when the bottom's last width is not d), top 512-256-1, Adagrad
@@ -52,7 +52,7 @@ GPU_GOALS = {"dense_vs_bare": 1.2, "copies_hidden": 0.8}
 #: The shipped config of each (dim, ids per bag) case; other cases derive from the one-hot
 #: config of their dim with only ``data.synthetic.bag_size`` changed.
 SHIPPED = {(16, 1): "bench_dlrm_dim16.toml", (64, 1): "bench_dlrm_dim64.toml",
-           (16, 20): "bench_dlrm_multihot.toml"}
+           (16, 20): "bench_dlrm_multihot.toml", (64, 20): "bench_dlrm_multihot_dim64.toml"}
 
 
 def shipped_config(dim, bag):

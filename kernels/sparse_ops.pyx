@@ -49,6 +49,7 @@ cdef extern from "sparse_rows.h" nogil:
                           const int64_t* bags, int64_t nb, int64_t dim, int mean)
     void hp_unpool_one(float* d, const float* g, const int64_t* order, const int64_t* bag_of,
                        const float* scale, int64_t start, int64_t end, int64_t dim)
+    int64_t hp_first_above(const int64_t* a, int64_t n, uint64_t limit)
 
 
 def mix64(uint64_t z):
@@ -462,11 +463,12 @@ def scatter_many(list key_arrays, list owner_arrays, const int64_t[:, ::1] start
 # ----------------------------------------------------------------------------- checks
 
 cdef Py_ssize_t _check_offsets(const int64_t[::1] off, int64_t dim, int64_t size) noexcept nogil:
-    cdef Py_ssize_t i
-    for i in range(off.shape[0]):
-        if off[i] < 0 or off[i] + dim > size:
-            return i
-    return -1
+    # the first offset outside [0, size - dim], or -1
+    if off.shape[0] == 0:
+        return -1
+    if size < dim:
+        return 0
+    return hp_first_above(&off[0], off.shape[0], <uint64_t>(size - dim))
 
 
 cdef _require_rows(const int64_t[::1] off, int64_t dim, int64_t size, str what):
@@ -623,12 +625,13 @@ def pool(const float[::1] src, const int64_t[::1] src_off, int64_t dim,
 
 
 cdef _require_inverse(const int64_t[::1] inverse, int64_t num_unique, str what):
-    cdef Py_ssize_t i, bad = -1
-    with nogil:
-        for i in range(inverse.shape[0]):
-            if inverse[i] < 0 or inverse[i] >= num_unique:
-                bad = i
-                break
+    cdef Py_ssize_t bad = -1
+    if inverse.shape[0] > 0:
+        if num_unique <= 0:
+            bad = 0
+        else:
+            with nogil:
+                bad = hp_first_above(&inverse[0], inverse.shape[0], <uint64_t>(num_unique - 1))
     if bad >= 0:
         raise ValueError(f"{what}: inverse[{bad}] = {inverse[bad]} is outside "
                          f"[0, {num_unique})")

@@ -24,6 +24,23 @@
 #define HP_ROW_CLONES
 #endif
 
+/* The first i with (uint64_t)a[i] > limit, or -1: the bounds check of index and offset
+   arrays (a negative entry is a huge unsigned one). Blocks of entries are OR-reduced
+   without branches, which the compiler vectorises; only a block that holds a bad entry is
+   searched again for the first one. */
+#define HP_CHECK_BLOCK 2048
+HP_ROW_CLONES static int64_t hp_first_above(const int64_t* a, int64_t n, uint64_t limit) {
+    for (int64_t b = 0; b < n; b += HP_CHECK_BLOCK) {
+        int64_t e = n - b < HP_CHECK_BLOCK ? n : b + HP_CHECK_BLOCK;
+        int any = 0;
+        for (int64_t i = b; i < e; i++) any |= (uint64_t)a[i] > limit;
+        if (any)
+            for (int64_t i = b; i < e; i++)
+                if ((uint64_t)a[i] > limit) return i;
+    }
+    return -1;
+}
+
 /* Items prefetched ahead of the one being added. */
 #define HP_ROW_PF 8
 

@@ -374,6 +374,31 @@ def test_pool_and_unpool_through_unique_ids_name_bad_input():
                          out_off=np.zeros(3, np.int64))
 
 
+@pytest.mark.parametrize("bad_at", [0, 2047, 2048, 9998])
+def test_bounds_checks_name_the_first_bad_entry_in_any_block(bad_at):
+    # the checks scan blocks of 2048 entries without branches, then search the bad block:
+    # the error names the first bad entry, negative or too large, wherever it falls
+    n, dim, nu = 10000, 4, 50
+    inverse = np.arange(n, dtype=np.int64) % nu
+    unique_off = np.arange(nu, dtype=np.int64) * dim
+    src = np.zeros(nu * dim, np.float32)
+    offsets = np.arange(n + 1, dtype=np.int64)
+    for value in (-1, nu, 2**62):
+        bad = inverse.copy()
+        bad[bad_at] = value
+        bad[-1] = -5                                       # a later bad entry is not named
+        with pytest.raises(ValueError, match=rf"inverse\[{bad_at}\] = {value} is outside"):
+            so.pool_unique(src, unique_off, bad, dim, offsets, False)
+        off = unique_off[inverse]
+        off[bad_at] = value * dim if value != 2**62 else value
+        off[-1] = -3
+        with pytest.raises(ValueError, match=rf"row offset \[{bad_at}\] = {off[bad_at]} "):
+            so.gather_rows(src, off, dim)
+    assert np.array_equal(so.gather_rows(src, unique_off[inverse], dim), np.zeros((n, dim)))
+    with pytest.raises(ValueError, match=r"row offset \[0\]"):
+        so.gather_rows(np.zeros(3, np.float32), np.zeros(2, np.int64), 4)   # rows wider than src
+
+
 def test_thread_count_invariance_bitwise():
     rng = np.random.default_rng(7)
     dim, n = 16, 20000

@@ -66,7 +66,8 @@ def route_salt(int64_t table_id):
 
 # The dedup table starts at this many slots (or 2n, if smaller) and doubles whenever it
 # would pass half full: a batch with few distinct ids (multi-hot bags of popular ids)
-# probes a table that stays in cache, not one sized for every id being new.
+# allocates and clears a table of its own size, not one sized for every id being new,
+# whose pages the OS may take back when it is freed and fault in again on the next call.
 cdef enum:
     DEDUP_FIRST_SLOTS = 16384
 

@@ -44,3 +44,37 @@ def _set(var, loaded):
 #: (set here, but the runtime had been loaded before and kept its default).
 WAIT_POLICY_SOURCE = _set("OMP_WAIT_POLICY", openmp_runtime_loaded)
 BLAS_TIMEOUT_SOURCE = _set("OPENBLAS_THREAD_TIMEOUT", lambda: "numpy" in sys.modules)
+
+
+def _openblas_loaded():
+    """True when NumPy's BLAS in this process is OpenBLAS (threadpoolctl's view)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return False
+    return any(d.get("internal_api") == "openblas" for d in threadpool_info())
+
+
+def late_warning():
+    """What came too late for a runtime that now spins idle threads beside the kernels, as
+    one message for the run's log; None when nothing did.
+
+    Only matters with several threads per rank: the sparse phases follow the dense GEMMs
+    and a spinning BLAS thread holds a core they need (one-hot DLRM, one rank at 2 threads,
+    NumPy imported before hpctrain: sparse phases 1.6-2.0x slower, the step 1.1-1.25x;
+    benchmarks/README.md, *Threads inside a rank*).
+    """
+    late = []
+    if BLAS_TIMEOUT_SOURCE == "too late" and _openblas_loaded():
+        late.append("NumPy was imported before hpctrain, so its OpenBLAS threads spin about "
+                    "0.1 s after every matrix product (OPENBLAS_THREAD_TIMEOUT=20 came too "
+                    "late)")
+    if WAIT_POLICY_SOURCE == "too late":
+        late.append("an OpenMP runtime was loaded before hpctrain, so idle kernel threads "
+                    "spin before they sleep (OMP_WAIT_POLICY=PASSIVE came too late)")
+    if not late:
+        return None
+    return ("; ".join(late) + ": with several threads per rank the spinning threads take "
+            "cores from the sparse kernels (sparse phases up to 2x slower measured). Import "
+            "hpctrain before NumPy and other OpenMP libraries, run the hpctrain commands, or "
+            "export the variables before Python starts (docs/environment.md).")

@@ -48,3 +48,35 @@ def test_blas_threads_spin_briefly_by_default():
 
 def test_numpy_loaded_first_is_reported():
     assert _run("import numpy; " + BLAS) == ["20", "too late"]
+
+
+WARN = ("import hpctrain; from hpctrain._idle_threads import late_warning; "
+        "print(late_warning() or 'none', sep='|')")
+
+
+def _numpy_uses_openblas():
+    import numpy  # noqa: F401 -- loads the BLAS threadpoolctl looks for
+    from threadpoolctl import threadpool_info
+    return any(d.get("internal_api") == "openblas" for d in threadpool_info())
+
+
+needs_openblas = pytest.mark.skipif(not _numpy_uses_openblas(),
+                                    reason="NumPy's BLAS is not OpenBLAS here")
+
+
+@needs_openblas
+def test_numpy_loaded_first_is_warned_about_when_it_spins():
+    # NumPy (OpenBLAS) before hpctrain: the run is told what spins and what to do
+    msg = _run("import numpy; " + WARN)[0]
+    assert "OpenBLAS threads spin" in msg and "Import hpctrain before NumPy" in msg
+    assert _run(WARN) == ["none"]
+    assert _run("import numpy; " + WARN, OPENBLAS_THREAD_TIMEOUT="20") == ["none"]
+
+
+@needs_openblas
+def test_the_trainer_warns_on_rank_0_with_several_threads():
+    code = ("import numpy, logging, sys; logging.basicConfig(stream=sys.stdout); "
+            "from hpctrain.train.loop import _set_threads; "
+            "_set_threads(2, 1, 0); _set_threads(2, 1, 1); _set_threads(1, 1, 0)")
+    out = _run(code)[0]
+    assert out.count("2 threads per rank: NumPy was imported before hpctrain") == 1

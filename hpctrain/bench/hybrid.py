@@ -631,7 +631,7 @@ def main(argv=None):
     from hpctrain.train.loop import _set_threads
     world = create_communicator("mpi")
     threads = args.threads or 1
-    _set_threads(threads, world.local_size)
+    _set_threads(threads, world.local_size, world.rank)
     S, N = args.servers, world.size
     W = N - S
     if S < 1 or W < 1:

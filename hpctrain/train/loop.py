@@ -10,6 +10,7 @@ With ``overlap = true`` the next batch's id exchange (dedup, route, counts, ids
 Alltoallv) runs before this batch's dense work; its rows are read only after this
 step's sparse update, so results are identical with and without overlap.
 """
+import logging
 import math
 import time
 
@@ -26,16 +27,26 @@ from hpctrain.train.predicting import Predicting
 from hpctrain.train.reporting import Reporting
 from hpctrain.train.run_checks import RunChecks
 
-def _set_threads(configured, ranks_on_host):
+_log = logging.getLogger(__name__)
+
+
+def _set_threads(configured, ranks_on_host, rank=0):
     """Set the threads of this rank's kernels and BLAS by the one rule of
-    ``hpctrain.threads`` (config, HPCTRAIN_NUM_THREADS, OMP_NUM_THREADS, cores per rank)."""
+    ``hpctrain.threads`` (config, HPCTRAIN_NUM_THREADS, OMP_NUM_THREADS, cores per rank).
+    With several threads, rank 0 warns when a runtime loaded before hpctrain keeps idle
+    threads spinning (``hpctrain._idle_threads.late_warning``)."""
     from threadpoolctl import threadpool_limits
 
+    from hpctrain._idle_threads import late_warning
     from hpctrain._kernels import _openmp
     from hpctrain.threads import threads_per_rank
     n, _ = threads_per_rank(configured, ranks_on_host)
     _openmp.set_num_threads(n)
     threadpool_limits(limits=n, user_api="blas")
+    if n > 1 and rank == 0:
+        msg = late_warning()
+        if msg:
+            _log.warning("%d threads per rank: %s", n, msg)
     return n
 
 class Trainer(RunChecks, BestTracking, Reporting, Checkpointing, Predicting):
@@ -73,7 +84,7 @@ class Trainer(RunChecks, BestTracking, Reporting, Checkpointing, Predicting):
         from hpctrain.train import errorfile
         errorfile.set_from_config(cfg)
         self.comm = comm if comm is not None else create_communicator("mpi")
-        self.threads = _set_threads(cfg.threads, self.comm.local_size)
+        self.threads = _set_threads(cfg.threads, self.comm.local_size, self.comm.rank)
         self.device = self._make_device()  # before any collective: a missing GPU fails here
         if cfg.malloc == "tuned":
             from hpctrain.memory import tune_malloc

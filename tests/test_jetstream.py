@@ -173,3 +173,25 @@ def test_trainer_acknowledges_after_checkpoints_and_resumes_exactly(server, tmp_
     ia, ib = np.argsort(ra["keys"]), np.argsort(rb["keys"])
     np.testing.assert_array_equal(ra["keys"][ia], rb["keys"][ib])
     np.testing.assert_array_equal(ra["values"][ia], rb["values"][ib])
+
+
+def test_a_fetch_that_runs_out_of_time_is_an_empty_poll():
+    # nats-py raises asyncio's own TimeoutError (not nats.errors.TimeoutError) when a
+    # poll's deadline runs out between its requests; that is "no message yet", not an error
+    import asyncio
+
+    class Sub:
+        def __init__(self, exc):
+            self.exc = exc
+
+        async def fetch(self, n, timeout):
+            raise self.exc
+
+    reader = JetStreamReader.__new__(JetStreamReader)
+    reader.poll_seconds = 0.01
+    for exc in (asyncio.TimeoutError(), nats.errors.TimeoutError()):
+        reader._sub = Sub(exc)
+        assert asyncio.run(reader._fetch(8)) == []
+    reader._sub = Sub(ConnectionResetError("gone"))
+    with pytest.raises(ConnectionResetError):
+        asyncio.run(reader._fetch(8))

@@ -117,10 +117,11 @@ class JetStreamReader(StreamReader):
                                              config=cfg)
 
     async def _fetch(self, n):
-        import nats.errors
         try:
             return await self._sub.fetch(n, timeout=self.poll_seconds)
-        except nats.errors.TimeoutError:
+        except asyncio.TimeoutError:
+            # no message within the poll: nats.errors.TimeoutError, or asyncio's own when
+            # the poll's deadline runs out between fetch's requests (a loaded machine)
             return []
 
     # ------------------------------------------------------------------ the reading thread

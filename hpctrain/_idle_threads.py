@@ -14,7 +14,9 @@ rank with 2 threads was slower than with 1 (benchmarks/README.md, threads).
   millisecond, enough to bridge the row blocks of one layer) and then sleeps.
 
 Exported values are kept. A runtime already loaded (NumPy imported before hpctrain, or
-another OpenMP library first) does not see the value: the ``*_SOURCE`` names say so.
+another OpenMP library first) does not see the value: the ``*_SOURCE`` names say so. A
+trainer with several threads per rank then makes OpenBLAS re-read its timeout
+(``reapply_blas_timeout``) and warns about what it cannot fix (``late_warning``).
 """
 import os
 import sys
@@ -46,13 +48,52 @@ WAIT_POLICY_SOURCE = _set("OMP_WAIT_POLICY", openmp_runtime_loaded)
 BLAS_TIMEOUT_SOURCE = _set("OPENBLAS_THREAD_TIMEOUT", lambda: "numpy" in sys.modules)
 
 
-def _openblas_loaded():
-    """True when NumPy's BLAS in this process is OpenBLAS (threadpoolctl's view)."""
+def _openblas_path():
+    """The file of the OpenBLAS loaded in this process (threadpoolctl's view), or None."""
     try:
         from threadpoolctl import threadpool_info
     except ImportError:
+        return None
+    for d in threadpool_info():
+        if d.get("internal_api") == "openblas" and d.get("filepath"):
+            return d["filepath"]
+    return None
+
+
+def _openblas_loaded():
+    """True when NumPy's BLAS in this process is OpenBLAS."""
+    return _openblas_path() is not None
+
+
+def reapply_blas_timeout():
+    """Give a running OpenBLAS the thread timeout it missed; True when this call did.
+
+    OpenBLAS reads ``OPENBLAS_THREAD_TIMEOUT`` when it loads and when its thread pool
+    starts. When NumPy was imported before hpctrain (``BLAS_TIMEOUT_SOURCE == "too
+    late"``) this re-reads the environment (``openblas_read_env``) and stops the pool
+    (``blas_thread_shutdown_``, what OpenBLAS itself does before a fork); the next product
+    starts it again with the timeout. Call it when no other thread is inside BLAS (the
+    trainer does, while it sets its thread counts, before its reader starts).
+    """
+    global BLAS_TIMEOUT_SOURCE
+    if BLAS_TIMEOUT_SOURCE != "too late":
+        return False                    # OpenBLAS saw the setting when it loaded
+    path = _openblas_path()
+    if path is None:
         return False
-    return any(d.get("internal_api") == "openblas" for d in threadpool_info())
+    import ctypes
+    try:
+        lib = ctypes.CDLL(path)
+        read_env, shutdown = lib.openblas_read_env, lib.blas_thread_shutdown_
+        timeout = lib.openblas_thread_timeout
+    except (OSError, AttributeError):
+        return False
+    read_env()
+    if timeout() != int(os.environ["OPENBLAS_THREAD_TIMEOUT"]):
+        return False
+    shutdown()
+    BLAS_TIMEOUT_SOURCE = "hpctrain (re-read)"
+    return True
 
 
 def late_warning():

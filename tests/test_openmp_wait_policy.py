@@ -74,9 +74,33 @@ def test_numpy_loaded_first_is_warned_about_when_it_spins():
 
 
 @needs_openblas
-def test_the_trainer_warns_on_rank_0_with_several_threads():
-    code = ("import numpy, logging, sys; logging.basicConfig(stream=sys.stdout); "
+def test_the_trainer_gives_a_late_openblas_its_timeout():
+    # NumPy first, then a trainer with 2 threads: OpenBLAS re-reads its timeout and
+    # restarts its pool (no warning left to give), products still right afterwards
+    code = ("import numpy as np, logging, sys, ctypes; logging.basicConfig(stream=sys.stdout); "
+            "from hpctrain import _idle_threads as i; from hpctrain.train.loop import _set_threads; "
+            "lib = ctypes.CDLL(i._openblas_path()); before = lib.openblas_thread_timeout(); "
+            "a = np.arange(40000, dtype=np.float64).reshape(200, 200) / 4e4; ref = a @ a; "
+            "n = _set_threads(2, 1, 0); "
+            "print('before', before, 'after', lib.openblas_thread_timeout(), i.BLAS_TIMEOUT_SOURCE, "
+            "n, bool(np.array_equal(a @ a, ref)), i.late_warning())")
+    out = _run(code)[0]
+    assert out == "before 0 after 20 hpctrain (re-read) 2 True None"
+    # one thread: nothing spins beside the kernels, nothing is touched
+    code1 = code.replace("_set_threads(2, 1, 0)", "_set_threads(1, 1, 0)")
+    assert _run(code1)[0].startswith("before 0 after 0 too late 1 True")
+
+
+@needs_openblas
+def test_rank_0_warns_about_what_stays_late():
+    # an OpenMP runtime loaded before hpctrain cannot be given its wait policy: rank 0 says so
+    import ctypes.util
+    name = ctypes.util.find_library("gomp")
+    if name is None:
+        pytest.skip("no libgomp to load first")
+    code = (f"import ctypes; ctypes.CDLL({name!r}); import logging, sys; "
+            "logging.basicConfig(stream=sys.stdout); "
             "from hpctrain.train.loop import _set_threads; "
             "_set_threads(2, 1, 0); _set_threads(2, 1, 1); _set_threads(1, 1, 0)")
     out = _run(code)[0]
-    assert out.count("2 threads per rank: NumPy was imported before hpctrain") == 1
+    assert out.count("2 threads per rank: an OpenMP runtime was loaded before hpctrain") == 1

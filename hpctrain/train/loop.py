@@ -33,21 +33,25 @@ _log = logging.getLogger(__name__)
 def _set_threads(configured, ranks_on_host, rank=0):
     """Set the threads of this rank's kernels and BLAS by the one rule of
     ``hpctrain.threads`` (config, HPCTRAIN_NUM_THREADS, OMP_NUM_THREADS, cores per rank).
-    With several threads, rank 0 warns when a runtime loaded before hpctrain keeps idle
-    threads spinning (``hpctrain._idle_threads.late_warning``)."""
+    With several threads, an OpenBLAS loaded before hpctrain re-reads its thread timeout
+    (``hpctrain._idle_threads.reapply_blas_timeout``), and rank 0 warns about what still
+    keeps idle threads spinning (``hpctrain._idle_threads.late_warning``)."""
     from threadpoolctl import threadpool_limits
 
-    from hpctrain._idle_threads import late_warning
+    from hpctrain._idle_threads import late_warning, reapply_blas_timeout
     from hpctrain._kernels import _openmp
     from hpctrain.threads import threads_per_rank
     n, _ = threads_per_rank(configured, ranks_on_host)
     _openmp.set_num_threads(n)
+    if n > 1:
+        reapply_blas_timeout()      # NumPy imported before hpctrain: OpenBLAS re-reads it
     threadpool_limits(limits=n, user_api="blas")
     if n > 1 and rank == 0:
         msg = late_warning()
         if msg:
             _log.warning("%d threads per rank: %s", n, msg)
     return n
+
 
 class Trainer(RunChecks, BestTracking, Reporting, Checkpointing, Predicting):
     """Trains the model a ``Config`` describes on the ranks of ``comm``.

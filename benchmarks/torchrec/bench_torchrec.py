@@ -359,6 +359,9 @@ def build(args, cfg, specs, rank, world):
     if acc0:
         fused = (model.fused_optimizer if args.mode == "dmp"
                  else model.sparse_arch.embedding_bag_collection.fused_optimizer())
+        # the same start in dmp too: TorchRec's all-to-all divides the embedding gradients
+        # by the world size in backward (torchrec.distributed.comm_ops, gradient division
+        # on by default), so they are the global mean's, as hpctrain's
         if fill_accumulators(fused, acc0) == 0:
             raise RuntimeError("initial_accumulator: no Adagrad state found in TorchRec's "
                                "fused embedding optimizer")

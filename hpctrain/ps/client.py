@@ -26,19 +26,12 @@ import numpy as np
 
 from hpctrain.ps import protocol as P
 from hpctrain.sparse.collection import check_grads, split_batch
-from hpctrain.sparse.plan import route
+from hpctrain.sparse.plan import exclusive_cumsum, route
 from hpctrain.sparse.routing import owner_of
 from hpctrain.sparse.spec import resolve_specs
 from hpctrain.sparse.store import EmbeddingStore, Ticket
 
 PHASES = ("dedup", "route", "pull", "wait", "pool", "push")
-
-
-def _exclusive_cumsum(a):
-    out = np.zeros(a.shape[0], dtype=np.int64)
-    if a.shape[0] > 1:
-        np.cumsum(a[:-1], out=out[1:])
-    return out
 
 
 class PSTicket(Ticket):
@@ -98,9 +91,9 @@ class PSClient(EmbeddingStore):
         t.ids = r.fill_ids(np.empty(r.total, dtype=np.int64))
         t.unique_off = r.unique_off
         t.to_server, t.per_table = r.to_peer, r.per_table
-        t.id_start = _exclusive_cumsum(r.to_peer)
+        t.id_start = exclusive_cumsum(r.to_peer)
         t.elems = r.ask_elems
-        t.elem_start = _exclusive_cumsum(t.elems)
+        t.elem_start = exclusive_cumsum(t.elems)
         t2 = time.perf_counter()
         tag = P.PULL if train else P.EVAL
         for k, rank in enumerate(self.servers):

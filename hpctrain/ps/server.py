@@ -50,14 +50,8 @@ from hpctrain.ps import protocol as P
 from hpctrain.ps.dense import DenseShard
 from hpctrain.ps.requests import Requests
 from hpctrain.sparse.collection import make_table
+from hpctrain.sparse.plan import exclusive_cumsum
 from hpctrain.sparse.spec import resolve_specs
-
-
-def _exclusive_cumsum(a):
-    out = np.zeros(a.shape[0], dtype=np.int64)
-    if a.shape[0] > 1:
-        np.cumsum(a[:-1], out=out[1:])
-    return out
 
 
 def read_rows(table, keys):
@@ -449,7 +443,7 @@ class Server(Requests):
             return
         recv_ids = np.concatenate([p.ids[i] for p in pushes])
         grads = np.concatenate([p.grads[i] for p in pushes])
-        id_start = _exclusive_cumsum(counts)
+        id_start = exclusive_cumsum(counts)
         if np.count_nonzero(counts) <= 1:
             # one worker: its ids are already unique (deduplicated before routing)
             uniq, inverse = recv_ids, np.arange(total, dtype=np.int64)

@@ -37,7 +37,8 @@ from hpctrain.sparse.init import INITS, default_scale
 from hpctrain.sparse import rowdtype
 from hpctrain.sparse.optimizers import KINDS, SparseOptimizer
 from hpctrain.sparse.policies import Admission, Eviction
-from hpctrain.sparse.table_args import _as_u64, as_float32_2d, as_int64, as_step  # noqa: F401
+from hpctrain.sparse.table_args import (_as_u64, as_float32_2d, as_int64,  # noqa: F401
+                                        as_step, check_out_float32)
 
 _OPT_CODE = {kind: code for code, kind in enumerate(KINDS)}  # order of table_optim.pxi's enum
 _ADM_CODE = {"exact": 1, "bloom": 2}
@@ -244,13 +245,7 @@ class EmbeddingTable:
         if out is None:
             out = np.empty(shape, dtype=np.float32)
         else:
-            if not isinstance(out, np.ndarray) or out.dtype != np.float32:
-                raise TypeError(f"out must be a float32 ndarray; got "
-                                f"{getattr(out, 'dtype', type(out).__name__)}")
-            if out.shape != shape:
-                raise ValueError(f"out has shape {out.shape}; expected {shape}")
-            if not out.flags.c_contiguous or not out.flags.writeable:
-                raise ValueError("out must be C-contiguous and writeable")
+            check_out_float32(out, "out", shape)
         with self._lock:
             nbad = self._core.gather(idx, out, get_num_threads(), self._debug)
         if nbad:
@@ -277,12 +272,7 @@ class EmbeddingTable:
         """
         idx = as_int64(indices, "indices")
         off = as_int64(out_off, "out_off")
-        if not isinstance(out, np.ndarray) or out.dtype != np.float32 or out.ndim != 1:
-            raise TypeError(f"out must be a 1-D float32 ndarray; got "
-                            f"{getattr(out, 'dtype', type(out).__name__)}"
-                            f"{list(getattr(out, 'shape', []))}")
-        if not out.flags.c_contiguous or not out.flags.writeable:
-            raise ValueError("out must be C-contiguous and writeable")
+        check_out_float32(out, "out")
         sel = None
         if select is not None:
             sel = as_int64(select, "select")

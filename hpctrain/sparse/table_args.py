@@ -54,6 +54,28 @@ def as_float32_2d(x, argname, shape):
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
+def check_out_float32(out, argname, shape=None):
+    """Raise unless ``out`` can take float32 results in place: a writeable C-contiguous
+    float32 ndarray of ``shape``, or with ``shape=None`` a flat (1-D) buffer of any length.
+
+    Raises:
+        TypeError: naming ``argname`` when it is not a float32 ndarray (or not 1-D).
+        ValueError: naming ``argname`` for a wrong shape, a non-contiguous or a read-only
+            array.
+    """
+    flat = shape is None
+    if not isinstance(out, np.ndarray) or out.dtype != np.float32 or (flat and out.ndim != 1):
+        got = getattr(out, "dtype", type(out).__name__)
+        if flat:
+            got = f"{got}{list(getattr(out, 'shape', []))}"
+        raise TypeError(f"{argname} must be a {'1-D ' if flat else ''}float32 ndarray; "
+                        f"got {got}")
+    if not flat and out.shape != shape:
+        raise ValueError(f"{argname} has shape {out.shape}; expected {shape}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(f"{argname} must be C-contiguous and writeable")
+
+
 def as_step(step):
     """A training step as a Python int in [0, 2^31 - 1].
 

@@ -60,11 +60,6 @@ def _openblas_path():
     return None
 
 
-def _openblas_loaded():
-    """True when NumPy's BLAS in this process is OpenBLAS."""
-    return _openblas_path() is not None
-
-
 def reapply_blas_timeout():
     """Give a running OpenBLAS the thread timeout it missed; True when this call did.
 
@@ -106,7 +101,7 @@ def late_warning():
     benchmarks/README.md, *Threads inside a rank*).
     """
     late = []
-    if BLAS_TIMEOUT_SOURCE == "too late" and _openblas_loaded():
+    if BLAS_TIMEOUT_SOURCE == "too late" and _openblas_path() is not None:
         late.append("NumPy was imported before hpctrain, so its OpenBLAS threads spin about "
                     "0.1 s after every matrix product (OPENBLAS_THREAD_TIMEOUT=20 came too "
                     "late)")

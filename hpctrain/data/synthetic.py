@@ -95,10 +95,10 @@ def zipf_tail(vocab, s):
     key = (int(vocab), float(s))
     t = _tails.get(key)
     if t is None:
-        head, _ = zipf_tables(vocab, s)
+        head, guide = zipf_tables(vocab, s)
         t = data_synth.zipf_tail_guide(vocab, s, head, ZIPF_TAIL_GUIDE)
         if t.shape[0]:
-            data_synth.check_tables(vocab, s, head, zipf_tables(vocab, s)[1], t)
+            data_synth.check_tables(vocab, s, head, guide, t)
         t.setflags(write=False)         # checked once: fetch skips the checks
         _tails[key] = t
     return t if t.shape[0] else None

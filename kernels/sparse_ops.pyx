@@ -214,6 +214,25 @@ cdef _addresses(list arrays):
     return np.array([a.ctypes.data for a in arrays], dtype=np.int64)
 
 
+cdef list _int64_vectors(list arrays, str who):
+    """``arrays`` as C-contiguous int64 arrays; ``ValueError`` naming the first that is not
+    1-D (the list kernels' input check)."""
+    out = [np.ascontiguousarray(a, dtype=np.int64) for a in arrays]
+    for t, a in enumerate(out):
+        if a.ndim != 1:
+            raise ValueError(f"{who}: array {t} is not 1-D (shape {a.shape})")
+    return out
+
+
+cdef int64_t* _cursors(const int64_t* row, int64_t P) noexcept nogil:
+    """A malloc'd copy of ``row[0:P]``: per-owner write positions that a table's pass
+    advances (NULL when out of memory; the caller frees it)."""
+    cdef int64_t* cur = <int64_t*>malloc(P * sizeof(int64_t))
+    if cur != NULL:
+        memcpy(cur, row, P * sizeof(int64_t))
+    return cur
+
+
 cdef int _per_item_threads(int64_t nbytes, Py_ssize_t items):
     """Threads of a loop that gives whole items (tables) to the threads: the kernels'
     cut-off on the bytes it touches, and no more threads than items."""
@@ -227,11 +246,7 @@ def unique_inverse_many(list key_arrays):
     any thread count). For the per-table dedup of a batch: one call instead of one
     per table, and no Python between them to serialise the threads."""
     cdef Py_ssize_t T = len(key_arrays), t
-    keys = [np.ascontiguousarray(a, dtype=np.int64) for a in key_arrays]
-    for t in range(T):
-        if keys[t].ndim != 1:
-            raise ValueError(f"unique_inverse_many: array {t} is not 1-D "
-                             f"(shape {keys[t].shape})")
+    keys = _int64_vectors(key_arrays, "unique_inverse_many")
     uniqs = [np.empty(k.shape[0], dtype=np.int64) for k in keys]
     invs = [np.empty(k.shape[0], dtype=np.int64) for k in keys]
     cdef int64_t[::1] kptr = _addresses(keys)
@@ -345,10 +360,7 @@ def route_many(list key_arrays, const int64_t[::1] table_ids, const int64_t[::1]
                          f"{dims.shape[0]} dims")
     if world_size < 1 or world_size > 2147483647:
         raise ValueError(f"route_many: world_size must be in [1, 2^31-1], got {world_size}")
-    keys = [np.ascontiguousarray(a, dtype=np.int64) for a in key_arrays]
-    for t in range(T):
-        if keys[t].ndim != 1:
-            raise ValueError(f"route_many: array {t} is not 1-D (shape {keys[t].shape})")
+    keys = _int64_vectors(key_arrays, "route_many")
     owners = [np.empty(a.shape[0], dtype=np.int32) for a in keys]
     offs = [np.empty(a.shape[0], dtype=np.int64) for a in keys]
     cdef int64_t P = world_size
@@ -388,11 +400,10 @@ def route_many(list key_arrays, const int64_t[::1] table_ids, const int64_t[::1]
     cdef int64_t d, bad = 0
     with nogil:
         for t in prange(T, num_threads=nt, schedule='dynamic'):
-            cur = <int64_t*>malloc(P * sizeof(int64_t))
+            cur = _cursors(&start[t, 0], P)
             if cur == NULL:
                 bad += 1
             else:
-                memcpy(cur, &start[t, 0], P * sizeof(int64_t))
                 op = <int32_t*>optr[t]
                 fp = <int64_t*>fptr[t]
                 d = dims[t]
@@ -435,11 +446,10 @@ def scatter_many(list key_arrays, list owner_arrays, const int64_t[:, ::1] start
     cdef int32_t o
     with nogil:
         for t in prange(T, num_threads=nt, schedule='dynamic'):
-            cur = <int64_t*>malloc(P * sizeof(int64_t))
+            cur = _cursors(&start[t, 0], P)
             if cur == NULL:
                 oom += 1
             else:
-                memcpy(cur, &start[t, 0], P * sizeof(int64_t))
                 kp = <const int64_t*>kptr[t]
                 op = <const int32_t*>optr[t]
                 for i in range(n[t]):

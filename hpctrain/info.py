@@ -16,7 +16,23 @@ def _mpi_facts():
     from hpctrain.comm.world import library_facts
     facts = library_facts()
     facts.pop("mpi_library_line")
+    facts["allreduce_path"] = _allreduce_path()
     return facts
+
+
+def _allreduce_path():
+    """How a blocking sum reaches MPI (hpctrain.comm.direct), in words."""
+    from mpi4py import MPI
+
+    from hpctrain.comm import direct
+    if not direct.enabled():
+        return "mpi4py's Allreduce (HPCTRAIN_DIRECT_MPI off)"
+    try:
+        bound = direct.direct_allreduce(MPI.COMM_SELF) is not None
+    except ImportError:         # kernels missing: the kernels line says so
+        return "mpi4py's Allreduce (kernels missing)"
+    return ("MPI_Allreduce called directly" if bound
+            else "mpi4py's Allreduce (no single MPI_Allreduce to call directly)")
 
 
 def _h5py_facts():
@@ -135,7 +151,8 @@ def format_summary(f):
         f"NumPy         {f['numpy']}",
         f"mpi4py        {f['mpi4py']}",
         f"MPI           {f['mpi_library']} (MPI {f['mpi_standard']}), thread level "
-        f"{f['thread_level']} (requested {f['thread_level_requested']})",
+        f"{f['thread_level']} (requested {f['thread_level_requested']})"
+        + (f"; allreduce: {f['allreduce_path']}" if f.get("allreduce_path") else ""),
         f"h5py          {f['h5py']}" + (f" (HDF5 {f['hdf5']})" if "hdf5" in f else ""),
         f"kernels       {', '.join(f['kernels'])} ({omp})" if "kernels_error" not in f
         else f"kernels       ERROR: {f['kernels_error']}",

@@ -163,3 +163,33 @@ def test_debug_mode_ignores_unwritten_rows_of_a_preallocated_recvbuf():
     out = comm.alltoallv(np.ones((3, 2)), [3], [3], recvbuf=recvbuf)
     assert (out[:3] == 1).all() and np.isnan(out[3:]).all()
     assert (comm.ialltoallv(np.ones((3, 2)), [3], [3], recvbuf=recvbuf).wait()[:3] == 1).all()
+
+
+def test_direct_allreduce_binding_and_its_argument_errors(monkeypatch):
+    from mpi4py import MPI
+
+    from hpctrain._kernels.mpi_direct import DirectAllreduce
+    from hpctrain.comm import direct
+
+    types = direct.type_handles()
+    for char in "fdlqhb":         # every type number of a summable dtype maps to its type
+        assert types[np.dtype(char).num] == direct.word(
+            mpi_backend.mpi_type(np.dtype(char)).handle)
+    assert direct.word(-1) == direct.word((1 << 64) - 1) > 0
+    assert np.dtype(bool).num not in types and np.dtype(np.float16).num not in types
+    with pytest.raises(ValueError, match="no MPI_Allreduce address"):
+        DirectAllreduce(0, 4, 1, 0, 0, {})
+    with pytest.raises(ValueError, match="3 bytes"):
+        DirectAllreduce(1, 3, 1, 0, 0, {})
+    with pytest.raises(ValueError, match="type number 99"):
+        DirectAllreduce(1, 4, 1, 0, 0, {99: 1})
+    monkeypatch.setenv("HPCTRAIN_DIRECT_MPI", "off")
+    assert not direct.enabled() and direct.direct_allreduce(MPI.COMM_SELF) is None
+    monkeypatch.delenv("HPCTRAIN_DIRECT_MPI")
+    assert direct.enabled() and direct.direct_allreduce(MPI.COMM_NULL) is None
+    call = direct.direct_allreduce(MPI.COMM_SELF)
+    if call is None:
+        pytest.skip("direct MPI calls unavailable here")
+    buf = np.arange(6, dtype=np.float64).reshape(2, 3)
+    assert call(buf) == 0      # one rank: the sum is the array itself
+    np.testing.assert_array_equal(buf, np.arange(6).reshape(2, 3))

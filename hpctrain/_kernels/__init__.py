@@ -20,7 +20,8 @@ from hpctrain.errors import InstallError
 WAIT_POLICY = DEFAULTS["OMP_WAIT_POLICY"]
 
 #: Every compiled module, one per kernels/*.pyx.
-KERNELS = ("_build", "_openmp", "data_parse", "data_synth", "dense_ops", "sparse_ops", "table")
+KERNELS = ("_build", "_openmp", "data_parse", "data_synth", "dense_ops", "mpi_direct",
+           "sparse_ops", "table")
 
 BUILD_HINT = ("build them (needs a C compiler) with `pip install .` in a source checkout or "
               "from the sdist, or `python setup.py build_ext --inplace` in an editable checkout")

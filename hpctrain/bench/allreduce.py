@@ -120,13 +120,17 @@ def main(argv=None):
                      "ratio": s_raw["p50"] / s_ours["p50"],
                      "ratio_min": s_raw["min"] / s_ours["min"]})
     summary = summarize(rows, GOAL, n)
+    direct = getattr(hc, "_direct", None) is not None
     if comm.rank == 0:
         mode = "non-blocking" if args.nonblocking else "blocking"
         print(f"# hpctrain allreduce ({args.op}, {dtype}, {mode}) vs raw mpi4py, {n} ranks; "
               "busbw = size/t * 2(n-1)/n")
+        print(f"# direct MPI_Allreduce calls (hpctrain.comm.direct): "
+              f"{'on' if direct else 'off'}")
         print_rows(rows, summary, GOAL)
     common.write_json("allreduce", {"dtype": str(dtype), "op": args.op,
                                     "nonblocking": args.nonblocking, "busbw_factor": factor,
+                                    "direct_mpi": direct,
                                     "rows": rows, "summary": summary,
                                     "peak_rss_bytes": peak_rss_bytes()},
                       path=args.json, comm=comm)

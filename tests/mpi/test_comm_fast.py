@@ -102,3 +102,73 @@ def test_allreduce_refused_buffers_still_name_the_problem(comm):
         comm.allreduce(np.ones((4, 4))[:, 1])
     with pytest.raises(TypeError, match="numpy.ndarray"):
         comm.allreduce([1.0, 2.0])
+
+
+# -- direct MPI_Allreduce (hpctrain.comm.direct) ----------------------------------------
+
+_DIRECT_DTYPES = ["f4", "f8", "i8", "i4", "i2", "i1", "u8", "u4", "u2", "u1", "c8", "c16",
+                  "l", "q", "L", "Q", "h", "B"]
+
+
+def _direct_or_skip(comm):
+    if comm._direct is None:
+        pytest.skip("direct MPI calls unavailable here (hpctrain.comm.direct)")
+    return comm._direct
+
+
+@pytest.mark.parametrize("dtype", _DIRECT_DTYPES)
+def test_direct_allreduce_sums_every_mapped_type_like_numpy(comm, dtype):
+    direct = _direct_or_skip(comm)
+    rng = np.random.default_rng([7, comm.rank])
+    dt = np.dtype(dtype)
+    a = rng.integers(0, 50, (3, 5))
+    if dt.kind == "c":
+        a = a + 1j * rng.integers(0, 50, (3, 5))
+    a = a.astype(dt)
+    everyone = comm.allgather_object(a.copy())
+    expected = np.sum(np.stack(everyone), axis=0, dtype=dt)
+    b = a.copy()
+    assert direct(b) == 0           # MPI summed it: no fallback hid a refusal
+    np.testing.assert_array_equal(b, expected)
+    c = a.copy()
+    assert comm.allreduce(c) is c
+    np.testing.assert_array_equal(c, expected)
+
+
+def test_direct_allreduce_refuses_what_it_cannot_pass_and_the_fallback_sums_it(comm):
+    direct = _direct_or_skip(comm)
+    frozen = np.ones(4, dtype=np.float32)
+    frozen.flags.writeable = False
+    swapped = np.ones(4, dtype=">f4" if np.little_endian else "<f4")
+    for refused in (np.ones((4, 4))[:, 1], frozen, swapped, np.ones(4, dtype=bool),
+                    np.ones(4, dtype=np.float16), [1.0, 2.0], np.float32(1.0)):
+        assert direct(refused) == -1
+    fortran = np.asfortranarray(np.ones((3, 4)))   # not C order: mpi4py's path takes it
+    assert comm.allreduce(fortran) is fortran and (fortran == comm.size).all()
+    empty = np.zeros(0, dtype=np.float32)
+    assert direct(empty) == 0 and comm.allreduce(empty) is empty
+
+
+def test_direct_allreduce_is_bound_to_its_own_communicator(comm):
+    sub = comm.split(comm.rank % 2)
+    members = [r for r in range(comm.size) if r % 2 == comm.rank % 2]
+    if comm._direct is not None:
+        assert sub._direct is not None and sub._direct is not comm._direct
+    buf = np.array([comm.rank + 1], dtype=np.int64)
+    assert sub.allreduce(buf) is buf
+    assert buf[0] == sum(r + 1 for r in members)
+    whole = np.array([comm.rank + 1], dtype=np.int64)
+    assert comm.allreduce(whole)[0] == comm.size * (comm.size + 1) // 2
+
+
+def test_direct_calls_off_by_environment_give_the_same_sums(comm, monkeypatch):
+    monkeypatch.setenv("HPCTRAIN_DIRECT_MPI", "0")
+    off = MpiCommunicator()
+    assert off._direct is None
+    assert MpiCommunicator(chunk_limit=5)._direct is None     # a caller's limit: checked path
+    rng = np.random.default_rng([11, comm.rank])
+    a = rng.standard_normal(1000).astype(np.float32)
+    b, c = a.copy(), a.copy()
+    off.allreduce(b)
+    comm.allreduce(c)
+    np.testing.assert_array_equal(b, c)   # same MPI call, same order of sums

@@ -1,0 +1,129 @@
+"""Binding ``MPI_Allreduce`` for direct calls from C (``hpctrain._kernels.mpi_direct``).
+
+``direct_allreduce(mpi_comm)`` returns a ``DirectAllreduce`` for that communicator, or
+None where it cannot be bound safely, in which case the caller keeps calling mpi4py:
+
+* ``HPCTRAIN_DIRECT_MPI=0`` (also ``false``/``no``/``off``) turns it off;
+* the platform has no ``/proc/self/maps`` or ``dlopen`` (not Linux);
+* MPI's handles are neither ``int`` nor pointer sized;
+* no library in the process exports ``MPI_Allreduce``, or two different ones do.
+
+The function is looked up the way mpi4py's own calls resolve it: first in the process's
+global symbol scope (where an ``LD_PRELOAD``-ed profiling library would put its
+``MPI_Allreduce`` ahead of the MPI library's), then in the MPI library mpi4py loaded.
+Handle values (communicator, datatypes, ``MPI_SUM``, ``MPI_IN_PLACE``) are mpi4py's.
+"""
+import ctypes
+import logging
+import os
+
+import numpy as np
+from mpi4py import MPI
+
+log = logging.getLogger(__name__)
+
+_OFF = ("0", "false", "no", "off")
+_address = None             # MPI_Allreduce's address once found (0: not found)
+
+# NumPy dtypes with a predefined MPI type that MPI_SUM takes; every NumPy type number
+# that names one of them (e.g. both "l" and "q" for int64 on LP64) maps to it.
+_SUMMABLE = [("f4", "FLOAT"), ("f8", "DOUBLE"), ("i8", "INT64_T"), ("i4", "INT32_T"),
+             ("i2", "INT16_T"), ("i1", "INT8_T"), ("u8", "UINT64_T"), ("u4", "UINT32_T"),
+             ("u2", "UINT16_T"), ("u1", "UINT8_T"), ("c8", "C_FLOAT_COMPLEX"),
+             ("c16", "C_DOUBLE_COMPLEX")]
+
+
+def word(value):
+    """``value`` (a handle or address as mpi4py gives it: signed, or sign-extended
+    unsigned) as an unsigned machine word."""
+    return int(value) & ((1 << (8 * ctypes.sizeof(ctypes.c_void_p))) - 1)
+
+
+def enabled():
+    """False when ``HPCTRAIN_DIRECT_MPI`` turns direct calls off."""
+    return os.environ.get("HPCTRAIN_DIRECT_MPI", "1").strip().lower() not in _OFF
+
+
+def _mapped_mpi_libraries():
+    """Paths of the shared libraries named ``libmpi*`` mapped into this process."""
+    paths = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.rstrip("\n").split(None, 5)[-1]
+                if path.startswith("/") and os.path.basename(path).startswith("libmpi") \
+                        and path not in paths:
+                    paths.append(path)
+    except OSError:
+        return []
+    return paths
+
+
+def _symbol(lib):
+    try:
+        return ctypes.cast(lib.MPI_Allreduce, ctypes.c_void_p).value or 0
+    except AttributeError:
+        return 0
+
+
+def find_allreduce():
+    """The address of the ``MPI_Allreduce`` mpi4py's calls reach, or 0 (cached)."""
+    global _address
+    if _address is None:
+        _address = _find()
+    return _address
+
+
+def _find():
+    if not hasattr(os, "RTLD_NOLOAD"):
+        return 0
+    try:
+        addr = _symbol(ctypes.CDLL(None))           # global scope: preloaded tools first
+    except OSError:
+        addr = 0
+    if addr:
+        return addr
+    found = set()
+    for path in _mapped_mpi_libraries():
+        try:
+            lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        except OSError:
+            continue
+        addr = _symbol(lib)
+        if addr:
+            found.add(addr)
+    if len(found) != 1:
+        log.debug("direct MPI calls off: %d MPI libraries export MPI_Allreduce", len(found))
+        return 0
+    return found.pop()
+
+
+def type_handles():
+    """{NumPy type number: MPI datatype handle} for the summable predefined types."""
+    by_dtype = {np.dtype(k): getattr(MPI, name).handle for k, name in _SUMMABLE}
+    out = {}
+    for char in np.typecodes["All"]:
+        try:
+            dt = np.dtype(char)
+        except TypeError:
+            continue
+        h = by_dtype.get(dt)
+        if h is not None and dt.isnative:
+            out[dt.num] = word(h)
+    return out
+
+
+def direct_allreduce(mpi_comm):
+    """A ``DirectAllreduce`` on ``mpi_comm``, or None where direct calls are off or
+    unavailable (the reasons in the module docstring)."""
+    if not enabled() or mpi_comm == MPI.COMM_NULL:
+        return None
+    addr = find_allreduce()
+    if not addr:
+        return None
+    from hpctrain._kernels.mpi_direct import DirectAllreduce
+    handle_bytes = MPI._sizeof(MPI.Comm)
+    if handle_bytes not in (4, ctypes.sizeof(ctypes.c_void_p)):
+        return None
+    return DirectAllreduce(addr, handle_bytes, word(MPI.IN_PLACE), word(mpi_comm.handle),
+                           word(MPI.SUM.handle), type_handles())

@@ -16,23 +16,25 @@ def _mpi_facts():
     from hpctrain.comm.world import library_facts
     facts = library_facts()
     facts.pop("mpi_library_line")
-    facts["allreduce_path"] = _allreduce_path()
+    facts["direct_mpi"] = _direct_mpi()
     return facts
 
 
-def _allreduce_path():
-    """How a blocking sum reaches MPI (hpctrain.comm.direct), in words."""
+def _direct_mpi():
+    """Which MPI calls hpctrain makes from C (hpctrain.comm.direct), in words."""
     from mpi4py import MPI
 
     from hpctrain.comm import direct
     if not direct.enabled():
-        return "mpi4py's Allreduce (HPCTRAIN_DIRECT_MPI off)"
+        return "off (HPCTRAIN_DIRECT_MPI), every call through mpi4py"
     try:
-        bound = direct.direct_allreduce(MPI.COMM_SELF) is not None
+        bound = [name for name, bind in (("MPI_Allreduce", direct.direct_allreduce),
+                                         ("MPI_Alltoallv", direct.direct_alltoallv))
+                 if bind(MPI.COMM_SELF) is not None]
     except ImportError:         # kernels missing: the kernels line says so
-        return "mpi4py's Allreduce (kernels missing)"
-    return ("MPI_Allreduce called directly" if bound
-            else "mpi4py's Allreduce (no single MPI_Allreduce to call directly)")
+        return "off (kernels missing), every call through mpi4py"
+    return (f"{', '.join(bound)} called from C" if bound
+            else "none found to call, every call through mpi4py")
 
 
 def _h5py_facts():
@@ -152,7 +154,7 @@ def format_summary(f):
         f"mpi4py        {f['mpi4py']}",
         f"MPI           {f['mpi_library']} (MPI {f['mpi_standard']}), thread level "
         f"{f['thread_level']} (requested {f['thread_level_requested']})"
-        + (f"; allreduce: {f['allreduce_path']}" if f.get("allreduce_path") else ""),
+        + (f"; direct calls: {f['direct_mpi']}" if f.get("direct_mpi") else ""),
         f"h5py          {f['h5py']}" + (f" (HDF5 {f['hdf5']})" if "hdf5" in f else ""),
         f"kernels       {', '.join(f['kernels'])} ({omp})" if "kernels_error" not in f
         else f"kernels       ERROR: {f['kernels_error']}",

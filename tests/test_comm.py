@@ -165,7 +165,7 @@ def test_debug_mode_ignores_unwritten_rows_of_a_preallocated_recvbuf():
     assert (comm.ialltoallv(np.ones((3, 2)), [3], [3], recvbuf=recvbuf).wait()[:3] == 1).all()
 
 
-def test_direct_allreduce_binding_and_its_argument_errors(monkeypatch):
+def test_direct_calls_binding_and_argument_errors(monkeypatch):
     from mpi4py import MPI
 
     from hpctrain._kernels.mpi_direct import DirectAllreduce
@@ -177,12 +177,18 @@ def test_direct_allreduce_binding_and_its_argument_errors(monkeypatch):
             mpi_backend.mpi_type(np.dtype(char)).handle)
     assert direct.word(-1) == direct.word((1 << 64) - 1) > 0
     assert np.dtype(bool).num not in types and np.dtype(np.float16).num not in types
-    with pytest.raises(ValueError, match="no MPI_Allreduce address"):
+    with pytest.raises(ValueError, match="no function address"):
         DirectAllreduce(0, 4, 1, 0, 0, {})
     with pytest.raises(ValueError, match="3 bytes"):
         DirectAllreduce(1, 3, 1, 0, 0, {})
     with pytest.raises(ValueError, match="type number 99"):
         DirectAllreduce(1, 4, 1, 0, 0, {99: 1})
+    from hpctrain._kernels.mpi_direct import DirectAlltoallv
+    with pytest.raises(ValueError, match="communicator size 0"):
+        DirectAlltoallv(1, 4, 0, 0, {})
+    with pytest.raises(ValueError, match="DirectAlltoallv: MPI handles of 2 bytes"):
+        DirectAlltoallv(1, 2, 0, 1, {})
+    assert direct.direct_alltoallv(MPI.COMM_NULL) is None
     monkeypatch.setenv("HPCTRAIN_DIRECT_MPI", "off")
     assert not direct.enabled() and direct.direct_allreduce(MPI.COMM_SELF) is None
     monkeypatch.delenv("HPCTRAIN_DIRECT_MPI")
@@ -193,3 +199,8 @@ def test_direct_allreduce_binding_and_its_argument_errors(monkeypatch):
     buf = np.arange(6, dtype=np.float64).reshape(2, 3)
     assert call(buf) == 0      # one rank: the sum is the array itself
     np.testing.assert_array_equal(buf, np.arange(6).reshape(2, 3))
+    a2av = direct.direct_alltoallv(MPI.COMM_SELF)
+    recv = np.zeros((3, 2), dtype=np.int64)
+    send = np.arange(6, dtype=np.int64).reshape(3, 2)
+    assert a2av.call(send, np.array([2]), np.array([2]), recv, 2**31 - 1) == 0
+    np.testing.assert_array_equal(recv, [[0, 1], [2, 3], [0, 0]])

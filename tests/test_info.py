@@ -32,19 +32,18 @@ def test_info_one_rank_prints_versions_and_layout():
         assert any(line.startswith(label) for line in out.splitlines()), (label, out)
     assert f"hpctrain      {hpctrain.__version__}" in out
     assert f"NumPy         {np.__version__}" in out
-    assert "thread level MPI_THREAD_" in out and "; allreduce: " in out
+    assert "thread level MPI_THREAD_" in out and "; direct calls: " in out
     assert "world size    1 on 1 host(s)" in out and "rank 0 " in out
 
 
-def test_info_says_how_allreduce_reaches_mpi():
+def test_info_says_which_mpi_calls_are_made_from_c():
     off = json.loads(run_info("--json", env={"HPCTRAIN_DIRECT_MPI": "0"}).stdout)
-    assert off["allreduce_path"] == "mpi4py's Allreduce (HPCTRAIN_DIRECT_MPI off)"
+    assert off["direct_mpi"] == "off (HPCTRAIN_DIRECT_MPI), every call through mpi4py"
     on = json.loads(run_info("--json").stdout)
-    assert on["allreduce_path"] in ("MPI_Allreduce called directly",
-                                    "mpi4py's Allreduce (no single MPI_Allreduce to call "
-                                    "directly)")
+    assert on["direct_mpi"] in ("MPI_Allreduce, MPI_Alltoallv called from C",
+                                "none found to call, every call through mpi4py")
     if sys.platform.startswith("linux"):     # the MPI wheels' libmpi is found there
-        assert on["allreduce_path"] == "MPI_Allreduce called directly"
+        assert on["direct_mpi"] == "MPI_Allreduce, MPI_Alltoallv called from C"
 
 
 def test_info_json_reports_kernels_and_threads():

@@ -7,7 +7,10 @@ convention), made of float32 rows of ``--dim`` columns like embedding rows.
 Raw mpi4py gets precomputed element counts and displacements
 (``Alltoallv([buf, (counts, displs), MPI.FLOAT], ...)``); hpctrain gets counts in
 rows, as its callers pass them, and a preallocated receive buffer. Bus bandwidth
-follows nccl-tests/OSU: ``busbw = (n * size) / t * (n - 1) / n``.
+follows nccl-tests/OSU: ``busbw = (n * size) / t * (n - 1) / n``. ``--fresh-args``: both sides'
+calls alternate between two send buffers of the same rows, so no hpctrain call repeats the
+previous one's arguments, as in a training step, whose counts follow the data (raw mpi4py
+keeps precomputed arguments for each buffer).
 """
 import numpy as np
 
@@ -25,6 +28,8 @@ def main(argv=None):
     p.add_argument("--uneven", action="store_true",
                    help="peer p gets (p + 1) / mean share of the rows, rank-rotated")
     p.add_argument("--nonblocking", action="store_true", help="time ialltoallv().wait()")
+    p.add_argument("--fresh-args", action="store_true",
+                   help="alternate two send buffers: no hpctrain call repeats the last one")
     args = p.parse_args(argv)
     from mpi4py import MPI
 
@@ -43,22 +48,27 @@ def main(argv=None):
             counts = np.full(n, per_peer, dtype=np.int64)
         recv_counts = hc.alltoall(counts)
         send = np.zeros((int(counts.sum()), args.dim), dtype=np.float32)
+        sends = [send, send.copy()] if args.fresh_args else [send]
+        turn = [0]
         recv = np.empty((int(recv_counts.sum()), args.dim), dtype=np.float32)
         sc, sd = element_counts(counts, args.dim)
         rc, rd = element_counts(recv_counts, args.dim)
-        raw_args = ([send, (sc, sd), MPI.FLOAT], [recv, (rc, rd), MPI.FLOAT])
+        raw_args = [([b, (sc, sd), MPI.FLOAT], [recv, (rc, rd), MPI.FLOAT]) for b in sends]
+        raw_turn = [0]
         if args.nonblocking:
             def raw():
-                comm.Ialltoallv(*raw_args).Wait()
+                comm.Ialltoallv(*raw_args[0]).Wait()
 
             def ours():
                 hc.ialltoallv(send, counts, recv_counts, recv).wait()
         else:
             def raw():
-                comm.Alltoallv(*raw_args)
+                raw_turn[0] ^= 1
+                comm.Alltoallv(*raw_args[raw_turn[0] % len(raw_args)])
 
             def ours():
-                hc.alltoallv(send, counts, recv_counts, recv)
+                turn[0] ^= 1
+                hc.alltoallv(sends[turn[0] % len(sends)], counts, recv_counts, recv)
         s_raw, s_ours = compare(raw, ours, args, comm)
         sent = per_peer * row_bytes * n  # the nominal bytes of one rank's send
         rows.append({"bytes": per_peer * row_bytes, "raw": s_raw, "hpctrain": s_ours,
@@ -67,14 +77,20 @@ def main(argv=None):
                      "ratio": s_raw["p50"] / s_ours["p50"],
                      "ratio_min": s_raw["min"] / s_ours["min"]})
     summary = summarize(rows, GOAL, n)
+    direct = getattr(hc, "_direct_a2av", None) is not None
     if comm.rank == 0:
         print(f"# hpctrain alltoallv (float32 rows of {args.dim}, "
               f"{'uneven' if args.uneven else 'even'}, "
-              f"{'non-blocking' if args.nonblocking else 'blocking'}) vs raw mpi4py, {n} ranks; "
-              f"size per peer, busbw = n*size/t * (n-1)/n")
+              f"{'non-blocking' if args.nonblocking else 'blocking'}"
+              f"{', fresh arguments every call' if args.fresh_args else ''}) vs raw mpi4py, "
+              f"{n} ranks; size per peer, busbw = n*size/t * (n-1)/n")
+        print(f"# direct MPI_Alltoallv calls (hpctrain.comm.direct): "
+              f"{'on' if direct else 'off'}")
         print_rows(rows, summary, GOAL)
     common.write_json("alltoallv", {"dim": args.dim, "uneven": args.uneven,
-                                    "nonblocking": args.nonblocking, "rows": rows,
+                                    "nonblocking": args.nonblocking,
+                                    "fresh_args": args.fresh_args, "direct_mpi": direct,
+                                    "rows": rows,
                                     "summary": summary, "peak_rss_bytes": peak_rss_bytes()},
                       path=args.json, comm=comm)
     return 0

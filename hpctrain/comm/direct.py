@@ -1,16 +1,19 @@
-"""Binding ``MPI_Allreduce`` for direct calls from C (``hpctrain._kernels.mpi_direct``).
+"""Binding ``MPI_Allreduce`` and ``MPI_Alltoallv`` for direct calls from C
+(``hpctrain._kernels.mpi_direct``).
 
-``direct_allreduce(mpi_comm)`` returns a ``DirectAllreduce`` for that communicator, or
-None where it cannot be bound safely, in which case the caller keeps calling mpi4py:
+``direct_allreduce(mpi_comm)`` and ``direct_alltoallv(mpi_comm)`` return a
+``DirectAllreduce`` / ``DirectAlltoallv`` for that communicator, or None where it cannot
+be bound safely, in which case the caller keeps calling mpi4py:
 
 * ``HPCTRAIN_DIRECT_MPI=0`` (also ``false``/``no``/``off``) turns it off;
 * the platform has no ``/proc/self/maps`` or ``dlopen`` (not Linux);
 * MPI's handles are neither ``int`` nor pointer sized;
-* no library in the process exports ``MPI_Allreduce``, or two different ones do.
+* no library in the process exports the function, or two different ones do.
 
-The function is looked up the way mpi4py's own calls resolve it: first in the process's
+A function is looked up the way mpi4py's own calls resolve it: first in the process's
 global symbol scope (where an ``LD_PRELOAD``-ed profiling library would put its
-``MPI_Allreduce`` ahead of the MPI library's), then in the MPI library mpi4py loaded.
+``MPI_Allreduce`` ahead of the MPI library's), then in the MPI library mpi4py loaded (the one library named ``libmpi*`` in the process
+that exports it).
 Handle values (communicator, datatypes, ``MPI_SUM``, ``MPI_IN_PLACE``) are mpi4py's.
 """
 import ctypes
@@ -23,7 +26,7 @@ from mpi4py import MPI
 log = logging.getLogger(__name__)
 
 _OFF = ("0", "false", "no", "off")
-_address = None             # MPI_Allreduce's address once found (0: not found)
+_addresses = {}             # function name -> address once looked up (0: not found)
 
 # NumPy dtypes with a predefined MPI type that MPI_SUM takes; every NumPy type number
 # that names one of them (e.g. both "l" and "q" for int64 on LP64) maps to it.
@@ -59,26 +62,25 @@ def _mapped_mpi_libraries():
     return paths
 
 
-def _symbol(lib):
+def _symbol(lib, name):
     try:
-        return ctypes.cast(lib.MPI_Allreduce, ctypes.c_void_p).value or 0
+        return ctypes.cast(getattr(lib, name), ctypes.c_void_p).value or 0
     except AttributeError:
         return 0
 
 
-def find_allreduce():
-    """The address of the ``MPI_Allreduce`` mpi4py's calls reach, or 0 (cached)."""
-    global _address
-    if _address is None:
-        _address = _find()
-    return _address
+def find_function(name):
+    """The address of the MPI function ``name`` that mpi4py's calls reach, or 0 (cached)."""
+    if name not in _addresses:
+        _addresses[name] = _find(name)
+    return _addresses[name]
 
 
-def _find():
+def _find(name):
     if not hasattr(os, "RTLD_NOLOAD"):
         return 0
     try:
-        addr = _symbol(ctypes.CDLL(None))           # global scope: preloaded tools first
+        addr = _symbol(ctypes.CDLL(None), name)     # global scope: preloaded tools first
     except OSError:
         addr = 0
     if addr:
@@ -89,11 +91,11 @@ def _find():
             lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
         except OSError:
             continue
-        addr = _symbol(lib)
+        addr = _symbol(lib, name)
         if addr:
             found.add(addr)
     if len(found) != 1:
-        log.debug("direct MPI calls off: %d MPI libraries export MPI_Allreduce", len(found))
+        log.debug("direct MPI calls off: %d MPI libraries export %s", len(found), name)
         return 0
     return found.pop()
 
@@ -113,17 +115,33 @@ def type_handles():
     return out
 
 
+def _binding(mpi_comm, name):
+    """``(address, handle bytes)`` of MPI function ``name`` for direct calls on
+    ``mpi_comm``, or None (see the module docstring)."""
+    if not enabled() or mpi_comm == MPI.COMM_NULL:
+        return None
+    addr = find_function(name)
+    handle_bytes = MPI._sizeof(MPI.Comm)
+    if not addr or handle_bytes not in (4, ctypes.sizeof(ctypes.c_void_p)):
+        return None
+    return addr, handle_bytes
+
+
 def direct_allreduce(mpi_comm):
     """A ``DirectAllreduce`` on ``mpi_comm``, or None where direct calls are off or
     unavailable (the reasons in the module docstring)."""
-    if not enabled() or mpi_comm == MPI.COMM_NULL:
-        return None
-    addr = find_allreduce()
-    if not addr:
+    bound = _binding(mpi_comm, "MPI_Allreduce")
+    if bound is None:
         return None
     from hpctrain._kernels.mpi_direct import DirectAllreduce
-    handle_bytes = MPI._sizeof(MPI.Comm)
-    if handle_bytes not in (4, ctypes.sizeof(ctypes.c_void_p)):
-        return None
-    return DirectAllreduce(addr, handle_bytes, word(MPI.IN_PLACE), word(mpi_comm.handle),
+    return DirectAllreduce(*bound, word(MPI.IN_PLACE), word(mpi_comm.handle),
                            word(MPI.SUM.handle), type_handles())
+
+
+def direct_alltoallv(mpi_comm):
+    """A ``DirectAlltoallv`` on ``mpi_comm``, or None (as ``direct_allreduce``)."""
+    bound = _binding(mpi_comm, "MPI_Alltoallv")
+    if bound is None or mpi_comm.Is_inter():    # counts per remote rank: not this call
+        return None
+    from hpctrain._kernels.mpi_direct import DirectAlltoallv
+    return DirectAlltoallv(*bound, word(mpi_comm.handle), mpi_comm.Get_size(), type_handles())

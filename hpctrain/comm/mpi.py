@@ -24,7 +24,7 @@ from mpi4py import MPI
 from mpi4py.util.dtlib import from_numpy_dtype
 
 from hpctrain.comm.base import Communicator, Handle
-from hpctrain.comm.direct import direct_allreduce
+from hpctrain.comm.direct import direct_allreduce, direct_alltoallv
 from hpctrain.comm.topology import node_local
 
 #: Largest element count (and displacement) passed to one MPI call: C ``int`` max.
@@ -150,6 +150,7 @@ class MpiCommunicator(Communicator):
         # MPI_Allreduce called from C on the array's own header (hpctrain.comm.direct),
         # or None: then mpi4py's Allreduce
         self._direct = direct_allreduce(self.mpi_comm) if self._fast else None
+        self._direct_a2av = direct_alltoallv(self.mpi_comm) if self._fast else None
         self._a2av = None
 
     @property
@@ -234,12 +235,23 @@ class MpiCommunicator(Communicator):
     def alltoallv(self, sendbuf, send_counts, recv_counts, recvbuf=None):
         """Send ``send_counts[p]`` rows to peer ``p``; receive ``recv_counts[p]`` rows from ``p``.
 
-        A call with the same send and receive arrays (the same objects) and count arrays
-        of the same bytes as the previous plain call reuses that call's checked arguments
-        (element counts, displacements, buffer specs): the per-call cost is then that of
-        raw mpi4py's ``Alltoallv`` plus two comparisons of the counts' bytes. Cross-rank
-        checks are the debug communicator's (``HPCTRAIN_DEBUG=1``).
+        With a receive buffer, C-contiguous arrays of a predefined type and int64 count
+        arrays whose element counts fit one call, ``MPI_Alltoallv`` is called from C with
+        counts and displacements computed there (``hpctrain.comm.direct``). Where direct
+        calls are off, a call with the same send and receive arrays (the same objects) and
+        count arrays of the same bytes as the previous plain call reuses that call's
+        checked arguments (element counts, displacements, buffer specs): the per-call cost
+        is then that of raw mpi4py's ``Alltoallv`` plus two comparisons of the counts'
+        bytes. Anything else takes the checked path, whose errors name what is wrong.
+        Cross-rank checks are the debug communicator's (``HPCTRAIN_DEBUG=1``).
         """
+        if self._direct_a2av is not None and recvbuf is not None:
+            rc = self._direct_a2av.call(sendbuf, send_counts, recv_counts, recvbuf,
+                                        CHUNK_LIMIT // self.size)
+            if rc == 0:
+                return recvbuf
+            if rc > 0:
+                raise MPI.Exception(rc)
         c = self._a2av
         if c is not None and sendbuf is c[0] and recvbuf is c[1]:
             try:    # (tobytes is the cheapest look at an array's values)

@@ -1,5 +1,8 @@
 """The collectives' fast paths give what the checked paths give, at any world size:
-allreduce straight to MPI, alltoallv reusing the previous call's checked arguments."""
+allreduce and alltoallv called from C (hpctrain.comm.direct), and with those off, allreduce
+straight to mpi4py's call and alltoallv reusing the previous call's checked arguments."""
+import os
+
 import numpy as np
 import pytest
 
@@ -12,6 +15,28 @@ pytestmark = pytest.mark.mpi
 @pytest.fixture(scope="module")
 def comm():
     return MpiCommunicator()
+
+
+@pytest.fixture(scope="module")
+def comm_mpi4py():
+    """A communicator whose calls all go through mpi4py (direct MPI calls off)."""
+    old = os.environ.get("HPCTRAIN_DIRECT_MPI")
+    os.environ["HPCTRAIN_DIRECT_MPI"] = "0"
+    try:
+        c = MpiCommunicator()
+    finally:
+        if old is None:
+            del os.environ["HPCTRAIN_DIRECT_MPI"]
+        else:
+            os.environ["HPCTRAIN_DIRECT_MPI"] = old
+    assert c._direct is None and c._direct_a2av is None
+    return c
+
+
+@pytest.fixture(params=["direct", "mpi4py"])
+def either(request, comm, comm_mpi4py):
+    """Each communicator in turn: direct MPI calls where available, and mpi4py's."""
+    return comm if request.param == "direct" else comm_mpi4py
 
 
 def _rows(src, dst, n, dim, salt=0.0):
@@ -34,7 +59,8 @@ def _counts(comm, seed):
     return rng.integers(0, 5, comm.size).astype(np.int64)
 
 
-def test_alltoallv_repeated_calls_follow_counts_and_buffers(comm):
+def test_alltoallv_repeated_calls_follow_counts_and_buffers(either):
+    comm = either
     dim = 3
     counts = np.full(comm.size, 4, dtype=np.int64)
     recv_counts = comm.alltoall(counts)
@@ -67,7 +93,8 @@ def test_alltoallv_repeated_calls_follow_counts_and_buffers(comm):
     np.testing.assert_array_equal(recv3, recv2)
 
 
-def test_alltoallv_reused_arguments_respect_a_lowered_chunk_limit(comm, monkeypatch):
+def test_alltoallv_reused_arguments_respect_a_lowered_chunk_limit(either, monkeypatch):
+    comm = either
     dim = 2
     counts = np.full(comm.size, 3, dtype=np.int64)
     recv_counts = comm.alltoall(counts)
@@ -172,3 +199,61 @@ def test_direct_calls_off_by_environment_give_the_same_sums(comm, monkeypatch):
     off.allreduce(b)
     comm.allreduce(c)
     np.testing.assert_array_equal(b, c)   # same MPI call, same order of sums
+
+
+@pytest.mark.parametrize("dtype", ["f4", "f8", "i8", "i4", "u1", "c8"])
+@pytest.mark.parametrize("tail", [(), (3,), (2, 2)])
+def test_direct_alltoallv_moves_rows_as_mpi4py_does(comm, comm_mpi4py, dtype, tail):
+    direct = comm._direct_a2av
+    if direct is None:
+        pytest.skip("direct MPI calls unavailable here (hpctrain.comm.direct)")
+    rng = np.random.default_rng([5, comm.rank])
+    counts = rng.integers(0, 4, comm.size).astype(np.int64)
+    counts[comm.rank % comm.size] = 0                   # an empty block, too
+    recv_counts = comm.alltoall(counts)
+    send = rng.integers(0, 100, (int(counts.sum()), *tail)).astype(dtype)
+    a = np.full((int(recv_counts.sum()) + 1, *tail), 7, dtype=dtype)   # one row spare
+    b = a.copy()
+    assert direct.call(send, counts, recv_counts, a, mpi_backend.CHUNK_LIMIT) == 0
+    assert comm_mpi4py.alltoallv(send, counts, recv_counts, b) is b
+    np.testing.assert_array_equal(a, b)
+    assert (a[-1] == 7).all()                           # nothing past the counts written
+    everyone = comm.allgather_object((send, counts))    # and what each peer sent here
+    expected = [s[int(c[:comm.rank].sum()):int(c[:comm.rank + 1].sum())] for s, c in everyone]
+    np.testing.assert_array_equal(a[:-1], np.concatenate(expected))
+
+
+def test_direct_alltoallv_refusals_fall_back_to_the_checked_path(comm):
+    direct = comm._direct_a2av
+    if direct is None:
+        pytest.skip("direct MPI calls unavailable here (hpctrain.comm.direct)")
+    P, lim = comm.size, mpi_backend.CHUNK_LIMIT
+    ones = np.ones(P, dtype=np.int64)
+    send, recv = np.ones((P, 2), np.float32), np.zeros((P, 2), np.float32)
+    frozen = recv.copy()
+    frozen.flags.writeable = False
+    refused = [
+        (send, list(ones), ones, recv),                         # counts not arrays
+        (send, ones[:-1] if P > 1 else ones[:0], ones, recv),   # wrong length
+        (send, ones.astype(np.int32), ones, recv),              # not int64
+        (send, ones.astype(np.uint64), ones, recv),             # not signed
+        (send, ones * -1, ones, recv),                          # negative
+        (send, ones * 2, ones, recv),                           # more rows than sendbuf
+        (send, ones, ones * 2, recv),                           # more rows than recvbuf
+        (np.ones((P, 2), np.float64), ones, ones, recv),        # dtypes differ
+        (np.ones((P, 3), np.float32), ones, ones, recv),        # rows differ
+        (np.ones((P, 2), np.float16), ones, ones, np.zeros((P, 2), np.float16)),  # no type
+        (np.ones((2, P))[:, :1].T, ones, ones, recv),           # not contiguous
+        (send, ones, ones, frozen),                             # not writeable
+        (send, ones, ones, None),
+    ]
+    for args in refused:
+        assert direct.call(*args, lim) == -1
+    assert direct.call(send, ones, ones, recv, 1) == -1         # past the element limit
+    assert direct.call(send, ones, ones, recv, 2 * P) == 0 and (recv == 1).all()
+    # what the checked path then says, on every rank alike
+    with pytest.raises(ValueError, match="send_counts sum to"):
+        comm.alltoallv(send, ones * 2, ones, recv)
+    with pytest.raises(ValueError, match="recvbuf is float64"):
+        comm.alltoallv(send, ones, ones, np.zeros((P, 2)))
+    comm.barrier()

@@ -204,3 +204,27 @@ def test_direct_calls_binding_and_argument_errors(monkeypatch):
     send = np.arange(6, dtype=np.int64).reshape(3, 2)
     assert a2av.call(send, np.array([2]), np.array([2]), recv, 2**31 - 1) == 0
     np.testing.assert_array_equal(recv, [[0, 1], [2, 3], [0, 0]])
+
+
+def test_direct_call_errors_are_mpi4py_exceptions():
+    """An error code from a direct call raises mpi4py's exception for it, as mpi4py's own
+    call would (here: calls bound to MPI_COMM_NULL, which MPI refuses with ERR_COMM)."""
+    from mpi4py import MPI
+
+    from hpctrain._kernels.mpi_direct import DirectAllreduce, DirectAlltoallv
+    from hpctrain.comm import direct
+    if direct.direct_allreduce(MPI.COMM_SELF) is None:
+        pytest.skip("direct MPI calls unavailable here")
+    comm = mpi_backend.MpiCommunicator(MPI.COMM_SELF)
+    null, width = direct.word(MPI.COMM_NULL.handle), MPI._sizeof(MPI.Comm)
+    comm._direct = DirectAllreduce(direct.find_function("MPI_Allreduce"), width,
+                                   direct.word(MPI.IN_PLACE), null, direct.word(MPI.SUM.handle),
+                                   direct.type_handles())
+    comm._direct_a2av = DirectAlltoallv(direct.find_function("MPI_Alltoallv"), width, null, 1,
+                                        direct.type_handles())
+    with pytest.raises(MPI.Exception) as err:
+        comm.allreduce(np.ones(3))
+    assert err.value.Get_error_class() == MPI.ERR_COMM
+    with pytest.raises(MPI.Exception) as err:
+        comm.alltoallv(np.ones(2), np.array([2]), np.array([2]), np.zeros(2))
+    assert err.value.Get_error_class() == MPI.ERR_COMM

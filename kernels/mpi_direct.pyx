@@ -167,6 +167,10 @@ cdef class DirectAlltoallv:
     of non-negative values, totals beyond either array, or any count, displacement or
     total beyond ``limit`` elements (int counts; larger messages are split by the
     caller). The caller then takes its checked path, which names what is wrong.
+
+    The element counts live in one buffer per object, reused by every call: like the
+    collective itself (MPI forbids two threads' collectives on one communicator at once),
+    calls on one object must not overlap.
     """
     cdef alltoallv_int_handles f_int
     cdef alltoallv_ptr_handles f_ptr

@@ -12,9 +12,9 @@ be bound safely, in which case the caller keeps calling mpi4py:
 
 A function is looked up the way mpi4py's own calls resolve it: first in the process's
 global symbol scope (where an ``LD_PRELOAD``-ed profiling library would put its
-``MPI_Allreduce`` ahead of the MPI library's), then in the MPI library mpi4py loaded (the one library named ``libmpi*`` in the process
-that exports it).
-Handle values (communicator, datatypes, ``MPI_SUM``, ``MPI_IN_PLACE``) are mpi4py's.
+``MPI_Allreduce`` ahead of the MPI library's), then in the MPI library mpi4py loaded
+(the one library named ``libmpi*`` in the process that exports it). Handle values
+(communicator, datatypes, ``MPI_SUM``, ``MPI_IN_PLACE``) are mpi4py's.
 """
 import ctypes
 import logging

@@ -121,7 +121,10 @@ def _binding(mpi_comm, name):
     if not enabled() or mpi_comm == MPI.COMM_NULL:
         return None
     addr = find_function(name)
-    handle_bytes = MPI._sizeof(MPI.Comm)
+    try:
+        handle_bytes = MPI._sizeof(MPI.Comm)        # mpi4py >= 4: sizeof(MPI_Comm)
+    except (AttributeError, TypeError):
+        return None
     if not addr or handle_bytes not in (4, ctypes.sizeof(ctypes.c_void_p)):
         return None
     return addr, handle_bytes

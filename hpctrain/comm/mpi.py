@@ -147,8 +147,8 @@ class MpiCommunicator(Communicator):
         # of the last plain alltoallv with what they were built from.
         self._Allreduce, self._Alltoallv = self.mpi_comm.Allreduce, self.mpi_comm.Alltoallv
         self._fast = chunk_limit is None       # a caller's own limit: always the checked path
-        # MPI_Allreduce called from C on the array's own header (hpctrain.comm.direct),
-        # or None: then mpi4py's Allreduce
+        # MPI_Allreduce / MPI_Alltoallv called from C with arguments read off the arrays'
+        # headers (hpctrain.comm.direct), or None: then mpi4py's calls
         self._direct = direct_allreduce(self.mpi_comm) if self._fast else None
         self._direct_a2av = direct_alltoallv(self.mpi_comm) if self._fast else None
         self._a2av = None

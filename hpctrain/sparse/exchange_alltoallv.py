@@ -71,7 +71,9 @@ class AlltoallvExchange:
     def exchange_requests(self, look, send_ids, blocking):
         """Counts by ``Alltoall``, then the ids ``Alltoallv`` (started unless ``blocking``)."""
         r = look.route
-        look.from_peer_table = self.comm.alltoallv(r.per_table, self._ones, self._ones)
+        # a receive buffer of its own: the call can go to MPI from C (comm.direct)
+        look.from_peer_table = self.comm.alltoallv(r.per_table, self._ones, self._ones,
+                                                   recvbuf=np.empty_like(r.per_table))
         self.sent["alltoallv"]["counts"] += 8 * r.per_table.shape[1] * (self.comm.size - 1)
         self._count("alltoallv", "ids", r.to_peer, 8)
         look.serve_elems = look.from_peer_table @ self.owner.dims

@@ -11,10 +11,10 @@ same symbols mpi4py resolves, with the GIL released as mpi4py releases it.
 
 It is built without ``mpi.h``: the MPI library's own function addresses, its handle
 width and its handle values (communicator, datatypes, ``MPI_SUM``, ``MPI_IN_PLACE``)
-come from mpi4py at run time (``hpctrain.comm.direct``). MPI
-implementations pass handles either as ``int`` (MPICH, Intel MPI, MVAPICH) or as a
-pointer (Open MPI, the MPI-5 standard ABI); both are supported, anything else is not
-bound and the caller keeps using mpi4py.
+come from mpi4py at run time (``hpctrain.comm.direct``). MPI implementations pass
+handles either as ``int`` (MPICH, Intel MPI, MVAPICH) or as a pointer (Open MPI, the MPI-5
+standard ABI); both are supported, anything else is not bound and the caller keeps using
+mpi4py.
 """
 from libc.stdint cimport int32_t, int64_t, uintptr_t
 from libc.stdlib cimport free, malloc

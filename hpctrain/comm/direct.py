@@ -17,6 +17,7 @@ global symbol scope (where an ``LD_PRELOAD``-ed profiling library would put its
 (communicator, datatypes, ``MPI_SUM``, ``MPI_IN_PLACE``) are mpi4py's.
 """
 import ctypes
+import functools
 import logging
 import os
 
@@ -100,8 +101,10 @@ def _find(name):
     return found.pop()
 
 
+@functools.cache
 def type_handles():
-    """{NumPy type number: MPI datatype handle} for the summable predefined types."""
+    """{NumPy type number: MPI datatype handle} for the summable predefined types (the same
+    for every communicator of the process: built once; callers only read it)."""
     by_dtype = {np.dtype(k): getattr(MPI, name).handle for k, name in _SUMMABLE}
     out = {}
     for char in np.typecodes["All"]:

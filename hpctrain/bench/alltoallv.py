@@ -12,6 +12,8 @@ calls alternate between two send buffers of the same rows, so no hpctrain call r
 previous one's arguments, as in a training step, whose counts follow the data (raw mpi4py
 keeps precomputed arguments for each buffer).
 """
+import itertools
+
 import numpy as np
 
 from hpctrain.bench import common
@@ -49,26 +51,25 @@ def main(argv=None):
         recv_counts = hc.alltoall(counts)
         send = np.zeros((int(counts.sum()), args.dim), dtype=np.float32)
         sends = [send, send.copy()] if args.fresh_args else [send]
-        turn = [0]
         recv = np.empty((int(recv_counts.sum()), args.dim), dtype=np.float32)
         sc, sd = element_counts(counts, args.dim)
         rc, rd = element_counts(recv_counts, args.dim)
-        raw_args = [([b, (sc, sd), MPI.FLOAT], [recv, (rc, rd), MPI.FLOAT]) for b in sends]
-        raw_turn = [0]
+        # both sides take the send buffers in turn (one buffer unless --fresh-args)
+        raw_args = itertools.cycle([([b, (sc, sd), MPI.FLOAT], [recv, (rc, rd), MPI.FLOAT])
+                                    for b in sends])
+        our_send = itertools.cycle(sends)
         if args.nonblocking:
             def raw():
-                comm.Ialltoallv(*raw_args[0]).Wait()
+                comm.Ialltoallv(*next(raw_args)).Wait()
 
             def ours():
-                hc.ialltoallv(send, counts, recv_counts, recv).wait()
+                hc.ialltoallv(next(our_send), counts, recv_counts, recv).wait()
         else:
             def raw():
-                raw_turn[0] ^= 1
-                comm.Alltoallv(*raw_args[raw_turn[0] % len(raw_args)])
+                comm.Alltoallv(*next(raw_args))
 
             def ours():
-                turn[0] ^= 1
-                hc.alltoallv(sends[turn[0] % len(sends)], counts, recv_counts, recv)
+                hc.alltoallv(next(our_send), counts, recv_counts, recv)
         s_raw, s_ours = compare(raw, ours, args, comm)
         sent = per_peer * row_bytes * n  # the nominal bytes of one rank's send
         rows.append({"bytes": per_peer * row_bytes, "raw": s_raw, "hpctrain": s_ours,
